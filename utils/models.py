@@ -1,0 +1,104 @@
+"""Backpropagation baselines: a multilayer perceptron and a convolutional network.
+
+    from utils.models import MLP, CNN, cnn_feature_shape
+    MLP(784, (500,), 10);  CNN((1, 28, 28), channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, n_classes=10)
+
+Both take N x C x H x W images (the MLP flattens them itself) and return class logits. Weights are Xavier-uniform.
+"""
+import math
+
+import torch
+from torch import nn
+
+
+def _xavier_(module):
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _per_block(value, n_blocks, name):
+    """An int (same for every block) or one value per block -> a list of n_blocks ints."""
+    values = [value] * n_blocks if isinstance(value, int) else list(value)
+    if len(values) != n_blocks:
+        raise ValueError(f"{name} has {len(values)} entries but there are {n_blocks} convolution blocks; "
+                         f"give one int for all blocks or one per block")
+    return [int(v) for v in values]
+
+
+class MLP(nn.Module):
+    """Linear + ReLU layers of `hidden_sizes`, then a linear read-out to `n_classes` logits."""
+
+    def __init__(self, in_features, hidden_sizes=(500,), n_classes=10):
+        super().__init__()
+        sizes = [int(in_features)] + [int(h) for h in hidden_sizes]
+        if min(sizes) < 1 or n_classes < 2:
+            raise ValueError(f"MLP sizes must be positive and n_classes >= 2; got in_features={in_features}, "
+                             f"hidden_sizes={tuple(hidden_sizes)}, n_classes={n_classes}")
+        layers = [nn.Flatten()]
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(sizes[-1], n_classes))
+        self.net = nn.Sequential(*layers)
+        _xavier_(self)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def cnn_feature_shape(in_shape, channels, kernel_sizes, stride=1, padding=1):
+    """(C, H, W) after each block Conv2d(k, stride, padding) -> MaxPool2d(2); ValueError at the first invalid block.
+
+    A block is invalid when its convolution or pooling output is empty, or when (H + 2 padding - k) is not a whole
+    multiple of the stride (the convolution would silently drop border pixels).
+    """
+    c, h, w = (int(v) for v in in_shape)
+    n = len(channels)
+    if n == 0:
+        raise ValueError("the CNN needs at least one convolution block (channels is empty)")
+    ks, ss, ps = (_per_block(v, n, nm) for v, nm in ((kernel_sizes, "kernel_sizes"), (stride, "stride"),
+                                                     (padding, "padding")))
+    shapes = []
+    for i, (ch, k, s, p) in enumerate(zip(channels, ks, ss, ps), start=1):
+        if ch < 1 or k < 1 or s < 1 or p < 0:
+            raise ValueError(f"block {i}: channels={ch}, kernel={k}, stride={s}, padding={p}; channels, kernel "
+                             f"and stride must be >= 1 and padding >= 0")
+        sizes = []
+        for dim in (h, w):
+            span = dim + 2 * p - k
+            if span < 0:
+                raise ValueError(f"block {i}: kernel {k} is larger than the padded input {dim}+2*{p}; the "
+                                 f"output would be empty - use a smaller kernel or fewer blocks")
+            if span % s:
+                raise ValueError(f"block {i}: (input {dim} + 2*padding {p} - kernel {k}) = {span} is not a "
+                                 f"multiple of stride {s}; the output size would not be a whole number")
+            out = span // s + 1
+            if out // 2 < 1:
+                raise ValueError(f"block {i}: convolution output {out}x{out} is too small for MaxPool2d(2); "
+                                 f"the output would be empty - use fewer blocks, a smaller kernel or stride")
+            sizes.append(out // 2)
+        c, (h, w) = int(ch), sizes
+        shapes.append((c, h, w))
+    return shapes
+
+
+class CNN(nn.Module):
+    """Blocks of Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d(2), then one linear layer to `n_classes` logits."""
+
+    def __init__(self, in_shape, channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, n_classes=10):
+        super().__init__()
+        shapes = cnn_feature_shape(in_shape, channels, kernel_sizes, stride, padding)
+        n = len(shapes)
+        ks, ss, ps = (_per_block(v, n, nm) for v, nm in ((kernel_sizes, "kernel_sizes"), (stride, "stride"),
+                                                         (padding, "padding")))
+        blocks, c_in = [], int(in_shape[0])
+        for (c, _, _), k, s, p in zip(shapes, ks, ss, ps):
+            blocks += [nn.Conv2d(c_in, c, k, s, p), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(math.prod(shapes[-1]), n_classes)
+        _xavier_(self)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
