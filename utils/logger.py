@@ -1,0 +1,518 @@
+"""Training log: learning curves sampled several times per epoch and how fast each layer's weights move.
+
+One `TrainingLogger` serves every estimator of the workspace:
+
+* the skorch MLP and CNN, as a callback (``make_classifier("mlp", logger=log)`` appends it to the callbacks);
+* the compartmental network, as its hook (``make_classifier("compartmental", logger=log)`` passes ``hook=log``;
+  the estimator then calls ``log(clf, info)`` after its batches, see INTERFACES.md).
+
+    from utils.logger import TrainingLogger, load_run, concat_runs
+    log = TrainingLogger(X_valid, y_valid, records_per_epoch=10, name="mlp-mnist-s0")
+    clf = make_classifier("mlp", logger=log, max_epochs=5).fit(X, y)
+    log.to_frame()                                   # tidy pandas table, one row per record x weight matrix
+    log.save("runs/mlp-mnist-s0", config={"model": "mlp", "dataset": "mnist", "seed": 0, **hyperparameters})
+    config, df = load_run("runs/mlp-mnist-s0")
+    table = concat_runs(["runs/mlp-mnist-s0", "runs/cnn-mnist-s0"])   # + run, model, dataset, seed columns
+
+Each record holds the examples seen so far, the wall time, the training loss and accuracy (mean over the training
+batches since the previous record, measured on the forward pass before each update), the validation loss and
+accuracy (on a fixed subset of at most `max_valid` validation examples) and, for every weight matrix or convolution
+kernel (parameters with ndim >= 2; the compartmental network's `named_weights()`), its Frobenius norm ||W_t||, the
+norm of its change since the previous record ||W_t - W_(t-1)|| and the relative change ||W_t - W_(t-1)|| / ||W_t||.
+The first record (examples_seen = 0) is taken before the first update, so curves start at the initial state; its
+change columns are NaN. For the compartmental network with its backprop-angle diagnostic on, the hidden layers'
+angle to the backpropagation update (degrees, mean over the hook calls since the previous record) is recorded too.
+
+The table (`to_frame`, records.csv) is long: one row per record and weight matrix, with the record's scalar columns
+repeated; angle rows carry `layer` = the hidden layer's name ("hidden1", ...) and `bp_angle`, weight columns NaN.
+`curves(df)` keeps one row per record (learning curves), `weights(df)` the weight rows, `angles(df)` the angle rows.
+"""
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from skorch.callbacks import Callback
+
+RECORD_COLUMNS = ["record", "epoch", "examples_seen", "wall_time", "train_time", "logger_time",
+                  "train_loss", "train_acc", "valid_loss", "valid_acc"]
+LAYER_COLUMNS = ["layer", "norm", "change_norm", "rel_change", "bp_angle"]
+RUN_COLUMNS = ["run", "model", "dataset", "seed"]
+
+
+def _nan():
+    return float("nan")
+
+
+class TrainingLogger(Callback):
+    """Records training several times per epoch; a skorch callback and a hook `logger(clf, info)` at once.
+
+    Parameters
+    ----------
+    X_valid, y_valid : tensors (or arrays), optional
+        Validation data. Without them the validation columns are NaN.
+    records_per_epoch : int
+        Records per pass over the training data (default 10), evenly spaced in examples; the last one of an epoch
+        falls on its last batch. A record is taken at the first batch that reaches each mark.
+    max_valid : int
+        Validation metrics use a fixed random subset (seed 0) of at most this many validation examples.
+    name : str, optional
+        The run's name: the `run` column of the table.
+
+    Constructor arguments are kept as given (sklearn's `clone` of an estimator clones its logger too: a cloned
+    estimator logs into the clone, not into this object). State lives in attributes ending in "_".
+    """
+
+    def __init__(self, X_valid=None, y_valid=None, records_per_epoch=10, max_valid=1000, name=None):
+        self.X_valid = X_valid
+        self.y_valid = y_valid
+        self.records_per_epoch = records_per_epoch
+        self.max_valid = max_valid
+        self.name = name
+        self.initialize()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # state
+
+    def initialize(self):
+        """Forget every record (skorch calls this when a fit (re)initializes the net)."""
+        if self.records_per_epoch is None or int(self.records_per_epoch) < 1:
+            raise ValueError(f"records_per_epoch must be a positive integer, got {self.records_per_epoch!r}")
+        if (self.X_valid is None) != (self.y_valid is None):
+            raise ValueError("give both X_valid and y_valid, or neither")
+        self.records_ = []
+        self.prev_weights_ = None     # detached clones of the weights at the previous record
+        self.examples_seen_ = 0       # cumulative over everything this logger saw since initialize()
+        self.offset_ = 0              # examples seen before the current fit (partial_fit / warm start continue)
+        self.epoch_ = 0
+        self.t0_ = None
+        self.elapsed_before_ = 0.0    # wall time of earlier fits (continued runs)
+        self.logger_time_ = 0.0       # seconds spent inside the logger
+        self.device_ = None
+        self.n_train_ = None
+        self.valid_ = None            # (X subset, y subset) cached on the estimator's device
+        self._reset_window()
+        self._reset_epoch()
+        return self
+
+    def reset(self):
+        """Forget every record; the next fit starts a new log."""
+        return self.initialize()
+
+    def _reset_window(self):
+        # sums over the training batches since the last record (tensors on the skorch path: no per-batch sync)
+        self.win_loss_ = 0.0
+        self.win_correct_ = 0.0
+        self.win_n_ = 0
+        self.win_angle_ = {}
+        self.win_angle_n_ = 0
+
+    def _reset_epoch(self):
+        self.epoch_pos_ = 0           # examples seen in the current epoch
+        self.next_mark_ = 1           # index of the next record mark within the epoch
+
+    def _mark(self, j):
+        return j * self.n_train_ / int(self.records_per_epoch)
+
+    def _crossed(self):
+        """Whether the current epoch position has reached the next mark (advances past every mark reached)."""
+        if not self.n_train_:
+            return False
+        hit = False
+        while self.next_mark_ <= int(self.records_per_epoch) and self.epoch_pos_ >= self._mark(self.next_mark_) - 1e-9:
+            self.next_mark_ += 1
+            hit = True
+        return hit
+
+    # ------------------------------------------------------------------------------------------------------------
+    # skorch callback side
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        t = time.perf_counter()
+        self._begin_fit(self._skorch_weights(net))
+        self.t0_ = time.perf_counter()
+        if not self.records_:
+            self._record(self._skorch_weights(net), valid=lambda Xv: self._skorch_proba(net, Xv),
+                         device=net.device)
+        self.logger_time_ += time.perf_counter() - t
+
+    def on_epoch_begin(self, net, dataset_train=None, dataset_valid=None, **kwargs):
+        try:
+            self.n_train_ = len(dataset_train)
+        except TypeError:
+            self.n_train_ = None
+        self._reset_epoch()
+
+    def on_batch_end(self, net, batch=None, training=None, loss=None, y_pred=None, **kwargs):
+        if not training:
+            return
+        t = time.perf_counter()
+        yb = batch[1] if isinstance(batch, (tuple, list)) else None
+        n = len(yb) if yb is not None else (len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch))
+        if loss is not None:
+            self.win_loss_ = self.win_loss_ + loss.detach() * n
+        if y_pred is not None and yb is not None:
+            y_pred = y_pred[0] if isinstance(y_pred, (tuple, list)) else y_pred
+            yb = torch.as_tensor(yb).to(y_pred.device)
+            self.win_correct_ = self.win_correct_ + (y_pred.detach().argmax(1) == yb).sum()
+        else:
+            self.win_correct_ = float("nan")
+        self.win_n_ += n
+        self.examples_seen_ += n
+        self.epoch_pos_ += n
+        if self._crossed():
+            self._record(self._skorch_weights(net), valid=lambda Xv: self._skorch_proba(net, Xv),
+                         device=net.device)
+        self.logger_time_ += time.perf_counter() - t
+
+    def on_epoch_end(self, net, dataset_train=None, dataset_valid=None, **kwargs):
+        # an epoch that ended off a mark (drop_last, an iterator shorter than the dataset) still gets its record
+        t = time.perf_counter()
+        if self.win_n_ > 0:
+            self._record(self._skorch_weights(net), valid=lambda Xv: self._skorch_proba(net, Xv),
+                         device=net.device)
+        self.epoch_ += 1
+        self.logger_time_ += time.perf_counter() - t
+
+    def on_train_end(self, net, X=None, y=None, **kwargs):
+        self._end_fit()
+
+    @staticmethod
+    def _skorch_weights(net):
+        return {n: p for n, p in net.module_.named_parameters() if p.ndim >= 2}
+
+    @staticmethod
+    def _skorch_proba(net, Xv):
+        module = net.module_
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = net.infer(Xv)
+                out = out[0] if isinstance(out, tuple) else out
+                nonlin = net._get_predict_nonlinearity() if hasattr(net, "_get_predict_nonlinearity") else None
+                return nonlin(out) if nonlin is not None else torch.softmax(out, dim=1)
+        finally:
+            module.train(was_training)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # compartmental hook side: hook(clf, info)
+
+    def __call__(self, clf, info):
+        t = time.perf_counter()
+        seen = int(info.get("examples_seen", 0))
+        if seen == 0:  # a fit starts
+            self._begin_fit(self._hook_weights(clf))
+            self.n_train_ = info.get("n_train") or None
+            self.last_seen_ = 0
+            self.t0_ = time.perf_counter()
+            if not self.records_:
+                self.epoch_ = int(info.get("epoch", 0))
+                self._record(self._hook_weights(clf), valid=clf.predict_proba, angles=info.get("bp_angle"))
+            self.logger_time_ += time.perf_counter() - t
+            return
+        if self.t0_ is None:  # a hook called without the examples_seen=0 call: start the clock now
+            self.t0_ = time.perf_counter()
+            self.last_seen_ = 0
+        self.n_train_ = info.get("n_train") or self.n_train_
+        n = seen - getattr(self, "last_seen_", 0)
+        self.last_seen_ = seen
+        if n > 0:
+            self.win_loss_ += float(info.get("train_loss", _nan())) * n
+            self.win_correct_ += float(info.get("train_acc", _nan())) * n
+            self.win_n_ += n
+        for layer, angle in (info.get("bp_angle") or {}).items():
+            self.win_angle_[layer] = self.win_angle_.get(layer, 0.0) + float(angle)
+        if info.get("bp_angle"):
+            self.win_angle_n_ += 1
+        self.examples_seen_ = self.offset_ + seen
+        self.epoch_ = int(info.get("epoch", self.epoch_))
+        # the compartmental estimator sees n_train examples per epoch: marks are cumulative multiples of
+        # n_train / records_per_epoch within the fit
+        if self.n_train_:
+            k = int(self.records_per_epoch)
+            mark = math.floor(seen * k / self.n_train_ + 1e-9)
+            if mark > getattr(self, "hook_mark_", 0):
+                self.hook_mark_ = mark
+                angles = ({a: s / self.win_angle_n_ for a, s in self.win_angle_.items()}
+                          if self.win_angle_n_ else None)
+                self._record(self._hook_weights(clf), valid=clf.predict_proba, angles=angles)
+        self.logger_time_ += time.perf_counter() - t
+
+    @staticmethod
+    def _hook_weights(clf):
+        return dict(clf.named_weights())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # shared machinery
+
+    def _begin_fit(self, weights):
+        """A fit starts: continue the log when the weights are those of the last record (partial_fit, warm start),
+        else start a new one."""
+        if self.records_ and not self._same_weights(weights):
+            self.initialize()
+        if self.records_:
+            self.offset_ = self.examples_seen_
+            last = self.records_[-1]
+            self.elapsed_before_ = last["wall_time"]
+        self.hook_mark_ = 0
+        self._reset_window()
+        self._reset_epoch()
+
+    def _same_weights(self, weights):
+        prev = self.prev_weights_
+        if prev is None or set(prev) != set(weights):
+            return False
+        return all(prev[k].shape == w.shape and torch.equal(prev[k], w.detach().to(prev[k].device))
+                   for k, w in weights.items())
+
+    def _end_fit(self):
+        pass
+
+    def _valid_subset(self, device=None):
+        """The fixed validation subset, moved once to `device` when given (the skorch net's device)."""
+        if self.X_valid is None:
+            return None
+        if self.valid_ is not None and device is not None and getattr(self, "valid_device_", None) != str(device):
+            X, y = self.valid_
+            self.valid_ = (X.to(device), y.to(device))
+            self.valid_device_ = str(device)
+        if self.valid_ is None:
+            X, y = self.X_valid, self.y_valid
+            X = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+            y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+            n = len(X)
+            if self.max_valid is not None and n > int(self.max_valid):
+                idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:int(self.max_valid)]
+                idx = idx.sort().values
+                X, y = X[idx.to(X.device)], y[idx.to(y.device)]
+            self.valid_ = (X, y)
+            self.valid_device_ = None
+            if device is not None:
+                return self._valid_subset(device)
+        return self.valid_
+
+    def _validate(self, valid, device=None):
+        subset = self._valid_subset(device)
+        if subset is None or valid is None:
+            return _nan(), _nan()
+        Xv, yv = subset
+        proba = valid(Xv)
+        if isinstance(proba, torch.Tensor):
+            yv = yv.to(proba.device).long()
+            p = proba.detach().float().clamp_min(1e-12)
+            loss = -torch.log(p.gather(1, yv[:, None])).mean()
+            acc = (p.argmax(1) == yv).float().mean()
+            return float(loss), float(acc)
+        proba = np.asarray(proba, dtype=np.float64)
+        yn = yv.cpu().numpy() if isinstance(yv, torch.Tensor) else np.asarray(yv)
+        p = np.clip(proba[np.arange(len(yn)), yn], 1e-12, None)
+        return float(-np.log(p).mean()), float((proba.argmax(1) == yn).mean())
+
+    def _record(self, weights, valid=None, angles=None, device=None):
+        now = time.perf_counter()
+        wall = self.elapsed_before_ + (now - self.t0_ if self.t0_ is not None else 0.0)
+        vloss, vacc = self._validate(valid, device)
+        if self.win_n_:
+            tloss = float(self.win_loss_) / self.win_n_
+            tacc = float(self.win_correct_) / self.win_n_
+        else:
+            tloss = tacc = _nan()
+        names = list(weights)
+        cur = [weights[k].detach() for k in names]
+        if cur:
+            self.device_ = str(cur[0].device)
+        norms = [torch.linalg.vector_norm(w.float()) for w in cur]
+        prev = self.prev_weights_
+        if prev is not None and all(k in prev and prev[k].shape == weights[k].shape for k in names):
+            changes = [torch.linalg.vector_norm(w.float() - prev[k].to(w.device).float()) for k, w in zip(names, cur)]
+        else:
+            changes = None
+        # one device->host transfer for all layers
+        values = torch.stack(norms + (changes or [])).tolist() if norms else []
+        layers = {}
+        for i, k in enumerate(names):
+            norm = values[i]
+            change = values[len(names) + i] if changes is not None else _nan()
+            rel = change / norm if norm > 0 else _nan()
+            layers[k] = (norm, change, rel)
+        self.prev_weights_ = {k: w.clone() for k, w in zip(names, cur)}
+        # wall_time includes the logger's own cost so far; train_time excludes it
+        logger_time = self.logger_time_
+        self.records_.append({
+            "record": len(self.records_), "epoch": self.epoch_, "examples_seen": int(self.examples_seen_),
+            "wall_time": wall, "train_time": wall - logger_time, "logger_time": logger_time,
+            "train_loss": tloss, "train_acc": tacc, "valid_loss": vloss, "valid_acc": vacc,
+            "layers": layers, "bp_angle": dict(angles) if angles else {},
+        })
+        self._reset_window()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # output
+
+    def to_frame(self):
+        """Tidy long DataFrame: one row per record x weight matrix (+ one per record x hidden layer with an angle).
+
+        Columns: run, record, epoch, examples_seen, wall_time, train_time, logger_time, train_loss, train_acc,
+        valid_loss, valid_acc, layer, norm, change_norm, rel_change, bp_angle.
+        """
+        rows = []
+        for r in self.records_:
+            base = {"run": self.name if self.name is not None else "run", **{c: r[c] for c in RECORD_COLUMNS}}
+            for layer, (norm, change, rel) in r["layers"].items():
+                rows.append({**base, "layer": layer, "norm": norm, "change_norm": change, "rel_change": rel,
+                             "bp_angle": _nan()})
+            for layer, angle in r["bp_angle"].items():
+                rows.append({**base, "layer": layer, "norm": _nan(), "change_norm": _nan(), "rel_change": _nan(),
+                             "bp_angle": float(angle)})
+            if not r["layers"] and not r["bp_angle"]:
+                rows.append({**base, **{c: _nan() for c in LAYER_COLUMNS}})
+        return pd.DataFrame(rows, columns=["run"] + RECORD_COLUMNS + LAYER_COLUMNS)
+
+    @property
+    def history(self):
+        """One row per record (the learning curves), without the per-layer columns."""
+        return curves(self.to_frame())
+
+    def save(self, run_dir, config=None):
+        """Write run_dir/config.json (the run's configuration + library versions + logger settings) and
+        run_dir/records.csv (`to_frame()`). Returns the run directory as a Path."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = dict(config or {})
+        cfg.setdefault("run", self.name if self.name is not None else run_dir.name)
+        cfg["logger"] = {"records_per_epoch": int(self.records_per_epoch), "max_valid": self.max_valid,
+                         "n_valid": None if self._valid_subset() is None else len(self._valid_subset()[1]),
+                         "n_records": len(self.records_), "logger_time_s": self.logger_time_}
+        cfg["versions"] = library_versions(self.device_)
+        tmp = run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(_jsonable(cfg), indent=2, sort_keys=False))
+        tmp.replace(run_dir / "config.json")
+        df = self.to_frame()
+        df["run"] = cfg["run"]
+        df.to_csv(run_dir / "records.csv", index=False)
+        return run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files and tables
+
+
+def library_versions(device=None):
+    """Versions of the libraries a run depends on, plus the device it ran on."""
+    import sklearn
+    try:
+        import skorch
+        skorch_version = skorch.__version__
+    except ImportError:  # pragma: no cover
+        skorch_version = None
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"python": platform.python_version(), "torch": torch.__version__, "skorch": skorch_version,
+           "sklearn": sklearn.__version__, "numpy": np.__version__, "pandas": pd.__version__, "device": dev,
+           "platform": platform.platform()}
+    if str(dev).startswith("cuda") and torch.cuda.is_available():
+        out["device_name"] = torch.cuda.get_device_name(torch.device(dev))
+    return out
+
+
+def _jsonable(obj):
+    """Configuration values as plain JSON: tuples -> lists, numpy scalars -> numbers, anything else -> str."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (bool, str)) or obj is None:
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else str(f)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist()) if obj.numel() <= 100 else f"tensor{tuple(obj.shape)}"
+    if isinstance(obj, type):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return str(obj)
+
+
+def load_run(run_dir):
+    """(config dict, records DataFrame) of a run saved by `TrainingLogger.save`."""
+    run_dir = Path(run_dir)
+    cfg_path, rec_path = run_dir / "config.json", run_dir / "records.csv"
+    if not cfg_path.exists() or not rec_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a saved run (needs config.json and records.csv)")
+    config = json.loads(cfg_path.read_text())
+    df = pd.read_csv(rec_path, dtype={"run": str, "layer": str})
+    return config, df
+
+
+def _run_dirs(run_dirs):
+    if isinstance(run_dirs, (str, Path)):
+        root = Path(run_dirs)
+        if (root / "config.json").exists():
+            return [root]
+        found = sorted(p.parent for p in root.glob("*/config.json"))
+        if not found:
+            raise FileNotFoundError(f"no saved run in {root} or its sub-folders")
+        return found
+    return [Path(p) for p in run_dirs]
+
+
+def concat_runs(run_dirs, columns=("model", "dataset", "seed")):
+    """One tidy table of several saved runs: their records with run + the configs' `columns` in front.
+
+    `run_dirs`: a list of run folders, or one folder (a run, or a parent whose sub-folders are runs). The model
+    column falls back to the config's "kind" when it has no "model".
+    """
+    frames = []
+    for d in _run_dirs(run_dirs):
+        config, df = load_run(d)
+        df = df.copy()
+        df["run"] = str(config.get("run", d.name))
+        extra = {}
+        for c in columns:
+            v = config.get(c)
+            if v is None and c == "model":
+                v = config.get("kind")
+            extra[c] = v
+        for i, (c, v) in enumerate(extra.items()):
+            df.insert(1 + i, c, v)
+        frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["run", *columns] + RECORD_COLUMNS + LAYER_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _as_frame(log):
+    if isinstance(log, TrainingLogger):
+        return log.to_frame()
+    if isinstance(log, pd.DataFrame):
+        return log
+    raise TypeError(f"expected a TrainingLogger or a DataFrame, got {type(log).__name__}")
+
+
+def curves(log):
+    """One row per run and record: the learning-curve columns (drops the per-layer columns)."""
+    df = _as_frame(log)
+    keep = [c for c in df.columns if c not in LAYER_COLUMNS]
+    key = [c for c in ("run", "record") if c in df.columns]
+    return df[keep].drop_duplicates(subset=key).reset_index(drop=True)
+
+
+def weights(log):
+    """The weight rows (norm, change_norm, rel_change per layer and record)."""
+    df = _as_frame(log)
+    return df[df["norm"].notna()].drop(columns=["bp_angle"]).reset_index(drop=True)
+
+
+def angles(log):
+    """The backprop-angle rows (bp_angle per hidden layer and record)."""
+    df = _as_frame(log)
+    return df[df["bp_angle"].notna()].drop(columns=["norm", "change_norm", "rel_change"]).reset_index(drop=True)
