@@ -1,0 +1,166 @@
+"""Backprop baselines: skorch path against a hand-written on-device loop (speed), and test accuracy after 10 epochs.
+
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_training.py --speed                # ratio skorch / hand loop
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_training.py --accuracy             # 10 epochs, 3 datasets
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_training.py --accuracy --datasets mnist --models mlp
+
+Speed: the same model, batch size, epochs, seed and data (tensors already on the device) trained once through
+`make_classifier` (skorch) and once through a plain torch loop over slices of a random permutation; the two are
+interleaved (hand, skorch, hand, skorch, ...) and the median epoch time of each is compared. Judged by the ratio
+skorch / hand loop (target <= 1.15 on the CPU at batch size 100).
+Accuracy: official test split after `--epochs` epochs (default 10), with epoch time and peak memory.
+"""
+import argparse
+import copy
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.data import get_device, load_dataset, stratified_subset  # noqa: E402
+from utils.train import make_classifier  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------
+# the models the accuracy benchmark trains (chosen per dataset; Adam, cross-entropy, normalized inputs)
+ACCURACY_MODELS = {
+    "mlp": {
+        "mnist": dict(hidden_sizes=(1000, 1000), lr=1e-3, batch_size=100),
+        "fashion": dict(hidden_sizes=(1000, 1000), lr=1e-3, batch_size=100),
+        "cifar10": dict(hidden_sizes=(1024, 512), lr=5e-4, batch_size=100),
+    },
+    "cnn": {
+        "mnist": dict(channels=(32, 64), kernel_sizes=(5, 5), padding=2, lr=1e-3, batch_size=100),
+        "fashion": dict(channels=(32, 64), kernel_sizes=(5, 5), padding=2, lr=1e-3, batch_size=100),
+        "cifar10": dict(channels=(64, 128, 256), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100),
+    },
+}
+TARGETS = {"mlp": {"mnist": 98.0, "fashion": 89.0, "cifar10": 52.0},
+           "cnn": {"mnist": 99.2, "fashion": 91.5, "cifar10": 75.0}}
+SPEED_MODELS = {"mlp": dict(hidden_sizes=(500,)), "cnn": dict(channels=(16, 32), kernel_sizes=(3, 3))}
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def hand_loop_epochs(clf, X, y, epochs):
+    """The reference: a copy of the estimator's initialised module, trained by a plain loop; returns epoch times."""
+    module = copy.deepcopy(clf.module_).train()
+    opt = torch.optim.Adam(module.parameters(), lr=clf.lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(clf.seed)
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        order = torch.randperm(len(X), generator=gen).to(X.device)
+        total = 0.0
+        for i in range(0, len(X), clf.batch_size):
+            idx = order[i:i + clf.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(module(X[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item()  # skorch records every batch loss too
+        if X.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def skorch_epochs(clf, X, y, epochs):
+    clf.set_params(max_epochs=epochs)
+    clf.fit(X, y)
+    if X.device.type == "cuda":
+        torch.cuda.synchronize()
+    return list(clf.history[:, "dur"])
+
+
+def speed(args, device):
+    ds = load_dataset("mnist", device=device)
+    X, y = stratified_subset(ds.X_train, ds.y_train, args.speed_examples, seed=0)
+    rows = []
+    for kind, arch in SPEED_MODELS.items():
+        for bs in args.batch_sizes:
+            hand, sk = [], []
+            for _ in range(args.repeats):
+                clf = make_classifier(kind, batch_size=bs, seed=0, device=device, **arch)
+                clf.set_params(**({"module__in_features": 784} if kind == "mlp" else {"module__in_shape": (1, 28, 28)}))
+                clf.initialize()  # the same seed: the weights skorch's fit starts from
+                hand += hand_loop_epochs(clf, X, y, args.speed_epochs)
+                sk += skorch_epochs(clf, X, y, args.speed_epochs)
+            h, s = statistics.median(hand), statistics.median(sk)
+            if args.verbose:
+                print("  epoch times hand", [round(v, 3) for v in hand], "skorch", [round(v, 3) for v in sk])
+            rows.append(dict(model=kind, batch_size=bs, examples=len(y), hand_epoch_s=h, skorch_epoch_s=s,
+                             hand_ex_per_s=len(y) / h, skorch_ex_per_s=len(y) / s, ratio=s / h))
+            print(f"{kind:4s} batch {bs:5d}: hand loop {h:7.3f} s/epoch ({len(y) / h:9.0f} ex/s)   "
+                  f"skorch {s:7.3f} s/epoch ({len(y) / s:9.0f} ex/s)   ratio skorch/hand {s / h:.3f}"
+                  f"   [{'ok' if s / h <= 1.15 else 'ABOVE 1.15'}]", flush=True)
+    return rows
+
+
+def accuracy(args, device):
+    rows = []
+    for name in args.datasets:
+        ds = load_dataset(name, device=device, normalize=True)
+        for kind in args.models:
+            hp = ACCURACY_MODELS[kind][name]
+            clf = make_classifier(kind, max_epochs=args.epochs, seed=args.seed, device=device,
+                                  verbose=args.verbose, **hp)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t = time.perf_counter()
+            clf.fit(ds.X_train, ds.y_train)
+            wall = time.perf_counter() - t
+            acc = 100 * clf.score(ds.X_test, ds.y_test)
+            target = TARGETS[kind][name]
+            row = dict(model=kind, dataset=name, epochs=args.epochs, test_acc=acc, target=target,
+                       epoch_s=wall / args.epochs, peak_mem_mib=peak_memory_mib(device), device=str(device), **hp)
+            rows.append(row)
+            print(f"{kind:4s} {name:8s}: test accuracy {acc:6.2f} % (target {target} %, "
+                  f"{'met' if acc >= target else 'MISSED'}) after {args.epochs} epochs, "
+                  f"{wall / args.epochs:7.1f} s/epoch, peak memory {row['peak_mem_mib']:.0f} MiB, {hp}", flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--speed", action="store_true")
+    p.add_argument("--accuracy", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[100])
+    p.add_argument("--speed-examples", type=int, default=10000, help="MNIST training examples per speed epoch")
+    p.add_argument("--speed-epochs", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved hand/skorch rounds")
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion", "cifar10"])
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results (with this configuration) as JSON here")
+    args = p.parse_args()
+    if not (args.speed or args.accuracy):
+        args.speed = True
+    device = get_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}", flush=True)
+    result = {"config": vars(args), "device": name}
+    if args.speed:
+        result["speed"] = speed(args, device)
+    if args.accuracy:
+        result["accuracy"] = accuracy(args, device)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
