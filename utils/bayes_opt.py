@@ -1,0 +1,702 @@
+"""Bayesian optimization of each model's hyperparameters with k-fold cross-validation (the study of issue 5).
+
+Long runs (a GPU server, inside tmux or screen; a run that is killed resumes from its files when started again):
+
+    python -m utils.bayes_opt --model cnn --dataset cifar10 --iterations 50 --epochs 10 --folds 3 --out logs/
+    python -m utils.bayes_opt --summary --out logs/            # the table of every study under logs/
+
+In a notebook:
+
+    from utils.bayes_opt import run_study, summarize, load_results
+    run_study("mlp", "mnist", iterations=50, folds=3, epochs=10, out="logs")
+    summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, best_params, test_acc
+
+Files of one study, <out>/<model>_<dataset>/:
+    config.json            the study's settings (space, folds, epochs, seed, subset, versions); checked on resume
+    evals.jsonl            one JSON line per finished evaluation, written and fsync'ed at once: the source of truth
+    optimizer_state.json   BayesianOptimization.save_state() after every evaluation (atomic: temp file + os.replace)
+    best.json              the best configuration retrained on the full training split, with its test accuracy
+
+How the loop treats awkward proposals (everything is logged, one line each in evals.jsonl):
+- invalid CNN (utils.models.cnn_feature_shape raises; about 2 in 3 random CNN configurations are): never trained.
+  Random proposals are drawn until valid. When bayes_opt's suggestion is invalid it is logged with status "invalid"
+  and its reason, NOT registered with the optimizer (a chance score at an arithmetic constraint would only distort
+  the Gaussian process), and replaced by the acquisition's maximum over random valid candidates. Invalid lines do
+  not count in `iterations`; summarize() reports them as n_invalid.
+- a suggestion that was already evaluated (integer and categorical parameters make that common) is replaced the
+  same way (source "bo-valid (duplicate)"); no point is ever registered twice.
+- a training that diverges (utils.errors.TrainingDiverged), runs out of memory, or is refused by the estimator's
+  validation (ValueError) scores chance accuracy, 1 / n_classes, with status "diverged", "oom" or "error" and the
+  reason; it is registered, counts as an iteration, and the loop goes on. Any other exception is a bug and stops the
+  study (resume it after the fix).
+Evaluation number i (the record's "iteration", 0-based) trains with seed + i; the folds are fixed by `seed`; the
+proposal for evaluation i is made with the optimizer's random state re-seeded from (seed, i): a resumed study proposes
+exactly what the uninterrupted one would have.
+"""
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import resource
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------------------
+# search spaces, as the seed study had them. bayes_opt 3.x bounds: (lo, hi) float, (lo, hi, int) integer (inclusive),
+# a list of values categorical. Variable depth: n_layers / n_blocks plus one entry per possible layer, of which only
+# the first n_layers / n_blocks are used (to_hyperparameters below). Learning rates are searched as log10.
+
+MAX_LAYERS = 6  # MLP and compartmental hidden layers
+MAX_BLOCKS = 5  # CNN convolution blocks
+LOG10_LR = (-4.0, math.log10(5e-2))  # Adam learning rate 1e-4 .. 5e-2
+FLAG = [False, True]
+
+COMPARTMENTAL_FLAGS = (  # CompartmentalClassifier switches (Guerguiev et al. 2017 variants)
+    "use_sparse_feedback", "use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiking_feedforward",
+    "use_symmetric_weights", "noisy_symmetric_weights", "update_feedback_weights",  # = learned feedback
+    "use_apical_conductance", "use_weight_optimization", "use_feedback_bias",
+)
+
+SPACES = {
+    "mlp": {
+        "batch_size": (10, 500, int),
+        "log10_lr": LOG10_LR,
+        "n_layers": (1, MAX_LAYERS, int),
+        **{f"units_{i}": (30, 500, int) for i in range(1, MAX_LAYERS + 1)},
+    },
+    "cnn": {
+        "batch_size": (10, 500, int),
+        "log10_lr": LOG10_LR,
+        "n_blocks": (1, MAX_BLOCKS, int),
+        **{f"channels_{i}": (3, 64, int) for i in range(1, MAX_BLOCKS + 1)},
+        **{f"kernel_{i}": (2, 10, int) for i in range(1, MAX_BLOCKS + 1)},
+        "stride": (1, 3, int),   # one stride and one padding for all blocks, as in the seed study
+        "padding": (1, 3, int),
+    },
+    "compartmental": {  # Guerguiev et al. defaults in comments; times in ms, phases in time steps
+        **{flag: FLAG for flag in COMPARTMENTAL_FLAGS},
+        "dt": (0.25, 2.0),               # 1.0: Euler time step (ms)
+        "l_f_phase": (20, 200, int),     # 50: forward (free) phase, time steps
+        "l_t_phase": (20, 200, int),     # 50: target phase, time steps
+        "integration_frac": (0.2, 0.9),  # 0.4: integration_time = frac * min(l_f_phase, l_t_phase) (<= both phases)
+        "lambda_max": (0.05, 1.0),       # 0.2: maximum spike rate (spikes per time step)
+        "tau_s": (1.0, 10.0),            # 3: synaptic time constant (ms)
+        "tau_delta": (1.0, 30.0),        # 7: tau_L = tau_s + tau_delta, so tau_L > tau_s always (tau_s != tau_L)
+        "g_B": (0.1, 1.0),               # 0.6: basal conductance
+        "g_A": (0.01, 0.2),              # 0.05: apical conductance
+        "E_E": (2.0, 16.0),              # 8: excitatory reversal potential
+        "E_I": (-16.0, -2.0),            # -8: inhibitory reversal potential
+        "log10_f_eta_hidden": (-3.0, 0.0),  # 0.21: forward learning rate of every hidden layer
+        "log10_f_eta_out": (-3.0, 0.0),     # 0.21: forward learning rate of the output layer
+        "log10_b_eta": (-4.0, -1.0),        # feedback learning rate of every layer (used with learned feedback)
+        "n_layers": (1, MAX_LAYERS, int),
+        **{f"units_{i}": (30, 500, int) for i in range(1, MAX_LAYERS + 1)},
+    },
+}
+
+N_CANDIDATES = 1000  # random valid candidates over which the acquisition is maximized when a suggestion is unusable
+MAX_RANDOM_DRAWS = 10_000  # random draws to find one valid configuration before giving up
+FAILURES = ("diverged", "oom", "error")
+
+
+def make_space(model, max_phase=None):
+    """The search space of `model` (a copy of SPACES[model]); max_phase caps the compartmental phase lengths (reduced
+    runs only: the phases are still searched, within [lower bound, max_phase])."""
+    if model not in SPACES:
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
+    space = dict(SPACES[model])
+    if max_phase is not None:
+        if model != "compartmental":
+            raise ValueError("max_phase only applies to the compartmental model")
+        for key in ("l_f_phase", "l_t_phase"):
+            lo, hi, typ = space[key]
+            if max_phase < lo:
+                raise ValueError(f"max_phase={max_phase} is below the lower bound {lo} of {key}")
+            space[key] = (lo, min(hi, int(max_phase)), typ)
+    return space
+
+
+def to_hyperparameters(model, params):
+    """Optimizer parameters (one flat dict of floats/ints/bools) -> keyword arguments of make_classifier(model)."""
+    p = params
+    if model == "mlp":
+        return dict(hidden_sizes=tuple(int(p[f"units_{i}"]) for i in range(1, int(p["n_layers"]) + 1)),
+                    lr=10.0 ** float(p["log10_lr"]), batch_size=int(p["batch_size"]))
+    if model == "cnn":
+        n = int(p["n_blocks"])
+        return dict(channels=tuple(int(p[f"channels_{i}"]) for i in range(1, n + 1)),
+                    kernel_sizes=tuple(int(p[f"kernel_{i}"]) for i in range(1, n + 1)),
+                    stride=int(p["stride"]), padding=int(p["padding"]),
+                    lr=10.0 ** float(p["log10_lr"]), batch_size=int(p["batch_size"]))
+    if model == "compartmental":
+        n = int(p["n_layers"])
+        l_f, l_t = int(p["l_f_phase"]), int(p["l_t_phase"])
+        tau_s = float(p["tau_s"])
+        return dict(
+            n_hidden=tuple(int(p[f"units_{i}"]) for i in range(1, n + 1)),
+            f_etas=(10.0 ** float(p["log10_f_eta_hidden"]),) * n + (10.0 ** float(p["log10_f_eta_out"]),),
+            b_etas=(10.0 ** float(p["log10_b_eta"]),) * n,
+            dt=float(p["dt"]), l_f_phase=l_f, l_t_phase=l_t,
+            integration_time=max(1, int(round(float(p["integration_frac"]) * min(l_f, l_t)))),
+            lambda_max=float(p["lambda_max"]), tau_s=tau_s, tau_L=tau_s + float(p["tau_delta"]),
+            g_B=float(p["g_B"]), g_A=float(p["g_A"]), E_E=float(p["E_E"]), E_I=float(p["E_I"]),
+            **{flag: bool(p[flag]) for flag in COMPARTMENTAL_FLAGS})
+    raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
+
+
+def check_hyperparameters(model, hp, in_shape):
+    """None when make_classifier(model, **hp) can be trained on inputs of shape in_shape (C, H, W), else the reason.
+    Only the CNN has proposals that are invalid by construction (a block whose output is empty or fractional)."""
+    if model == "cnn":
+        from utils.models import cnn_feature_shape
+        try:
+            cnn_feature_shape(in_shape, hp["channels"], hp["kernel_sizes"], hp["stride"], hp["padding"])
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files: an append-only JSON-lines log and atomic JSON writes
+
+
+def read_log(path, repair=True):
+    """The finished records of a JSON-lines log. A last line without its newline is a write cut short by a kill: it is
+    dropped (and, with repair=True, cut off the file). A broken line anywhere else raises ValueError."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # everything after the last newline is an unfinished write
+    if end < len(data) and repair:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    records = []
+    for i, line in enumerate(data[:end].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {i} is not valid JSON ({e}); the log is corrupt beyond a cut-off last "
+                             f"line - move the file away to restart the study") from None
+    return records
+
+
+def append_log(path, *records):
+    """Append records, one line each, in one write, flushed and fsync'ed before returning."""
+    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_log(path, records):
+    """Replace the log by `records` (atomically: temp file + os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, default=_json_default) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Write JSON atomically: a temp file beside `path`, then os.replace."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, (np.ndarray, tuple)):
+        return list(o)
+    if o is int or o is float:
+        return o.__name__
+    return str(o)
+
+
+def _plain(params):
+    """Optimizer params with numpy scalars turned into Python ones (JSON round-trips them exactly)."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+
+
+def _space_json(space):
+    return {k: ([v[0], v[1], v[2].__name__] if len(v) == 3 and v[2] in (int, float) else list(v))
+            for k, v in space.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the optimizer
+
+
+def make_optimizer(space, rng):
+    """A bayes_opt BayesianOptimization over `space`, silent, with UCB, using (and re-seeded through) `rng`."""
+    from bayes_opt import BayesianOptimization, acquisition
+    with warnings.catch_warnings():  # 3.x warns that integer/categorical parameters are "experimental"
+        warnings.simplefilter("ignore")
+        return BayesianOptimization(f=None, pbounds=space, acquisition_function=acquisition.UpperConfidenceBound(
+            kappa=2.576), random_state=rng, verbose=0, allow_duplicate_points=True)
+
+
+def register(optimizer, params, target):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the duplicate notice prints; we never register duplicates anyway
+        optimizer.register(params=params, target=float(target))
+
+
+def _seen(optimizer, params):
+    return optimizer.space.params_to_array(params) in optimizer.space
+
+
+def _random_valid(optimizer, is_valid, n=1):
+    """`n` random unseen, valid points (fewer if the space has no more) and the number of draws thrown away."""
+    found, drawn, keys = [], 0, set()
+    while len(found) < n and drawn < MAX_RANDOM_DRAWS:
+        for params in optimizer.random_sample(min(max(2 * n, 16), MAX_RANDOM_DRAWS - drawn)):
+            drawn += 1
+            params = _plain(params)
+            key = tuple(optimizer.space.params_to_array(params))
+            if key not in keys and not _seen(optimizer, params) and is_valid(params):
+                found.append(params)
+                keys.add(key)
+                if len(found) == n:
+                    break
+    if not found:
+        raise RuntimeError(f"no valid unseen configuration in {MAX_RANDOM_DRAWS} random draws; the space is too "
+                           f"small or (almost) everywhere invalid")
+    return found, drawn - len(found)
+
+
+def _best_valid_candidate(optimizer, is_valid):
+    """The acquisition (UCB: mean + kappa std of the GP) maximized over N_CANDIDATES random valid unseen points: the
+    constrained suggestion, used when the library's own suggestion is invalid or already evaluated."""
+    candidates, rejected = _random_valid(optimizer, is_valid, N_CANDIDATES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mean, std = optimizer.predict(candidates, return_std=True, fit_gp=True)
+    ucb = np.asarray(mean) + optimizer.acquisition_function.kappa * np.asarray(std)
+    return candidates[int(np.argmax(ucb))], rejected
+
+
+def propose(optimizer, rng, seed, iteration, init_points, check):
+    """The point of evaluation number `iteration`: (params, source, rejected, invalid), deterministic in (seed,
+    iteration, the registered data). check(params) -> None when valid, else the reason.
+
+    source: "random" (the first init_points evaluations), "bo" (bayes_opt's own suggestion), "bo-valid (invalid)" or
+    "bo-valid (duplicate)" (that suggestion was invalid or already evaluated, so the acquisition was maximized over
+    random valid unseen candidates instead: _best_valid_candidate). rejected: random draws thrown away as invalid or
+    seen. invalid: (params, reason) of an invalid suggestion, for the log, else None."""
+    rng.seed((seed * 1_000_003 + iteration) % 2**32)
+    def is_valid(p):
+        return check(p) is None
+    if iteration < init_points or len(optimizer.space) == 0:
+        (params,), rejected = _random_valid(optimizer, is_valid)
+        return params, "random", rejected, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params = _plain(optimizer.suggest())
+    reason = check(params)
+    if reason is None and not _seen(optimizer, params):
+        return params, "bo", 0, None
+    candidate, rejected = _best_valid_candidate(optimizer, is_valid)
+    if reason is None:
+        return candidate, "bo-valid (duplicate)", rejected, None
+    return candidate, "bo-valid (invalid)", rejected, (params, reason)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one evaluation: cross-validated accuracy, with failures scored at chance
+
+
+class PeakMemory:
+    """Peak memory of the block, in MiB. On CUDA: torch.cuda.max_memory_allocated (tensors only, reset at entry;
+    kind "cuda_max_allocated"). On the CPU: the process's resident set size sampled every 20 ms from /proc
+    (kind "cpu_peak_rss": the whole process, data and Python included), or where /proc is missing the process's
+    lifetime high-water mark ru_maxrss (kind "cpu_maxrss", never decreases between evaluations)."""
+
+    def __init__(self, device):
+        self.cuda = getattr(device, "type", str(device)) == "cuda"
+
+    def __enter__(self):
+        self.peak, self._stop = 0.0, threading.Event()
+        if self.cuda:
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+            self.kind = "cuda_max_allocated"
+        elif Path("/proc/self/statm").exists():
+            self.kind = "cpu_peak_rss"
+            self._page = os.sysconf("SC_PAGE_SIZE")
+            self._sample()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        else:
+            self.kind = "cpu_maxrss"
+        return self
+
+    def _sample(self):
+        with open("/proc/self/statm") as f:
+            self.peak = max(self.peak, int(f.read().split()[1]) * self._page / 2**20)
+
+    def _poll(self):
+        while not self._stop.wait(0.02):
+            self._sample()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            import torch
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        elif self.kind == "cpu_peak_rss":
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+        return False
+
+
+def run_evaluation(evaluate, hp, chance, device=None):
+    """evaluate(hp) -> per-fold scores, with failures caught: a dict(status, fold_scores, target, reason, time_s,
+    peak_mem_mb, mem_kind). Diverged, out-of-memory and ValueError runs score `chance`; other exceptions propagate."""
+    from utils.errors import TrainingDiverged
+    import torch
+    status, scores, reason = "ok", None, None
+    t0 = time.perf_counter()
+    with PeakMemory(device) as mem:
+        try:
+            scores = [float(s) for s in np.asarray(evaluate(hp), dtype=float).ravel()]
+            if not scores or not all(math.isfinite(s) for s in scores):
+                status, reason, scores = "error", f"the objective returned {scores}", None
+        except TrainingDiverged as e:
+            status, reason = "diverged", str(e)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+            status, reason = "oom", f"{type(e).__name__}: {e}"
+        except RuntimeError as e:
+            if "out of memory" not in str(e).lower():
+                raise
+            status, reason = "oom", str(e)
+        except ValueError as e:
+            status, reason = "error", f"ValueError: {e}"
+    if status == "oom":
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return dict(status=status, fold_scores=scores, target=float(np.mean(scores)) if status == "ok" else chance,
+                reason=reason, time_s=round(time.perf_counter() - t0, 3), peak_mem_mb=round(mem.peak, 1),
+                mem_kind=mem.kind)
+
+
+def _estimator_accepts(model):
+    """The keyword names make_classifier(model) accepts beyond the searched ones (seed, device, verbose...)."""
+    if model == "compartmental":
+        import inspect
+        from utils.compartmental import CompartmentalClassifier
+        return set(inspect.signature(CompartmentalClassifier.__init__).parameters) - {"self"}
+    return {"max_epochs", "seed", "device", "verbose"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the study
+
+
+def _versions():
+    import bayes_opt
+    import sklearn
+    import torch
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "bayes_opt": bayes_opt.__version__,
+            "sklearn": sklearn.__version__, "numpy": np.__version__}
+
+
+def _fmt_time(s):
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, seed=0, subset=None, device=None,
+              init_points=5, fixed=None, max_phase=None, retrain=True, retrain_subset=None, test_subset=None,
+              data_root=None, name=None, evaluate=None, verbose=1):
+    """Tune `model` ("mlp", "cnn", "compartmental") on `dataset` by Bayesian optimization of the mean `folds`-fold
+    cross-validated accuracy after `epochs` epochs; `iterations` trained evaluations in all (resumes from
+    <out>/<model>_<dataset>/ when it exists: the ones already logged are not redone).
+
+    dataset: a name of utils.data.DATASETS, or a utils.data.Dataset (then `name` names it; default "custom").
+    subset: cross-validate on a stratified subset of this many training examples (None: the whole training split).
+    init_points: random configurations before the Gaussian process proposes.
+    fixed: extra keyword arguments for every make_classifier call (e.g. {"batch_size": 20} for the compartmental net).
+    max_phase: cap of the compartmental phase lengths in the space (reduced runs).
+    retrain: afterwards, fit the best configuration on the whole training split (or a stratified `retrain_subset`) and
+    score it on the test split (or a stratified `test_subset`) -> best.json.
+    evaluate: evaluate(hyperparameters) -> per-fold scores, replacing make_classifier + cross_validate (tests).
+    Returns dict(study_dir, evals (DataFrame), summary (one-row DataFrame), best (record), test_acc).
+    """
+    from utils.data import Dataset, get_device, load_dataset, stratified_subset
+    if model not in SPACES:
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
+    if isinstance(dataset, str):
+        name = name or dataset
+        ds = load_dataset(dataset, root=data_root, device=device)
+    elif isinstance(dataset, Dataset):
+        name, ds = name or "custom", dataset
+    else:
+        raise TypeError(f"dataset must be a dataset name or a utils.data.Dataset, not {type(dataset).__name__}")
+    X, y = ds.X_train, ds.y_train
+    if subset:
+        X, y = stratified_subset(X, y, int(subset), seed=seed)
+    dev = get_device(device) if device is not None else X.device
+    n_classes, in_shape = len(ds.classes), tuple(int(d) for d in X.shape[1:])
+    chance = 1.0 / n_classes
+    space = make_space(model, max_phase)
+    fixed = dict(fixed or {})
+
+    study_dir = Path(out) / f"{model}_{name}"
+    study_dir.mkdir(parents=True, exist_ok=True)
+    log_path, state_path, config_path = (study_dir / f for f in ("evals.jsonl", "optimizer_state.json", "config.json"))
+    config = dict(model=model, dataset=name, folds=folds, epochs=epochs, seed=seed, subset=subset,
+                  n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=init_points,
+                  fixed=fixed, max_phase=max_phase, space=_space_json(space))
+    if config_path.exists():  # resuming: the settings that define the study must not have changed
+        old = json.loads(config_path.read_text())
+        diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(config, default=_json_default)).items()
+                if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{study_dir} holds a study with other settings {diff} (old, new); use another --out "
+                             f"or move it away")
+    write_json(config_path, {**config, "iterations": iterations, "versions": _versions()})
+
+    if evaluate is None:
+        from utils.train import cross_validate, make_classifier
+
+        def evaluate(hp):
+            return cross_validate(make_classifier(model, **hp), X, y, folds=folds, seed=seed)
+
+    accepts = _estimator_accepts(model)
+    base = {k: v for k, v in dict(max_epochs=epochs, device=str(dev), verbose=0).items() if k in accepts}
+
+    def check(params):
+        return check_hyperparameters(model, to_hyperparameters(model, params), in_shape)
+
+    rng = np.random.RandomState(seed)
+    optimizer = make_optimizer(space, rng)
+    records = read_log(log_path)  # drops (and cuts off) a line that a kill left half-written
+    if records and records[-1]["status"] == "invalid":  # its evaluation's line was cut off: redo both
+        while records and records[-1]["status"] == "invalid":
+            records.pop()
+        write_log(log_path, records)
+    for r in records:
+        if r["status"] != "invalid":
+            register(optimizer, r["params"], r["target"])
+    n_trained = len(optimizer.space)
+    if verbose and records:
+        print(f"[{model}/{name}] resuming {study_dir}: {n_trained} evaluations done", flush=True)
+    t_start = time.perf_counter()
+
+    while n_trained < iterations:
+        iteration = n_trained
+        params, source, rejected, invalid = propose(optimizer, rng, seed, iteration, init_points, check)
+        hp = to_hyperparameters(model, params)
+        train_kw = {**base, **({"seed": seed + iteration} if "seed" in accepts else {}), **hp, **fixed}
+        result = run_evaluation(evaluate, train_kw, chance, dev)
+        new = []
+        if invalid is not None:  # logged with the evaluation that replaced it (one write: both lines or none)
+            new.append(dict(iteration=iteration, status="invalid", target=None, fold_scores=None, params=invalid[0],
+                            hyperparameters=to_hyperparameters(model, invalid[0]), seed=None, time_s=0.0,
+                            peak_mem_mb=None, mem_kind=None, source="bo", rejected=0, reason=invalid[1],
+                            finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        new.append(dict(iteration=iteration, status=result["status"], target=result["target"],
+                        fold_scores=result["fold_scores"], params=params, hyperparameters=hp, seed=seed + iteration,
+                        time_s=result["time_s"], peak_mem_mb=result["peak_mem_mb"], mem_kind=result["mem_kind"],
+                        source=source, rejected=rejected, reason=result["reason"],
+                        finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        append_log(log_path, *new)
+        records += [json.loads(json.dumps(r, default=_json_default)) for r in new]
+        register(optimizer, params, result["target"])
+        n_trained += 1
+        tmp = state_path.with_name(state_path.name + ".tmp")
+        optimizer.save_state(tmp)
+        os.replace(tmp, state_path)
+        if verbose:
+            trained = [r for r in records if r["status"] != "invalid"]
+            best = max(r["target"] for r in trained)
+            eta = np.mean([r["time_s"] for r in trained]) * (iterations - n_trained)
+            what = (f"cv {result['target']:.4f}" if result["status"] == "ok"
+                    else f"{result['status']} at chance ({(result['reason'] or '')[:80]})")
+            print(f"[{model}/{name}] {n_trained}/{iterations} {what}  best {best:.4f}  {result['time_s']:.1f} s  "
+                  f"ETA {_fmt_time(eta)}  ({source})", flush=True)
+
+    test_acc, best = None, _best_record(records)
+    if retrain and best is not None:
+        test_acc = _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_subset, test_subset,
+                            chance, dev, n_trained, verbose, name)
+    if verbose:
+        print(f"[{model}/{name}] done: {n_trained} evaluations, {_fmt_time(time.perf_counter() - t_start)} in this "
+              f"session" + (f", test accuracy of the best {test_acc:.4f}" if test_acc is not None else ""),
+              flush=True)
+    evals = load_results(study_dir)
+    return dict(study_dir=study_dir, evals=evals, summary=summarize(evals), best=best, test_acc=test_acc)
+
+
+def _best_record(records):
+    ok = [r for r in records if r["status"] == "ok"]
+    return max(ok, key=lambda r: r["target"]) if ok else None  # max keeps the first of equal scores
+
+
+def _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_subset, test_subset, chance, dev,
+             n_evals, verbose, name):
+    """Fit the best configuration on the training split, score it on the test split, write best.json."""
+    from utils.data import stratified_subset
+    from utils.train import make_classifier
+    path = study_dir / "best.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if (old.get("iteration"), old.get("n_evals"), old.get("retrain_subset"), old.get("test_subset")) == \
+                (best["iteration"], n_evals, retrain_subset, test_subset):
+            return old.get("test_acc")
+    X, y, Xt, yt = ds.X_train, ds.y_train, ds.X_test, ds.y_test
+    if retrain_subset:
+        X, y = stratified_subset(X, y, int(retrain_subset), seed=seed)
+    if test_subset:
+        Xt, yt = stratified_subset(Xt, yt, int(test_subset), seed=seed)
+    kw = {**base, **({"seed": seed} if "seed" in accepts else {}), **best["hyperparameters"], **fixed}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    if verbose:
+        print(f"[{model}/{name}] retraining the best (#{best['iteration']}, cv {best['target']:.4f}) on {len(y)} "
+              f"examples", flush=True)
+
+    def fit_and_score(hp):
+        clf = make_classifier(model, **hp)
+        clf.fit(X, y)
+        return [clf.score(Xt, yt)]
+
+    result = run_evaluation(fit_and_score, kw, chance, dev)
+    test_acc = result["target"] if result["status"] == "ok" else None
+    write_json(path, dict(iteration=best["iteration"], n_evals=n_evals, cv_mean=best["target"],
+                          hyperparameters=best["hyperparameters"], params=best["params"], test_acc=test_acc,
+                          status=result["status"], reason=result["reason"], n_train=len(y), n_test=len(yt),
+                          retrain_subset=retrain_subset, test_subset=test_subset, time_s=result["time_s"],
+                          peak_mem_mb=result["peak_mem_mb"], mem_kind=result["mem_kind"]))
+    return test_acc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results
+
+
+def _study_dirs(path):
+    path = Path(path)
+    if (path / "evals.jsonl").exists():
+        return [path]
+    return sorted(p.parent for p in path.glob("*/evals.jsonl"))
+
+
+def load_results(out_dir):
+    """Every logged evaluation under `out_dir` (a folder of studies, or one study folder) as a DataFrame: model,
+    dataset, iteration, status, target (the objective; chance for failures and invalid proposals), fold_scores, time_s,
+    peak_mem_mb, seed, source, reason, params, hyperparameters, test_acc (of the retrained best; NaN if none)."""
+    import pandas as pd
+    rows = []
+    for d in _study_dirs(out_dir):
+        config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        model, dataset = config.get("model"), config.get("dataset")
+        if model is None:
+            model, _, dataset = d.name.partition("_")
+        best = json.loads((d / "best.json").read_text()) if (d / "best.json").exists() else {}
+        records = read_log(d / "evals.jsonl", repair=False)
+        stale = best.get("n_evals") != sum(r["status"] != "invalid" for r in records)
+        test_acc = float("nan") if stale or best.get("test_acc") is None else best["test_acc"]
+        rows += [{"model": model, "dataset": dataset, **r, "test_acc": test_acc} for r in records]
+    columns = ["model", "dataset", "iteration", "status", "target", "fold_scores", "time_s", "peak_mem_mb", "seed",
+               "source", "reason", "params", "hyperparameters", "test_acc"]
+    df = pd.DataFrame(rows)
+    return df.reindex(columns=columns + [c for c in df.columns if c not in columns])
+
+
+def summarize(results, include_failures=True):
+    """The study table, one row per (model, dataset): best, worst, mean, std (ddof=1) of the cross-validated accuracy
+    over the trained evaluations (failures count at chance unless include_failures=False; invalid proposals never
+    count), n_evals, n_failed, n_invalid, best_params (hyperparameters of the best) and test_acc (the best retrained
+    on the full training split; NaN when not retrained). `results`: a folder (see load_results) or its DataFrame."""
+    import pandas as pd
+    df = results if isinstance(results, pd.DataFrame) else load_results(results)
+    columns = ["model", "dataset", "best", "worst", "mean", "std", "n_evals", "n_failed", "n_invalid", "best_params",
+               "test_acc"]
+    rows = []
+    for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
+        scored = g[g.status == "ok"] if not include_failures else g[g.status != "invalid"]
+        ok = g[g.status == "ok"]
+        best_row = ok.loc[ok.target.idxmax()] if len(ok) else None
+        rows.append(dict(model=model, dataset=dataset, best=scored.target.max(), worst=scored.target.min(),
+                         mean=scored.target.mean(), std=scored.target.std(), n_evals=int((g.status != "invalid").sum()),
+                         n_failed=int(g.status.isin(FAILURES).sum()), n_invalid=int((g.status == "invalid").sum()),
+                         best_params=None if best_row is None else best_row.hyperparameters,
+                         test_acc=g.test_acc.iloc[0] if "test_acc" in g else float("nan")))
+    table = pd.DataFrame(rows, columns=columns)
+    order = {m: i for i, m in enumerate(SPACES)}
+    dorder = {d: i for i, d in enumerate(("mnist", "fashion", "cifar10"))}
+    key = table.model.map(lambda m: order.get(m, 99)) * 100 + table.dataset.map(lambda d: dorder.get(d, 99))
+    return table.assign(_k=key).sort_values("_k", kind="stable").drop(columns="_k").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Bayesian optimization of a model's hyperparameters with k-fold "
+                                            "cross-validation; resumes from --out when started again.")
+    p.add_argument("--model", nargs="+", default=["mlp"], choices=tuple(SPACES))
+    p.add_argument("--dataset", nargs="+", default=["mnist"], choices=("mnist", "fashion", "cifar10"))
+    p.add_argument("--iterations", type=int, default=50, help="trained evaluations per study")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--out", default="logs", help="studies go to OUT/<model>_<dataset>/")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--subset", type=int, default=None, help="cross-validate on a stratified subset of the training "
+                                                            "split")
+    p.add_argument("--init-points", type=int, default=5, help="random configurations before the GP proposes")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--data-root", default=None, help="default: $BIODL_DATA, else ./data")
+    p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (compartmental; the backprop "
+                                                                "nets search theirs)")
+    p.add_argument("--max-phase", type=int, default=None, help="cap the compartmental phase lengths (reduced runs)")
+    p.add_argument("--no-retrain", action="store_true", help="skip retraining the best on the full training split")
+    p.add_argument("--retrain-subset", type=int, default=None)
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--summary", action="store_true", help="only print the table of the studies under --out")
+    args = p.parse_args(argv)
+
+    if not args.summary:
+        for model in args.model:
+            fixed = {"batch_size": args.batch_size} if args.batch_size and model == "compartmental" else None
+            for dataset in args.dataset:
+                run_study(model, dataset, args.iterations, args.folds, args.epochs, args.out, seed=args.seed,
+                          subset=args.subset, device=args.device, init_points=args.init_points, fixed=fixed,
+                          max_phase=args.max_phase if model == "compartmental" else None,
+                          retrain=not args.no_retrain, retrain_subset=args.retrain_subset,
+                          test_subset=args.test_subset, data_root=args.data_root, verbose=0 if args.quiet else 1)
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(summarize(args.out))
+
+
+if __name__ == "__main__":
+    main()
