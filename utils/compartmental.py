@@ -1,0 +1,654 @@
+"""The segregated-dendrite network of Guerguiev, Lillicrap & Richards (2017), "Towards deep learning with segregated
+dendrites", eLife 6:e22901, as a batched torch simulation and a scikit-learn estimator.
+
+    from utils.compartmental import CompartmentalClassifier
+    clf = CompartmentalClassifier(n_hidden=(500,), batch_size=1, max_epochs=60, random_state=0)  # the paper's setup
+    clf.fit(X_train, y_train)            # X: N x C x H x W (or N x D) tensor in [0, 1], y: N int64 labels
+    clf.predict(X_test), clf.predict_proba(X_test), clf.score(X_test, y_test)
+    clf.named_weights()                  # {"W1": ..., "W2": ..., "Y1": ...}: feedforward and feedback matrices
+
+What is simulated (equation numbers of the paper's Methods):
+* inputs: Poisson spike counts of rate lambda_max * pixel per time step of dt; hidden and output neurons fire Poisson
+  spikes at rate lambda_C = lambda_max * sigmoid(C) (Eq. 4), all drawn by inverse CDF from one uniform number each.
+* synapses: PSP(t) = sum_{k=0}^{mem-1} kappa((k+1) dt) S(t-k) with kappa(t) = (exp(-t/tau_L) - exp(-t/tau_s)) /
+  (tau_L - tau_s) (Eq. 2), truncated to the last `mem` steps as in the authors' code. It is computed exactly by the
+  two-exponential recurrence a(t) = e^(-dt/tau) (a(t-1) + S(t)) - e^(-(mem+1) dt/tau) S(t-mem) (one per tau) on a
+  ring buffer of the last mem inputs. The input layer depends on nothing the network does, so all input spikes of a
+  stretch of steps are drawn up front and projected at once, U(t) = W S(t) (only the ~20 active inputs per step are
+  summed, `embedding_bag`), and the basal drive is the same recurrence applied to U (basal input is linear in S).
+* rate ("non-spiking") transmission, separately for the feedforward and the feedback path: the presynaptic signal
+  is the rate lambda_C itself, filtered through the same truncated kernel - the expectation of the spiking PSP - so
+  that both modes share their scales. (The authors' code passes the unfiltered rate instead; a deliberate change.)
+* hidden layers: basal B = W PSP_below + b (Eq. 5), apical A = Y PSP_fb (+ c with use_feedback_bias; the paper's
+  equations have no c, the authors' code always adds one), soma C += dt (-g_L C + g_B (B - C) [+ g_A (A - C)]) or
+  instantaneous C = k_B B (Eqs. 1, 6). Feedback comes from the output layer (use_broadcast) or from the layer above,
+  as it was one step earlier (the layers are updated bottom-up within a step, as in the authors' code).
+* output layer: C += dt (-g_L C + g_D (B - C) + I), I = 0 in the forward phase and I = g_E (E_E - C) + g_I (E_I - C)
+  in the target phase with g_E the one-hot target, g_I = 1 - g_E (Eq. 7); instantaneous: C = k_D B + k_I I0 with
+  I0 = g_E E_E + g_I E_I and k_I = 1 / (g_L + g_D) (the authors' variant).
+* per example (per batch): a forward phase of l_f_phase steps and a target phase of l_t_phase steps (each plus
+  int(Wald(2, 1)) random extra steps with extra_steps=True, one draw per batch), averages over the last
+  integration_time steps of each phase, plateau potentials alpha = sigmoid(mean A) at the end of each phase (Eq. 8).
+  The network's state (potentials, PSP traces, input spike history) carries over from example to example.
+* local updates (Eqs. 10-13): output E = -k_D lambda_max (mean lambda_C^t - lambda_max sigmoid(mean C^f))
+  sigmoid'(mean C^f), step P_final = 20 / lambda_max^2; hidden E = -k_B lambda_max (alpha^t - alpha^f)
+  sigmoid'(mean C^f), step P_hidden = 20 / lambda_max; dW = -eta P E (mean forward-phase presynaptic PSP)^T,
+  db = -eta P E. A batch of B examples is simulated at once and its updates are averaged, so batch_size=1 is the
+  paper's online algorithm.
+* feedback weights Y: fixed random; sparse (80 % zeroed, the rest x5); symmetric (Y = W^T of the layer above, or the
+  product of transposes down from the output with use_broadcast; optional N(0, 0.05) noise redrawn at every update);
+  learned: dY = -b_eta E_inv (mean PSP_fb)^T with E_inv = -(lambda_max sigmoid(mean C^f) - alpha^f)
+  lambda_max sigmoid'(mean A^f) (the authors' rule). A learned sparse Y keeps its zeros (not rescaled again).
+* testing: state reset, one forward phase of l_f_phase_test steps; prediction = argmax of the output's mean somatic
+  potential over the last l_f_phase_test - (l_f_phase - integration_time) steps (220 of 250 with the defaults, as in
+  the authors' code); predict_proba = softmax of those means.
+* units: times (dt, tau_s, tau_L) in ms, phase lengths, mem and integration_time in time steps, lambda_max in spikes
+  per time step (the authors' phi_max).
+"""
+import math
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from utils.errors import TrainingDiverged
+
+PAPER_F_ETAS = {1: (0.21, 0.21), 2: (0.23, 0.23, 0.12)}  # the paper's learning rates for 1 and 2 hidden layers
+FLAGS = ("use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiking_feedforward",
+         "use_symmetric_weights", "noisy_symmetric_weights", "use_sparse_feedback", "update_feedback_weights",
+         "use_apical_conductance", "use_weight_optimization", "use_feedback_bias", "extra_steps",
+         "record_backprop_angle")
+SEGMENT = 64          # time steps whose input spikes are drawn and projected in one go (bounds memory)
+PREDICT_CHUNK = 512   # examples simulated at once by predict / predict_proba
+
+
+class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
+    """The segregated-dendrite network as a scikit-learn classifier (see the module docstring)."""
+
+    def __init__(self,
+                 n_hidden=(500,),          # hidden layer sizes (any number of layers)
+                 f_etas=None,              # forward learning rates per layer (hidden..., output); None: the paper's
+                 b_etas=None,              # feedback learning rates per hidden layer (update_feedback_weights)
+                 batch_size=1,             # examples simulated at once; their updates are averaged (1: the paper)
+                 max_epochs=1,             # passes over the training data in fit
+                 lambda_max=0.2,           # maximum rate, spikes per time step (phi_max)
+                 tau_s=3.0,                # synaptic rise time constant of kappa (ms)
+                 tau_L=10.0,               # leak (decay) time constant of kappa (ms)
+                 dt=1.0,                   # time step (ms)
+                 mem=10,                   # PSP kernel length (time steps)
+                 g_B=0.6,                  # basal -> soma conductance (hidden layers)
+                 g_A=0.0,                  # apical -> soma conductance (only with use_apical_conductance)
+                 g_D=0.6,                  # dendrite -> soma conductance (output layer)
+                 g_L=0.1,                  # leak conductance
+                 E_E=8.0,                  # excitatory reversal potential of the teaching current
+                 E_I=-8.0,                 # inhibitory reversal potential of the teaching current
+                 l_f_phase=50,             # forward phase (time steps)
+                 l_t_phase=50,             # target phase (time steps)
+                 l_f_phase_test=250,       # forward phase when testing (time steps)
+                 integration_time=20,      # last steps of a phase averaged for plasticity
+                 extra_steps=True,         # lengthen each phase by int(Wald(2, 1)) steps
+                 use_conductances=True,    # conductance-based somas (else instantaneous C = k B)
+                 use_broadcast=True,       # feedback to every hidden layer from the output layer
+                 use_spiking_feedback=True,     # spikes (else filtered rates) on the feedback path
+                 use_spiking_feedforward=True,  # spikes (else filtered rates) on the feedforward path
+                 use_symmetric_weights=False,   # Y = W^T (products of transposes with broadcast)
+                 noisy_symmetric_weights=False,  # ... plus N(0, 0.05) noise
+                 use_sparse_feedback=False,     # 80 % of Y zeroed, the rest x5
+                 update_feedback_weights=False,  # learn Y with b_etas
+                 use_apical_conductance=False,  # apical compartment drives the soma through g_A
+                 use_weight_optimization=True,  # the paper's initialisation (V_avg = V_sd = 3, b_avg = 0.8, ...)
+                 use_feedback_bias=False,       # apical bias c
+                 record_backprop_angle=False,   # diagnostic: angle to the backprop update per hidden layer
+                 random_state=None,        # int seed (weights, spikes, order, extra steps); None: fresh entropy
+                 device=None,              # None: the device of X
+                 dtype="float32",          # "float32" or "float64"
+                 verbose=0,                # 0: silent; 1: tqdm progress bar
+                 hook=None,                # hook(clf, info) for logging (see utils/logger.py)
+                 hook_every=None):         # call the hook after the batch crossing each multiple of this many examples
+        for name, value in list(locals().items()):
+            if name != "self":
+                setattr(self, name, value)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # validation and set-up
+
+    def _check_params(self):
+        """Raise ValueError naming the first bad hyperparameter and how to fix it."""
+        def bad(name, fix):
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
+        n_hidden = (self.n_hidden,) if isinstance(self.n_hidden, (int, np.integer)) else self.n_hidden
+        if not isinstance(n_hidden, (tuple, list)) or len(n_hidden) == 0:
+            bad("n_hidden", "give at least one hidden layer, e.g. n_hidden=(500,)")
+        if any(not isinstance(n, (int, np.integer)) or n < 1 for n in n_hidden):
+            bad("n_hidden", "every hidden layer size must be a positive integer")
+        for name in ("tau_s", "tau_L", "dt", "lambda_max"):
+            if not float(getattr(self, name)) > 0:
+                bad(name, "must be > 0")
+        if math.isclose(self.tau_s, self.tau_L):
+            bad("tau_s", f"must differ from tau_L={self.tau_L} (the kernel divides by tau_L - tau_s)")
+        for name in ("g_B", "g_D", "g_L", "g_A"):
+            if not float(getattr(self, name)) >= 0:
+                bad(name, "conductances must be >= 0")
+        if self.g_L + self.g_B == 0 or self.g_L + self.g_D == 0:
+            bad("g_L", "g_L + g_B and g_L + g_D must be > 0")
+        for name in ("mem", "l_f_phase", "l_t_phase", "l_f_phase_test", "integration_time", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                bad(name, "must be a positive integer")
+        if not isinstance(self.max_epochs, (int, np.integer)) or self.max_epochs < 0:
+            bad("max_epochs", "must be a non-negative integer")
+        for name in ("l_f_phase", "l_t_phase"):
+            if getattr(self, name) < self.integration_time:
+                bad(name, f"must be >= integration_time={self.integration_time} (the averaging window); "
+                          f"lengthen the phase or shorten integration_time")
+        if self.l_f_phase_test < self.integration_time:
+            bad("l_f_phase_test", f"must be >= integration_time={self.integration_time}")
+        M = len(n_hidden) + 1
+        if self.f_etas is not None and (not isinstance(self.f_etas, (tuple, list)) or len(self.f_etas) != M):
+            bad("f_etas", f"give {M} learning rates (one per hidden layer and one for the output), or None")
+        if self.b_etas is not None and (not isinstance(self.b_etas, (tuple, list)) or len(self.b_etas) != M - 1):
+            bad("b_etas", f"give {M - 1} feedback learning rates (one per hidden layer), or None")
+        if self.update_feedback_weights and self.b_etas is None:
+            bad("b_etas", "update_feedback_weights=True needs feedback learning rates, e.g. b_etas=(0.01,)")
+        if self.update_feedback_weights and self.use_symmetric_weights:
+            bad("update_feedback_weights", "cannot learn Y while use_symmetric_weights=True ties it to W; "
+                                           "turn one of them off")
+        for name in FLAGS:
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                bad(name, "must be True or False")
+        if self.dtype not in ("float32", "float64"):
+            bad("dtype", 'use "float32" or "float64"')
+        if self.hook_every is not None and (not isinstance(self.hook_every, (int, np.integer)) or self.hook_every < 1):
+            bad("hook_every", "must be a positive integer or None")
+        if self.hook is not None and not callable(self.hook):
+            bad("hook", "must be callable as hook(clf, info), or None")
+        if self.verbose not in (0, 1, 2, True, False):
+            bad("verbose", "use 0 (silent) or 1 (progress bar)")
+        try:
+            torch.device(self.device) if self.device is not None else None
+        except (RuntimeError, TypeError):
+            bad("device", 'use None, "cpu", "cuda" or "cuda:N"')
+        return tuple(int(n) for n in n_hidden)
+
+    def _setup(self, n_in, n_out, device):
+        """Constants, random generators, weights and state of a fresh network."""
+        n_hidden = self._check_params()
+        self.n_ = (int(n_in),) + n_hidden + (int(n_out),)   # layer sizes, input first
+        self.M_ = len(self.n_) - 1                          # layers with weights (hidden + output)
+        self.device_ = torch.device(self.device) if self.device is not None else torch.device(device)
+        self.dtype_ = getattr(torch, self.dtype)
+        seed = self.random_state if self.random_state is not None else int(np.random.SeedSequence().entropy % 2**63)
+        self.rng_np_ = np.random.default_rng(seed)                            # extra steps
+        self.gen_cpu_ = torch.Generator().manual_seed(int(seed) % 2**63)      # weights, order
+        self.gen_ = torch.Generator(device=self.device_).manual_seed(int(seed) % 2**63 + 1)  # spikes
+        self.f_etas_ = tuple(float(e) for e in (self.f_etas if self.f_etas is not None
+                                                 else PAPER_F_ETAS.get(self.M_ - 1, (0.21,) * self.M_)))
+        self.b_etas_ = tuple(float(e) for e in self.b_etas) if self.b_etas is not None else (0.0,) * (self.M_ - 1)
+        g_A = self.g_A if self.use_apical_conductance else 0.0
+        self.k_B_ = self.g_B / (self.g_L + self.g_B + g_A)  # steady-state attenuation, hidden soma
+        self.k_D_ = self.g_D / (self.g_L + self.g_D)        # steady-state attenuation, output soma
+        self.k_I_ = 1.0 / (self.g_L + self.g_D)             # teaching-current gain, instantaneous output soma
+        k = np.arange(1, self.mem + 1) * self.dt
+        self.kappa_ = (np.exp(-k / self.tau_L) - np.exp(-k / self.tau_s)) / (self.tau_L - self.tau_s)  # Eq. 2
+        self._init_weights()
+        self._reset_state(self.batch_size)
+        self.examples_seen_ = 0
+        self.epochs_done_ = 0
+
+    def _init_weights(self):
+        """W, b (feedforward), Y, c (feedback), drawn in float64 on the CPU (same weights on every device)."""
+        g, n, M = self.gen_cpu_, self.n_, self.M_
+        U = lambda *shape: torch.rand(*shape, generator=g, dtype=torch.float64) - 0.5  # noqa: E731
+        W, b, Y, c = [None] * M, [None] * M, [None] * (M - 1), [None] * (M - 1)
+        Y_above = torch.eye(n[-1], dtype=torch.float64)   # broadcast feedback reaches layer m-1 through Y[m]
+        for m in range(M - 1, -1, -1):                    # top-down, as the authors
+            N = n[m]                                      # inputs of layer m
+            if self.use_weight_optimization:              # the paper's "weight optimization" (Methods)
+                V_avg, V_sd, b_avg, b_sd, nu = 3.0, 3.0, 0.8, 0.001, self.lambda_max * 0.25
+                V_sm = V_sd ** 2 + V_avg ** 2
+                W_avg = (V_avg - b_avg) / (nu * N * V_avg)
+                W_sm = (V_sm + nu ** 2 * (N - N ** 2) * W_avg ** 2 * V_avg ** 2 - 2 * N * nu * b_avg * V_avg * W_avg
+                        - b_avg ** 2) / (N * nu ** 2 * V_sm)
+                W_sd = math.sqrt(max(W_sm - W_avg ** 2, 0.0))
+                W[m] = W_avg + 3.465 * W_sd * U(n[m + 1], N)
+                b[m] = b_avg + 3.465 * b_sd * U(n[m + 1])
+            else:
+                W[m], b[m] = 0.1 * U(n[m + 1], N), 1.0 * U(n[m + 1])
+            if m > 0:                                     # feedback into hidden layer m-1 (size N)
+                if self.use_broadcast:
+                    if self.use_weight_optimization:
+                        Y[m - 1] = (3.465 * W_sd * U(N, n[m + 1])) @ Y_above
+                        c[m - 1] = Y[m - 1] @ (3.465 * W_sd * U(n[-1]))
+                    else:
+                        Y[m - 1], c[m - 1] = U(N, n[-1]), U(N)
+                    Y_above = Y[m - 1]
+                else:
+                    if self.use_weight_optimization:
+                        Y[m - 1] = W_avg + 3.465 * W_sd * U(N, n[m + 1])
+                        c[m - 1] = W_avg + 3.465 * W_sd * U(N)
+                    else:
+                        Y[m - 1], c[m - 1] = U(N, n[m + 1]), U(N)
+        to = dict(device=self.device_, dtype=self.dtype_)
+        self.W_ = [w.to(**to) for w in W]
+        self.b_ = [v.to(**to) for v in b]
+        self.Y_ = [y.to(**to) for y in Y]
+        self.c_ = [v.to(**to) for v in c]
+        self.Y_mask_ = None
+        if self.use_symmetric_weights:
+            self._make_symmetric()
+        if self.use_sparse_feedback:                      # 80 % of each Y zeroed, survivors x5
+            self.Y_mask_ = []
+            for m in range(M - 1):
+                numel = self.Y_[m].numel()
+                mask = torch.ones(numel, dtype=torch.bool)
+                mask[torch.randperm(numel, generator=g)[:int(0.8 * numel)]] = False
+                self.Y_mask_.append(mask.view_as(self.Y_[m]).to(self.device_))
+                self.Y_[m] = self.Y_[m] * self.Y_mask_[m] * 5
+
+    def _make_symmetric(self):
+        """Y = W^T of the layer above (broadcast: products of transposes down from the output), optionally noisy."""
+        def WT(m):
+            w = self.W_[m].t()
+            if self.noisy_symmetric_weights:
+                w = w + 0.05 * torch.randn(w.shape, generator=self.gen_cpu_, dtype=torch.float64).to(w)
+            return w
+        for m in range(self.M_ - 2, -1, -1):
+            if self.use_broadcast and m < self.M_ - 2:
+                self.Y_[m] = WT(m + 1) @ self.Y_[m + 1]
+            else:
+                self.Y_[m] = WT(m + 1).clone()
+
+    def _reset_state(self, B):
+        """Zero potentials, PSP traces and input history for B parallel examples."""
+        z = lambda n: torch.zeros(B, n, device=self.device_, dtype=self.dtype_)  # noqa: E731
+        M, n, mem = self.M_, self.n_, self.mem
+        self.state_B_ = B
+        self.C_ = [z(n[m + 1]) for m in range(M)]
+        # the signal kinds each layer must send: "ff" to the layer above, "fb" to the feedback targets
+        kinds = [set() for _ in range(M)]
+        for m in range(M - 1):
+            kinds[m].add("spike" if self.use_spiking_feedforward else "rate")
+        fb_kind = "spike" if self.use_spiking_feedback else "rate"
+        for m in range(M - 1):
+            kinds[self._fb_source(m)].add(fb_kind)
+        self.traces_ = [{k: dict(buf=torch.zeros(mem + SEGMENT, B, n[m + 1], device=self.device_, dtype=self.dtype_),
+                                 aL=z(n[m + 1]), aS=z(n[m + 1]), psp=z(n[m + 1])) for k in sorted(kinds[m])}
+                        for m in range(M)]
+        # input history: events (row in [0, mem), example, input, value) of the last mem steps
+        e = torch.zeros(0, dtype=torch.long, device=self.device_)
+        self.hist_ = (e, e, e, torch.zeros(0, device=self.device_, dtype=self.dtype_))
+
+    def _fb_source(self, m):
+        return self.M_ - 1 if self.use_broadcast else m + 1
+
+    # ------------------------------------------------------------------------------------------------------------
+    # simulation
+
+    def _poisson(self, u, lam, out):
+        """Poisson counts of mean lam by inverse CDF of one uniform u each: N >= k iff u e^lam > sum_{j<k} lam^j/j!."""
+        v = torch.exp(lam).mul_(u)
+        torch.gt(v, 1.0, out=out) if out.dtype == torch.bool else out.copy_(v > 1.0)
+        term, s, k = lam.clone(), lam + 1.0, 1
+        while k < 200:
+            more = v > s
+            if not bool(more.any()):
+                break
+            out.add_(more)
+            k += 1
+            term.mul_(lam).div_(k)
+            s.add_(term)
+        return out
+
+    def _trace_step(self, tr, s, p):
+        """Push signal s into row p of a trace's buffer; its PSP by the exact truncated-kernel recurrence (Eq. 2)."""
+        mem = self.mem
+        eL, eS = math.exp(-self.dt / self.tau_L), math.exp(-self.dt / self.tau_s)
+        buf = tr["buf"]
+        buf[p].copy_(s)
+        tr["aL"].add_(s).mul_(eL).sub_(buf[p - mem], alpha=eL ** (mem + 1))
+        tr["aS"].add_(s).mul_(eS).sub_(buf[p - mem], alpha=eS ** (mem + 1))
+        torch.sub(tr["aL"], tr["aS"], out=tr["psp"]).mul_(1.0 / (self.tau_L - self.tau_s))
+
+    def _input_events(self, x_idx, rates, Ts):
+        """The input signal of Ts new steps as events (step, example, input, value): Poisson counts or rates."""
+        b_idx, i_idx = x_idx
+        P = rates.numel()
+        if self.use_spiking_feedforward:
+            u = torch.rand(Ts, P, generator=self.gen_, device=self.device_, dtype=self.dtype_)
+            counts = self._poisson(u, rates.expand(Ts, P), torch.zeros_like(u))
+            t, p = counts.nonzero(as_tuple=True)
+            return t, b_idx[p], i_idx[p], counts[t, p]
+        t = torch.arange(Ts, device=self.device_).repeat_interleave(P)
+        return t, b_idx.repeat(Ts), i_idx.repeat(Ts), rates.repeat(Ts)
+
+    def _phase(self, x_idx, rates, T, target, window, record):
+        """Simulate T steps of B examples; return the window means (C, A, output rate, forward PSPs)."""
+        M, mem, dt, lmax = self.M_, self.mem, self.dt, self.lambda_max
+        B = self.state_B_
+        eL, eS = math.exp(-dt / self.tau_L), math.exp(-dt / self.tau_s)
+        eLm, eSm = eL ** (mem + 1), eS ** (mem + 1)
+        inv = 1.0 / (self.tau_L - self.tau_s)
+        w0 = T - window                                   # first step of the averaging window
+        zeros = lambda m: torch.zeros(B, self.n_[m + 1], device=self.device_, dtype=self.dtype_)  # noqa: E731
+        Csum = [zeros(m) for m in range(M)]
+        Asum = [zeros(m) for m in range(M - 1)]
+        lam_sum = zeros(M - 1)
+        psp_in = [None] + [torch.zeros(B, self.n_[m], device=self.device_, dtype=self.dtype_) for m in range(1, M)] \
+            if record else None
+        psp_fb = [torch.zeros(B, self.n_[self._fb_source(m) + 1], device=self.device_, dtype=self.dtype_)
+                  for m in range(M - 1)] if record and self.update_feedback_weights else None
+        psp_x = torch.zeros(B * self.n_[0], device=self.device_, dtype=self.dtype_) if record else None
+        # window weights of the input events: mean over t' in [w0, T-1] of kappa(t' - tau), by event step tau
+        Kc = np.concatenate([[0.0], np.cumsum(self.kappa_)])
+        def input_window_weight(tau):                     # noqa: E306
+            lo = np.maximum(tau, w0) - tau
+            hi = np.minimum(tau + mem - 1, T - 1) - tau
+            return np.where(hi >= lo, Kc[np.clip(hi + 1, 0, mem)] - Kc[np.clip(lo, 0, mem)], 0.0) / window
+        # soma constants
+        g_A = self.g_A if self.use_apical_conductance else 0.0
+        dec_h = 1.0 - dt * (self.g_L + self.g_B + g_A)
+        dec_o = 1.0 - dt * (self.g_L + self.g_D + (1.0 if target is not None else 0.0))
+        if target is not None:
+            I0 = target * self.E_E + (1.0 - target) * self.E_I   # g_E E_E + g_I E_I
+        Bv = [zeros(m) for m in range(M)]
+        A = [zeros(m) for m in range(M - 1)]
+        lam = [zeros(m) for m in range(M)]
+        u = [zeros(m) for m in range(M)]
+        spk = [zeros(m) for m in range(M)]
+        W0t = self.W_[0].t().contiguous()
+        Wt = [w.t() for w in self.W_]
+        Yt = [y.t() for y in self.Y_]
+        t_abs = 0
+        while t_abs < T:
+            Ts = min(SEGMENT, T - t_abs)
+            # -- input: events of the history rows [0, mem) and the new rows [mem, mem + Ts), projected by W at once
+            ht, hb, hi, hv = self.hist_
+            nt, nb, ni, nv = self._input_events(x_idx, rates, Ts)
+            et, eb, ei, ev = torch.cat([ht, nt + mem]), torch.cat([hb, nb]), torch.cat([hi, ni]), torch.cat([hv, nv])
+            rows = mem + Ts
+            bag = et * B + eb
+            counts = torch.bincount(bag, minlength=rows * B)
+            offsets = counts.cumsum(0) - counts
+            U = torch.nn.functional.embedding_bag(ei, W0t, offsets, mode="sum", per_sample_weights=ev * inv)
+            U = U.view(rows, B, -1)                                 # U(t) = W S(t) / (tau_L - tau_s)
+            wl = torch.tensor(eL ** np.arange(mem, 0, -1), device=self.device_, dtype=self.dtype_)
+            ws = torch.tensor(eS ** np.arange(mem, 0, -1), device=self.device_, dtype=self.dtype_)
+            xL = torch.tensordot(wl, U[:mem], dims=1)               # filter states from the history alone
+            xS = torch.tensordot(ws, U[:mem], dims=1)
+            if record:                                              # mean input PSP over the window (Eq. 12)
+                tau = np.arange(rows) - mem + t_abs                # the step of each buffer row
+                wrow = input_window_weight(tau) * (tau >= t_abs if t_abs > 0 else 1)  # history rows: counted before
+                wrow = torch.tensor(wrow, device=self.device_, dtype=self.dtype_)
+                psp_x.index_add_(0, eb * self.n_[0] + ei, ev * wrow[et])
+            keep = et >= Ts                                         # the last mem rows become the history
+            self.hist_ = (et[keep] - Ts, eb[keep], ei[keep], ev[keep])
+            for t in range(Ts):
+                p, in_window = mem + t, t_abs + t >= w0
+                xL.add_(U[p]).mul_(eL).sub_(U[p - mem], alpha=eLm)  # exact truncated-kernel recurrence
+                xS.add_(U[p]).mul_(eS).sub_(U[p - mem], alpha=eSm)
+                for m in range(M):
+                    out = m == M - 1
+                    # basal potential B = W PSP + b (Eq. 5)
+                    if m == 0:
+                        torch.sub(xL, xS, out=Bv[0]).add_(self.b_[0])
+                    else:
+                        below = self.traces_[m - 1]["spike" if self.use_spiking_feedforward else "rate"]["psp"]
+                        torch.addmm(self.b_[m], below, Wt[m], out=Bv[m])
+                        if record and in_window:
+                            psp_in[m].add_(below)
+                    C = self.C_[m]
+                    if not out:
+                        # apical potential A = Y PSP_fb (+ c), feedback as of the previous step (Eq. 5)
+                        fb = self.traces_[self._fb_source(m)]["spike" if self.use_spiking_feedback else "rate"]["psp"]
+                        if self.use_feedback_bias:
+                            torch.addmm(self.c_[m], fb, Yt[m], out=A[m])
+                        else:
+                            torch.mm(fb, Yt[m], out=A[m])
+                        if record and in_window and psp_fb is not None:
+                            psp_fb[m].add_(fb)
+                        # soma (Eqs. 1, 6)
+                        if self.use_conductances:
+                            C.mul_(dec_h).add_(Bv[m], alpha=dt * self.g_B)
+                            if g_A:
+                                C.add_(A[m], alpha=dt * g_A)
+                        else:
+                            torch.mul(Bv[m], self.k_B_, out=C)
+                    else:
+                        # output soma with the teaching current in the target phase (Eq. 7)
+                        if self.use_conductances:
+                            C.mul_(dec_o).add_(Bv[m], alpha=dt * self.g_D)
+                            if target is not None:
+                                C.add_(I0, alpha=dt)
+                        else:
+                            torch.mul(Bv[m], self.k_D_, out=C)
+                            if target is not None:
+                                C.add_(I0, alpha=self.k_I_)
+                    torch.sigmoid(C, out=lam[m]).mul_(lmax)        # lambda_C = lambda_max sigmoid(C) (Eq. 4)
+                    if in_window:
+                        Csum[m].add_(C)
+                        if not out:
+                            Asum[m].add_(A[m])
+                        elif target is not None:
+                            lam_sum.add_(lam[m])
+                    # the layer's output signals: spikes and/or rates, filtered by the kernel (Eq. 2)
+                    for kind, tr in self.traces_[m].items():
+                        if kind == "spike":
+                            torch.rand(u[m].shape, generator=self.gen_, out=u[m])
+                            s = self._poisson(u[m], lam[m], spk[m].zero_())
+                        else:
+                            s = lam[m]
+                        self._trace_step(tr, s, p)
+            for tr in (tr for layer in self.traces_ for tr in layer.values()):
+                tr["buf"][:mem] = tr["buf"][Ts:Ts + mem].clone()   # ring buffer: keep the last mem steps
+            t_abs += Ts
+        res = dict(C=[s / window for s in Csum], A=[s / window for s in Asum], lam=lam_sum / window)
+        if record:
+            res["psp_in"] = [psp_x.view(B, -1)] + [s / window for s in psp_in[1:]]
+            res["psp_fb"] = [s / window for s in psp_fb] if psp_fb is not None else None
+        return res
+
+    def _state_views(self, B):
+        """A context in which C_, traces_ and hist_ refer to the first B slots."""
+        full_C, full_tr, full_hist = self.C_, self.traces_, self.hist_
+        self.C_ = [c[:B] for c in full_C]
+        self.traces_ = [{k: {n: (v[:, :B] if n == "buf" else v[:B]) for n, v in tr.items()} for k, tr in layer.items()}
+                        for layer in full_tr]
+        keep = full_hist[1] < B
+        self.hist_ = tuple(h[keep] for h in full_hist)
+        self.state_B_ = B
+        return full_C, full_tr
+
+    def _simulate_batch(self, X, y_onehot, Tf, Tt):
+        """Forward and target phases of one batch; returns the forward and target window means."""
+        B = X.shape[0]
+        if B > self.C_[0].shape[0]:
+            self._reset_state(B)
+        full_C, full_tr = self._state_views(B)
+        try:
+            x_idx = X.nonzero(as_tuple=True)
+            rates = X[x_idx] * self.lambda_max                     # input rates lambda_max * pixel
+            f = self._phase(x_idx, rates, Tf, None, self.integration_time, record=True)
+            t = self._phase(x_idx, rates, Tt, y_onehot, self.integration_time, record=False)
+        finally:
+            self.C_, self.traces_ = full_C, full_tr
+            self.state_B_ = full_C[0].shape[0]
+        return f, t
+
+    # ------------------------------------------------------------------------------------------------------------
+    # learning
+
+    def _update(self, f, t):
+        """The local weight updates of one batch, averaged over its examples (Eqs. 10-13). Returns bp angles."""
+        M, lmax, B = self.M_, self.lambda_max, f["C"][0].shape[0]
+        sig = torch.sigmoid
+        dsig = lambda x: sig(x) * (1 - sig(x))   # noqa: E731
+        P_final, P_hidden = 20.0 / lmax ** 2, 20.0 / lmax
+        E = [None] * M
+        Cf = f["C"]
+        E[M - 1] = -self.k_D_ * lmax * (t["lam"] - lmax * sig(Cf[M - 1])) * dsig(Cf[M - 1])   # output error
+        alpha_f = [sig(a) for a in f["A"]]                       # plateau potentials (Eq. 8)
+        alpha_t = [sig(a) for a in t["A"]]
+        for m in range(M - 1):
+            E[m] = -self.k_B_ * lmax * (alpha_t[m] - alpha_f[m]) * dsig(Cf[m])               # hidden error
+        dW = [E[m].t() @ f["psp_in"][m] / B for m in range(M)]
+        angles = None
+        if self.record_backprop_angle and M > 1:
+            angles, E_bp = {}, E[M - 1]
+            for m in range(M - 2, -1, -1):
+                E_bp = (E_bp @ self.W_[m + 1]) * self.k_B_ * lmax * dsig(Cf[m])
+                dW_bp = E_bp.t() @ f["psp_in"][m] / B
+                cos = (dW[m] * dW_bp).sum() / (dW[m].norm() * dW_bp.norm())
+                angles[f"hidden{m + 1}"] = float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))))
+        if self.update_feedback_weights:
+            for m in range(M - 1):
+                E_inv = -(lmax * sig(Cf[m]) - alpha_f[m]) * lmax * dsig(f["A"][m])
+                self.Y_[m] -= self.b_etas_[m] * (E_inv.t() @ f["psp_fb"][m]) / B
+                if self.Y_mask_ is not None:
+                    self.Y_[m] *= self.Y_mask_[m]
+        for m in range(M):
+            P = P_final if m == M - 1 else P_hidden
+            self.W_[m] -= self.f_etas_[m] * P * dW[m]
+            self.b_[m] -= self.f_etas_[m] * P * E[m].mean(0)
+        if self.use_symmetric_weights:
+            self._make_symmetric()
+            if self.Y_mask_ is not None:
+                for m in range(M - 1):
+                    self.Y_[m] = self.Y_[m] * self.Y_mask_[m] * 5
+        return angles
+
+    # ------------------------------------------------------------------------------------------------------------
+    # scikit-learn API
+
+    def _to_tensor(self, X):
+        X = torch.as_tensor(X)
+        X = X.reshape(X.shape[0], -1)
+        dev = self.device_ if hasattr(self, "device_") else (torch.device(self.device) if self.device else X.device)
+        return X.to(device=dev, dtype=getattr(torch, self.dtype))
+
+    def initialize(self, n_features, classes):
+        """A fresh network for n_features inputs and the given class labels (fit does this itself)."""
+        self.classes_ = np.asarray(classes)
+        dev = torch.device(self.device) if self.device is not None else torch.device("cpu")
+        self._setup(n_features, len(self.classes_), dev)
+        return self
+
+    def fit(self, X, y):
+        """Train a fresh network for max_epochs epochs."""
+        self._check_params()
+        X_dev = torch.as_tensor(X).device
+        y_np = _as_numpy(y)
+        self.classes_ = np.unique(y_np)
+        dev = torch.device(self.device) if self.device is not None else X_dev
+        n_features = int(np.prod(torch.as_tensor(X).shape[1:]))
+        self._setup(n_features, len(self.classes_), dev)
+        self._train(X, y_np, self.max_epochs)
+        return self
+
+    def partial_fit(self, X, y, classes=None):
+        """One epoch over (X, y), continuing from the current weights and state."""
+        y_np = _as_numpy(y)
+        if not hasattr(self, "W_"):
+            self._check_params()
+            self.classes_ = np.asarray(classes) if classes is not None else np.unique(y_np)
+            X_dev = torch.as_tensor(X).device
+            dev = torch.device(self.device) if self.device is not None else X_dev
+            self._setup(int(np.prod(torch.as_tensor(X).shape[1:])), len(self.classes_), dev)
+        self._train(X, y_np, 1)
+        return self
+
+    def _train(self, X, y_np, epochs):
+        X = self._to_tensor(X)
+        n = X.shape[0]
+        y_idx = torch.as_tensor(np.searchsorted(self.classes_, y_np), device=self.device_)
+        if not np.array_equal(self.classes_[y_idx.cpu().numpy()], y_np):
+            raise ValueError("y contains labels that are not in classes_; pass all classes to the first partial_fit")
+        onehot = torch.nn.functional.one_hot(y_idx, len(self.classes_)).to(self.dtype_)
+        bar = None
+        if self.verbose and epochs * n:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=epochs * n, desc="compartmental", unit="ex", leave=False)
+        seen0, acc = self.examples_seen_, dict(loss=0.0, correct=0.0, n=0, angles={}, n_angles=0)
+        if self.hook is not None:
+            self.hook(self, dict(epoch=self.epochs_done_, examples_seen=0, n_train=n,
+                                 train_loss=float("nan"), train_acc=float("nan")))
+        try:
+            for _ in range(epochs):
+                order = torch.randperm(n, generator=self.gen_cpu_).to(self.device_)
+                for i in range(0, n, self.batch_size):
+                    idx = order[i:i + self.batch_size]
+                    Tf, Tt = self.l_f_phase, self.l_t_phase
+                    if self.extra_steps:   # random phase lengths (authors: + int(Wald(2, 1)))
+                        Tf += int(self.rng_np_.wald(2.0, 1.0))
+                        Tt += int(self.rng_np_.wald(2.0, 1.0))
+                    f, t = self._simulate_batch(X[idx], onehot[idx], Tf, Tt)
+                    angles = self._update(f, t)
+                    self._check_finite(f)
+                    out = f["C"][-1]
+                    acc["loss"] += float(torch.nn.functional.cross_entropy(out, y_idx[idx], reduction="sum"))
+                    acc["correct"] += float((out.argmax(1) == y_idx[idx]).sum())
+                    acc["n"] += len(idx)
+                    for k, v in (angles or {}).items():
+                        acc["angles"][k] = acc["angles"].get(k, 0.0) + v
+                    acc["n_angles"] += angles is not None
+                    before = self.examples_seen_ - seen0
+                    self.examples_seen_ += len(idx)
+                    if bar is not None:
+                        bar.update(len(idx))
+                    after = self.examples_seen_ - seen0
+                    k = self.hook_every
+                    if self.hook is not None and (k is None or after // k > before // k):
+                        info = dict(epoch=self.epochs_done_, examples_seen=after, n_train=n,
+                                    train_loss=acc["loss"] / acc["n"], train_acc=acc["correct"] / acc["n"])
+                        if self.record_backprop_angle and acc["n_angles"]:
+                            info["bp_angle"] = {k2: v / acc["n_angles"] for k2, v in acc["angles"].items()}
+                        self.hook(self, info)
+                        acc = dict(loss=0.0, correct=0.0, n=0, angles={}, n_angles=0)
+                self.epochs_done_ += 1
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _check_finite(self, f):
+        total = sum(w.sum() for w in self.W_) + sum(v.sum() for v in self.b_) + f["C"][-1].sum()
+        if not bool(torch.isfinite(total)):
+            raise TrainingDiverged(f"weights or potentials became NaN/inf after {self.examples_seen_} examples "
+                                   f"(f_etas={self.f_etas_}); lower the learning rates")
+
+    def decision_function(self, X):
+        """Mean output somatic potential over the test window of a fresh forward phase (N x n_classes numpy)."""
+        if not hasattr(self, "W_"):
+            raise RuntimeError("this CompartmentalClassifier is not fitted yet; call fit first")
+        X = self._to_tensor(X)
+        T = self.l_f_phase_test
+        window = int(min(T, max(1, T - (self.l_f_phase - self.integration_time))))
+        saved = (self.C_, self.traces_, self.hist_, self.state_B_)
+        outs = []
+        try:
+            for i in range(0, X.shape[0], PREDICT_CHUNK):
+                xb = X[i:i + PREDICT_CHUNK]
+                self._reset_state(xb.shape[0])                   # testing starts from rest
+                x_idx = xb.nonzero(as_tuple=True)
+                res = self._phase(x_idx, xb[x_idx] * self.lambda_max, T, None, window, record=False)
+                outs.append(res["C"][-1].cpu())
+        finally:
+            self.C_, self.traces_, self.hist_, self.state_B_ = saved
+        return torch.cat(outs).double().numpy() if outs else np.zeros((0, len(self.classes_)))
+
+    def predict_proba(self, X):
+        return torch.softmax(torch.as_tensor(self.decision_function(X)), dim=1).numpy()
+
+    def predict(self, X):
+        return self.classes_[self.decision_function(X).argmax(1)]
+
+    def score(self, X, y, sample_weight=None):
+        return float(np.average(self.predict(X) == _as_numpy(y), weights=sample_weight))
+
+    def named_weights(self):
+        """Feedforward W1..WM (output last) and feedback Y1..Y(M-1) matrices, by name."""
+        out = {f"W{m + 1}": w for m, w in enumerate(self.W_)}
+        out.update({f"Y{m + 1}": y for m, y in enumerate(self.Y_)})
+        return out
+
+
+def _as_numpy(y):
+    return y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
