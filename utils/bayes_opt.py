@@ -56,7 +56,7 @@ import numpy as np
 MAX_LAYERS = 6  # MLP and compartmental hidden layers
 MAX_BLOCKS = 5  # CNN convolution blocks
 LOG10_LR = (-4.0, math.log10(5e-2))  # Adam learning rate 1e-4 .. 5e-2
-FLAG = [False, True]
+FLAG = ["off", "on"]  # categorical (a [False, True] pair would be read as the float range 0..1)
 
 COMPARTMENTAL_FLAGS = (  # CompartmentalClassifier switches (Guerguiev et al. 2017 variants)
     "use_sparse_feedback", "use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiking_feedforward",
@@ -147,7 +147,7 @@ def to_hyperparameters(model, params):
             integration_time=max(1, int(round(float(p["integration_frac"]) * min(l_f, l_t)))),
             lambda_max=float(p["lambda_max"]), tau_s=tau_s, tau_L=tau_s + float(p["tau_delta"]),
             g_B=float(p["g_B"]), g_A=float(p["g_A"]), E_E=float(p["E_E"]), E_I=float(p["E_I"]),
-            **{flag: bool(p[flag]) for flag in COMPARTMENTAL_FLAGS})
+            **{flag: p[flag] in ("on", True) for flag in COMPARTMENTAL_FLAGS})
     raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
 
 

@@ -1,0 +1,349 @@
+"""utils.bayes_opt: parameter conversion, invalid CNN proposals, failures at chance, resume after SIGKILL, a cut-off
+log line, and a small real study. Objectives are injected fakes except in the real-training tests."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from utils import bayes_opt as bo
+from utils.data import Dataset
+from utils.errors import TrainingDiverged
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_dataset(n=120, shape=(1, 8, 8), n_classes=4, seed=0):
+    """A separable problem as a utils.data.Dataset (train and test halves)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(n_classes, *shape, generator=g)
+    y = torch.arange(2 * n) % n_classes
+    X = (centers[y] + 0.1 * torch.randn(2 * n, *shape, generator=g)).clamp(0, 1)
+    return Dataset(X[:n], y[:n], X[n:], y[n:], [str(c) for c in range(n_classes)])
+
+
+def smooth_objective(hp):
+    """A deterministic fake: best near lr = 1e-2, two 'folds'."""
+    s = 0.9 - 0.1 * (math.log10(hp["lr"]) + 2) ** 2
+    return [s, s - 0.01]
+
+
+def read(study_dir):
+    return [json.loads(line) for line in (Path(study_dir) / "evals.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# spaces and conversion
+
+
+def test_spaces_use_native_integer_and_categorical_parameters():
+    from bayes_opt.parameter import CategoricalParameter, FloatParameter, IntParameter
+    for model in bo.SPACES:
+        opt = bo.make_optimizer(bo.make_space(model), np.random.RandomState(0))
+        cfg = opt.space.params_config
+        assert isinstance(cfg["n_layers" if model != "cnn" else "n_blocks"], IntParameter)
+        if model != "compartmental":
+            assert isinstance(cfg["batch_size"], IntParameter) and isinstance(cfg["log10_lr"], FloatParameter)
+            assert 10 ** cfg["log10_lr"].bounds[0] == pytest.approx(1e-4)
+            assert 10 ** cfg["log10_lr"].bounds[1] == pytest.approx(5e-2)
+    cfg = bo.make_optimizer(bo.make_space("compartmental"), np.random.RandomState(0)).space.params_config
+    assert all(isinstance(cfg[f], CategoricalParameter) for f in bo.COMPARTMENTAL_FLAGS)
+    assert len(bo.COMPARTMENTAL_FLAGS) == 11
+    capped = bo.make_space("compartmental", max_phase=40)
+    assert capped["l_f_phase"][1] == 40 and capped["l_t_phase"][1] == 40
+    with pytest.raises(ValueError):
+        bo.make_space("mlp", max_phase=40)
+
+
+def test_to_hyperparameters():
+    mlp = bo.to_hyperparameters("mlp", {"batch_size": 37, "log10_lr": -2.5, "n_layers": 2, **{
+        f"units_{i}": 100 + i for i in range(1, 7)}})
+    assert mlp == {"hidden_sizes": (101, 102), "lr": pytest.approx(10 ** -2.5), "batch_size": 37}
+    cnn = bo.to_hyperparameters("cnn", {"batch_size": 64, "log10_lr": -3.0, "n_blocks": 3, "stride": 2, "padding": 1,
+                                        **{f"channels_{i}": 10 * i for i in range(1, 6)},
+                                        **{f"kernel_{i}": i + 1 for i in range(1, 6)}})
+    assert cnn["channels"] == (10, 20, 30) and cnn["kernel_sizes"] == (2, 3, 4)
+    assert (cnn["stride"], cnn["padding"], cnn["batch_size"]) == (2, 1, 64) and cnn["lr"] == pytest.approx(1e-3)
+    # every random compartmental proposal satisfies the estimator's constraints
+    opt = bo.make_optimizer(bo.make_space("compartmental"), np.random.RandomState(0))
+    for params in opt.random_sample(200):
+        hp = bo.to_hyperparameters("compartmental", params)
+        n = len(hp["n_hidden"])
+        assert 1 <= n <= 6 and all(30 <= u <= 500 for u in hp["n_hidden"])
+        assert len(hp["f_etas"]) == n + 1 and len(hp["b_etas"]) == n
+        assert hp["tau_L"] > hp["tau_s"] > 0 and hp["dt"] > 0
+        assert 1 <= hp["integration_time"] <= min(hp["l_f_phase"], hp["l_t_phase"])
+        assert all(isinstance(hp[f], bool) for f in bo.COMPARTMENTAL_FLAGS)
+
+
+def test_check_hyperparameters_names_the_invalid_cnn_block():
+    good = dict(channels=(8, 8), kernel_sizes=(3, 3), stride=1, padding=1)
+    assert bo.check_hyperparameters("cnn", good, (1, 28, 28)) is None
+    reason = bo.check_hyperparameters("cnn", dict(good, channels=(8,) * 5, kernel_sizes=(3,) * 5), (1, 28, 28))
+    assert reason and "block 5" in reason
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# awkward proposals and failures
+
+
+def test_invalid_cnn_suggestions_never_reach_training(tmp_path, monkeypatch):
+    from bayes_opt import BayesianOptimization
+    bad = {"batch_size": 50, "log10_lr": -3.0, "n_blocks": 5, "stride": 3, "padding": 1,
+           **{f"channels_{i}": 8 for i in range(1, 6)}, **{f"kernel_{i}": 10 for i in range(1, 6)}}
+    monkeypatch.setattr(BayesianOptimization, "suggest", lambda self: dict(bad))  # the GP always proposes it
+    ds = tiny_dataset()
+    seen = []
+
+    def fake(hp):
+        assert bo.check_hyperparameters("cnn", hp, (1, 8, 8)) is None  # only valid ones are ever trained
+        seen.append(hp)
+        return smooth_objective(hp)
+
+    res = bo.run_study("cnn", ds, iterations=4, folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=fake,
+                       retrain=False, verbose=0)
+    recs = read(res["study_dir"])
+    assert len(seen) == 4
+    invalid = [r for r in recs if r["status"] == "invalid"]
+    assert len(invalid) == 2 and all(r["params"] == bad and "block 1" in r["reason"] for r in invalid)
+    assert [r["source"] for r in recs if r["status"] == "ok"] == ["random", "random", "bo-valid (invalid)",
+                                                                   "bo-valid (invalid)"]
+    row = res["summary"].iloc[0]
+    assert (row.n_evals, row.n_invalid, row.n_failed) == (4, 2, 0)
+    keys = [tuple(sorted(r["params"].items())) for r in recs if r["status"] == "ok"]
+    assert len(set(keys)) == len(keys)  # no point evaluated twice
+
+
+def test_duplicate_suggestions_are_replaced(tmp_path, monkeypatch):
+    from bayes_opt import BayesianOptimization
+    monkeypatch.setattr(BayesianOptimization, "suggest", lambda self: dict(self.res[0]["params"]))  # seen before
+    res = bo.run_study("mlp", tiny_dataset(), iterations=4, folds=2, epochs=1, out=tmp_path, init_points=1,
+                       evaluate=smooth_objective, retrain=False, verbose=0)
+    recs = read(res["study_dir"])
+    assert [r["source"] for r in recs] == ["random"] + ["bo-valid (duplicate)"] * 3
+    keys = [tuple(sorted(r["params"].items())) for r in recs]
+    assert len(set(keys)) == 4
+
+
+def test_failures_score_chance_and_the_loop_goes_on(tmp_path):
+    ds = tiny_dataset(n_classes=4)
+    errors = [TrainingDiverged("the training loss became nan"), RuntimeError("CUDA out of memory. Tried to allocate"),
+              ValueError("batch_size must be positive"), None, None]
+
+    def fake(hp):
+        e = errors.pop(0)
+        if e is not None:
+            raise e
+        return smooth_objective(hp)
+
+    res = bo.run_study("mlp", ds, iterations=5, folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=fake,
+                       retrain=False, verbose=0)
+    recs = read(res["study_dir"])
+    assert [r["status"] for r in recs] == ["diverged", "oom", "error", "ok", "ok"]
+    for r in recs[:3]:
+        assert r["target"] == 0.25 and r["fold_scores"] is None and r["reason"]
+    assert "nan" in recs[0]["reason"] and "out of memory" in recs[1]["reason"]
+    row = res["summary"].iloc[0]
+    assert row.n_failed == 3 and row.worst == 0.25 and row.best > 0.5
+    assert bo.summarize(res["evals"], include_failures=False).iloc[0].worst > 0.5
+
+    def buggy(hp):  # anything else is a bug and stops the study
+        raise KeyError("oops")
+
+    with pytest.raises(KeyError):
+        bo.run_study("mlp", ds, iterations=1, out=tmp_path / "b", evaluate=buggy, retrain=False, verbose=0)
+
+
+def test_a_really_diverging_configuration_is_a_failure(tmp_path):
+    """Real make_classifier + cross_validate: Adam at lr=1e20 turns the loss into NaN -> TrainingDiverged."""
+    ds = tiny_dataset()
+    res = bo.run_study("mlp", ds, iterations=2, folds=2, epochs=1, out=tmp_path, fixed={"lr": 1e20, "batch_size": 10}, verbose=0)
+    recs = read(res["study_dir"])
+    assert [r["status"] for r in recs] == ["diverged", "diverged"]
+    assert all(r["target"] == 0.25 and "nan" in r["reason"] for r in recs)
+    assert res["best"] is None and res["test_acc"] is None and not (res["study_dir"] / "best.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files and resume
+
+
+def test_truncated_last_line_is_dropped_and_the_study_resumes(tmp_path):
+    ds = tiny_dataset()
+    kw = dict(folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=smooth_objective, retrain=False, verbose=0)
+    study = bo.run_study("mlp", ds, iterations=3, **kw)["study_dir"]
+    log = study / "evals.jsonl"
+    before = log.read_text()
+    with open(log, "a") as f:
+        f.write('{"iteration": 3, "status": "ok", "tar')  # a write cut short by a kill
+    with pytest.raises(json.JSONDecodeError):
+        [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(bo.read_log(log, repair=False)) == 3 and log.read_text() != before
+    assert len(bo.read_log(log)) == 3 and log.read_text() == before  # repaired
+    bo.run_study("mlp", ds, iterations=5, **kw)
+    recs = read(study)
+    assert [r["iteration"] for r in recs] == [0, 1, 2, 3, 4]
+    assert log.read_text().startswith(before)
+    state = json.loads((study / "optimizer_state.json").read_text())
+    assert len(state["target"]) == 5  # the optimizer state saved after every evaluation
+    # a broken line in the middle is corruption, not a cut-off write
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text(lines[0] + "{broken\n" + "".join(lines[1:]))
+    with pytest.raises(ValueError, match="line 2"):
+        bo.read_log(log)
+
+
+def test_changed_settings_refuse_to_mix_into_an_existing_study(tmp_path):
+    ds = tiny_dataset()
+    kw = dict(out=tmp_path, init_points=1, evaluate=smooth_objective, retrain=False, verbose=0)
+    bo.run_study("mlp", ds, iterations=1, folds=2, epochs=1, **kw)
+    with pytest.raises(ValueError, match="folds"):
+        bo.run_study("mlp", ds, iterations=2, folds=3, epochs=1, **kw)
+
+
+SCRIPT = """
+import json, math, sys, time
+import torch
+sys.path.insert(0, {repo!r})
+from utils import bayes_opt as bo
+from utils.data import Dataset
+
+out, calls, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+def fake(hp):
+    with open(calls, "a") as f:  # which evaluations were started, in which process
+        f.write(json.dumps(hp["seed"]) + "\\n")
+    time.sleep(delay)
+    s = 0.9 - 0.1 * (math.log10(hp["lr"]) + 2) ** 2 - 1e-4 * hp["batch_size"]
+    return [s, s]
+
+g = torch.Generator().manual_seed(0)
+X, y = torch.rand(40, 1, 4, 4, generator=g), torch.arange(40) % 4
+ds = Dataset(X, y, X, y, list("abcd"))
+bo.run_study("mlp", ds, iterations=7, folds=2, epochs=1, out=out, init_points=2, evaluate=fake, retrain=False,
+             verbose=1)
+"""
+
+
+def test_resume_after_sigkill_mid_evaluation(tmp_path):
+    script = tmp_path / "study.py"
+    script.write_text(SCRIPT.format(repo=str(REPO)))
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+    log = out / "mlp_custom" / "evals.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(calls), "0.4"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait for >= 2 logged evaluations and the next one started
+            n_done = len(log.read_text().splitlines()) if log.exists() else 0
+            n_started = len(calls.read_text().splitlines()) if calls.exists() else 0
+            n_done_again = len(log.read_text().splitlines()) if log.exists() else 0
+            if n_done >= 2 and n_done == n_done_again and n_started > n_done:  # inside the 0.4 s evaluation
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.02)
+        else:
+            pytest.fail("the study did not log 2 evaluations in 60 s")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    before = log.read_text()
+    done = [json.loads(line) for line in before.splitlines()]
+    started_before = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(done) >= 2 and len(started_before) == len(done) + 1  # killed during an evaluation
+
+    calls.write_text("")
+    rerun = subprocess.run([sys.executable, str(script), str(out), str(calls), "0"], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming" in rerun.stdout and "7/7" in rerun.stdout and "best" in rerun.stdout
+    after = log.read_text()
+    recs = [json.loads(line) for line in after.splitlines()]  # the whole log parses
+    assert after.startswith(before)  # no finished evaluation lost or rewritten
+    assert [r["iteration"] for r in recs] == list(range(7))
+    rerun_seeds = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert rerun_seeds == list(range(len(done), 7))  # none repeated; the killed one redone once
+
+    # the resumed study proposes exactly what an uninterrupted one does
+    def fast(hp):
+        s = 0.9 - 0.1 * (math.log10(hp["lr"]) + 2) ** 2 - 1e-4 * hp["batch_size"]
+        return [s, s]
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.rand(40, 1, 4, 4, generator=g), torch.arange(40) % 4
+    ref = bo.run_study("mlp", Dataset(X, y, X, y, list("abcd")), iterations=7, folds=2, epochs=1,
+                       out=tmp_path / "ref", init_points=2, evaluate=fast, retrain=False, verbose=0)
+    assert [r["params"] for r in read(ref["study_dir"])] == [r["params"] for r in recs]
+
+
+def test_cut_off_invalid_line_pair_is_redone_without_duplicates(tmp_path, monkeypatch):
+    """A kill inside the two-line write of an invalid suggestion and its replacement leaves a lone 'invalid' line."""
+    from bayes_opt import BayesianOptimization
+    bad = {"batch_size": 50, "log10_lr": -3.0, "n_blocks": 5, "stride": 3, "padding": 1,
+           **{f"channels_{i}": 8 for i in range(1, 6)}, **{f"kernel_{i}": 10 for i in range(1, 6)}}
+    monkeypatch.setattr(BayesianOptimization, "suggest", lambda self: dict(bad))
+    kw = dict(folds=2, epochs=1, out=tmp_path, init_points=1, evaluate=smooth_objective, retrain=False, verbose=0)
+    study = bo.run_study("cnn", tiny_dataset(), iterations=2, **kw)["study_dir"]
+    lines = (study / "evals.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(x)["status"] for x in lines] == ["ok", "invalid", "ok"]
+    (study / "evals.jsonl").write_text(lines[0] + lines[1] + lines[2][:25])
+    bo.run_study("cnn", tiny_dataset(), iterations=2, **kw)
+    again = (study / "evals.jsonl").read_text().splitlines(keepends=True)
+    assert again[0] == lines[0] and [json.loads(x)["status"] for x in again] == ["ok", "invalid", "ok"]
+
+    def strip(line):  # the same records, up to when they were written
+        return {k: v for k, v in json.loads(line).items() if k not in ("finished", "time_s", "peak_mem_mb")}
+
+    assert [strip(x) for x in again] == [strip(x) for x in lines]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# real training, results and the command line
+
+
+def test_small_real_study_end_to_end(tmp_path, blobs):
+    X, y = blobs
+    ds = Dataset(X[:400], y[:400], X[400:], y[400:], [str(c) for c in range(10)])
+    res = bo.run_study("mlp", ds, iterations=3, folds=2, epochs=2, out=tmp_path, init_points=2, name="blobs",
+                       verbose=0)
+    recs = read(res["study_dir"])
+    assert [r["status"] for r in recs] == ["ok"] * 3 and [r["seed"] for r in recs] == [0, 1, 2]
+    for r in recs:
+        assert len(r["fold_scores"]) == 2 and r["target"] == pytest.approx(np.mean(r["fold_scores"]))
+        assert r["time_s"] > 0 and r["peak_mem_mb"] > 0 and r["mem_kind"].startswith("cpu")
+    best = json.loads((res["study_dir"] / "best.json").read_text())
+    assert best["n_train"] == 400 and best["n_test"] == 200 and 0 <= best["test_acc"] <= 1
+    table = bo.summarize(tmp_path)
+    assert list(table.columns[:9]) == ["model", "dataset", "best", "worst", "mean", "std", "n_evals", "n_failed",
+                                       "n_invalid"]
+    row = table.iloc[0]
+    assert (row.model, row.dataset, row.n_evals) == ("mlp", "blobs", 3)
+    assert row.best == max(r["target"] for r in recs) and row.worst == min(r["target"] for r in recs)
+    assert row.best > 0.5 and row.test_acc == best["test_acc"]
+    assert row.best_params == recs[int(np.argmax([r["target"] for r in recs]))]["hyperparameters"]
+    assert isinstance(bo.load_results(tmp_path), pd.DataFrame)
+
+
+def test_command_line_on_an_idx_root(tmp_path, mnist_root, capsys):
+    bo.main(["--model", "mlp", "--dataset", "mnist", "--data-root", str(mnist_root), "--subset", "100",
+             "--iterations", "2", "--folds", "2", "--epochs", "1", "--init-points", "2", "--out", str(tmp_path),
+             "--retrain-subset", "100", "--test-subset", "100"])
+    out = capsys.readouterr().out
+    assert "[mlp/mnist] 1/2 cv" in out and "[mlp/mnist] 2/2 cv" in out and "ETA" in out and "best" in out
+    assert "mlp" in out.splitlines()[-1] and len(read(tmp_path / "mlp_mnist")) == 2
+    config = json.loads((tmp_path / "mlp_mnist" / "config.json").read_text())
+    assert (config["folds"], config["epochs"], config["subset"], config["n_train"]) == (2, 1, 100, 100)
+    assert "bayes_opt" in config["versions"] and config["space"]["batch_size"] == [10, 500, "int"]
+    bo.main(["--summary", "--out", str(tmp_path)])
+    assert "mlp" in capsys.readouterr().out
