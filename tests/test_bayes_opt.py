@@ -83,6 +83,8 @@ def test_to_hyperparameters():
         assert hp["tau_L"] > hp["tau_s"] > 0 and hp["dt"] > 0
         assert 1 <= hp["integration_time"] <= min(hp["l_f_phase"], hp["l_t_phase"])
         assert all(isinstance(hp[f], bool) for f in bo.COMPARTMENTAL_FLAGS)
+        assert hp["g_L"] == pytest.approx(1 / hp["tau_L"]) and hp["g_D"] == hp["g_B"] and hp["mem"] >= 10
+        assert bo.check_hyperparameters("compartmental", hp, (1, 8, 8)) is None  # the estimator's own validation
 
 
 def test_check_hyperparameters_names_the_invalid_cnn_block():
@@ -347,3 +349,19 @@ def test_command_line_on_an_idx_root(tmp_path, mnist_root, capsys):
     assert "bayes_opt" in config["versions"] and config["space"]["batch_size"] == [10, 500, "int"]
     bo.main(["--summary", "--out", str(tmp_path)])
     assert "mlp" in capsys.readouterr().out
+
+
+def test_compartmental_study_runs_with_capped_phases(tmp_path):
+    """Real CompartmentalClassifier through the loop: seeds reach it as random_state, phases stay under the cap."""
+    ds = tiny_dataset(n=40)
+    res = bo.run_study("compartmental", ds, iterations=2, folds=2, epochs=1, out=tmp_path, init_points=2,
+                       max_phase=25, fixed={"batch_size": 10}, retrain=False, verbose=0)
+    recs = read(res["study_dir"])
+    assert len(recs) == 2
+    for r in recs:
+        assert r["status"] in ("ok", "diverged")
+        hp = r["hyperparameters"]
+        assert 20 <= hp["l_f_phase"] <= 25 and 20 <= hp["l_t_phase"] <= 25
+    config = json.loads((res["study_dir"] / "config.json").read_text())
+    assert config["max_phase"] == 25 and config["space"]["l_f_phase"] == [20, 25, "int"]
+    assert bo._seed_kw(bo._estimator_accepts("compartmental"), 5) == {"random_state": 5}

@@ -80,22 +80,22 @@ SPACES = {
         "stride": (1, 3, int),   # one stride and one padding for all blocks, as in the seed study
         "padding": (1, 3, int),
     },
-    "compartmental": {  # Guerguiev et al. defaults in comments; times in ms, phases in time steps
+    "compartmental": {  # the paper's values in comments; times in ms, phases in time steps (see to_hyperparameters)
         **{flag: FLAG for flag in COMPARTMENTAL_FLAGS},
-        "dt": (0.25, 2.0),               # 1.0: Euler time step (ms)
-        "l_f_phase": (20, 200, int),     # 50: forward (free) phase, time steps
+        "dt": (0.25, 1.0),               # 1.0: Euler time step (ms); above 1 the somatic Euler step can go unstable
+        "l_f_phase": (20, 200, int),     # 50: forward phase, time steps
         "l_t_phase": (20, 200, int),     # 50: target phase, time steps
         "integration_frac": (0.2, 0.9),  # 0.4: integration_time = frac * min(l_f_phase, l_t_phase) (<= both phases)
-        "lambda_max": (0.05, 1.0),       # 0.2: maximum spike rate (spikes per time step)
+        "lambda_max": (0.05, 0.5),       # 0.2: maximum spike rate (spikes per time step)
         "tau_s": (1.0, 10.0),            # 3: synaptic time constant (ms)
-        "tau_delta": (1.0, 30.0),        # 7: tau_L = tau_s + tau_delta, so tau_L > tau_s always (tau_s != tau_L)
-        "g_B": (0.1, 1.0),               # 0.6: basal conductance
-        "g_A": (0.01, 0.2),              # 0.05: apical conductance
+        "tau_delta": (1.0, 30.0),        # 7: tau_L = tau_s + tau_delta > tau_s (the kernel needs tau_s != tau_L)
+        "g_B": (0.1, 1.0),               # 0.6: basal conductance (g_D = g_B in the output layer, as in the paper)
+        "g_A": (0.01, 0.2),              # 0.05: apical conductance (used with use_apical_conductance)
         "E_E": (2.0, 16.0),              # 8: excitatory reversal potential
         "E_I": (-16.0, -2.0),            # -8: inhibitory reversal potential
         "log10_f_eta_hidden": (-3.0, 0.0),  # 0.21: forward learning rate of every hidden layer
         "log10_f_eta_out": (-3.0, 0.0),     # 0.21: forward learning rate of the output layer
-        "log10_b_eta": (-4.0, -1.0),        # feedback learning rate of every layer (used with learned feedback)
+        "log10_b_eta": (-4.0, -1.0),        # feedback learning rate of every hidden layer (learned feedback)
         "n_layers": (1, MAX_LAYERS, int),
         **{f"units_{i}": (30, 500, int) for i in range(1, MAX_LAYERS + 1)},
     },
@@ -136,30 +136,39 @@ def to_hyperparameters(model, params):
                     stride=int(p["stride"]), padding=int(p["padding"]),
                     lr=10.0 ** float(p["log10_lr"]), batch_size=int(p["batch_size"]))
     if model == "compartmental":
+        # derived as in the paper's code: tau_L = tau_s + tau_delta, g_L = 1 / tau_L, g_D = g_B, mem = 10 ms / dt;
+        # symmetric feedback ties Y to W, so it switches learned feedback off (the estimator refuses both)
         n = int(p["n_layers"])
         l_f, l_t = int(p["l_f_phase"]), int(p["l_t_phase"])
-        tau_s = float(p["tau_s"])
+        tau_s, tau_L, dt = float(p["tau_s"]), float(p["tau_s"]) + float(p["tau_delta"]), float(p["dt"])
+        flags = {flag: p[flag] in ("on", True) for flag in COMPARTMENTAL_FLAGS}
+        if flags["use_symmetric_weights"]:
+            flags["update_feedback_weights"] = False
         return dict(
             n_hidden=tuple(int(p[f"units_{i}"]) for i in range(1, n + 1)),
             f_etas=(10.0 ** float(p["log10_f_eta_hidden"]),) * n + (10.0 ** float(p["log10_f_eta_out"]),),
             b_etas=(10.0 ** float(p["log10_b_eta"]),) * n,
-            dt=float(p["dt"]), l_f_phase=l_f, l_t_phase=l_t,
+            dt=dt, mem=max(1, int(round(10.0 / dt))), l_f_phase=l_f, l_t_phase=l_t,
             integration_time=max(1, int(round(float(p["integration_frac"]) * min(l_f, l_t)))),
-            lambda_max=float(p["lambda_max"]), tau_s=tau_s, tau_L=tau_s + float(p["tau_delta"]),
-            g_B=float(p["g_B"]), g_A=float(p["g_A"]), E_E=float(p["E_E"]), E_I=float(p["E_I"]),
-            **{flag: p[flag] in ("on", True) for flag in COMPARTMENTAL_FLAGS})
+            lambda_max=float(p["lambda_max"]), tau_s=tau_s, tau_L=tau_L, g_L=1.0 / tau_L,
+            g_B=float(p["g_B"]), g_D=float(p["g_B"]), g_A=float(p["g_A"]), E_E=float(p["E_E"]), E_I=float(p["E_I"]),
+            **flags)
     raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
 
 
 def check_hyperparameters(model, hp, in_shape):
     """None when make_classifier(model, **hp) can be trained on inputs of shape in_shape (C, H, W), else the reason.
-    Only the CNN has proposals that are invalid by construction (a block whose output is empty or fractional)."""
-    if model == "cnn":
-        from utils.models import cnn_feature_shape
-        try:
+    Only the CNN has proposals that are invalid by construction (a block whose output is empty or fractional); the
+    compartmental ones are checked against the estimator's own validation as a safeguard."""
+    try:
+        if model == "cnn":
+            from utils.models import cnn_feature_shape
             cnn_feature_shape(in_shape, hp["channels"], hp["kernel_sizes"], hp["stride"], hp["padding"])
-        except ValueError as e:
-            return str(e)
+        elif model == "compartmental":  # the estimator's own checks (to_hyperparameters keeps proposals valid)
+            from utils.compartmental import CompartmentalClassifier
+            CompartmentalClassifier(**hp)._check_params()
+    except ValueError as e:
+        return str(e)
     return None
 
 
@@ -405,6 +414,14 @@ def run_evaluation(evaluate, hp, chance, device=None):
                 mem_kind=mem.kind)
 
 
+def _seed_kw(accepts, seed):
+    """The estimator's seed argument: seed (skorch nets) or random_state (the compartmental network)."""
+    for key in ("seed", "random_state"):
+        if key in accepts:
+            return {key: seed}
+    return {}
+
+
 def _estimator_accepts(model):
     """The keyword names make_classifier(model) accepts beyond the searched ones (seed, device, verbose...)."""
     if model == "compartmental":
@@ -513,7 +530,7 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
         iteration = n_trained
         params, source, rejected, invalid = propose(optimizer, rng, seed, iteration, init_points, check)
         hp = to_hyperparameters(model, params)
-        train_kw = {**base, **({"seed": seed + iteration} if "seed" in accepts else {}), **hp, **fixed}
+        train_kw = {**base, **_seed_kw(accepts, seed + iteration), **hp, **fixed}
         result = run_evaluation(evaluate, train_kw, chance, dev)
         new = []
         if invalid is not None:  # logged with the evaluation that replaced it (one write: both lines or none)
@@ -575,7 +592,7 @@ def _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_sub
         X, y = stratified_subset(X, y, int(retrain_subset), seed=seed)
     if test_subset:
         Xt, yt = stratified_subset(Xt, yt, int(test_subset), seed=seed)
-    kw = {**base, **({"seed": seed} if "seed" in accepts else {}), **best["hyperparameters"], **fixed}
+    kw = {**base, **_seed_kw(accepts, seed), **best["hyperparameters"], **fixed}
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
     if verbose:
         print(f"[{model}/{name}] retraining the best (#{best['iteration']}, cv {best['target']:.4f}) on {len(y)} "
