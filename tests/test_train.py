@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from utils.errors import TrainingDiverged
-from utils.train import cross_validate, load_checkpoint, main, make_classifier, save_checkpoint
+from utils.train import cross_validate, load_checkpoint, main, make_classifier, save_checkpoint, train_logged
 
 
 @pytest.mark.parametrize("kind, hp", [("mlp", dict(hidden_sizes=(32,))),
@@ -78,3 +78,15 @@ def test_command_line_dry_run(mnist_root, capsys):
     acc = main(["--model", "mlp", "--dataset", "mnist", "--dry-run", "--data-root", str(mnist_root),
                 "--device", "cpu"])
     assert 0 <= acc <= 1 and "test accuracy" in capsys.readouterr().out
+
+
+def test_train_logged_saves_run_with_configuration(blobs, tmp_path):
+    from utils.logger import load_run
+    X, y = blobs
+    clf, log = train_logged("mlp", X[:500], y[:500], X[500:], y[500:], run_dir=tmp_path / "run",
+                            config={"dataset": "blobs", "seed": 1}, hidden_sizes=(16,), lr=1e-2, max_epochs=2,
+                            seed=1, device="cpu", records_per_epoch=4)
+    config, df = load_run(tmp_path / "run")
+    assert config["model"] == "mlp" and config["dataset"] == "blobs" and config["n_train"] == 500
+    assert config["hyperparameters"]["module__hidden_sizes"] == [16] and config["hyperparameters"]["lr"] == 0.01
+    assert df["record"].nunique() == 1 + 2 * 4  # the initial state + 4 records per epoch

@@ -176,6 +176,26 @@ def cross_validate(estimator, X, y, folds=3, seed=0):
     return np.array(scores)
 
 
+def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None, records_per_epoch=10,
+                 config=None, **hyperparameters):
+    """Fit make_classifier(kind, **hyperparameters) with a TrainingLogger validating on (X_valid, y_valid).
+
+    The run is saved to `run_dir` (config.json with every hyperparameter, `config` and library versions, plus
+    records.csv) when given. Returns (estimator, logger).
+    """
+    from utils.logger import TrainingLogger
+    logger = TrainingLogger(X_valid, y_valid, records_per_epoch=records_per_epoch, name=name or kind)
+    clf = make_classifier(kind, logger=logger, **hyperparameters)
+    t = time.perf_counter()
+    clf.fit(X, y)
+    if run_dir is not None:
+        params = {k: v for k, v in clf.get_params().items()
+                  if not k.startswith("callbacks") and k not in ("hook", "module", "criterion", "optimizer")}
+        logger.save(run_dir, config={"model": kind, **(config or {}), "n_train": len(y),
+                                     "fit_seconds": time.perf_counter() - t, "hyperparameters": params})
+    return clf, logger
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints: the pickled estimator (weights included) and a JSON sidecar with its configuration
 
