@@ -11,7 +11,7 @@ import pytest
 import torch
 from skorch import NeuralNetClassifier
 
-from utils.logger import TrainingLogger, angles, concat_runs, curves, load_run, weights
+from utils.logger import TrainingLogger, angles, concat_runs, curves, load_run, stratified_indices, weights
 
 torch.set_num_threads(1)
 
@@ -220,6 +220,8 @@ def test_validation_on_a_fixed_subset_and_train_mode_restored():
     net.fit(X[:100], y[:100])
     Xv, yv = log.valid_
     assert len(Xv) == 64 and len(yv) == 64
+    counts = np.bincount(yv.numpy(), minlength=3)
+    assert counts.max() - counts.min() <= 1  # class-balanced (each class has far more than 22 examples)
     # the subset is fixed: a second logger picks the same examples
     log2 = TrainingLogger(X, y, max_valid=64)
     assert torch.equal(log2._valid_subset()[1], yv)
@@ -234,6 +236,16 @@ def test_validation_on_a_fixed_subset_and_train_mode_restored():
     net.module_.eval()
     log._skorch_proba(net, Xv)
     assert not net.module_.training
+
+
+def test_stratified_indices():
+    y = np.array([0] * 50 + [1] * 30 + [2] * 5)
+    idx = stratified_indices(y, 21)
+    assert len(idx) == 21 and len(set(idx)) == 21 and np.all(np.diff(idx) > 0)
+    assert np.bincount(y[idx]).tolist() == [8, 8, 5]  # class 2 has only 5: the others share the rest
+    assert set(stratified_indices(y, 10)) <= set(idx)  # nested
+    assert np.array_equal(stratified_indices(y, 21), idx)  # fixed
+    assert TrainingLogger().max_valid == 300
 
 
 def test_validation_arguments_checked():
