@@ -186,15 +186,15 @@ def test_spiking_reproducible_under_seed():
 def test_poisson_counts_have_the_expected_mean_and_variance(lam):
     clf = CompartmentalClassifier(dtype="float64")
     n = 400_000
-    g = torch.Generator().manual_seed(0)
-    u = torch.rand(n, generator=g, dtype=torch.float64)
-    counts = clf._poisson(u, torch.full((n,), lam, dtype=torch.float64), torch.zeros(n, dtype=torch.float64))
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    counts = clf._poisson(torch.full((n,), lam, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), u)
     se = math.sqrt(lam / n)
     assert abs(counts.mean().item() - lam) < 5 * se
     assert abs(counts.var().item() - lam) < 0.02 * lam + 10 * se
     assert (counts == counts.round()).all() and counts.min() >= 0
-    p0 = (counts == 0).double().mean().item()
-    assert abs(p0 - math.exp(-lam)) < 5 * math.sqrt(math.exp(-lam) * (1 - math.exp(-lam)) / n)
+    for k in range(4):   # the distribution itself, P(N = k)
+        pk = math.exp(-lam) * lam ** k / math.factorial(k)
+        assert abs((counts == k).double().mean().item() - pk) < 5 * math.sqrt(pk * (1 - pk) / n) + 1e-6
 
 
 def test_truncated_kernel_weights():
@@ -203,19 +203,24 @@ def test_truncated_kernel_weights():
     expected = (np.exp(-t / 10.0) - np.exp(-t / 3.0)) / 7.0
     np.testing.assert_allclose(clf.kappa_, expected, rtol=1e-12)
     # an impulse through the recurrence: kappa(dt), ..., kappa(mem dt), then exactly nothing (truncation)
-    n = 3
-    tr = dict(buf=torch.zeros(40, 1, n, dtype=torch.float64), aL=torch.zeros(1, n, dtype=torch.float64),
-              aS=torch.zeros(1, n, dtype=torch.float64), psp=torch.zeros(1, n, dtype=torch.float64))
+    eL, eS = math.exp(-0.5 / 10.0), math.exp(-0.5 / 3.0)
+    S = np.zeros((20, 3))
+    S[6] = [1.0, 0.0, 2.0]                           # rows 0..5: the (empty) history
+    aL, aS = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     out = []
-    for step in range(12):
-        s = torch.tensor([[1.0, 0.0, 2.0]], dtype=torch.float64) if step == 0 else torch.zeros(1, n, dtype=torch.float64)
-        clf._trace_step(tr, s, clf.mem + step)
-        out.append(tr["psp"][0].numpy().copy())
+    for row in range(6, 20):
+        new, old = torch.tensor(S[row]), torch.tensor(S[row - 6])
+        clf._filter_step(aL, aS, new, old, eL, eS, eL ** 7, eS ** 7)
+        out.append(((aL - aS) / 7.0).numpy())
     out = np.array(out)
     np.testing.assert_allclose(out[:6, 0], expected, rtol=1e-10)
     np.testing.assert_allclose(out[:6, 2], 2 * expected, rtol=1e-10)
     np.testing.assert_allclose(out[6:], 0, atol=1e-15)
     assert np.all(out[:, 1] == 0)
+    # the banded matrix used for the input layer holds the same weights
+    K = clf._kband(4).numpy()
+    assert K.shape == (4, 10)
+    np.testing.assert_allclose(K[3, 9::-1][:6], expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -259,21 +259,18 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                 self.Y_[m] = WT(m + 1).clone()
 
     def _reset_state(self, B):
-        """Zero potentials, PSP traces and input history for B parallel examples."""
-        z = lambda n: torch.zeros(B, n, device=self.device_, dtype=self.dtype_)  # noqa: E731
+        """Zero potentials, signal histories and input history for B parallel examples."""
         M, n, mem = self.M_, self.n_, self.mem
         self.state_B_ = B
-        self.C_ = [z(n[m + 1]) for m in range(M)]
-        # the signal kinds each layer must send: "ff" to the layer above, "fb" to the feedback targets
+        self.C_ = [torch.zeros(B, n[m + 1], device=self.device_, dtype=self.dtype_) for m in range(M)]
+        # what each layer sends: "spike" counts or "rate"s, to the layer above (ff) and to its feedback targets (fb);
+        # a buffer holds the last mem steps (rows [0, mem)) followed by the steps of the current segment
         kinds = [set() for _ in range(M)]
         for m in range(M - 1):
-            kinds[m].add("spike" if self.use_spiking_feedforward else "rate")
-        fb_kind = "spike" if self.use_spiking_feedback else "rate"
-        for m in range(M - 1):
-            kinds[self._fb_source(m)].add(fb_kind)
-        self.traces_ = [{k: dict(buf=torch.zeros(mem + SEGMENT, B, n[m + 1], device=self.device_, dtype=self.dtype_),
-                                 aL=z(n[m + 1]), aS=z(n[m + 1]), psp=z(n[m + 1])) for k in sorted(kinds[m])}
-                        for m in range(M)]
+            kinds[m].add(self._ff_kind())
+            kinds[self._fb_source(m)].add(self._fb_kind())
+        self.sig_ = [{k: torch.zeros(mem + SEGMENT, B, n[m + 1], device=self.device_, dtype=self.dtype_)
+                      for k in sorted(kinds[m])} for m in range(M)]
         # input history: events (row in [0, mem), example, input, value) of the last mem steps
         e = torch.zeros(0, dtype=torch.long, device=self.device_)
         self.hist_ = (e, e, e, torch.zeros(0, device=self.device_, dtype=self.dtype_))
@@ -281,196 +278,246 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
     def _fb_source(self, m):
         return self.M_ - 1 if self.use_broadcast else m + 1
 
+    def _ff_kind(self):
+        return "spike" if self.use_spiking_feedforward else "rate"
+
+    def _fb_kind(self):
+        return "spike" if self.use_spiking_feedback else "rate"
+
     # ------------------------------------------------------------------------------------------------------------
     # simulation
 
-    def _poisson(self, u, lam, out):
-        """Poisson counts of mean lam by inverse CDF of one uniform u each: N >= k iff u e^lam > sum_{j<k} lam^j/j!."""
-        v = torch.exp(lam).mul_(u)
-        torch.gt(v, 1.0, out=out) if out.dtype == torch.bool else out.copy_(v > 1.0)
-        term, s, k = lam.clone(), lam + 1.0, 1
-        while k < 200:
-            more = v > s
-            if not bool(more.any()):
-                break
-            out.add_(more)
-            k += 1
-            term.mul_(lam).div_(k)
-            s.add_(term)
+    def _uniform(self, *shape):
+        """Uniform [0, 1) numbers: NumPy's PCG64 on the CPU (faster than torch's generator there), torch's elsewhere."""
+        if self.device_.type == "cpu":
+            return torch.from_numpy(self.rng_np_.random(shape, dtype=np.float32 if self.dtype == "float32"
+                                                         else np.float64))
+        return torch.rand(*shape, generator=self.gen_, device=self.device_, dtype=self.dtype_)
+
+    def _poisson(self, lam, out, u=None, F=None, mask=None):
+        """Exact Poisson(lam) counts into out by inverse CDF of one uniform u each: N >= k iff u > F(k-1; lam).
+        The first threshold e^-lam is tested densely; the further ones only where it was passed (at most
+        1 - e^-lambda_max of the neurons), as u e^lam > sum_{j<k} lam^j / j!."""
+        u = self._uniform(*lam.shape) if u is None else u
+        F = torch.neg(lam, out=F).exp_() if F is not None else torch.exp(-lam)
+        mask = torch.gt(u, F, out=mask) if mask is not None else torch.gt(u, F)
+        out.copy_(mask)
+        idx = mask.view(-1).nonzero().squeeze(1)
+        if idx.numel():
+            flat, l = out.view(-1), lam.reshape(-1)[idx]
+            v = u.reshape(-1)[idx] * torch.exp(l)
+            term, s, k = l, 1.0 + l, 1
+            while True:
+                hit = v > s
+                if not bool(hit.any()) or k > 200:
+                    break
+                idx, v, l, term, s = idx[hit], v[hit], l[hit], term[hit], s[hit]
+                flat[idx] += 1
+                k += 1
+                term = term * l / k
+                s = s + term
         return out
 
-    def _trace_step(self, tr, s, p):
-        """Push signal s into row p of a trace's buffer; its PSP by the exact truncated-kernel recurrence (Eq. 2)."""
+    @staticmethod
+    def _filter_step(aL, aS, new, old, eL, eS, eLm, eSm):
+        """One step of the exact truncated-kernel recurrence: a(t) = e^(-dt/tau) (a(t-1) + S(t)) - e^(-(mem+1)dt/tau)
+        S(t-mem), for tau_L (aL) and tau_s (aS); the PSP is (aL - aS) / (tau_L - tau_s) (Eq. 2)."""
+        aL.add_(new).mul_(eL).sub_(old, alpha=eLm)
+        aS.add_(new).mul_(eS).sub_(old, alpha=eSm)
+
+    def _row_weights(self, rows, t_abs, lo, hi, window, first):
+        """Weight of each buffer row (step tau = row - mem + t_abs) in the mean PSP over the psp times [lo, hi]:
+        (1/window) sum_{t' in [lo, hi], 0 <= t' - tau < mem} kappa[t' - tau]. Rows of earlier segments weigh 0."""
         mem = self.mem
-        eL, eS = math.exp(-self.dt / self.tau_L), math.exp(-self.dt / self.tau_s)
-        buf = tr["buf"]
-        buf[p].copy_(s)
-        tr["aL"].add_(s).mul_(eL).sub_(buf[p - mem], alpha=eL ** (mem + 1))
-        tr["aS"].add_(s).mul_(eS).sub_(buf[p - mem], alpha=eS ** (mem + 1))
-        torch.sub(tr["aL"], tr["aS"], out=tr["psp"]).mul_(1.0 / (self.tau_L - self.tau_s))
+        tau = np.arange(rows) - mem + t_abs
+        Kc = np.concatenate([[0.0], np.cumsum(self.kappa_)])
+        a = np.maximum(tau, lo) - tau
+        b = np.minimum(tau + mem - 1, hi) - tau
+        w = np.where(b >= a, Kc[np.clip(b + 1, 0, mem)] - Kc[np.clip(a, 0, mem)], 0.0) / window
+        if not first:
+            w[tau < t_abs] = 0.0
+        return torch.tensor(w, device=self.device_, dtype=self.dtype_)
+
+    def _kband(self, Ts):
+        """(Ts, mem + Ts) matrix K with K[t, mem + t - k] = kappa[k]: basal drive = K @ U over a segment."""
+        key = (Ts, self.mem, self.dtype_, self.device_)
+        cache = self.__dict__.setdefault("kband_cache_", {})
+        if key not in cache:
+            K = np.zeros((Ts, self.mem + Ts))
+            for k in range(self.mem):
+                K[np.arange(Ts), self.mem + np.arange(Ts) - k] = self.kappa_[k]
+            cache[key] = torch.tensor(K, device=self.device_, dtype=self.dtype_)
+        return cache[key]
 
     def _input_events(self, x_idx, rates, Ts):
         """The input signal of Ts new steps as events (step, example, input, value): Poisson counts or rates."""
         b_idx, i_idx = x_idx
         P = rates.numel()
         if self.use_spiking_feedforward:
-            u = torch.rand(Ts, P, generator=self.gen_, device=self.device_, dtype=self.dtype_)
-            counts = self._poisson(u, rates.expand(Ts, P), torch.zeros_like(u))
+            lam = rates.expand(Ts, P).contiguous()
+            counts = self._poisson(lam, torch.empty_like(lam), self._uniform(Ts, P).to(self.device_))
             t, p = counts.nonzero(as_tuple=True)
             return t, b_idx[p], i_idx[p], counts[t, p]
         t = torch.arange(Ts, device=self.device_).repeat_interleave(P)
         return t, b_idx.repeat(Ts), i_idx.repeat(Ts), rates.repeat(Ts)
 
     def _phase(self, x_idx, rates, T, target, window, record):
-        """Simulate T steps of B examples; return the window means (C, A, output rate, forward PSPs)."""
-        M, mem, dt, lmax = self.M_, self.mem, self.dt, self.lambda_max
-        B = self.state_B_
+        """Simulate T steps of the B examples in the state; return the window means (C, A, output rate, PSPs)."""
+        M, mem, dt, lmax, n = self.M_, self.mem, self.dt, self.lambda_max, self.n_
+        B, dev, dty = self.state_B_, self.device_, self.dtype_
         eL, eS = math.exp(-dt / self.tau_L), math.exp(-dt / self.tau_s)
         eLm, eSm = eL ** (mem + 1), eS ** (mem + 1)
         inv = 1.0 / (self.tau_L - self.tau_s)
-        w0 = T - window                                   # first step of the averaging window
-        zeros = lambda m: torch.zeros(B, self.n_[m + 1], device=self.device_, dtype=self.dtype_)  # noqa: E731
-        Csum = [zeros(m) for m in range(M)]
-        Asum = [zeros(m) for m in range(M - 1)]
-        lam_sum = zeros(M - 1)
-        psp_in = [None] + [torch.zeros(B, self.n_[m], device=self.device_, dtype=self.dtype_) for m in range(1, M)] \
-            if record else None
-        psp_fb = [torch.zeros(B, self.n_[self._fb_source(m) + 1], device=self.device_, dtype=self.dtype_)
-                  for m in range(M - 1)] if record and self.update_feedback_weights else None
-        psp_x = torch.zeros(B * self.n_[0], device=self.device_, dtype=self.dtype_) if record else None
-        # window weights of the input events: mean over t' in [w0, T-1] of kappa(t' - tau), by event step tau
-        Kc = np.concatenate([[0.0], np.cumsum(self.kappa_)])
-        def input_window_weight(tau):                     # noqa: E306
-            lo = np.maximum(tau, w0) - tau
-            hi = np.minimum(tau + mem - 1, T - 1) - tau
-            return np.where(hi >= lo, Kc[np.clip(hi + 1, 0, mem)] - Kc[np.clip(lo, 0, mem)], 0.0) / window
-        # soma constants
+        wl = torch.tensor(eL ** np.arange(mem, 0, -1), device=dev, dtype=dty)   # filter state from mem history rows
+        ws = torch.tensor(eS ** np.arange(mem, 0, -1), device=dev, dtype=dty)
+        w0 = T - window                                     # first step of the averaging window
+        z = lambda *s: torch.zeros(*s, device=dev, dtype=dty)  # noqa: E731
         g_A = self.g_A if self.use_apical_conductance else 0.0
+        A_step = self.use_conductances and g_A != 0.0       # A drives the soma: needed at every step
+        ffk, fbk = self._ff_kind(), self._fb_kind()
         dec_h = 1.0 - dt * (self.g_L + self.g_B + g_A)
         dec_o = 1.0 - dt * (self.g_L + self.g_D + (1.0 if target is not None else 0.0))
-        if target is not None:
-            I0 = target * self.E_E + (1.0 - target) * self.E_I   # g_E E_E + g_I E_I
-        Bv = [zeros(m) for m in range(M)]
-        A = [zeros(m) for m in range(M - 1)]
-        lam = [zeros(m) for m in range(M)]
-        u = [zeros(m) for m in range(M)]
-        spk = [zeros(m) for m in range(M)]
+        I0 = None if target is None else target * self.E_E + (1.0 - target) * self.E_I   # g_E E_E + g_I E_I
+        Csum = [z(B, n[m + 1]) for m in range(M)]
+        lam_sum = z(B, n[-1])
+        fb_mean = [z(B, n[self._fb_source(m) + 1]) for m in range(M - 1)]   # mean feedback PSP (previous step)
+        Asum = [z(B, n[m + 1]) for m in range(M - 1)] if A_step else None
+        in_mean = [z(B * n[0])] + [z(B, n[m]) for m in range(1, M)] if record else None
+        lam = [z(B, n[m + 1]) for m in range(M)]
+        F = [z(B, n[m + 1]) for m in range(M)]
+        mask = [torch.zeros(B, n[m + 1], device=dev, dtype=torch.bool) for m in range(M)]
+        Bv = [z(B, n[m + 1]) for m in range(M)]
+        Ub = [None] + [z(mem + SEGMENT, B, n[m + 1]) for m in range(1, M)]   # U = W s(below), per step
+        aL = [None] + [z(B, n[m + 1]) for m in range(1, M)]
+        aS = [None] + [z(B, n[m + 1]) for m in range(1, M)]
+        if A_step:
+            UA = [z(mem + SEGMENT, B, n[m + 1]) for m in range(M - 1)]  # U_A = Y s(feedback source), per step
+            AL, AS, A = ([z(B, n[m + 1]) for m in range(M - 1)] for _ in range(3))
         W0t = self.W_[0].t().contiguous()
         Wt = [w.t() for w in self.W_]
         Yt = [y.t() for y in self.Y_]
+        sig = self.sig_
         t_abs = 0
         while t_abs < T:
             Ts = min(SEGMENT, T - t_abs)
-            # -- input: events of the history rows [0, mem) and the new rows [mem, mem + Ts), projected by W at once
+            rows, first = mem + Ts, t_abs == 0
+            # -- input layer: events of the history rows [0, mem) and of Ts new rows, U(t) = W S(t) for all rows at once
             ht, hb, hi, hv = self.hist_
             nt, nb, ni, nv = self._input_events(x_idx, rates, Ts)
             et, eb, ei, ev = torch.cat([ht, nt + mem]), torch.cat([hb, nb]), torch.cat([hi, ni]), torch.cat([hv, nv])
-            rows = mem + Ts
-            bag = et * B + eb
-            counts = torch.bincount(bag, minlength=rows * B)
-            offsets = counts.cumsum(0) - counts
-            U = torch.nn.functional.embedding_bag(ei, W0t, offsets, mode="sum", per_sample_weights=ev * inv)
-            U = U.view(rows, B, -1)                                 # U(t) = W S(t) / (tau_L - tau_s)
-            wl = torch.tensor(eL ** np.arange(mem, 0, -1), device=self.device_, dtype=self.dtype_)
-            ws = torch.tensor(eS ** np.arange(mem, 0, -1), device=self.device_, dtype=self.dtype_)
-            xL = torch.tensordot(wl, U[:mem], dims=1)               # filter states from the history alone
-            xS = torch.tensordot(ws, U[:mem], dims=1)
-            if record:                                              # mean input PSP over the window (Eq. 12)
-                tau = np.arange(rows) - mem + t_abs                # the step of each buffer row
-                wrow = input_window_weight(tau) * (tau >= t_abs if t_abs > 0 else 1)  # history rows: counted before
-                wrow = torch.tensor(wrow, device=self.device_, dtype=self.dtype_)
-                psp_x.index_add_(0, eb * self.n_[0] + ei, ev * wrow[et])
-            keep = et >= Ts                                         # the last mem rows become the history
+            counts = torch.bincount(et * B + eb, minlength=rows * B)
+            U = torch.nn.functional.embedding_bag(ei, W0t, counts.cumsum(0) - counts, mode="sum",
+                                                  per_sample_weights=ev)
+            Bin = torch.mm(self._kband(Ts), U.view(rows, -1)).view(Ts, B, -1).add_(self.b_[0])  # B = W PSP + b
+            if record:                                      # mean input PSP over the window (Eq. 12)
+                wrow = self._row_weights(rows, t_abs, w0, T - 1, window, first)
+                in_mean[0].index_add_(0, eb * n[0] + ei, ev * wrow[et])
+            keep = et >= Ts                                 # the last mem rows become the history
             self.hist_ = (et[keep] - Ts, eb[keep], ei[keep], ev[keep])
+            # -- filters of the other layers' basal (and apical) drive, started from the history rows
+            for m in range(1, M):
+                torch.matmul(sig[m - 1][ffk][:mem], Wt[m], out=Ub[m][:mem])
+                torch.tensordot(wl, Ub[m][:mem], dims=1, out=aL[m])
+                torch.tensordot(ws, Ub[m][:mem], dims=1, out=aS[m])
+            if A_step:
+                for m in range(M - 1):
+                    torch.matmul(sig[self._fb_source(m)][fbk][:mem], Yt[m], out=UA[m][:mem])
+                    torch.tensordot(wl, UA[m][:mem], dims=1, out=AL[m])
+                    torch.tensordot(ws, UA[m][:mem], dims=1, out=AS[m])
+            unif = [self._uniform(Ts, B, n[m + 1]).to(dev) if "spike" in sig[m] else None for m in range(M)]
             for t in range(Ts):
                 p, in_window = mem + t, t_abs + t >= w0
-                xL.add_(U[p]).mul_(eL).sub_(U[p - mem], alpha=eLm)  # exact truncated-kernel recurrence
-                xS.add_(U[p]).mul_(eS).sub_(U[p - mem], alpha=eSm)
                 for m in range(M):
-                    out = m == M - 1
+                    C, out = self.C_[m], m == M - 1
                     # basal potential B = W PSP + b (Eq. 5)
                     if m == 0:
-                        torch.sub(xL, xS, out=Bv[0]).add_(self.b_[0])
+                        basal = Bin[t]
                     else:
-                        below = self.traces_[m - 1]["spike" if self.use_spiking_feedforward else "rate"]["psp"]
-                        torch.addmm(self.b_[m], below, Wt[m], out=Bv[m])
-                        if record and in_window:
-                            psp_in[m].add_(below)
-                    C = self.C_[m]
+                        torch.mm(sig[m - 1][ffk][p], Wt[m], out=Ub[m][p])
+                        self._filter_step(aL[m], aS[m], Ub[m][p], Ub[m][p - mem], eL, eS, eLm, eSm)
+                        basal = torch.sub(aL[m], aS[m], out=Bv[m]).mul_(inv).add_(self.b_[m])
                     if not out:
-                        # apical potential A = Y PSP_fb (+ c), feedback as of the previous step (Eq. 5)
-                        fb = self.traces_[self._fb_source(m)]["spike" if self.use_spiking_feedback else "rate"]["psp"]
-                        if self.use_feedback_bias:
-                            torch.addmm(self.c_[m], fb, Yt[m], out=A[m])
-                        else:
-                            torch.mm(fb, Yt[m], out=A[m])
-                        if record and in_window and psp_fb is not None:
-                            psp_fb[m].add_(fb)
-                        # soma (Eqs. 1, 6)
-                        if self.use_conductances:
-                            C.mul_(dec_h).add_(Bv[m], alpha=dt * self.g_B)
-                            if g_A:
+                        if A_step:                          # apical A = Y PSP_fb (+ c), PSP as of step t - 1
+                            if t > 0:
+                                src = sig[self._fb_source(m)][fbk]
+                                torch.mm(src[p - 1], Yt[m], out=UA[m][p - 1])
+                                self._filter_step(AL[m], AS[m], UA[m][p - 1], UA[m][p - 1 - mem], eL, eS, eLm, eSm)
+                            torch.sub(AL[m], AS[m], out=A[m]).mul_(inv)
+                            if self.use_feedback_bias:
+                                A[m].add_(self.c_[m])
+                            if in_window:
+                                Asum[m].add_(A[m])
+                        if self.use_conductances:       # soma (Eqs. 1, 6)
+                            C.mul_(dec_h).add_(basal, alpha=dt * self.g_B)
+                            if A_step:
                                 C.add_(A[m], alpha=dt * g_A)
                         else:
-                            torch.mul(Bv[m], self.k_B_, out=C)
-                    else:
-                        # output soma with the teaching current in the target phase (Eq. 7)
+                            torch.mul(basal, self.k_B_, out=C)
+                    else:                               # output soma, teaching current in the target phase (Eq. 7)
                         if self.use_conductances:
-                            C.mul_(dec_o).add_(Bv[m], alpha=dt * self.g_D)
-                            if target is not None:
+                            C.mul_(dec_o).add_(basal, alpha=dt * self.g_D)
+                            if I0 is not None:
                                 C.add_(I0, alpha=dt)
                         else:
-                            torch.mul(Bv[m], self.k_D_, out=C)
-                            if target is not None:
+                            torch.mul(basal, self.k_D_, out=C)
+                            if I0 is not None:
                                 C.add_(I0, alpha=self.k_I_)
-                    torch.sigmoid(C, out=lam[m]).mul_(lmax)        # lambda_C = lambda_max sigmoid(C) (Eq. 4)
+                    torch.sigmoid(C, out=lam[m]).mul_(lmax)   # lambda_C = lambda_max sigmoid(C) (Eq. 4)
                     if in_window:
                         Csum[m].add_(C)
-                        if not out:
-                            Asum[m].add_(A[m])
-                        elif target is not None:
+                        if out and I0 is not None:
                             lam_sum.add_(lam[m])
-                    # the layer's output signals: spikes and/or rates, filtered by the kernel (Eq. 2)
-                    for kind, tr in self.traces_[m].items():
+                    for kind, buf in sig[m].items():        # what the layer sends: spikes or rates
                         if kind == "spike":
-                            torch.rand(u[m].shape, generator=self.gen_, out=u[m])
-                            s = self._poisson(u[m], lam[m], spk[m].zero_())
+                            self._poisson(lam[m], buf[p], unif[m][t], F[m], mask[m])
                         else:
-                            s = lam[m]
-                        self._trace_step(tr, s, p)
-            for tr in (tr for layer in self.traces_ for tr in layer.values()):
-                tr["buf"][:mem] = tr["buf"][Ts:Ts + mem].clone()   # ring buffer: keep the last mem steps
+                            buf[p].copy_(lam[m])
+            # -- window means of the PSPs from this segment's rows, then keep the last mem rows as history
+            for m in range(M - 1):
+                src = sig[self._fb_source(m)][fbk][:rows]
+                fb_mean[m].add_(torch.tensordot(self._row_weights(rows, t_abs, w0 - 1, T - 2, window, first), src,
+                                                dims=1))
+            if record:
+                wrow = self._row_weights(rows, t_abs, w0, T - 1, window, first)
+                for m in range(1, M):
+                    in_mean[m].add_(torch.tensordot(wrow, sig[m - 1][ffk][:rows], dims=1))
+            for layer in sig:
+                for buf in layer.values():
+                    buf[:mem] = buf[Ts:Ts + mem].clone()
             t_abs += Ts
-        res = dict(C=[s / window for s in Csum], A=[s / window for s in Asum], lam=lam_sum / window)
+        if A_step:
+            A_mean = [s / window for s in Asum]
+        else:                                               # A is linear in the feedback PSP: average, then project
+            A_mean = [torch.addmm(self.c_[m], fb_mean[m], Yt[m]) if self.use_feedback_bias else fb_mean[m] @ Yt[m]
+                      for m in range(M - 1)]
+        res = dict(C=[s / window for s in Csum], A=A_mean, lam=lam_sum / window, psp_fb=fb_mean)
         if record:
-            res["psp_in"] = [psp_x.view(B, -1)] + [s / window for s in psp_in[1:]]
-            res["psp_fb"] = [s / window for s in psp_fb] if psp_fb is not None else None
+            res["psp_in"] = [in_mean[0].view(B, -1)] + in_mean[1:]
         return res
 
     def _state_views(self, B):
-        """A context in which C_, traces_ and hist_ refer to the first B slots."""
-        full_C, full_tr, full_hist = self.C_, self.traces_, self.hist_
+        """Point C_, sig_ and hist_ at the first B slots; returns the full C_ and sig_ to restore."""
+        full_C, full_sig, full_hist = self.C_, self.sig_, self.hist_
         self.C_ = [c[:B] for c in full_C]
-        self.traces_ = [{k: {n: (v[:, :B] if n == "buf" else v[:B]) for n, v in tr.items()} for k, tr in layer.items()}
-                        for layer in full_tr]
+        self.sig_ = [{k: v[:, :B] for k, v in layer.items()} for layer in full_sig]
         keep = full_hist[1] < B
         self.hist_ = tuple(h[keep] for h in full_hist)
         self.state_B_ = B
-        return full_C, full_tr
+        return full_C, full_sig
 
     def _simulate_batch(self, X, y_onehot, Tf, Tt):
         """Forward and target phases of one batch; returns the forward and target window means."""
         B = X.shape[0]
         if B > self.C_[0].shape[0]:
             self._reset_state(B)
-        full_C, full_tr = self._state_views(B)
+        full_C, full_sig = self._state_views(B)
         try:
             x_idx = X.nonzero(as_tuple=True)
             rates = X[x_idx] * self.lambda_max                     # input rates lambda_max * pixel
             f = self._phase(x_idx, rates, Tf, None, self.integration_time, record=True)
             t = self._phase(x_idx, rates, Tt, y_onehot, self.integration_time, record=False)
         finally:
-            self.C_, self.traces_ = full_C, full_tr
+            self.C_, self.sig_ = full_C, full_sig
             self.state_B_ = full_C[0].shape[0]
         return f, t
 
@@ -621,7 +668,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         X = self._to_tensor(X)
         T = self.l_f_phase_test
         window = int(min(T, max(1, T - (self.l_f_phase - self.integration_time))))
-        saved = (self.C_, self.traces_, self.hist_, self.state_B_)
+        saved = (self.C_, self.sig_, self.hist_, self.state_B_)
         outs = []
         try:
             for i in range(0, X.shape[0], PREDICT_CHUNK):
@@ -631,7 +678,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                 res = self._phase(x_idx, xb[x_idx] * self.lambda_max, T, None, window, record=False)
                 outs.append(res["C"][-1].cpu())
         finally:
-            self.C_, self.traces_, self.hist_, self.state_B_ = saved
+            self.C_, self.sig_, self.hist_, self.state_B_ = saved
         return torch.cat(outs).double().numpy() if outs else np.zeros((0, len(self.classes_)))
 
     def predict_proba(self, X):
