@@ -400,3 +400,31 @@ def test_with_make_classifier():
     clf.fit(X, y)
     assert curves(log)["examples_seen"].tolist() == [0, 40, 80, 120]
     assert set(weights(log)["layer"]) == {n for n, p in clf.module_.named_parameters() if p.ndim >= 2}
+
+
+def test_with_compartmental_classifier():
+    """The real compartmental network (tiny, short phases) through its hook, with the backprop-angle diagnostic."""
+    comp = pytest.importorskip("utils.compartmental")
+    g = torch.Generator().manual_seed(0)
+    centers = torch.rand(3, 1, 6, 6, generator=g)
+    y = torch.arange(240) % 3
+    X = (centers[y] + 0.1 * torch.randn(240, 1, 6, 6, generator=g)).clamp(0, 1)
+    log = TrainingLogger(X[:60], y[:60], records_per_epoch=4, name="comp")
+    clf = comp.CompartmentalClassifier(n_hidden=(16,), batch_size=20, max_epochs=2, l_f_phase=20, l_t_phase=20,
+                                       l_f_phase_test=30, integration_time=10, record_backprop_angle=True,
+                                       random_state=0, hook=log)
+    clf.fit(X[60:], y[60:])
+    c = curves(log)
+    # 180 examples per epoch, marks at 45, 90, 135, 180: the batches (20 examples) reaching them end at 60, 100, ...
+    assert c["examples_seen"].tolist() == [0, 60, 100, 140, 180, 240, 280, 320, 360]
+    assert c[["train_loss", "train_acc", "valid_loss", "valid_acc"]].iloc[1:].notna().all().all()
+    assert set(weights(log)["layer"]) == {"W1", "W2", "Y1"}
+    a = angles(log)
+    assert set(a["layer"]) == {"hidden1"} and a["bp_angle"].between(0, 180).all() and len(a) == 8
+    last = weights(log)
+    last = last[last["record"] == last["record"].max()].set_index("layer")
+    assert last.loc["W1", "norm"] == pytest.approx(clf.named_weights()["W1"].norm().item(), rel=1e-5)
+    clf.partial_fit(X[60:], y[60:])  # continues the log
+    assert curves(log)["examples_seen"].iloc[-1] == 540
+    clf.fit(X[60:], y[60:])  # re-initializes: a new log
+    assert curves(log)["examples_seen"].tolist()[-1] == 360 and len(curves(log)) == 9
