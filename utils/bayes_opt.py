@@ -314,8 +314,10 @@ def propose(optimizer, rng, seed, iteration, init_points, check):
     random valid unseen candidates instead: _best_valid_candidate). rejected: random draws thrown away as invalid or
     seen. invalid: (params, reason) of an invalid suggestion, for the log, else None."""
     rng.seed((seed * 1_000_003 + iteration) % 2**32)
+
     def is_valid(p):
         return check(p) is None
+
     if iteration < init_points or len(optimizer.space) == 0:
         (params,), rejected = _random_valid(optimizer, is_valid)
         return params, "random", rejected, None
@@ -524,10 +526,10 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
     n_trained = len(optimizer.space)
     if verbose and records:
         print(f"[{model}/{name}] resuming {study_dir}: {n_trained} evaluations done", flush=True)
-    t_start = time.perf_counter()
+    t_start, walls = time.perf_counter(), []  # walls: whole iterations of this session (proposal included)
 
     while n_trained < iterations:
-        iteration = n_trained
+        t_iter, iteration = time.perf_counter(), n_trained
         params, source, rejected, invalid = propose(optimizer, rng, seed, iteration, init_points, check)
         hp = to_hyperparameters(model, params)
         train_kw = {**base, **_seed_kw(accepts, seed + iteration), **hp, **fixed}
@@ -550,10 +552,10 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
         tmp = state_path.with_name(state_path.name + ".tmp")
         optimizer.save_state(tmp)
         os.replace(tmp, state_path)
+        walls.append(time.perf_counter() - t_iter)
         if verbose:
-            trained = [r for r in records if r["status"] != "invalid"]
-            best = max(r["target"] for r in trained)
-            eta = np.mean([r["time_s"] for r in trained]) * (iterations - n_trained)
+            best = max(r["target"] for r in records if r["status"] != "invalid")
+            eta = float(np.mean(walls)) * (iterations - n_trained)
             what = (f"cv {result['target']:.4f}" if result["status"] == "ok"
                     else f"{result['status']} at chance ({(result['reason'] or '')[:80]})")
             print(f"[{model}/{name}] {n_trained}/{iterations} {what}  best {best:.4f}  {result['time_s']:.1f} s  "

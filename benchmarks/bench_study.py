@@ -1,0 +1,86 @@
+"""The reduced Bayesian-optimization study: every model on every dataset, small enough for a 2-core CPU (~15 min).
+
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_study.py                    # 3 models x 3 datasets
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_study.py --models mlp --datasets mnist --iterations 5
+
+Same code path as the full study (utils.bayes_opt.run_study), scaled down: `--iterations` evaluations of `--folds`-fold
+cross-validation after `--epochs` epochs on a stratified `--subset` of the training split (`--compartmental-subset`
+for the slow compartmental network, which also gets a fixed `--compartmental-batch-size` and its searched phase
+lengths capped at `--max-phase` time steps: the phases are still searched, in [20, max_phase]); the best of each
+study is retrained on a stratified `--retrain-subset` (not the full split) and scored on a stratified
+`--test-subset` of the test split. Prints each study's wall time, the total, and the results table.
+Studies are written to `--out` (default logs/bench_study, git-ignored); a rerun resumes them, `--fresh` starts over.
+"""
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.bayes_opt import load_results, run_study, summarize  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["mlp", "cnn", "compartmental"])
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion", "cifar10"])
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--init-points", type=int, default=3)
+    p.add_argument("--folds", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--subset", type=int, default=1000, help="training examples cross-validated (MLP, CNN)")
+    p.add_argument("--compartmental-subset", type=int, default=100)
+    p.add_argument("--compartmental-batch-size", type=int, default=10, help="fixed (not searched) batch size")
+    p.add_argument("--max-phase", type=int, default=60, help="cap of the compartmental phase lengths (time steps)")
+    p.add_argument("--retrain-subset", type=int, default=2000, help="examples the best is retrained on (MLP, CNN)")
+    p.add_argument("--compartmental-retrain-subset", type=int, default=200)
+    p.add_argument("--test-subset", type=int, default=500, help="test examples scoring the retrained best")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="logs/bench_study")
+    p.add_argument("--fresh", action="store_true", help="delete --out first")
+    p.add_argument("--quiet", action="store_true", help="no progress line per evaluation")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    t0, times = time.perf_counter(), []
+    for model in args.models:
+        comp = model == "compartmental"
+        for dataset in args.datasets:
+            t = time.perf_counter()
+            run_study(model, dataset, args.iterations, args.folds, args.epochs, out, seed=args.seed,
+                      subset=args.compartmental_subset if comp else args.subset, device=args.device,
+                      init_points=args.init_points,
+                      fixed={"batch_size": args.compartmental_batch_size} if comp else None,
+                      max_phase=args.max_phase if comp else None,
+                      retrain_subset=args.compartmental_retrain_subset if comp else args.retrain_subset,
+                      test_subset=args.test_subset, verbose=0 if args.quiet else 1)
+            times.append(dict(model=model, dataset=dataset, wall_s=round(time.perf_counter() - t, 1)))
+            print(f"== {model} / {dataset}: {times[-1]['wall_s']:.1f} s", flush=True)
+    total = time.perf_counter() - t0
+
+    evals = load_results(out)
+    evals = evals[evals.model.isin(args.models) & evals.dataset.isin(args.datasets)]
+    table = summarize(evals)
+    trained = evals[evals.status != "invalid"].groupby(["model", "dataset"], sort=False).time_s.sum()
+    table = table.merge(pd.DataFrame(times), on=["model", "dataset"], how="left")
+    table["train_s"] = [round(float(trained.get((m, d), 0.0)), 1) for m, d in zip(table.model, table.dataset)]
+    print(f"\nreduced study: {args.iterations} iterations, {args.folds} folds, {args.epochs} epochs, subset "
+          f"{args.subset} (compartmental {args.compartmental_subset}, batch {args.compartmental_batch_size}, phases "
+          f"<= {args.max_phase} steps); wall time {total:.0f} s ({total / 60:.1f} min)")
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 90,
+                           "display.float_format", "{:.3f}".format):
+        print(table.drop(columns="best_params").to_string(index=False))
+        print("\nbest parameters:")
+        for r in table.itertuples():
+            print(f"  {r.model:>13} / {r.dataset:<8} {r.best_params}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
