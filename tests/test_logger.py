@@ -11,9 +11,12 @@ import pytest
 import torch
 from skorch import NeuralNetClassifier
 
-from utils.logger import TrainingLogger, angles, concat_runs, curves, load_run, stratified_indices, weights
+from utils.logger import (LoggerOverheadWarning, TrainingLogger, angles, concat_runs, curves, load_run,
+                          stratified_indices, weights)
 
 torch.set_num_threads(1)
+# toy fits are so short that validation dominates them; the warning is tested on its own below
+pytestmark = pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")
 
 
 def toy_data(n=200, d=12, classes=3, seed=0):
@@ -390,6 +393,20 @@ def test_overhead_is_measured_and_small():
     assert last["logger_time"] > 0 and last["wall_time"] >= last["logger_time"]
     assert last["train_time"] == pytest.approx(last["wall_time"] - last["logger_time"])
     assert last["logger_time"] / last["wall_time"] < 0.5  # benchmarks/bench_logger.py measures the real ratio
+
+
+def test_overhead_warning():
+    class Slow(FakeCompartmental):
+        def predict_proba(self, X):
+            import time
+            time.sleep(0.01)
+            return super().predict_proba(X)
+
+    X, y = toy_data(100)
+    log = TrainingLogger(X[:10], y[:10], records_per_epoch=5)
+    with pytest.warns(LoggerOverheadWarning, match="lower max_valid or records_per_epoch") as caught:
+        Slow(hook=log, batch_size=10, max_epochs=1, bp_angle=False).fit(X, y)
+    assert len([w for w in caught if w.category is LoggerOverheadWarning]) == 1  # once per log
 
 
 def test_with_make_classifier():

@@ -10,6 +10,7 @@ from utils import plotting
 from utils.logger import TrainingLogger
 
 torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")  # hand-driven toy logs
 
 
 @pytest.fixture(autouse=True)

@@ -30,8 +30,8 @@ repeated; angle rows carry `layer` = the hidden layer's name ("hidden1", ...) an
 import json
 import math
 import platform
-import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,11 @@ RECORD_COLUMNS = ["record", "epoch", "examples_seen", "wall_time", "train_time",
                   "train_loss", "train_acc", "valid_loss", "valid_acc"]
 LAYER_COLUMNS = ["layer", "norm", "change_norm", "rel_change", "bp_angle"]
 RUN_COLUMNS = ["run", "model", "dataset", "seed"]
+OVERHEAD_WARNING = 0.15  # warn once per log when the logger's time exceeds this fraction of the training time
+
+
+class LoggerOverheadWarning(UserWarning):
+    """The logger takes a large share of the training time (validation set or record frequency too large)."""
 
 
 def _nan():
@@ -100,6 +105,7 @@ class TrainingLogger(Callback):
         self.device_ = None
         self.n_train_ = None
         self.valid_ = None            # (X subset, y subset) cached on the estimator's device
+        self.warned_ = False
         self._reset_window()
         self._reset_epoch()
         return self
@@ -354,6 +360,16 @@ class TrainingLogger(Callback):
             "layers": layers, "bp_angle": dict(angles) if angles else {},
         })
         self._reset_window()
+        train_time = wall - logger_time
+        if (not self.warned_ and len(self.records_) >= 3 and train_time > 0
+                and logger_time > OVERHEAD_WARNING * train_time):
+            self.warned_ = True
+            n_valid = 0 if self._valid_subset() is None else len(self._valid_subset()[1])
+            warnings.warn(f"TrainingLogger: logging has taken {logger_time:.2f} s for {train_time:.2f} s of training "
+                          f"({100 * logger_time / train_time:.0f} %), mostly validating {n_valid} examples "
+                          f"{self.records_per_epoch} times per epoch; lower max_valid or records_per_epoch "
+                          f"(the compartmental network's predict_proba is especially costly: also its "
+                          f"l_f_phase_test)", LoggerOverheadWarning, stacklevel=2)
 
     # ------------------------------------------------------------------------------------------------------------
     # output
