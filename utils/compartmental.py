@@ -606,8 +606,9 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
     def _train(self, X, y_np, epochs):
         X = self._to_tensor(X)
         n = X.shape[0]
-        y_idx = torch.as_tensor(np.searchsorted(self.classes_, y_np), device=self.device_)
-        if not np.array_equal(self.classes_[y_idx.cpu().numpy()], y_np):
+        pos = np.clip(np.searchsorted(self.classes_, y_np), 0, len(self.classes_) - 1)
+        y_idx = torch.as_tensor(pos, device=self.device_)
+        if not np.array_equal(self.classes_[pos], y_np):
             raise ValueError("y contains labels that are not in classes_; pass all classes to the first partial_fit")
         onehot = torch.nn.functional.one_hot(y_idx, len(self.classes_)).to(self.dtype_)
         bar = None
