@@ -365,7 +365,7 @@ class TrainingLogger(Callback):
                 and logger_time > OVERHEAD_WARNING * train_time):
             self.warned_ = True
             n_valid = 0 if self._valid_subset() is None else len(self._valid_subset()[1])
-            warnings.warn(f"TrainingLogger: logging has taken {logger_time:.2f} s for {train_time:.2f} s of training "
+            warnings.warn(f"TrainingLogger: logging has taken {logger_time:.3g} s for {train_time:.3g} s of training "
                           f"({100 * logger_time / train_time:.0f} %), mostly validating {n_valid} examples "
                           f"{self.records_per_epoch} times per epoch; lower max_valid or records_per_epoch "
                           f"(the compartmental network's predict_proba is especially costly: also its "

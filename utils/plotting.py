@@ -398,7 +398,7 @@ def plot_bo_trace(trace, group=("model", "dataset"), title=None, path=None):
         ax.set_ylim(y_lo, y_hi)
         ax.plot([], [], "o", color="0.4", ms=4, label="iteration (status ok)")
         if (~df["ok_"]).any():
-            ax.plot([], [], "x", color="0.4", ms=6, label="iteration (diverged/failed)")
+            ax.plot([], [], "x", color="0.4", ms=6, label="iteration (status not ok: diverged, oom, error, invalid)")
         ax.set_xlabel("iteration")
         ax.set_ylabel("mean CV accuracy (%)")
         ax.set_title(title or "Bayesian optimization trace")
