@@ -16,8 +16,9 @@ One `TrainingLogger` serves every estimator of the workspace:
 
 Each record holds the examples seen so far, the wall time, the training loss and accuracy (mean over the training
 batches since the previous record, measured on the forward pass before each update), the validation loss and
-accuracy (on a fixed, class-balanced subset of at most `max_valid` validation examples, default 300) and, for every weight matrix or convolution
-kernel (parameters with ndim >= 2; the compartmental network's `named_weights()`), its Frobenius norm ||W_t||, the
+accuracy (on a fixed, class-balanced subset of at most `max_valid` validation examples, default 300) and, for
+every weight matrix or convolution kernel (parameters with ndim >= 2; the compartmental network's
+`named_weights()`), its Frobenius norm ||W_t||, the
 norm of its change since the previous record ||W_t - W_(t-1)|| and the relative change ||W_t - W_(t-1)|| / ||W_t||.
 The first record (examples_seen = 0) is taken before the first update, so curves start at the initial state; its
 change columns are NaN. For the compartmental network with its backprop-angle diagnostic on, the hidden layers'
@@ -189,9 +190,6 @@ class TrainingLogger(Callback):
         self.epoch_ += 1
         self.logger_time_ += time.perf_counter() - t
 
-    def on_train_end(self, net, X=None, y=None, **kwargs):
-        self._end_fit()
-
     @staticmethod
     def _skorch_weights(net):
         return {n: p for n, p in net.module_.named_parameters() if p.ndim >= 2}
@@ -280,9 +278,6 @@ class TrainingLogger(Callback):
             return False
         return all(prev[k].shape == w.shape and torch.equal(prev[k], w.detach().to(prev[k].device))
                    for k, w in weights.items())
-
-    def _end_fit(self):
-        pass
 
     def _valid_subset(self, device=None):
         """The fixed validation subset, moved once to `device` when given (the skorch net's device)."""

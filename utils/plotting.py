@@ -217,7 +217,8 @@ def plot_learning_curves(logs, by="run", x="examples_seen", title=None, path=Non
                     if band.empty:
                         continue
                     xs, m, s = band[x] / scale, band["mean"] * factor, band["std"] * factor
-                    ax.plot(xs, m, ls=ls, color=color, label=f"{group} ({'training' if split == 'train' else 'validation'})")
+                    which = "training" if split == "train" else "validation"
+                    ax.plot(xs, m, ls=ls, color=color, label=f"{group} ({which})")
                     if band["n"].max() > 1:
                         ax.fill_between(xs, m - s, m + s, color=color, alpha=0.15, linewidth=0)
         ax_acc.set_xlabel(xlabel)
