@@ -13,9 +13,15 @@ What is simulated (equation numbers of the paper's Methods):
 * synapses: PSP(t) = sum_{k=0}^{mem-1} kappa((k+1) dt) S(t-k) with kappa(t) = (exp(-t/tau_L) - exp(-t/tau_s)) /
   (tau_L - tau_s) (Eq. 2), truncated to the last `mem` steps as in the authors' code. It is computed exactly by the
   two-exponential recurrence a(t) = e^(-dt/tau) (a(t-1) + S(t)) - e^(-(mem+1) dt/tau) S(t-mem) (one per tau) on a
-  ring buffer of the last mem inputs. The input layer depends on nothing the network does, so all input spikes of a
-  stretch of steps are drawn up front and projected at once, U(t) = W S(t) (only the ~20 active inputs per step are
-  summed, `embedding_bag`), and the basal drive is the same recurrence applied to U (basal input is linear in S).
+  buffer of the last mem inputs. Basal and apical input are linear in the presynaptic signal, so the recurrence runs
+  on the projected signal U = W S (fewer neurons), restarted from the stored history after every weight update, and
+  window means that are linear (mean PSPs, mean A without apical conductance) are taken from the stored signals once
+  per phase. The input layer depends on nothing the network does: all input spikes of up to SEGMENT steps are drawn
+  up front and projected at once (only the ~20 active inputs per step are summed, `embedding_bag`), and its basal
+  drive for all those steps is one matrix product with the banded kernel matrix.
+* randomness: Poisson counts by exact inverse CDF from one uniform number each (the first threshold e^-lambda is
+  tested densely, the rare further ones only where it was passed); the uniforms come in bulk from NumPy's PCG64 on
+  the CPU (faster than torch's generator there) and from torch's generator on other devices.
 * rate ("non-spiking") transmission, separately for the feedforward and the feedback path: the presynaptic signal
   is the rate lambda_C itself, filtered through the same truncated kernel - the expectation of the spiking PSP - so
   that both modes share their scales. (The authors' code passes the unfiltered rate instead; a deliberate change.)
