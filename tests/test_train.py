@@ -90,3 +90,9 @@ def test_train_logged_saves_run_with_configuration(blobs, tmp_path):
     assert config["model"] == "mlp" and config["dataset"] == "blobs" and config["n_train"] == 500
     assert config["hyperparameters"]["module__hidden_sizes"] == [16] and config["hyperparameters"]["lr"] == 0.01
     assert df["record"].nunique() == 1 + 2 * 4  # the initial state + 4 records per epoch
+
+
+def test_command_line_compartmental_dry_run(mnist_root, capsys):
+    acc = main(["--model", "compartmental", "--dataset", "mnist", "--dry-run", "--data-root", str(mnist_root),
+                "--device", "cpu", "--batch-size", "100"])
+    assert 0 <= acc <= 1 and "test accuracy" in capsys.readouterr().out

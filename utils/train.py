@@ -177,14 +177,16 @@ def cross_validate(estimator, X, y, folds=3, seed=0):
 
 
 def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None, records_per_epoch=10,
-                 config=None, **hyperparameters):
+                 max_valid=None, config=None, **hyperparameters):
     """Fit make_classifier(kind, **hyperparameters) with a TrainingLogger validating on (X_valid, y_valid).
 
     The run is saved to `run_dir` (config.json with every hyperparameter, `config` and library versions, plus
-    records.csv) when given. Returns (estimator, logger).
+    records.csv) when given. `max_valid`: validation examples per record (None: the logger's default). Returns
+    (estimator, logger).
     """
     from utils.logger import TrainingLogger
-    logger = TrainingLogger(X_valid, y_valid, records_per_epoch=records_per_epoch, name=name or kind)
+    extra = {} if max_valid is None else {"max_valid": max_valid}
+    logger = TrainingLogger(X_valid, y_valid, records_per_epoch=records_per_epoch, name=name or kind, **extra)
     clf = make_classifier(kind, logger=logger, **hyperparameters)
     t = time.perf_counter()
     clf.fit(X, y)
@@ -260,10 +262,10 @@ def main(argv=None):
         hp["batch_size"] = args.batch_size
     if args.lr:
         hp["lr"] = args.lr
-    if args.model == "compartmental":
-        hp = {k: v for k, v in hp.items() if k != "lr"}
+    if args.model == "compartmental":  # its seed is sklearn's random_state; it has per-layer rates, no lr
         if args.lr:
             raise SystemExit("error: --lr does not apply to the compartmental network (it has per-layer f_etas)")
+        hp["random_state"] = hp.pop("seed")
     clf = make_classifier(args.model, **hp)
     print(f"{args.model} on {args.dataset}: {len(y)} training examples, {epochs} epochs, device {X.device}")
     t1 = time.time()
