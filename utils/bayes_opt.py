@@ -5,6 +5,9 @@ Long runs (a GPU server, inside tmux or screen; a run that is killed resumes fro
     python -m utils.bayes_opt --model cnn --dataset cifar10 --iterations 50 --epochs 10 --folds 3 --out logs/
     python -m utils.bayes_opt --summary --out logs/            # the table of every study under logs/
 
+(Always `python -m utils.bayes_opt` from the repository root: run as a file, this module would shadow the
+bayes_opt package it is built on.)
+
 In a notebook:
 
     from utils.bayes_opt import run_study, summarize, load_results
@@ -16,6 +19,12 @@ Files of one study, <out>/<model>_<dataset>/:
     evals.jsonl            one JSON line per finished evaluation, written and fsync'ed at once: the source of truth
     optimizer_state.json   BayesianOptimization.save_state() after every evaluation (atomic: temp file + os.replace)
     best.json              the best configuration retrained on the full training split, with its test accuracy
+
+A record of evals.jsonl: iteration, status ("ok", "diverged", "oom", "error", "invalid"), target (the objective:
+mean fold accuracy, chance for failures, null for invalid), fold_scores, params (the optimizer's), hyperparameters
+(make_classifier's), seed, time_s (the evaluation's wall time), peak_mem_mb and mem_kind (see PeakMemory: CUDA
+tensor peak on a GPU, the process's peak resident set size on the CPU), source (how it was proposed), rejected,
+reason, finished (timestamp).
 
 How the loop treats awkward proposals (everything is logged, one line each in evals.jsonl):
 - invalid CNN (utils.models.cnn_feature_shape raises; about 2 in 3 random CNN configurations are): never trained.
