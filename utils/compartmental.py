@@ -302,17 +302,20 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
 
     def _poisson(self, lam, out, u=None, F=None, mask=None):
         """Exact Poisson(lam) counts into out by inverse CDF of one uniform u each: N >= k iff u > F(k-1; lam).
-        The first threshold e^-lam is tested densely; the further ones only where it was passed (at most
-        1 - e^-lambda_max of the neurons), as u e^lam > sum_{j<k} lam^j / j!."""
+        The first two thresholds, e^-lam and e^-lam (1 + lam), are tested densely; the further ones only where the
+        second was passed (at most 1.8 % of the neurons at lambda_max = 0.2), as u e^lam > sum_{j<k} lam^j / j!."""
         u = self._uniform(*lam.shape) if u is None else u
         F = torch.neg(lam, out=F).exp_() if F is not None else torch.exp(-lam)
         mask = torch.gt(u, F, out=mask) if mask is not None else torch.gt(u, F)
-        out.copy_(mask)
+        out.copy_(mask)                                      # N >= 1
+        torch.gt(u, F.addcmul_(F, lam), out=mask)            # N >= 2: u > e^-lam (1 + lam)
+        out.add_(mask)
         idx = mask.view(-1).nonzero().squeeze(1)
         if idx.numel():
             flat, l = out.view(-1), lam.reshape(-1)[idx]
             v = u.reshape(-1)[idx] * torch.exp(l)
-            term, s, k = l, 1.0 + l, 1
+            term = l * l / 2
+            s, k = 1.0 + l + term, 2
             while True:
                 hit = v > s
                 if not bool(hit.any()) or k > 200:
@@ -389,14 +392,18 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         fb_mean = [z(B, n[self._fb_source(m) + 1]) for m in range(M - 1)]   # mean feedback PSP (previous step)
         Asum = [z(B, n[m + 1]) for m in range(M - 1)] if A_step else None
         in_mean = [z(B * n[0])] + [z(B, n[m]) for m in range(1, M)] if record else None
-        lam = [z(B, n[m + 1]) for m in range(M)]
-        F = [z(B, n[m + 1]) for m in range(M)]
-        mask = [torch.zeros(B, n[m + 1], device=dev, dtype=torch.bool) for m in range(M)]
-        Bv = [z(B, n[m + 1]) for m in range(M)]
-        Ub = [None] + [z(mem + SEGMENT, B, n[m + 1]) for m in range(1, M)]   # U = W s(below), per step
-        aL = [None] + [z(B, n[m + 1]) for m in range(1, M)]
-        aS = [None] + [z(B, n[m + 1]) for m in range(1, M)]
-        if A_step:
+        if not A_step:   # per layer: C, lambda_C, e^-lambda_C and the spike mask of every step of a segment
+            e = lambda dtype=dty: [torch.empty(SEGMENT, B, n[m + 1], device=dev, dtype=dtype)  # noqa: E731
+                                   for m in range(M)]
+            seg = list(zip(e(), e(), e(), e(torch.bool)))
+        else:
+            lam = [z(B, n[m + 1]) for m in range(M)]
+            F = [z(B, n[m + 1]) for m in range(M)]
+            mask = [torch.zeros(B, n[m + 1], device=dev, dtype=torch.bool) for m in range(M)]
+            Bv = [z(B, n[m + 1]) for m in range(M)]
+            Ub = [None] + [z(mem + SEGMENT, B, n[m + 1]) for m in range(1, M)]   # U = W s(below), per step
+            aL = [None] + [z(B, n[m + 1]) for m in range(1, M)]
+            aS = [None] + [z(B, n[m + 1]) for m in range(1, M)]
             UA = [z(mem + SEGMENT, B, n[m + 1]) for m in range(M - 1)]  # U_A = Y s(feedback source), per step
             AL, AS, A = ([z(B, n[m + 1]) for m in range(M - 1)] for _ in range(3))
         W0t = self.W_[0].t().contiguous()
@@ -414,70 +421,73 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
             counts = torch.bincount(et * B + eb, minlength=rows * B)
             U = torch.nn.functional.embedding_bag(ei, W0t, counts.cumsum(0) - counts, mode="sum",
                                                   per_sample_weights=ev)
-            Bin = torch.mm(self._kband(Ts), U.view(rows, -1)).view(Ts, B, -1).add_(self.b_[0])  # B = W PSP + b
             if record:                                      # mean input PSP over the window (Eq. 12)
                 wrow = self._row_weights(rows, t_abs, w0, T - 1, window, first)
                 in_mean[0].index_add_(0, eb * n[0] + ei, ev * wrow[et])
             keep = et >= Ts                                 # the last mem rows become the history
             self.hist_ = (et[keep] - Ts, eb[keep], ei[keep], ev[keep])
-            # -- filters of the other layers' basal (and apical) drive, started from the history rows
-            for m in range(1, M):
-                torch.matmul(sig[m - 1][ffk][:mem], Wt[m], out=Ub[m][:mem])
-                torch.tensordot(wl, Ub[m][:mem], dims=1, out=aL[m])
-                torch.tensordot(ws, Ub[m][:mem], dims=1, out=aS[m])
-            if A_step:
-                for m in range(M - 1):
-                    torch.matmul(sig[self._fb_source(m)][fbk][:mem], Yt[m], out=UA[m][:mem])
-                    torch.tensordot(wl, UA[m][:mem], dims=1, out=AL[m])
-                    torch.tensordot(ws, UA[m][:mem], dims=1, out=AS[m])
             unif = [self._uniform(Ts, B, n[m + 1]).to(dev) if "spike" in sig[m] else None for m in range(M)]
-            for t in range(Ts):
-                p, in_window = mem + t, t_abs + t >= w0
-                for m in range(M):
-                    C, out = self.C_[m], m == M - 1
-                    # basal potential B = W PSP + b (Eq. 5)
-                    if m == 0:
-                        basal = Bin[t]
-                    else:
-                        torch.mm(sig[m - 1][ffk][p], Wt[m], out=Ub[m][p])
-                        self._filter_step(aL[m], aS[m], Ub[m][p], Ub[m][p - mem], eL, eS, eLm, eSm)
-                        basal = torch.sub(aL[m], aS[m], out=Bv[m]).mul_(inv).add_(self.b_[m])
-                    if not out:
-                        if A_step:                          # apical A = Y PSP_fb (+ c), PSP as of step t - 1
-                            if t > 0:
-                                src = sig[self._fb_source(m)][fbk]
-                                torch.mm(src[p - 1], Yt[m], out=UA[m][p - 1])
-                                self._filter_step(AL[m], AS[m], UA[m][p - 1], UA[m][p - 1 - mem], eL, eS, eLm, eSm)
-                            torch.sub(AL[m], AS[m], out=A[m]).mul_(inv)
-                            if self.use_feedback_bias:
-                                A[m].add_(self.c_[m])
-                            if in_window:
-                                Asum[m].add_(A[m])
-                        if self.use_conductances:       # soma (Eqs. 1, 6)
-                            C.mul_(dec_h).add_(basal, alpha=dt * self.g_B)
-                            if A_step:
-                                C.add_(A[m], alpha=dt * g_A)
+            if not A_step:                                  # no apical drive: layer after layer over the whole segment
+                self._segment_layers(U, Ts, t_abs, w0, I0, unif, Wt, Csum, lam_sum, seg)
+            else:                                           # A drives the soma: step after step
+                Bin = torch.mm(self._kband(Ts), U.view(rows, -1)).view(Ts, B, -1).add_(self.b_[0])  # B = W PSP + b
+                # -- filters of the other layers' basal (and apical) drive, started from the history rows
+                for m in range(1, M):
+                    torch.matmul(sig[m - 1][ffk][:mem], Wt[m], out=Ub[m][:mem])
+                    torch.tensordot(wl, Ub[m][:mem], dims=1, out=aL[m])
+                    torch.tensordot(ws, Ub[m][:mem], dims=1, out=aS[m])
+                if A_step:
+                    for m in range(M - 1):
+                        torch.matmul(sig[self._fb_source(m)][fbk][:mem], Yt[m], out=UA[m][:mem])
+                        torch.tensordot(wl, UA[m][:mem], dims=1, out=AL[m])
+                        torch.tensordot(ws, UA[m][:mem], dims=1, out=AS[m])
+                for t in range(Ts):
+                    p, in_window = mem + t, t_abs + t >= w0
+                    for m in range(M):
+                        C, out = self.C_[m], m == M - 1
+                        # basal potential B = W PSP + b (Eq. 5)
+                        if m == 0:
+                            basal = Bin[t]
                         else:
-                            torch.mul(basal, self.k_B_, out=C)
-                    else:                               # output soma, teaching current in the target phase (Eq. 7)
-                        if self.use_conductances:
-                            C.mul_(dec_o).add_(basal, alpha=dt * self.g_D)
-                            if I0 is not None:
-                                C.add_(I0, alpha=dt)
-                        else:
-                            torch.mul(basal, self.k_D_, out=C)
-                            if I0 is not None:
-                                C.add_(I0, alpha=self.k_I_)
-                    torch.sigmoid(C, out=lam[m]).mul_(lmax)   # lambda_C = lambda_max sigmoid(C) (Eq. 4)
-                    if in_window:
-                        Csum[m].add_(C)
-                        if out and I0 is not None:
-                            lam_sum.add_(lam[m])
-                    for kind, buf in sig[m].items():        # what the layer sends: spikes or rates
-                        if kind == "spike":
-                            self._poisson(lam[m], buf[p], unif[m][t], F[m], mask[m])
-                        else:
-                            buf[p].copy_(lam[m])
+                            torch.mm(sig[m - 1][ffk][p], Wt[m], out=Ub[m][p])
+                            self._filter_step(aL[m], aS[m], Ub[m][p], Ub[m][p - mem], eL, eS, eLm, eSm)
+                            basal = torch.sub(aL[m], aS[m], out=Bv[m]).mul_(inv).add_(self.b_[m])
+                        if not out:
+                            if A_step:                          # apical A = Y PSP_fb (+ c), PSP as of step t - 1
+                                if t > 0:
+                                    src = sig[self._fb_source(m)][fbk]
+                                    torch.mm(src[p - 1], Yt[m], out=UA[m][p - 1])
+                                    self._filter_step(AL[m], AS[m], UA[m][p - 1], UA[m][p - 1 - mem], eL, eS, eLm, eSm)
+                                torch.sub(AL[m], AS[m], out=A[m]).mul_(inv)
+                                if self.use_feedback_bias:
+                                    A[m].add_(self.c_[m])
+                                if in_window:
+                                    Asum[m].add_(A[m])
+                            if self.use_conductances:       # soma (Eqs. 1, 6)
+                                C.mul_(dec_h).add_(basal, alpha=dt * self.g_B)
+                                if A_step:
+                                    C.add_(A[m], alpha=dt * g_A)
+                            else:
+                                torch.mul(basal, self.k_B_, out=C)
+                        else:                               # output soma, teaching current in the target phase (Eq. 7)
+                            if self.use_conductances:
+                                C.mul_(dec_o).add_(basal, alpha=dt * self.g_D)
+                                if I0 is not None:
+                                    C.add_(I0, alpha=dt)
+                            else:
+                                torch.mul(basal, self.k_D_, out=C)
+                                if I0 is not None:
+                                    C.add_(I0, alpha=self.k_I_)
+                        torch.sigmoid(C, out=lam[m]).mul_(lmax)   # lambda_C = lambda_max sigmoid(C) (Eq. 4)
+                        if in_window:
+                            Csum[m].add_(C)
+                            if out and I0 is not None:
+                                lam_sum.add_(lam[m])
+                        for kind, buf in sig[m].items():        # what the layer sends: spikes or rates
+                            if kind == "spike":
+                                self._poisson(lam[m], buf[p], unif[m][t], F[m], mask[m])
+                            else:
+                                buf[p].copy_(lam[m])
             # -- window means of the PSPs from this segment's rows, then keep the last mem rows as history
             for m in range(M - 1):
                 src = sig[self._fb_source(m)][fbk][:rows]
@@ -500,6 +510,59 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         if record:
             res["psp_in"] = [in_mean[0].view(B, -1)] + in_mean[1:]
         return res
+
+    def _segment_layers(self, U0, Ts, t_abs, w0, I0, unif, Wt, Csum, lam_sum, seg):
+        """Ts steps of every layer, one whole layer after the other. Valid when the apical compartment does not drive
+        the soma (g_A = 0 or instantaneous somas): a layer then depends only on the signals of the layer below up to
+        the same step. Its soma is then a linear filter of U = W S (the projected signal of the layer below):
+        C(t) = dec C(t-1) + coef B(t) + dt I (Eqs. 1, 6, 7; dec = 1 - dt (g_L + g [+ 1]), coef = dt g; instantaneous
+        somas: dec = 0, coef = k) with B = K U + b (Eq. 5, K the banded kernel matrix), so the C of all Ts steps is
+        one matrix product H U + d1 (coef b + dt I) + dpow C(-1), H = coef D K, D[t, s] = dec^(t-s) (s <= t)."""
+        M, mem, dt, B = self.M_, self.mem, self.dt, self.state_B_
+        rows, lo = mem + Ts, max(0, w0 - t_abs)              # segment steps [lo, Ts) lie in the averaging window
+        ffk, target = self._ff_kind(), I0 is not None
+        for m in range(M):
+            out = m == M - 1
+            U = U0 if m == 0 else torch.matmul(self.sig_[m - 1][ffk][:rows], Wt[m])   # U = W S, all rows
+            g, k = (self.g_D, self.k_D_) if out else (self.g_B, self.k_B_)
+            if self.use_conductances:
+                dec, coef, c_I = 1.0 - dt * (self.g_L + g + (1.0 if out and target else 0.0)), dt * g, dt
+            else:
+                dec, coef, c_I = 0.0, k, self.k_I_
+            H, d = self._hmat(Ts, dec, coef)
+            C, lam, F, mask = (s[:Ts] for s in seg[m])
+            C2 = C.view(Ts, -1)
+            torch.mm(H, U.view(rows, -1), out=C2)
+            const = (self.b_[m] * coef).expand(B, -1)
+            if out and target:                               # teaching current g_E E_E + g_I E_I, g_E + g_I = 1
+                const = const + c_I * I0
+            C2.addmm_(d, torch.stack([const.reshape(-1), self.C_[m].reshape(-1)]))
+            self.C_[m].copy_(C[Ts - 1])
+            torch.sigmoid(C, out=lam).mul_(self.lambda_max)  # lambda_C = lambda_max sigmoid(C) (Eq. 4)
+            if lo < Ts:
+                Csum[m].add_(C[lo:].sum(0))
+                if out and target:
+                    lam_sum.add_(lam[lo:].sum(0))
+            for kind, buf in self.sig_[m].items():           # what the layer sends: spikes or rates
+                if kind == "spike":
+                    self._poisson(lam, buf[mem:rows], unif[m], F, mask)
+                else:
+                    buf[mem:rows].copy_(lam)
+
+    def _hmat(self, Ts, dec, coef):
+        """H = coef D K (Ts x (mem + Ts)) and d = [D 1, dec^(t+1)] (Ts x 2) of _segment_layers, cached."""
+        key = ("H", Ts, dec, coef, self.mem, self.dtype_, self.device_)
+        cache = self.__dict__.setdefault("kband_cache_", {})
+        if key not in cache:
+            t = np.arange(Ts)
+            D = np.where(t[:, None] >= t[None, :], float(dec) ** np.maximum(t[:, None] - t[None, :], 0), 0.0)
+            K = np.zeros((Ts, self.mem + Ts))
+            for j in range(self.mem):
+                K[t, self.mem + t - j] = self.kappa_[j]
+            d = np.stack([D.sum(1), float(dec) ** (t + 1)], 1)
+            to = dict(device=self.device_, dtype=self.dtype_)
+            cache[key] = (torch.tensor(coef * D @ K, **to), torch.tensor(d, **to))
+        return cache[key]
 
     def _state_views(self, B):
         """Point C_, sig_ and hist_ at the first B slots; returns the full C_ and sig_ to restore."""
