@@ -182,6 +182,19 @@ def test_spiking_reproducible_under_seed():
     np.testing.assert_array_equal(a.decision_function(X), b.decision_function(X))
 
 
+@pytest.mark.parametrize("extra", [dict(), dict(use_apical_conductance=True, g_A=0.05)])
+def test_spiking_partial_last_batch(extra):
+    """n not a multiple of batch_size: the last, smaller batch runs on a slice of the state (non-contiguous signal
+    buffers) in both the layer-by-layer path and the step-by-step path (apical conductance)."""
+    X, y = small_data(22)
+    kw = dict(n_hidden=(15, 6), l_f_phase=70, l_t_phase=12, integration_time=5, batch_size=8, max_epochs=2, **extra)
+    a = CompartmentalClassifier(**kw, random_state=7).fit(X, y)
+    b = CompartmentalClassifier(**kw, random_state=7).fit(X, y)
+    assert a.examples_seen_ == 44
+    for m in range(3):
+        assert torch.isfinite(a.W_[m]).all() and torch.equal(a.W_[m], b.W_[m])
+
+
 @pytest.mark.parametrize("lam", [0.02, 0.2, 1.5])
 def test_poisson_counts_have_the_expected_mean_and_variance(lam):
     clf = CompartmentalClassifier(dtype="float64")

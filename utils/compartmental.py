@@ -300,17 +300,18 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                                                          else np.float64))
         return torch.rand(*shape, generator=self.gen_, device=self.device_, dtype=self.dtype_)
 
-    def _poisson(self, lam, out, u=None, F=None, mask=None):
+    def _poisson(self, lam, out, u=None, F=None):
         """Exact Poisson(lam) counts into out by inverse CDF of one uniform u each: N >= k iff u > F(k-1; lam).
         The first two thresholds, e^-lam and e^-lam (1 + lam), are tested densely; the further ones only where the
         second was passed (at most 1.8 % of the neurons at lambda_max = 0.2), as u e^lam > sum_{j<k} lam^j / j!."""
         u = self._uniform(*lam.shape) if u is None else u
+        dest, out = out, (out if out.is_contiguous() else torch.empty_like(lam))
         F = torch.neg(lam, out=F).exp_() if F is not None else torch.exp(-lam)
-        mask = torch.gt(u, F, out=mask) if mask is not None else torch.gt(u, F)
-        out.copy_(mask)                                      # N >= 1
-        torch.gt(u, F.addcmul_(F, lam), out=mask)            # N >= 2: u > e^-lam (1 + lam)
-        out.add_(mask)
-        idx = mask.view(-1).nonzero().squeeze(1)
+        torch.gt(u, F, out=out)                              # N >= 1: u > e^-lam
+        F.addcmul_(F, lam)
+        torch.gt(u, F, out=F)                                # N >= 2: u > e^-lam (1 + lam), as 0/1
+        out.add_(F)
+        idx = F.view(-1).nonzero().squeeze(1)
         if idx.numel():
             flat, l = out.view(-1), lam.reshape(-1)[idx]
             v = u.reshape(-1)[idx] * torch.exp(l)
@@ -325,7 +326,9 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                 k += 1
                 term = term * l / k
                 s = s + term
-        return out
+        if dest is not out:
+            dest.copy_(out)
+        return dest
 
     @staticmethod
     def _filter_step(aL, aS, new, old, eL, eS, eLm, eSm):
@@ -392,14 +395,12 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         fb_mean = [z(B, n[self._fb_source(m) + 1]) for m in range(M - 1)]   # mean feedback PSP (previous step)
         Asum = [z(B, n[m + 1]) for m in range(M - 1)] if A_step else None
         in_mean = [z(B * n[0])] + [z(B, n[m]) for m in range(1, M)] if record else None
-        if not A_step:   # per layer: C, lambda_C, e^-lambda_C and the spike mask of every step of a segment
-            e = lambda dtype=dty: [torch.empty(SEGMENT, B, n[m + 1], device=dev, dtype=dtype)  # noqa: E731
-                                   for m in range(M)]
-            seg = list(zip(e(), e(), e(), e(torch.bool)))
+        if not A_step:   # per layer: C, lambda_C and the Poisson thresholds of every step of a segment
+            e = lambda: [torch.empty(SEGMENT, B, n[m + 1], device=dev, dtype=dty) for m in range(M)]  # noqa: E731
+            seg = list(zip(e(), e(), e()))
         else:
             lam = [z(B, n[m + 1]) for m in range(M)]
             F = [z(B, n[m + 1]) for m in range(M)]
-            mask = [torch.zeros(B, n[m + 1], device=dev, dtype=torch.bool) for m in range(M)]
             Bv = [z(B, n[m + 1]) for m in range(M)]
             Ub = [None] + [z(mem + SEGMENT, B, n[m + 1]) for m in range(1, M)]   # U = W s(below), per step
             aL = [None] + [z(B, n[m + 1]) for m in range(1, M)]
@@ -485,7 +486,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                                 lam_sum.add_(lam[m])
                         for kind, buf in sig[m].items():        # what the layer sends: spikes or rates
                             if kind == "spike":
-                                self._poisson(lam[m], buf[p], unif[m][t], F[m], mask[m])
+                                self._poisson(lam[m], buf[p], unif[m][t], F[m])
                             else:
                                 buf[p].copy_(lam[m])
             # -- window means of the PSPs from this segment's rows, then keep the last mem rows as history
@@ -530,7 +531,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
             else:
                 dec, coef, c_I = 0.0, k, self.k_I_
             H, d = self._hmat(Ts, dec, coef)
-            C, lam, F, mask = (s[:Ts] for s in seg[m])
+            C, lam, F = (s[:Ts] for s in seg[m])
             C2 = C.view(Ts, -1)
             torch.mm(H, U.view(rows, -1), out=C2)
             const = (self.b_[m] * coef).expand(B, -1)
@@ -545,7 +546,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                     lam_sum.add_(lam[lo:].sum(0))
             for kind, buf in self.sig_[m].items():           # what the layer sends: spikes or rates
                 if kind == "spike":
-                    self._poisson(lam, buf[mem:rows], unif[m], F, mask)
+                    self._poisson(lam, buf[mem:rows], unif[m], F)
                 else:
                     buf[mem:rows].copy_(lam)
 
