@@ -66,6 +66,26 @@ FLAGS = ("use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiki
          "record_backprop_angle")
 SEGMENT = 64          # time steps whose input spikes are drawn and projected in one go (bounds memory)
 PREDICT_CHUNK = 512   # examples simulated at once by predict / predict_proba
+FUSE = True           # sample spikes of large segments with one torch.compile'd kernel (eager fallback if unavailable)
+FUSE_MIN = 2 ** 18    # ... from this many neuron-steps on (smaller ones, e.g. batch_size=1, stay eager)
+FUSE_K = 6            # thresholds tested densely by the fused kernel (P(N >= 6) < 1e-7 at rate 0.2; exact tail after)
+
+
+def _spike_counts(x, u, lmax: float, from_potential: bool):
+    """Rates lambda = lambda_max sigmoid(x) (or x itself) and Poisson counts by inverse CDF of u, the first FUSE_K
+    thresholds sum_{j<k} e^-lambda lambda^j / j! tested in one element-wise pass; also the largest count."""
+    lam = torch.sigmoid(x) * lmax if from_potential else x
+    term = torch.exp(-lam)
+    cdf = term
+    n = (u > cdf).to(u.dtype)
+    for k in range(1, FUSE_K):
+        term = term * lam / k
+        cdf = cdf + term
+        n = n + (u > cdf).to(u.dtype)
+    return lam, n, n.amax()
+
+
+_fused = {}   # device type -> compiled _spike_counts, or None where compiling failed
 
 
 class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
@@ -300,6 +320,50 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                                                          else np.float64))
         return torch.rand(*shape, generator=self.gen_, device=self.device_, dtype=self.dtype_)
 
+    def _spikes(self, x, u, from_potential, out=None):
+        """(lambda, Poisson counts) for the potentials (from_potential) or rates x with uniforms u; the fused kernel
+        for large tensors when torch.compile works here, else eager ops."""
+        kind = x.device.type
+        if FUSE and u.numel() >= FUSE_MIN and _fused.get(kind, 0) is not None:
+            try:
+                if kind not in _fused:
+                    _fused[kind] = torch.compile(_spike_counts, dynamic=True)
+                lam, n, top = _fused[kind](x, u, float(self.lambda_max), from_potential)
+            except Exception:                               # no compiler / backend: stay eager from now on
+                _fused[kind] = None
+            else:
+                if top >= FUSE_K:                           # the rare counts >= FUSE_K: exact series from there
+                    flat = n.view(-1)
+                    idx = (flat >= FUSE_K).nonzero().squeeze(1)
+                    self._poisson_tail(flat, lam.expand_as(u).reshape(-1), u.reshape(-1), idx, FUSE_K)
+                if out is not None:
+                    out.copy_(n)
+                return lam, (n if out is None else out)
+        lam = torch.sigmoid(x).mul_(self.lambda_max) if from_potential else x
+        if out is None:
+            lam = lam.expand_as(u).contiguous()
+            out = torch.empty_like(lam)
+        return lam, self._poisson(lam, out, u)
+
+    @staticmethod
+    def _poisson_tail(flat, l, u, idx, k):
+        """Counts flat[idx] known to be >= k: add one while u > F(k; l), F(k; l) = e^-l sum_{j<=k} l^j / j!."""
+        if not idx.numel():
+            return
+        l = l[idx]
+        v = u[idx] * torch.exp(l)
+        term = l ** k / math.factorial(k)
+        s = sum(l ** j / math.factorial(j) for j in range(k + 1))
+        while True:
+            hit = v > s
+            if not bool(hit.any()) or k > 200:
+                break
+            idx, v, l, term, s = idx[hit], v[hit], l[hit], term[hit], s[hit]
+            flat[idx] += 1
+            k += 1
+            term = term * l / k
+            s = s + term
+
     def _poisson(self, lam, out, u=None, F=None):
         """Exact Poisson(lam) counts into out by inverse CDF of one uniform u each: N >= k iff u > F(k-1; lam).
         The first two thresholds, e^-lam and e^-lam (1 + lam), are tested densely; the further ones only where the
@@ -311,21 +375,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         F.addcmul_(F, lam)
         torch.gt(u, F, out=F)                                # N >= 2: u > e^-lam (1 + lam), as 0/1
         out.add_(F)
-        idx = F.view(-1).nonzero().squeeze(1)
-        if idx.numel():
-            flat, l = out.view(-1), lam.reshape(-1)[idx]
-            v = u.reshape(-1)[idx] * torch.exp(l)
-            term = l * l / 2
-            s, k = 1.0 + l + term, 2
-            while True:
-                hit = v > s
-                if not bool(hit.any()) or k > 200:
-                    break
-                idx, v, l, term, s = idx[hit], v[hit], l[hit], term[hit], s[hit]
-                flat[idx] += 1
-                k += 1
-                term = term * l / k
-                s = s + term
+        self._poisson_tail(out.view(-1), lam.reshape(-1), u.reshape(-1), F.view(-1).nonzero().squeeze(1), 2)
         if dest is not out:
             dest.copy_(out)
         return dest
@@ -366,8 +416,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         b_idx, i_idx = x_idx
         P = rates.numel()
         if self.use_spiking_feedforward:
-            lam = rates.expand(Ts, P).contiguous()
-            counts = self._poisson(lam, torch.empty_like(lam), self._uniform(Ts, P).to(self.device_))
+            _, counts = self._spikes(rates.view(1, P), self._uniform(Ts, P).to(self.device_), False)
             t, p = counts.nonzero(as_tuple=True)
             return t, b_idx[p], i_idx[p], counts[t, p]
         t = torch.arange(Ts, device=self.device_).repeat_interleave(P)
@@ -539,16 +588,17 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                 const = const + c_I * I0
             C2.addmm_(d, torch.stack([const.reshape(-1), self.C_[m].reshape(-1)]))
             self.C_[m].copy_(C[Ts - 1])
-            torch.sigmoid(C, out=lam).mul_(self.lambda_max)  # lambda_C = lambda_max sigmoid(C) (Eq. 4)
+            sig = self.sig_[m]
+            if "spike" in sig:                               # lambda_C = lambda_max sigmoid(C) (Eq. 4), spikes
+                lam, _ = self._spikes(C, unif[m], True, out=sig["spike"][mem:rows])
+            else:
+                torch.sigmoid(C, out=lam).mul_(self.lambda_max)
+            if "rate" in sig:
+                sig["rate"][mem:rows].copy_(lam)
             if lo < Ts:
                 Csum[m].add_(C[lo:].sum(0))
                 if out and target:
                     lam_sum.add_(lam[lo:].sum(0))
-            for kind, buf in self.sig_[m].items():           # what the layer sends: spikes or rates
-                if kind == "spike":
-                    self._poisson(lam, buf[mem:rows], unif[m], F)
-                else:
-                    buf[mem:rows].copy_(lam)
 
     def _hmat(self, Ts, dec, coef):
         """H = coef D K (Ts x (mem + Ts)) and d = [D 1, dec^(t+1)] (Ts x 2) of _segment_layers, cached."""
