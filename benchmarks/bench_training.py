@@ -146,7 +146,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results (with this configuration) as JSON here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not (args.speed or args.accuracy):
         args.speed = True
     device = get_device(args.device)
