@@ -61,17 +61,20 @@ def speed_one(batch_size, device, threads, n_batches, n_test):
     clf.initialize(X[0].numel(), np.arange(10))
     clf.partial_fit(X[:batch_size], y[:batch_size])               # warm-up: allocations, caches
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    clf.decision_function(X[:min(n_test, 8)])
     sync()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     clf.partial_fit(X[batch_size:n_train], y[batch_size:n_train])
     sync()
     train = (n_train - batch_size) / (time.perf_counter() - t)
-    t = time.perf_counter()
+    train_cpu = (n_train - batch_size) / (time.process_time() - c)
+    t, c = time.perf_counter(), time.process_time()
     clf.decision_function(X[:n_test])
     sync()
-    test = n_test / (time.perf_counter() - t)
-    return dict(batch_size=batch_size, train_ex_s=train, test_ex_s=test, peak_mib=peak_mib(dev), data=source,
-                device=str(dev), threads=threads, n_train=n_train - batch_size, n_test=n_test)
+    test, test_cpu = n_test / (time.perf_counter() - t), n_test / (time.process_time() - c)
+    return dict(batch_size=batch_size, train_ex_s=train, test_ex_s=test, train_ex_cpu_s=train_cpu,
+                test_ex_cpu_s=test_cpu, peak_mib=peak_mib(dev), data=source, device=str(dev), threads=threads,
+                n_train=n_train - batch_size, n_test=n_test, load_avg=os.getloadavg()[0])
 
 
 def speed(args):
@@ -82,7 +85,10 @@ def speed(args):
           f"{REFERENCE['peak_mib']:.0f} MiB peak")
     print(f"device {args.device}, torch threads {args.threads}, load average {os.getloadavg()[0]:.1f} "
           f"(other processes share the CPU)")
-    print(f"{'batch':>6} {'train ex/s':>11} {'x ref':>7} {'test ex/s':>10} {'x ref':>7} {'peak MiB':>9}")
+    print("ex/s: examples per second of wall-clock time; per CPU s: per second of this process's CPU time (what the "
+          "rate would be without other processes on the cores)")
+    print(f"{'batch':>6} {'train ex/s':>11} {'x ref':>7} {'per CPU s':>10} {'test ex/s':>10} {'x ref':>7} "
+          f"{'per CPU s':>10} {'peak MiB':>9}")
     rows = []
     for bs in args.batch_sizes:
         n_batches = max(args.batches, 16 // bs)
@@ -95,7 +101,8 @@ def speed(args):
         r = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(r)
         print(f"{bs:>6} {r['train_ex_s']:>11.1f} {r['train_ex_s'] / REFERENCE['train_ex_s']:>7.1f} "
-              f"{r['test_ex_s']:>10.1f} {r['test_ex_s'] / REFERENCE['test_ex_s']:>7.1f} {r['peak_mib']:>9.0f}")
+              f"{r['train_ex_cpu_s']:>10.1f} {r['test_ex_s']:>10.1f} {r['test_ex_s'] / REFERENCE['test_ex_s']:>7.1f} "
+              f"{r['test_ex_cpu_s']:>10.1f} {r['peak_mib']:>9.0f}", flush=True)
     print(f"data: {rows[0]['data']}; train ex/s over {[r['n_train'] for r in rows]} examples after a warm-up "
           f"batch, test ex/s over {[r['n_test'] for r in rows]} examples")
     if args.out:

@@ -65,9 +65,9 @@ FLAGS = ("use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiki
          "use_apical_conductance", "use_weight_optimization", "use_feedback_bias", "extra_steps",
          "record_backprop_angle")
 SEGMENT = 64          # time steps whose input spikes are drawn and projected in one go (bounds memory)
-PREDICT_CHUNK = 512   # examples simulated at once by predict / predict_proba
+PREDICT_CHUNK = 128   # examples simulated at once by predict / predict_proba (larger: slower on a CPU)
 FUSE = True           # sample spikes of large segments with one torch.compile'd kernel (eager fallback if unavailable)
-FUSE_MIN = 2 ** 18    # ... from this many neuron-steps on (smaller ones, e.g. batch_size=1, stay eager)
+FUSE_MIN = 2 ** 16    # ... from this many neuron-steps on (smaller ones, e.g. batch_size=1, stay eager)
 FUSE_K = 6            # thresholds tested densely by the fused kernel (P(N >= 6) < 1e-7 at rate 0.2; exact tail after)
 
 
