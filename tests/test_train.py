@@ -80,6 +80,7 @@ def test_command_line_dry_run(mnist_root, capsys):
     assert 0 <= acc <= 1 and "test accuracy" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")  # tiny data: validation dominates
 def test_train_logged_saves_run_with_configuration(blobs, tmp_path):
     from utils.logger import load_run
     X, y = blobs
