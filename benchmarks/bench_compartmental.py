@@ -130,20 +130,24 @@ def accuracy(args):
                   batch_size=args.batch_size, lr_scale=args.lr_scale, seed=args.seed, threads=args.threads,
                   defaults="paper (spiking both paths, conductances, broadcast, weight optimization, Wald steps)")
     print("config:", json.dumps(config), flush=True)
-    t0 = time.perf_counter()
+    out = Path(args.out or f"runs/compartmental_acc_{args.dataset}_{len(n_hidden)}h_b{args.batch_size}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0, train_s = time.perf_counter(), 0.0
     for epoch in range(args.epochs):
+        t = time.perf_counter()
         clf.partial_fit(X, y, classes=np.arange(len(ds.classes)))
+        train_s += time.perf_counter() - t
         err = 100 * (1 - clf.score(Xt, yt))
-        curve.append(dict(epoch=epoch + 1, test_error=err, wall_s=time.perf_counter() - t0))
-        print(f"epoch {epoch + 1}: test error {err:.2f} % on {len(yt)} test examples, wall {curve[-1]['wall_s']:.0f} s",
-              flush=True)
+        curve.append(dict(epoch=epoch + 1, examples_seen=clf.examples_seen_, test_error=err,
+                          wall_s=time.perf_counter() - t0, train_wall_s=train_s))
+        print(f"epoch {epoch + 1}: test error {err:.2f} % on {len(yt)} test examples, wall {curve[-1]['wall_s']:.0f} s "
+              f"(training {train_s:.0f} s, load average {os.getloadavg()[0]:.1f})", flush=True)
+        out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=False), indent=1))
     target = PAPER_ERROR.get(len(n_hidden)) if args.dataset == "mnist" else None
     print(f"final: {args.dataset} test error {curve[-1]['test_error']:.2f} % after {args.epochs} epochs of "
           f"{len(y)} examples, batch {args.batch_size}, f_etas {f_etas}, wall {curve[-1]['wall_s']:.0f} s"
           + (f" (paper, 60 epochs: {target} %)" if target else ""))
-    out = Path(args.out or f"runs/compartmental_acc_{args.dataset}_{len(n_hidden)}h_b{args.batch_size}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve), indent=1))
+    out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=True), indent=1))
     print("saved", out)
 
 
