@@ -32,8 +32,9 @@ PAPER = {  # Guerguiev et al. 2017, MNIST test accuracy after 60 epochs (1 hidde
 MODELS = {
     "mlp": dict(hidden_sizes=(500,), lr=1e-3, batch_size=100),
     "cnn": dict(channels=(32, 64), kernel_sizes=(3, 3), padding=1, lr=1e-3, batch_size=100),
-    # the paper's network, spiking, 1 hidden layer of 500; batches of 16 with the learning rates scaled up
-    "compartmental": dict(n_hidden=(500,), batch_size=16, f_etas=(0.21 * 4, 0.21 * 4), record_backprop_angle=True),
+    # the paper's network, spiking, 1 hidden layer of 500; batches of 16 (updates averaged): hidden rate x32, output x2
+    # of the paper's online 0.21 (short MNIST sweeps: 75.7 % after 10k examples vs 77.0 % online, 3x faster)
+    "compartmental": dict(n_hidden=(500,), batch_size=16, f_etas=(0.21 * 32, 0.21 * 2), record_backprop_angle=True),
 }
 
 
