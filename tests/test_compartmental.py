@@ -210,6 +210,27 @@ def test_poisson_counts_have_the_expected_mean_and_variance(lam):
         assert abs((counts == k).double().mean().item() - pk) < 5 * math.sqrt(pk * (1 - pk) / n) + 1e-6
 
 
+@pytest.mark.parametrize("from_potential", [True, False])
+def test_fused_spike_sampler_matches_eager(monkeypatch, from_potential):
+    """The fused sampler's logic (6 dense inverse-CDF thresholds, exact tail beyond; run here uncompiled, so the test
+    needs no C++ compiler) gives the same counts as the eager sampler from the same uniforms."""
+    import utils.compartmental as cm
+    clf = CompartmentalClassifier(dtype="float64", lambda_max=1.5)     # high rates: the tail beyond 6 is exercised
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 30, 60, generator=g, dtype=torch.float64) * 3 if from_potential else \
+        torch.rand(1, 30 * 60, generator=g, dtype=torch.float64) * 1.5
+    u = torch.rand(40, 30 * 60, generator=g, dtype=torch.float64)
+    u = u.view(40, 30, 60) if from_potential else u                     # rates: one per input, broadcast over steps
+    monkeypatch.setattr(cm, "FUSE_MIN", 1)
+    monkeypatch.setitem(cm._fused, "cpu", cm._spike_counts)             # the fused path, uncompiled
+    lam_f, n_f = clf._spikes(x, u, from_potential)
+    monkeypatch.setattr(cm, "FUSE", False)
+    lam_e, n_e = clf._spikes(x, u, from_potential)
+    torch.testing.assert_close(lam_f.expand_as(u), lam_e.expand_as(u), rtol=0, atol=1e-15)
+    assert n_f.max() > cm.FUSE_K                                        # the tail was needed
+    assert torch.equal(n_f, n_e)
+
+
 def test_truncated_kernel_weights():
     clf = CompartmentalClassifier(**{**SMALL, "mem": 6, "dt": 0.5}).initialize(N_IN, np.arange(N_CLASSES))
     t = np.arange(1, 7) * 0.5
