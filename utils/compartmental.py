@@ -17,11 +17,20 @@ What is simulated (equation numbers of the paper's Methods):
   on the projected signal U = W S (fewer neurons), restarted from the stored history after every weight update, and
   window means that are linear (mean PSPs, mean A without apical conductance) are taken from the stored signals once
   per phase. The input layer depends on nothing the network does: all input spikes of up to SEGMENT steps are drawn
-  up front and projected at once (only the ~20 active inputs per step are summed, `embedding_bag`), and its basal
-  drive for all those steps is one matrix product with the banded kernel matrix.
-* randomness: Poisson counts by exact inverse CDF from one uniform number each (the first threshold e^-lambda is
-  tested densely, the rare further ones only where it was passed); the uniforms come in bulk from NumPy's PCG64 on
-  the CPU (faster than torch's generator there) and from torch's generator on other devices.
+  up front and projected at once (only the ~20 active inputs per step are summed, `embedding_bag`).
+* layer by layer (the default, whenever the apical compartment does not drive the soma: g_A = 0 or instantaneous
+  somas): a layer then depends only on the layer below up to the same step, so each layer is simulated over a whole
+  segment of up to SEGMENT steps before the next. Its soma is a linear filter of U = W S: C(t) = dec C(t-1) + coef
+  (K U + b)(t) [+ dt I], so C for all steps of the segment is one matrix product H U with H = coef D K (K the banded
+  kernel matrix, D[t, s] = dec^(t-s)) plus the bias/teaching and initial-state terms; then rates and spikes of the
+  segment at once, then U of the next layer by one matrix product. With apical conductance (use_apical_conductance
+  and g_A > 0) the layers are stepped together, one time step at a time, with the two-exponential recurrences.
+* randomness: Poisson counts by exact inverse CDF from one uniform number each. Large segments (>= FUSE_MIN
+  neuron-steps) use one element-wise kernel compiled by torch.compile that tests the first FUSE_K thresholds and
+  returns the largest count; the rare counts beyond are finished by the exact series (eager fallback, two dense
+  thresholds plus the sparse exact tail, when compiling is unavailable; the first compilation takes about a minute
+  on a loaded 2-core CPU and is cached on disk by torch). The uniforms come in bulk from NumPy's PCG64 on the CPU
+  (faster than torch's generator there) and from torch's generator on other devices.
 * rate ("non-spiking") transmission, separately for the feedforward and the feedback path: the presynaptic signal
   is the rate lambda_C itself, filtered through the same truncated kernel - the expectation of the spiking PSP - so
   that both modes share their scales. (The authors' code passes the unfiltered rate instead; a deliberate change.)
@@ -41,6 +50,16 @@ What is simulated (equation numbers of the paper's Methods):
   sigmoid'(mean C^f), step P_hidden = 20 / lambda_max; dW = -eta P E (mean forward-phase presynaptic PSP)^T,
   db = -eta P E. A batch of B examples is simulated at once and its updates are averaged, so batch_size=1 is the
   paper's online algorithm.
+* batches and learning rates: averaging a batch's updates leaves the paper's rates far too small for the hidden
+  layers, but the output layer cannot take B times its online step (its non-target potentials, pushed down by ~1.5
+  per online step at init, overshoot into saturation). Short MNIST sweeps (spiking, 1 x 500, 10,000 examples, test
+  accuracy on 1,000 images): online (0.21, 0.21) 77.0 %; batch 8 (1.68, 0.42) 76.2 %; batch 16 (6.72, 0.42) 75.7 %,
+  (3.36, 0.42) 72.0 %; batch 32 (13.4, 0.42) 70.1 %; batch 64 (26.9, 0.84) 57.8 %; batch 32 (1.68, 1.68) 13 %:
+  scale the hidden rates by about 2 B and the output rate by about 2.
+* initialisation ("weight optimization", Methods): W ~ W_avg + sqrt(12) W_sd U(-1/2, 1/2), b likewise, with W_avg and
+  W_sd from V_avg = V_sd = 3, b_avg = 0.8, nu = lambda_max / 4, as in the authors' code. The formula assumes a mean
+  presynaptic PSP of nu V_avg = 0.15; MNIST's is about 0.2 * 0.13 * sum(kappa) = 0.013, so the initial hidden basal
+  potentials are about 0.8-1.0 +- 0.35 rather than 3 +- 3 - faithful to the paper, not a bug.
 * feedback weights Y: fixed random; sparse (80 % zeroed, the rest x5); symmetric (Y = W^T of the layer above, or the
   product of transposes down from the output with use_broadcast; optional N(0, 0.05) noise redrawn at every update);
   learned: dY = -b_eta E_inv (mean PSP_fb)^T with E_inv = -(lambda_max sigmoid(mean C^f) - alpha^f)
