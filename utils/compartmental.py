@@ -71,6 +71,7 @@ What is simulated (equation numbers of the paper's Methods):
   per time step (the authors' phi_max).
 """
 import math
+import os
 
 import numpy as np
 import torch
@@ -85,7 +86,8 @@ FLAGS = ("use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiki
          "record_backprop_angle")
 SEGMENT = 64          # time steps whose input spikes are drawn and projected in one go (bounds memory)
 PREDICT_CHUNK = 128   # examples simulated at once by predict / predict_proba (larger: slower on a CPU)
-FUSE = True           # sample spikes of large segments with one torch.compile'd kernel (eager fallback if unavailable)
+FUSE = os.environ.get("BIODL_COMPILE", "1") != "0"   # sample spikes of large segments with one torch.compile'd
+#                       kernel (eager fallback if unavailable; BIODL_COMPILE=0 turns it off, e.g. for quick tests)
 FUSE_MIN = 2 ** 16    # ... from this many neuron-steps on (smaller ones, e.g. batch_size=1, stay eager)
 FUSE_K = 6            # thresholds tested densely by the fused kernel (P(N >= 6) < 1e-7 at rate 0.2; exact tail after)
 
