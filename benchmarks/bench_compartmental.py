@@ -136,18 +136,32 @@ def accuracy(args):
     out = Path(args.out or f"runs/compartmental_acc_{args.dataset}_{len(n_hidden)}h_b{args.batch_size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     t0, train_s = time.perf_counter(), 0.0
+    chunk = args.eval_every or len(y)                  # test after every `chunk` training examples
+    g = torch.Generator().manual_seed(args.seed)
+    stop = False
     for epoch in range(args.epochs):
-        t = time.perf_counter()
-        clf.partial_fit(X, y, classes=np.arange(len(ds.classes)))
-        train_s += time.perf_counter() - t
-        err = 100 * (1 - clf.score(Xt, yt))
-        curve.append(dict(epoch=epoch + 1, examples_seen=clf.examples_seen_, test_error=err,
-                          wall_s=time.perf_counter() - t0, train_wall_s=train_s))
-        print(f"epoch {epoch + 1}: test error {err:.2f} % on {len(yt)} test examples, wall {curve[-1]['wall_s']:.0f} s "
-              f"(training {train_s:.0f} s, load average {os.getloadavg()[0]:.1f})", flush=True)
-        out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=False), indent=1))
+        perm = torch.randperm(len(y), generator=g).to(X.device)
+        for start in range(0, len(y), chunk):
+            idx = perm[start:start + chunk]
+            t = time.perf_counter()
+            clf.partial_fit(X[idx], y[idx], classes=np.arange(len(ds.classes)))
+            train_s += time.perf_counter() - t
+            err = 100 * (1 - clf.score(Xt, yt))
+            ep = epoch + (start + len(idx)) / len(y)
+            curve.append(dict(epoch=round(ep, 4), examples_seen=clf.examples_seen_, test_error=err,
+                              wall_s=time.perf_counter() - t0, train_wall_s=train_s))
+            print(f"epoch {ep:.2f}: test error {err:.2f} % on {len(yt)} test examples, wall "
+                  f"{curve[-1]['wall_s']:.0f} s (training {train_s:.0f} s, load average {os.getloadavg()[0]:.1f})",
+                  flush=True)
+            out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=False), indent=1))
+            if args.max_minutes and curve[-1]["wall_s"] > 60 * args.max_minutes:
+                print(f"stopping at epoch {ep:.2f}: --max-minutes {args.max_minutes} reached", flush=True)
+                stop = True
+                break
+        if stop:
+            break
     target = PAPER_ERROR.get(len(n_hidden)) if args.dataset == "mnist" else None
-    print(f"final: {args.dataset} test error {curve[-1]['test_error']:.2f} % after {args.epochs} epochs of "
+    print(f"final: {args.dataset} test error {curve[-1]['test_error']:.2f} % after {curve[-1]['epoch']:g} epochs of "
           f"{len(y)} examples, batch {args.batch_size}, f_etas {f_etas}, wall {curve[-1]['wall_s']:.0f} s"
           + (f" (paper, 60 epochs: {target} %)" if target else ""))
     out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=True), indent=1))
@@ -172,6 +186,9 @@ def main():
     p.add_argument("--subset", type=int, default=None, help="stratified training subset")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=None, help="--accuracy: stop at the first test after this")
+    p.add_argument("--eval-every", type=int, default=None, help="--accuracy: test after every N training examples "
+                   "(default: once per epoch)")
     p.add_argument("--out", default=None, help="JSON file (default: runs/... for --accuracy, none for speed)")
     args = p.parse_args()
     if args.one is not None:

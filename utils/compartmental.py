@@ -86,7 +86,8 @@ FLAGS = ("use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiki
          "use_apical_conductance", "use_weight_optimization", "use_feedback_bias", "extra_steps",
          "record_backprop_angle")
 SEGMENT = 64          # time steps whose input spikes are drawn and projected in one go (bounds memory)
-PREDICT_CHUNK = 128   # examples simulated at once by predict / predict_proba (larger: slower on a CPU)
+PREDICT_CHUNK = 128   # examples simulated at once by predict / predict_proba on a CPU (larger: slower there)
+PREDICT_CHUNK_GPU = 4096   # ... on a GPU (larger chunks: fewer kernel launches)
 FUSE = os.environ.get("BIODL_COMPILE", "1") != "0"   # sample spikes of large segments with one torch.compile'd
 #                       kernel (eager fallback if unavailable; BIODL_COMPILE=0 turns it off, e.g. for quick tests)
 FUSE_MIN = 2 ** 16    # ... from this many neuron-steps on (smaller ones, e.g. batch_size=1, stay eager)
@@ -814,8 +815,9 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         saved = (self.C_, self.sig_, self.hist_, self.state_B_)
         outs = []
         try:
-            for i in range(0, X.shape[0], PREDICT_CHUNK):
-                xb = X[i:i + PREDICT_CHUNK]
+            chunk = PREDICT_CHUNK if self.device_.type == "cpu" else PREDICT_CHUNK_GPU
+            for i in range(0, X.shape[0], chunk):
+                xb = X[i:i + chunk]
                 self._reset_state(xb.shape[0])                   # testing starts from rest
                 x_idx = xb.nonzero(as_tuple=True)
                 res = self._phase(x_idx, xb[x_idx] * self.lambda_max, T, None, window, record=False)
