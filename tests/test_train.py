@@ -17,6 +17,24 @@ def test_learns_separable_problem(blobs, kind, hp):
     assert proba.shape == (200, 10) and np.allclose(proba.sum(1), 1, atol=1e-5)
 
 
+def test_score_accepts_label_tensors(blobs):
+    X, y = blobs
+    clf = make_classifier("mlp", hidden_sizes=(16,), lr=1e-2, max_epochs=2, device="cpu").fit(X[:400], y[:400])
+    by_hand = float((clf.predict(X[400:]) == y[400:].numpy()).mean())
+    assert clf.score(X[400:], y[400:]) == pytest.approx(by_hand)  # a tensor (on any device) scores like numpy
+    assert clf.score(X[400:], y[400:].numpy()) == pytest.approx(by_hand)
+
+
+def test_cosine_schedule_anneals_lr_to_zero(blobs):
+    X, y = blobs
+    clf = make_classifier("mlp", hidden_sizes=(16,), lr=1e-2, max_epochs=4, lr_schedule="cosine", device="cpu")
+    clf.fit(X[:200], y[:200])
+    lrs = [g["lr"] for g in clf.optimizer_.param_groups]
+    assert lrs == [pytest.approx(0.0, abs=1e-12)]  # stepped once per epoch: cos(pi) after max_epochs
+    with pytest.raises(ValueError, match="lr_schedule"):
+        make_classifier("mlp", lr_schedule="step")
+
+
 def test_cross_validate_one_score_per_fold(blobs):
     X, y = blobs
     scores = cross_validate(make_classifier("mlp", hidden_sizes=(16,), lr=1e-2, max_epochs=2, device="cpu"),

@@ -36,6 +36,7 @@ COMMON_DEFAULTS = dict(
     seed=0,           # weights and batch order
     device=None,      # None: the GPU when there is one, else the CPU
     verbose=0,        # 0: silent; 1: a progress bar and skorch's epoch table
+    lr_schedule=None, # None: constant lr; "cosine": cosine annealing from lr to 0 over max_epochs (per epoch)
 )
 MLP_DEFAULTS = dict(hidden_sizes=(500,))
 CNN_DEFAULTS = dict(channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1)
@@ -108,6 +109,11 @@ class TorchClassifier(NeuralNetClassifier):
                 self.set_params(**{key: value})
         return super().fit(X, y, **fit_params)
 
+    def score(self, X, y, sample_weight=None):
+        """Accuracy; labels may be a tensor on any device (scikit-learn's metric needs them on the host)."""
+        y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
+        return super().score(X, y, sample_weight=sample_weight)
+
     def get_iterator(self, dataset, training=False):
         X, y = getattr(dataset, "X", None), getattr(dataset, "y", None)
         if not isinstance(X, torch.Tensor):  # anything else takes skorch's usual path
@@ -148,6 +154,13 @@ def make_classifier(kind, logger=None, **hyperparameters):
         callbacks.append(("progress", EpochProgress()))
     if logger is not None:
         callbacks.append(("logger", logger))
+    schedule = hp.pop("lr_schedule")
+    if schedule == "cosine":
+        from skorch.callbacks import LRScheduler
+        callbacks.append(("lr_schedule", LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR,
+                                                      T_max=int(hp["max_epochs"]))))
+    elif schedule is not None:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: None (constant) or 'cosine'")
     module_params = {f"module__{k}": tuple(v) if isinstance(v, list) else v for k, v in hp.items() if k in arch}
     return TorchClassifier(
         MLP if kind == "mlp" else CNN,
