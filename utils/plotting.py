@@ -236,6 +236,22 @@ def plot_learning_curves(logs, by="run", x="examples_seen", title=None, path=Non
     return _finish(fig, path)
 
 
+def _layer_panels(df, by, x, value, draw, finish):
+    """One panel per `by` value, one line per layer of `value` (mean over runs) against x: draw(ax, band, scale,
+    layer) plots a layer's band (columns x, mean, std, n), finish(ax, rows) completes a panel. Returns fig, axes."""
+    groups = list(pd.unique(df[by]))
+    scale, xlabel = _scale_x(df[x].to_numpy(dtype=float))
+    fig, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False, sharey=True)
+    for ax, group in zip(axes[0], groups):
+        sub = df[df[by] == group]
+        for layer in pd.unique(sub["layer"]):
+            draw(ax, _mean_band(sub[sub["layer"] == layer], "layer", x, value), scale, str(layer))
+        ax.set_title(str(group))
+        ax.set_xlabel(xlabel)
+        finish(ax, sub)
+    return fig, axes
+
+
 def plot_weight_dynamics(logs, by="run", x="examples_seen", logy=True, title=None, path=None):
     """Relative change of each layer's weights ||W_t - W_(t-1)|| / ||W_t|| between records against examples seen:
     one panel per `by` value (model or run), one line per layer (mean over the runs of a panel)."""
@@ -244,21 +260,17 @@ def plot_weight_dynamics(logs, by="run", x="examples_seen", logy=True, title=Non
     df = df[df["rel_change"].notna() & df["layer"].notna()]
     if df.empty:
         raise ValueError("no weight changes to plot (a log needs at least two records)")
-    groups = list(pd.unique(df[by]))
-    scale, xlabel = _scale_x(df[x].to_numpy(dtype=float))
+
+    def draw(ax, band, scale, layer):
+        ax.plot(band[x] / scale, band["mean"], marker=".", markersize=3, label=layer)
+
+    def finish(ax, rows):
+        if logy:
+            ax.set_yscale("log")
+        ax.legend(title="layer", loc="upper right")
+
     with style():
-        fig, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False,
-                                 sharey=True)
-        for ax, group in zip(axes[0], groups):
-            sub = df[df[by] == group]
-            for layer in pd.unique(sub["layer"]):
-                band = _mean_band(sub[sub["layer"] == layer], "layer", x, "rel_change")
-                ax.plot(band[x] / scale, band["mean"], marker=".", markersize=3, label=str(layer))
-            ax.set_title(str(group))
-            ax.set_xlabel(xlabel)
-            if logy:
-                ax.set_yscale("log")
-            ax.legend(title="layer", loc="upper right")
+        fig, axes = _layer_panels(df, by, x, "rel_change", draw, finish)
         axes[0, 0].set_ylabel("relative change ‖ΔW‖ / ‖W‖ per record")
         if title:
             fig.suptitle(title)
@@ -274,24 +286,20 @@ def plot_bp_angle(logs, by="run", x="examples_seen", title=None, path=None):
     df = df[df["bp_angle"].notna()]
     if df.empty:
         raise ValueError("no backprop angle in these logs (turn the compartmental network's diagnostic on)")
-    groups = list(pd.unique(df[by]))
-    scale, xlabel = _scale_x(df[x].to_numpy(dtype=float))
+
+    def draw(ax, band, scale, layer):
+        line, = ax.plot(band[x] / scale, band["mean"], label=layer)
+        if band["n"].max() > 1:
+            ax.fill_between(band[x] / scale, band["mean"] - band["std"], band["mean"] + band["std"],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+
+    def finish(ax, rows):
+        ax.axhline(90, color="0.4", ls=":", lw=1, label="90° (orthogonal)")
+        ax.set_ylim(0, max(100, float(np.nanmax(rows["bp_angle"])) + 5))
+        ax.legend(loc="upper right")
+
     with style():
-        fig, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False,
-                                 sharey=True)
-        for ax, group in zip(axes[0], groups):
-            sub = df[df[by] == group]
-            for layer in pd.unique(sub["layer"]):
-                band = _mean_band(sub[sub["layer"] == layer], "layer", x, "bp_angle")
-                line, = ax.plot(band[x] / scale, band["mean"], label=str(layer))
-                if band["n"].max() > 1:
-                    ax.fill_between(band[x] / scale, band["mean"] - band["std"], band["mean"] + band["std"],
-                                    color=line.get_color(), alpha=0.15, linewidth=0)
-            ax.axhline(90, color="0.4", ls=":", lw=1, label="90° (orthogonal)")
-            ax.set_title(str(group))
-            ax.set_xlabel(xlabel)
-            ax.set_ylim(0, max(100, float(np.nanmax(sub["bp_angle"])) + 5))
-            ax.legend(loc="upper right")
+        fig, axes = _layer_panels(df, by, x, "bp_angle", draw, finish)
         axes[0, 0].set_ylabel("angle to backprop update (degrees)")
         if title:
             fig.suptitle(title)
