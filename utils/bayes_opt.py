@@ -102,7 +102,8 @@ SPACES = {
         "g_A": (0.01, 0.2),              # 0.05: apical conductance (used with use_apical_conductance)
         "E_E": (2.0, 16.0),              # 8: excitatory reversal potential
         "E_I": (-16.0, -2.0),            # -8: inhibitory reversal potential
-        "log10_f_eta_hidden": (-3.0, 0.0),  # 0.21: forward learning rate of every hidden layer
+        "log10_f_eta_hidden": (-3.0, 1.5),  # 0.21 online: forward rate of every hidden layer (batches average
+        #                                     their updates: at batch 16 about 0.21 x 32 = 6.7 learns, so up to 31.6)
         "log10_f_eta_out": (-3.0, 0.0),     # 0.21: forward learning rate of the output layer
         "log10_b_eta": (-4.0, -1.0),        # feedback learning rate of every hidden layer (learned feedback)
         "n_layers": (1, MAX_LAYERS, int),
