@@ -35,8 +35,10 @@ ACCURACY_MODELS = {
         "cifar10": dict(hidden_sizes=(1024, 512), lr=5e-4, batch_size=100),
     },
     "cnn": {
-        "mnist": dict(channels=(32, 64), kernel_sizes=(3, 3), padding=1, lr=1e-3, batch_size=100),
-        "fashion": dict(channels=(32, 64), kernel_sizes=(3, 3), padding=1, lr=1e-3, batch_size=100),
+        "mnist": dict(channels=(32, 64, 128), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100,
+                      lr_schedule="cosine"),
+        "fashion": dict(channels=(32, 64, 128), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100,
+                        lr_schedule="cosine"),
         "cifar10": dict(channels=(64, 128, 256), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100),
     },
 }
