@@ -41,9 +41,9 @@ MODELS = {
 def settings(quick):
     """Every size the notebooks use, in one dict: quick (a 2-core CPU, minutes) or full (the study, a GPU)."""
     if quick:
-        return dict(quick=True, n_train=2000, n_valid=500, epochs=2, compartmental_epochs=1,
-                    compartmental_n_train=1000, records_per_epoch=10, compartmental_records_per_epoch=5,
-                    max_valid=300, compartmental_max_valid=100, n_test=1000,
+        return dict(quick=True, n_train=5000, n_valid=500, epochs=2, compartmental_epochs=1,
+                    compartmental_n_train=5000, records_per_epoch=10, compartmental_records_per_epoch=6,
+                    max_valid=300, compartmental_max_valid=200, n_test=1000,
                     bo_iterations=3, bo_folds=2, bo_epochs=1, bo_subset=500, bo_compartmental_subset=200,
                     bo_init_points=2, bo_max_phase=30, bo_retrain_subset=1000, bo_test_subset=500, bo_out="logs/quick")
     return dict(quick=False, n_train=None, n_valid=5000, epochs=10, compartmental_epochs=10,
