@@ -112,7 +112,7 @@ def test_invalid_cnn_suggestions_never_reach_training(tmp_path, monkeypatch):
         return smooth_objective(hp)
 
     res = bo.run_study("cnn", ds, iterations=4, folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=fake,
-                       retrain=False, verbose=0)
+                       retrain=False, start=None, verbose=0)
     recs = read(res["study_dir"])
     assert len(seen) == 4
     invalid = [r for r in recs if r["status"] == "invalid"]
@@ -125,13 +125,37 @@ def test_invalid_cnn_suggestions_never_reach_training(tmp_path, monkeypatch):
     assert len(set(keys)) == len(keys)  # no point evaluated twice
 
 
+def test_reference_configuration_is_evaluated_first(tmp_path):
+    seen = []
+
+    def fake(hp):
+        seen.append(hp)
+        return [0.5, 0.5]
+
+    res = bo.run_study("compartmental", tiny_dataset(), iterations=3, folds=2, epochs=1, out=tmp_path, init_points=2,
+                       evaluate=fake, retrain=False, fixed={"batch_size": 16}, max_phase=30, verbose=0)
+    recs = read(res["study_dir"])
+    assert [r["source"] for r in recs] == ["start", "random", "bo"]
+    first = seen[0]   # the paper's network, rates scaled for batches of 16, phases capped at max_phase
+    assert first["n_hidden"] == (500,) and first["f_etas"] == pytest.approx((0.21 * 32, 0.21 * 2))
+    assert (first["l_f_phase"], first["l_t_phase"], first["integration_time"]) == (30, 30, 12)
+    assert (first["dt"], first["mem"], first["lambda_max"], first["tau_s"], first["tau_L"]) == (1.0, 10, 0.2, 3.0, 10.0)
+    assert first["g_L"] == pytest.approx(0.1) and first["g_B"] == first["g_D"] == pytest.approx(0.6)
+    assert first["use_spiking_feedforward"] and first["use_broadcast"] and not first["use_sparse_feedback"]
+    mlp = bo.to_hyperparameters("mlp", bo.reference_params("mlp", bo.make_space("mlp")))
+    assert mlp == dict(hidden_sizes=(500,), lr=pytest.approx(1e-3), batch_size=100)
+    with pytest.raises(ValueError, match="missing"):
+        bo.run_study("mlp", tiny_dataset(), iterations=1, out=tmp_path / "x", evaluate=fake, start={"n_layers": 1},
+                     verbose=0)
+
+
 def test_duplicate_suggestions_are_replaced(tmp_path, monkeypatch):
     from bayes_opt import BayesianOptimization
     monkeypatch.setattr(BayesianOptimization, "suggest", lambda self: dict(self.res[0]["params"]))  # seen before
     res = bo.run_study("mlp", tiny_dataset(), iterations=4, folds=2, epochs=1, out=tmp_path, init_points=1,
                        evaluate=smooth_objective, retrain=False, verbose=0)
     recs = read(res["study_dir"])
-    assert [r["source"] for r in recs] == ["random"] + ["bo-valid (duplicate)"] * 3
+    assert [r["source"] for r in recs] == ["start"] + ["bo-valid (duplicate)"] * 3
     keys = [tuple(sorted(r["params"].items())) for r in recs]
     assert len(set(keys)) == 4
 

@@ -26,6 +26,10 @@ mean fold accuracy, chance for failures, null for invalid), fold_scores, params 
 tensor peak on a GPU, the process's peak resident set size on the CPU), source (how it was proposed), rejected,
 reason, finished (timestamp).
 
+The first evaluation is a known configuration (REFERENCE: make_classifier's defaults for the MLP and CNN, the
+paper's network for the compartmental model; source "start"), so the Gaussian process starts from a point that
+learns; `start=None` (`--no-reference`) makes it random like the other init_points.
+
 How the loop treats awkward proposals (everything is logged, one line each in evals.jsonl):
 - invalid CNN (utils.models.cnn_feature_shape raises; about 2 in 3 random CNN configurations are): never trained.
   Random proposals are drawn until valid. When bayes_opt's suggestion is invalid it is logged with status "invalid"
@@ -110,6 +114,44 @@ SPACES = {
         **{f"units_{i}": (30, 500, int) for i in range(1, MAX_LAYERS + 1)},
     },
 }
+
+# the study's first evaluation (unless start=None): a known configuration, so that no study ends below it. MLP and
+# CNN: make_classifier's defaults; compartmental: the paper's network and settings (1 hidden layer of 500, spiking,
+# conductances, broadcast, weight-optimization init; dt 1, phases 50, integration 20, lambda_max 0.2, tau_s 3,
+# tau_L 10, g_B = g_D 0.6, E_E 8, E_I -8, rates 0.21), its learning rates scaled for batches (see reference_params)
+REFERENCE = {
+    "mlp": dict(batch_size=100, log10_lr=-3.0, n_layers=1, units_1=500),
+    "cnn": dict(batch_size=100, log10_lr=-3.0, n_blocks=2, channels_1=32, channels_2=64, kernel_1=3, kernel_2=3,
+                stride=1, padding=1),
+    "compartmental": dict(
+        use_sparse_feedback="off", use_conductances="on", use_broadcast="on", use_spiking_feedback="on",
+        use_spiking_feedforward="on", use_symmetric_weights="off", noisy_symmetric_weights="off",
+        update_feedback_weights="off", use_apical_conductance="off", use_weight_optimization="on",
+        use_feedback_bias="off", dt=1.0, l_f_phase=50, l_t_phase=50, integration_frac=0.4, lambda_max=0.2,
+        tau_s=3.0, tau_delta=7.0, g_B=0.6, g_A=0.05, E_E=8.0, E_I=-8.0, log10_f_eta_hidden=math.log10(0.21),
+        log10_f_eta_out=math.log10(0.21), log10_b_eta=-2.0, n_layers=1, units_1=500),
+}
+
+
+def reference_params(model, space, batch_size=None):
+    """REFERENCE[model] as a complete point of `space`: unused layer entries at their lower bound, values clipped
+    into the bounds (e.g. phases capped by max_phase). For the compartmental network with batch_size B > 1, whose
+    batch updates are averaged, the hidden rate is scaled by 2 B and the output rate by 2 (the paper's 0.21 becomes
+    6.72 and 0.42 at B = 16; see utils/compartmental.py)."""
+    ref = dict(REFERENCE[model])
+    if model == "compartmental" and batch_size and batch_size > 1:
+        ref["log10_f_eta_hidden"] += math.log10(2 * batch_size)
+        ref["log10_f_eta_out"] += math.log10(2)
+    point = {}
+    for key, bounds in space.items():
+        if isinstance(bounds, list):
+            point[key] = ref.get(key, bounds[0])
+            continue
+        lo, hi = bounds[0], bounds[1]
+        value = min(max(ref.get(key, lo), lo), hi)
+        point[key] = int(round(value)) if len(bounds) == 3 and bounds[2] is int else float(value)
+    return point
+
 
 N_CANDIDATES = 1000  # random valid candidates over which the acquisition is maximized when a suggestion is unusable
 MAX_RANDOM_DRAWS = 10_000  # random draws to find one valid configuration before giving up
@@ -315,11 +357,12 @@ def _best_valid_candidate(optimizer, is_valid):
     return candidates[int(np.argmax(ucb))], rejected
 
 
-def propose(optimizer, rng, seed, iteration, init_points, check):
+def propose(optimizer, rng, seed, iteration, init_points, check, start=None):
     """The point of evaluation number `iteration`: (params, source, rejected, invalid), deterministic in (seed,
     iteration, the registered data). check(params) -> None when valid, else the reason.
 
-    source: "random" (the first init_points evaluations), "bo" (bayes_opt's own suggestion), "bo-valid (invalid)" or
+    source: "start" (evaluation 0 is `start` when given, valid and not yet evaluated), "random" (the first
+    init_points evaluations), "bo" (bayes_opt's own suggestion), "bo-valid (invalid)" or
     "bo-valid (duplicate)" (that suggestion was invalid or already evaluated, so the acquisition was maximized over
     random valid unseen candidates instead: _best_valid_candidate). rejected: random draws thrown away as invalid or
     seen. invalid: (params, reason) of an invalid suggestion, for the log, else None."""
@@ -328,6 +371,8 @@ def propose(optimizer, rng, seed, iteration, init_points, check):
     def is_valid(p):
         return check(p) is None
 
+    if iteration == 0 and start is not None and is_valid(start) and not _seen(optimizer, start):
+        return dict(start), "start", 0, None
     if iteration < init_points or len(optimizer.space) == 0:
         (params,), rejected = _random_valid(optimizer, is_valid)
         return params, "random", rejected, None
@@ -462,14 +507,16 @@ def _fmt_time(s):
 
 def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, seed=0, subset=None, device=None,
               init_points=5, fixed=None, max_phase=None, retrain=True, retrain_subset=None, test_subset=None,
-              data_root=None, name=None, evaluate=None, verbose=1):
+              data_root=None, name=None, evaluate=None, start="reference", verbose=1):
     """Tune `model` ("mlp", "cnn", "compartmental") on `dataset` by Bayesian optimization of the mean `folds`-fold
     cross-validated accuracy after `epochs` epochs; `iterations` trained evaluations in all (resumes from
     <out>/<model>_<dataset>/ when it exists: the ones already logged are not redone).
 
     dataset: a name of utils.data.DATASETS, or a utils.data.Dataset (then `name` names it; default "custom").
     subset: cross-validate on a stratified subset of this many training examples (None: the whole training split).
-    init_points: random configurations before the Gaussian process proposes.
+    init_points: random configurations before the Gaussian process proposes (the first is replaced by `start`).
+    start: "reference" (default): evaluation 0 is REFERENCE[model] (the paper's network for the compartmental
+    model, learning rates scaled for a fixed batch size); a dict: that point of the search space; None: random.
     fixed: extra keyword arguments for every make_classifier call (e.g. {"batch_size": 20} for the compartmental net).
     max_phase: cap of the compartmental phase lengths in the space (reduced runs).
     retrain: afterwards, fit the best configuration on the whole training split (or a stratified `retrain_subset`) and
@@ -495,17 +542,26 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
     chance = 1.0 / n_classes
     space = make_space(model, max_phase)
     fixed = dict(fixed or {})
+    if isinstance(start, str):
+        if start != "reference":
+            raise ValueError(f"start={start!r}: use 'reference', None, or a dict of search-space parameters")
+        start = reference_params(model, space, fixed.get("batch_size"))
+    elif start is not None:
+        unknown, missing = set(start) - set(space), set(space) - set(start)
+        if unknown or missing:
+            raise ValueError(f"start must set every parameter of the {model} search space: unknown {sorted(unknown)}"
+                             f", missing {sorted(missing)}")
 
     study_dir = Path(out) / f"{model}_{name}"
     study_dir.mkdir(parents=True, exist_ok=True)
     log_path, state_path, config_path = (study_dir / f for f in ("evals.jsonl", "optimizer_state.json", "config.json"))
     config = dict(model=model, dataset=name, folds=folds, epochs=epochs, seed=seed, subset=subset,
                   n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=init_points,
-                  fixed=fixed, max_phase=max_phase, space=_space_json(space))
+                  fixed=fixed, max_phase=max_phase, space=_space_json(space), start=start)
     if config_path.exists():  # resuming: the settings that define the study must not have changed
         old = json.loads(config_path.read_text())
         diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(config, default=_json_default)).items()
-                if old.get(k) != v}
+                if old.get(k) != v and (k in old or v is not None)}  # keys newer than the study: only if set
         if diff:
             raise ValueError(f"{study_dir} holds a study with other settings {diff} (old, new); use another --out "
                              f"or move it away")
@@ -540,7 +596,7 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
 
     while n_trained < iterations:
         t_iter, iteration = time.perf_counter(), n_trained
-        params, source, rejected, invalid = propose(optimizer, rng, seed, iteration, init_points, check)
+        params, source, rejected, invalid = propose(optimizer, rng, seed, iteration, init_points, check, start)
         hp = to_hyperparameters(model, params)
         train_kw = {**base, **_seed_kw(accepts, seed + iteration), **hp, **fixed}
         result = run_evaluation(evaluate, train_kw, chance, dev)
@@ -709,6 +765,8 @@ def main(argv=None):
     p.add_argument("--no-retrain", action="store_true", help="skip retraining the best on the full training split")
     p.add_argument("--retrain-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--no-reference", action="store_true", help="make the first evaluation random instead of the "
+                                                                "reference configuration (REFERENCE)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--summary", action="store_true", help="only print the table of the studies under --out")
     args = p.parse_args(argv)
@@ -721,7 +779,8 @@ def main(argv=None):
                           subset=args.subset, device=args.device, init_points=args.init_points, fixed=fixed,
                           max_phase=args.max_phase if model == "compartmental" else None,
                           retrain=not args.no_retrain, retrain_subset=args.retrain_subset,
-                          test_subset=args.test_subset, data_root=args.data_root, verbose=0 if args.quiet else 1)
+                          test_subset=args.test_subset, data_root=args.data_root,
+                          start=None if args.no_reference else "reference", verbose=0 if args.quiet else 1)
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
         print(summarize(args.out))
