@@ -31,6 +31,7 @@ if (os.environ.get("MPLBACKEND") is None and "ipykernel" not in sys.modules
     matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -388,7 +389,7 @@ def plot_bo_trace(trace, group=("model", "dataset"), title=None, path=None):
     else:
         y_lo, y_hi = 0.0, 100.0
     with style():
-        fig, ax = plt.subplots(figsize=(PANEL[0] * 1.4, PANEL[1] + 0.3))
+        fig, ax = plt.subplots(figsize=(PANEL[0] * 2.0, PANEL[1] + 0.3))  # room for the legend beside it
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         grouped = df.groupby(keys, sort=False) if keys else [((), df)]
         for k, (name, sub) in enumerate(grouped):
@@ -409,8 +410,9 @@ def plot_bo_trace(trace, group=("model", "dataset"), title=None, path=None):
         if (~df["ok_"]).any():
             ax.plot([], [], "x", color="0.4", ms=6, label="iteration (status not ok: diverged, oom, error, invalid)")
         ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
         ax.set_ylabel("mean CV accuracy (%)")
         ax.set_title(title or "Bayesian optimization trace")
-        ax.legend(loc="lower right")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: never over the points
         fig.tight_layout()
     return _finish(fig, path)
