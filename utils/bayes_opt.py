@@ -26,7 +26,7 @@ mean fold accuracy, chance for failures, null for invalid), fold_scores, params 
 tensor peak on a GPU, the process's peak resident set size on the CPU), source (how it was proposed), rejected,
 reason, finished (timestamp).
 
-The first evaluation is a known configuration (REFERENCE: make_classifier's defaults for the MLP and CNN, the
+The first evaluation is a known configuration (reference(): make_classifier's defaults for the MLP and CNN, the
 paper's network for the compartmental model; source "start"), so the Gaussian process starts from a point that
 learns; `start=None` (`--no-reference`) makes it random like the other init_points.
 
@@ -115,30 +115,41 @@ SPACES = {
     },
 }
 
-# the study's first evaluation (unless start=None): a known configuration, so that no study ends below it. MLP and
-# CNN: make_classifier's defaults; compartmental: the paper's network and settings (1 hidden layer of 500, spiking,
-# conductances, broadcast, weight-optimization init; dt 1, phases 50, integration 20, lambda_max 0.2, tau_s 3,
-# tau_L 10, g_B = g_D 0.6, E_E 8, E_I -8, rates 0.21), its learning rates scaled for batches (see reference_params)
-REFERENCE = {
-    "mlp": dict(batch_size=100, log10_lr=-3.0, n_layers=1, units_1=500),
-    "cnn": dict(batch_size=100, log10_lr=-3.0, n_blocks=2, channels_1=32, channels_2=64, kernel_1=3, kernel_2=3,
-                stride=1, padding=1),
-    "compartmental": dict(
-        use_sparse_feedback="off", use_conductances="on", use_broadcast="on", use_spiking_feedback="on",
-        use_spiking_feedforward="on", use_symmetric_weights="off", noisy_symmetric_weights="off",
-        update_feedback_weights="off", use_apical_conductance="off", use_weight_optimization="on",
-        use_feedback_bias="off", dt=1.0, l_f_phase=50, l_t_phase=50, integration_frac=0.4, lambda_max=0.2,
-        tau_s=3.0, tau_delta=7.0, g_B=0.6, g_A=0.05, E_E=8.0, E_I=-8.0, log10_f_eta_hidden=math.log10(0.21),
-        log10_f_eta_out=math.log10(0.21), log10_b_eta=-2.0, n_layers=1, units_1=500),
-}
+def reference(model):
+    """The study's first evaluation (unless start=None), in the search space's coordinates: the estimator's own
+    defaults, so that no study ends below them - make_classifier's for the MLP and CNN, CompartmentalClassifier's
+    (the paper's network and settings) with the paper's learning rates for the compartmental model. Read from those
+    defaults, so that the two never drift apart."""
+    if model in ("mlp", "cnn"):
+        from utils.train import CNN_DEFAULTS, COMMON_DEFAULTS, MLP_DEFAULTS
+        ref = dict(batch_size=COMMON_DEFAULTS["batch_size"], log10_lr=math.log10(COMMON_DEFAULTS["lr"]))
+        if model == "mlp":
+            sizes = MLP_DEFAULTS["hidden_sizes"]
+            return {**ref, "n_layers": len(sizes), **{f"units_{i}": n for i, n in enumerate(sizes, 1)}}
+        d = CNN_DEFAULTS
+        return {**ref, "n_blocks": len(d["channels"]), "stride": d["stride"], "padding": d["padding"],
+                **{f"channels_{i}": c for i, c in enumerate(d["channels"], 1)},
+                **{f"kernel_{i}": k for i, k in enumerate(d["kernel_sizes"], 1)}}
+    if model == "compartmental":
+        from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier
+        d = CompartmentalClassifier().get_params()
+        (eta_hidden, eta_out), sizes = PAPER_F_ETAS[1], d["n_hidden"]
+        return {**{flag: FLAG[bool(d[flag])] for flag in COMPARTMENTAL_FLAGS},
+                **{k: d[k] for k in ("dt", "l_f_phase", "l_t_phase", "lambda_max", "tau_s", "g_B", "g_A", "E_E",
+                                     "E_I")},
+                "integration_frac": d["integration_time"] / min(d["l_f_phase"], d["l_t_phase"]),
+                "tau_delta": d["tau_L"] - d["tau_s"], "log10_f_eta_hidden": math.log10(eta_hidden),
+                "log10_f_eta_out": math.log10(eta_out), "n_layers": len(sizes),
+                **{f"units_{i}": n for i, n in enumerate(sizes, 1)}}
+    raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
 
 
 def reference_params(model, space, batch_size=None):
-    """REFERENCE[model] as a complete point of `space`: unused layer entries at their lower bound, values clipped
-    into the bounds (e.g. phases capped by max_phase). For the compartmental network with batch_size B > 1, whose
+    """reference(model) as a complete point of `space`: parameters it leaves open (unused layers, the feedback rate)
+    at their lower bound, values clipped into the bounds (phases capped by max_phase, g_A = 0 raised to 0.01). For the compartmental network with batch_size B > 1, whose
     batch updates are averaged, the hidden rate is scaled by 2 B and the output rate by 2 (the paper's 0.21 becomes
     6.72 and 0.42 at B = 16; see utils/compartmental.py)."""
-    ref = dict(REFERENCE[model])
+    ref = reference(model)
     if model == "compartmental" and batch_size and batch_size > 1:
         ref["log10_f_eta_hidden"] += math.log10(2 * batch_size)
         ref["log10_f_eta_out"] += math.log10(2)
@@ -515,7 +526,7 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
     dataset: a name of utils.data.DATASETS, or a utils.data.Dataset (then `name` names it; default "custom").
     subset: cross-validate on a stratified subset of this many training examples (None: the whole training split).
     init_points: random configurations before the Gaussian process proposes (the first is replaced by `start`).
-    start: "reference" (default): evaluation 0 is REFERENCE[model] (the paper's network for the compartmental
+    start: "reference" (default): evaluation 0 is reference(model) (the paper's network for the compartmental
     model, learning rates scaled for a fixed batch size); a dict: that point of the search space; None: random.
     fixed: extra keyword arguments for every make_classifier call (e.g. {"batch_size": 20} for the compartmental net).
     max_phase: cap of the compartmental phase lengths in the space (reduced runs).
@@ -766,7 +777,7 @@ def main(argv=None):
     p.add_argument("--retrain-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--no-reference", action="store_true", help="make the first evaluation random instead of the "
-                                                                "reference configuration (REFERENCE)")
+                                                                "reference configuration (reference())")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--summary", action="store_true", help="only print the table of the studies under --out")
     args = p.parse_args(argv)
