@@ -128,10 +128,12 @@ def accuracy(args):
     f_etas = tuple(args.f_etas) if args.f_etas else PAPER_F_ETAS.get(len(n_hidden), (0.21,) * (len(n_hidden) + 1))
     f_etas = tuple(e * args.lr_scale for e in f_etas)
     curve = []
+    decay = round(args.lr_decay_epochs * len(y)) if args.lr_decay_epochs else None
     clf = CompartmentalClassifier(n_hidden=n_hidden, f_etas=f_etas, batch_size=args.batch_size, max_epochs=1,
-                                  random_state=args.seed, device=args.device, verbose=0)
+                                  lr_decay_examples=decay, random_state=args.seed, device=args.device, verbose=0)
     config = dict(dataset=args.dataset, n_train=len(y), n_test=len(yt), n_hidden=n_hidden, f_etas=f_etas,
-                  batch_size=args.batch_size, lr_scale=args.lr_scale, seed=args.seed, threads=args.threads,
+                  batch_size=args.batch_size, lr_scale=args.lr_scale, lr_decay_epochs=args.lr_decay_epochs,
+                  seed=args.seed, threads=args.threads,
                   defaults="paper (spiking both paths, conductances, broadcast, weight optimization, Wald steps)")
     print("config:", json.dumps(config), flush=True)
     out = Path(args.out or f"runs/compartmental_acc_{args.dataset}_{len(n_hidden)}h_b{args.batch_size}.json")
@@ -151,7 +153,8 @@ def accuracy(args):
             ep = epoch + (start + len(idx)) / len(y)
             curve.append(dict(epoch=round(ep, 4), examples_seen=clf.examples_seen_, test_error=err,
                               wall_s=time.perf_counter() - t0, train_wall_s=train_s))
-            print(f"epoch {ep:.2f}: test error {err:.2f} % on {len(yt)} test examples, wall "
+            print(f"epoch {ep:.2f}: test error {err:.2f} % on {len(yt)} test examples, rate factor "
+                  f"{clf.lr_factor():.3f}, wall "
                   f"{curve[-1]['wall_s']:.0f} s (training {train_s:.0f} s, load average {os.getloadavg()[0]:.1f})",
                   flush=True)
             out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=False), indent=1))
@@ -184,6 +187,8 @@ def main():
     p.add_argument("--n-hidden", type=int, nargs="+", default=[500])
     p.add_argument("--f-etas", type=float, nargs="+", default=None, help="default: the paper's")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every f_eta (batched updates are means)")
+    p.add_argument("--lr-decay-epochs", type=float, default=None,
+                   help="cosine decay of every rate to 0 over this many epochs (default: constant, the paper)")
     p.add_argument("--subset", type=int, default=None, help="stratified training subset")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -166,6 +166,30 @@ def test_batch_update_is_mean_of_single_updates():
         torch.testing.assert_close(batched.b_[m], torch.stack([s.b_[m] for s in singles]).mean(0), rtol=0, atol=1e-12)
 
 
+def test_cosine_decay_scales_each_batch_update():
+    """lr_decay_examples=8, batches of 4: the second batch's update is 0.5 times the constant-rate one, then 0."""
+    X, y = small_data(12, seed=2)
+    classes = np.arange(N_CLASSES)
+    base = CompartmentalClassifier(**SMALL, n_hidden=(15,), random_state=3, batch_size=4)
+    decayed = clone(base).set_params(lr_decay_examples=8).partial_fit(X[:4], y[:4], classes=classes)
+    const = clone(base).partial_fit(X[:4], y[:4], classes=classes)
+    for m in range(2):   # first batch: factor cos-decay(0) = 1
+        torch.testing.assert_close(decayed.W_[m], const.W_[m], rtol=0, atol=1e-12)
+    assert decayed.lr_factor() == pytest.approx(0.5)   # 0.5 (1 + cos(pi 4 / 8))
+    before = [w.clone() for w in decayed.W_]
+    decayed.partial_fit(X[4:8], y[4:8])
+    const.partial_fit(X[4:8], y[4:8])
+    for m in range(2):
+        step_const = const.W_[m] - before[m]
+        assert step_const.abs().max() > 1e-6
+        torch.testing.assert_close(decayed.W_[m] - before[m], 0.5 * step_const, rtol=1e-9, atol=1e-12)
+    assert decayed.lr_factor() == 0.0
+    frozen = [w.clone() for w in decayed.W_]
+    decayed.partial_fit(X[8:], y[8:])   # past lr_decay_examples: rates stay at 0
+    for m in range(2):
+        torch.testing.assert_close(decayed.W_[m], frozen[m], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # spiking
 
@@ -269,6 +293,7 @@ def test_truncated_kernel_weights():
     (dict(b_etas=(0.1, 0.1)), "b_etas"), (dict(update_feedback_weights=True), "b_etas"),
     (dict(dtype="float16"), "dtype"), (dict(use_broadcast="yes"), "use_broadcast"), (dict(dt=-1.0), "dt"),
     (dict(mem=0), "mem"), (dict(batch_size=0), "batch_size"), (dict(g_L=-0.1), "g_L"),
+    (dict(lr_decay_examples=0), "lr_decay_examples"), (dict(lr_decay_examples=2.5), "lr_decay_examples"),
 ])
 def test_bad_hyperparameters_raise_naming_the_parameter(params, name):
     X, y = small_data(8)

@@ -120,6 +120,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                  b_etas=None,              # feedback learning rates per hidden layer (update_feedback_weights)
                  batch_size=1,             # examples simulated at once; their updates are averaged (1: the paper)
                  max_epochs=1,             # passes over the training data in fit
+                 lr_decay_examples=None,   # None: constant rates (the paper); N: cosine decay to 0 over N examples
                  lambda_max=0.2,           # maximum rate, spikes per time step (phi_max)
                  tau_s=3.0,                # synaptic rise time constant of kappa (ms)
                  tau_L=10.0,               # leak (decay) time constant of kappa (ms)
@@ -207,6 +208,10 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                 bad(name, "must be True or False")
         if self.dtype not in ("float32", "float64"):
             bad("dtype", 'use "float32" or "float64"')
+        if self.lr_decay_examples is not None and (not isinstance(self.lr_decay_examples, (int, np.integer))
+                                                   or self.lr_decay_examples < 1):
+            bad("lr_decay_examples", "give the number of training examples over which the rates decay "
+                                     "(e.g. max_epochs * len(X)), or None for constant rates")
         if self.hook_every is not None and (not isinstance(self.hook_every, (int, np.integer)) or self.hook_every < 1):
             bad("hook_every", "must be a positive integer or None")
         if self.hook is not None and not callable(self.hook):
@@ -667,9 +672,17 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------------------------------------------------
     # learning
 
+    def lr_factor(self):
+        """The multiplier of every learning rate for the next batch: 1, or the cosine decay of lr_decay_examples."""
+        if self.lr_decay_examples is None:
+            return 1.0
+        progress = min(self.examples_seen_, self.lr_decay_examples) / self.lr_decay_examples
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
     def _update(self, f, t):
         """The local weight updates of one batch, averaged over its examples (Eqs. 10-13). Returns bp angles."""
         M, lmax, B = self.M_, self.lambda_max, f["C"][0].shape[0]
+        lr = self.lr_factor()
         sig = torch.sigmoid
         dsig = lambda x: sig(x) * (1 - sig(x))   # noqa: E731
         P_final, P_hidden = 20.0 / lmax ** 2, 20.0 / lmax
@@ -692,13 +705,13 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         if self.update_feedback_weights:
             for m in range(M - 1):
                 E_inv = -(lmax * sig(Cf[m]) - alpha_f[m]) * lmax * dsig(f["A"][m])
-                self.Y_[m] -= self.b_etas_[m] * (E_inv.t() @ f["psp_fb"][m]) / B
+                self.Y_[m] -= lr * self.b_etas_[m] * (E_inv.t() @ f["psp_fb"][m]) / B
                 if self.Y_mask_ is not None:
                     self.Y_[m] *= self.Y_mask_[m]
         for m in range(M):
             P = P_final if m == M - 1 else P_hidden
-            self.W_[m] -= self.f_etas_[m] * P * dW[m]
-            self.b_[m] -= self.f_etas_[m] * P * E[m].mean(0)
+            self.W_[m] -= lr * self.f_etas_[m] * P * dW[m]
+            self.b_[m] -= lr * self.f_etas_[m] * P * E[m].mean(0)
         if self.use_symmetric_weights:
             self._make_symmetric()
             if self.Y_mask_ is not None:
