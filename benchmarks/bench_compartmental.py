@@ -6,6 +6,7 @@
         --f-etas 6.72 0.42 --threads 1                                                     # MNIST test error
     ... --n-hidden 500 100 --f-etas 7.36 7.36 0.48; --dataset fashion / cifar10 (--subset, --test-subset)
     ... --eval-every 20000 --max-minutes 30     # test every 20,000 examples, stop at the first test after 30 min
+    ... --epochs 30 --lr-decay-epochs 30        # cosine decay of the rates to 0 over 30 epochs (not in the paper)
 
 Speed: the paper's defaults (spiking feedforward and feedback, 784-500-10, 50 + 50 training steps plus the Wald
 extra steps, 250 test steps) on MNIST images (random images of MNIST's sparsity without BIODL_DATA); training and

@@ -57,6 +57,8 @@ What is simulated (equation numbers of the paper's Methods):
   (3.36, 0.42) 72.0 %; batch 32 (13.4, 0.42) 70.1 %; batch 64 (26.9, 0.84) 57.8 %; batch 32 (1.68, 1.68) 13 %:
   scale the hidden rates by B to 2 B and the output rate by about 2 (2 hidden layers of 500 and 100, batch 16:
   (7.36, 7.36, 0.48), i.e. the paper's x32, x32, x4, 70.3 % after 10,000 examples; with output x2, 47 %).
+* learning-rate decay (not in the paper, off by default): lr_decay_examples=N multiplies every rate by
+  0.5 (1 + cos(pi min(n, N) / N)), n the examples trained on before the batch, e.g. N = max_epochs * len(X).
 * initialisation ("weight optimization", Methods): W ~ W_avg + sqrt(12) W_sd U(-1/2, 1/2), b likewise, with W_avg and
   W_sd from V_avg = V_sd = 3, b_avg = 0.8, nu = lambda_max / 4, as in the authors' code. The formula assumes a mean
   presynaptic PSP of nu V_avg = 0.15; MNIST's is about 0.2 * 0.13 * sum(kappa) = 0.013, so the initial hidden basal
