@@ -7,6 +7,7 @@
     ... --n-hidden 500 100 --f-etas 7.36 7.36 0.48; --dataset fashion / cifar10 (--subset, --test-subset)
     ... --eval-every 20000 --max-minutes 30     # test every 20,000 examples, stop at the first test after 30 min
     ... --epochs 30 --lr-decay-epochs 30        # cosine decay of the rates to 0 over 30 epochs (not in the paper)
+    python benchmarks/bench_compartmental.py --plot runs/a.json runs/b.json   # figures/compartmental_test_error.png
 
 Speed: the paper's defaults (spiking feedforward and feedback, 784-500-10, 50 + 50 training steps plus the Wald
 extra steps, 250 test steps) on MNIST images (random images of MNIST's sparsity without BIODL_DATA); training and
@@ -173,6 +174,33 @@ def accuracy(args):
     print("saved", out)
 
 
+def plot(files, path):
+    """Test error against epochs for saved --accuracy runs, with the paper's 60-epoch MNIST errors."""
+    import matplotlib.pyplot as plt
+    from utils.plotting import save_figure, style
+    runs = []
+    for f in files:
+        try:
+            runs.append(json.loads(Path(f).read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--plot: cannot read {f} ({e}); give JSON files written by --accuracy")
+    with style():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in runs:
+            c = r["config"]
+            label = (f"{c['dataset']}, {'-'.join(map(str, c['n_hidden']))}, batch {c['batch_size']}, "
+                     f"rates {tuple(c['f_etas'])}" + (f", cosine {c['lr_decay_epochs']:g} ep"
+                                                       if c.get("lr_decay_epochs") else ""))
+            ax.plot([p["epoch"] for p in r["curve"]], [p["test_error"] for p in r["curve"]], marker=".", label=label)
+        for n_layers, err in PAPER_ERROR.items():
+            ax.axhline(err, ls="--", lw=1, color="grey")
+            ax.annotate(f"paper, {n_layers} hidden, 60 epochs", (ax.get_xlim()[1], err), ha="right", va="bottom",
+                        fontsize=8, color="grey")
+        ax.set(xlabel="epoch", ylabel="test error (%)", ylim=(0, None), title="Compartmental network, spiking")
+        ax.legend(fontsize=8)
+    print("saved", save_figure(fig, path))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--accuracy", action="store_true", help="train and test instead of the speed table")
@@ -196,9 +224,14 @@ def main():
     p.add_argument("--max-minutes", type=float, default=None, help="--accuracy: stop at the first test after this")
     p.add_argument("--eval-every", type=int, default=None, help="--accuracy: test after every N training examples "
                    "(default: once per epoch)")
+    p.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                   help="draw the test error curves of saved --accuracy runs into --figure")
+    p.add_argument("--figure", default="compartmental_test_error.png", help="--plot: file under figures/")
     p.add_argument("--out", default=None, help="JSON file (default: runs/... for --accuracy, none for speed)")
     args = p.parse_args()
-    if args.one is not None:
+    if args.plot:
+        plot(args.plot, args.figure)
+    elif args.one is not None:
         print(json.dumps(speed_one(args.one, args.device, args.threads, args.batches, args.test_examples)))
     elif args.accuracy:
         accuracy(args)
