@@ -194,8 +194,8 @@ def plot(files, path):
             ax.plot([p["epoch"] for p in r["curve"]], [p["test_error"] for p in r["curve"]], marker=".", label=label)
         for n_layers, err in PAPER_ERROR.items():
             ax.axhline(err, ls="--", lw=1, color="grey")
-            ax.annotate(f"paper, {n_layers} hidden, 60 epochs", (ax.get_xlim()[1], err), ha="right", va="bottom",
-                        fontsize=8, color="grey")
+            ax.annotate(f"MNIST, paper: {n_layers} hidden, 60 epochs", (ax.get_xlim()[0], err), xytext=(4, -2),
+                        textcoords="offset points", ha="left", va="top", fontsize=8, color="grey")
         ax.set(xlabel="epoch", ylabel="test error (%)", ylim=(0, None), title="Compartmental network, spiking")
         ax.legend(fontsize=8)
     print("saved", save_figure(fig, path))
