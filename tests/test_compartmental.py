@@ -171,6 +171,7 @@ def test_cosine_decay_scales_each_batch_update():
     X, y = small_data(12, seed=2)
     classes = np.arange(N_CLASSES)
     base = CompartmentalClassifier(**SMALL, n_hidden=(15,), random_state=3, batch_size=4)
+    assert clone(base).set_params(lr_decay_examples=8).lr_factor() == 1.0   # before any training
     decayed = clone(base).set_params(lr_decay_examples=8).partial_fit(X[:4], y[:4], classes=classes)
     const = clone(base).partial_fit(X[:4], y[:4], classes=classes)
     for m in range(2):   # first batch: factor cos-decay(0) = 1

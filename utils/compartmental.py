@@ -678,7 +678,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         """The multiplier of every learning rate for the next batch: 1, or the cosine decay of lr_decay_examples."""
         if self.lr_decay_examples is None:
             return 1.0
-        progress = min(self.examples_seen_, self.lr_decay_examples) / self.lr_decay_examples
+        progress = min(getattr(self, "examples_seen_", 0), self.lr_decay_examples) / self.lr_decay_examples
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     def _update(self, f, t):
