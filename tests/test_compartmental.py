@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from utils.compartmental import CompartmentalClassifier
+from utils.compartmental import CompartmentalClassifier, batch_f_etas
 from utils.errors import TrainingDiverged
 
 N_IN, N_CLASSES = 20, 4
@@ -164,6 +164,12 @@ def test_batch_update_is_mean_of_single_updates():
         assert (mean_W - init.W_[m]).abs().max() > 1e-6
         torch.testing.assert_close(batched.W_[m], mean_W, rtol=0, atol=1e-12)
         torch.testing.assert_close(batched.b_[m], torch.stack([s.b_[m] for s in singles]).mean(0), rtol=0, atol=1e-12)
+
+
+def test_batch_f_etas_scales_hidden_by_2B_and_output_by_2():
+    assert batch_f_etas(1) == (0.21, 0.21)
+    assert batch_f_etas(16) == pytest.approx((6.72, 0.42))
+    assert batch_f_etas(8, (0.23, 0.23, 0.12)) == pytest.approx((3.68, 3.68, 0.24))
 
 
 def test_cosine_decay_scales_each_batch_update():

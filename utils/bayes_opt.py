@@ -115,11 +115,11 @@ SPACES = {
     },
 }
 
-def reference(model):
+def reference(model, batch_size=None):
     """The study's first evaluation (unless start=None), in the search space's coordinates: the estimator's own
     defaults, so that no study ends below them - make_classifier's for the MLP and CNN, CompartmentalClassifier's
-    (the paper's network and settings) with the paper's learning rates for the compartmental model. Read from those
-    defaults, so that the two never drift apart."""
+    (the paper's network and settings) with the paper's learning rates for the compartmental model, scaled by
+    batch_f_etas for a batch_size > 1. Read from those defaults, so that the two never drift apart."""
     if model in ("mlp", "cnn"):
         from utils.train import CNN_DEFAULTS, COMMON_DEFAULTS, MLP_DEFAULTS
         ref = dict(batch_size=COMMON_DEFAULTS["batch_size"], log10_lr=math.log10(COMMON_DEFAULTS["lr"]))
@@ -131,9 +131,9 @@ def reference(model):
                 **{f"channels_{i}": c for i, c in enumerate(d["channels"], 1)},
                 **{f"kernel_{i}": k for i, k in enumerate(d["kernel_sizes"], 1)}}
     if model == "compartmental":
-        from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier
+        from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier, batch_f_etas
         d = CompartmentalClassifier().get_params()
-        (eta_hidden, eta_out), sizes = PAPER_F_ETAS[1], d["n_hidden"]
+        (eta_hidden, eta_out), sizes = batch_f_etas(batch_size or 1, PAPER_F_ETAS[1]), d["n_hidden"]
         return {**{flag: FLAG[bool(d[flag])] for flag in COMPARTMENTAL_FLAGS},
                 **{k: d[k] for k in ("dt", "l_f_phase", "l_t_phase", "lambda_max", "tau_s", "g_B", "g_A", "E_E",
                                      "E_I")},
@@ -146,13 +146,10 @@ def reference(model):
 
 def reference_params(model, space, batch_size=None):
     """reference(model) as a complete point of `space`: parameters it leaves open (unused layers, the feedback rate)
-    at their lower bound, values clipped into the bounds (phases capped by max_phase, g_A = 0 raised to 0.01). For the compartmental network with batch_size B > 1, whose
-    batch updates are averaged, the hidden rate is scaled by 2 B and the output rate by 2 (the paper's 0.21 becomes
-    6.72 and 0.42 at B = 16; see utils/compartmental.py)."""
-    ref = reference(model)
-    if model == "compartmental" and batch_size and batch_size > 1:
-        ref["log10_f_eta_hidden"] += math.log10(2 * batch_size)
-        ref["log10_f_eta_out"] += math.log10(2)
+    at their lower bound, values clipped into the bounds (phases capped by max_phase, g_A = 0 raised to 0.01). For
+    the compartmental network with batch_size B > 1, whose batch updates are averaged, the rates are scaled by
+    utils.compartmental.batch_f_etas (hidden x 2 B, output x 2: the paper's 0.21 becomes 6.72 and 0.42 at B = 16)."""
+    ref = reference(model, batch_size)
     point = {}
     for key, bounds in space.items():
         if isinstance(bounds, list):

@@ -96,6 +96,14 @@ FUSE_MIN = 2 ** 16    # ... from this many neuron-steps on (smaller ones, e.g. b
 FUSE_K = 6            # thresholds tested densely by the fused kernel (P(N >= 6) < 1e-7 at rate 0.2; exact tail after)
 
 
+def batch_f_etas(batch_size, f_etas=PAPER_F_ETAS[1]):
+    """Online rates (hidden..., output) scaled for averaged batch updates: hidden x 2 B, output x 2 (the sweep in
+    the module docstring; batch 16: (0.21, 0.21) -> (6.72, 0.42)); unchanged at batch_size=1."""
+    if batch_size == 1:
+        return tuple(f_etas)
+    return tuple(e * 2 * batch_size for e in f_etas[:-1]) + (f_etas[-1] * 2,)
+
+
 def _spike_counts(x, u, lmax: float, from_potential: bool):
     """Rates lambda = lambda_max sigmoid(x) (or x itself) and Poisson counts by inverse CDF of u, the first FUSE_K
     thresholds sum_{j<k} e^-lambda lambda^j / j! tested in one element-wise pass; also the largest count."""
