@@ -7,6 +7,8 @@
     ... --n-hidden 500 100 --f-etas 7.36 7.36 0.48; --dataset fashion / cifar10 (--subset, --test-subset)
     ... --eval-every 20000 --max-minutes 30     # test every 20,000 examples, stop at the first test after 30 min
     ... --epochs 30 --lr-decay-epochs 30        # cosine decay of the rates to 0 over 30 epochs (not in the paper)
+    ... --epochs 60 --test-every-epochs 10      # a full MNIST test costs a third of an epoch: test every 10th only
+    ... --resume                                # after an interruption: same arguments, continues from the checkpoint
     python benchmarks/bench_compartmental.py --plot runs/a.json runs/b.json   # figures/compartmental_test_error.png
 
 Speed: the paper's defaults (spiking feedforward and feedback, 784-500-10, 50 + 50 training steps plus the Wald
@@ -16,7 +18,8 @@ the ratio to the authors' per-example NumPy code. The reference figures (38 trai
 project's 2-core CPU, 875 MiB) were measured by the project's lead (shared PERFORMANCE notes); they are printed,
 not re-measured here. Target: >= 950 training examples/s (25x) at a batch size >= 128 on that CPU.
 Accuracy: trains on the official training split (or a stratified subset) with the paper's spiking defaults,
-reports the official test error, the configuration and the wall time, and saves a JSON under runs/ after every epoch.
+reports the official test error, the configuration and the wall time, and saves a JSON under runs/ after every test
+and a checkpoint (network, data order, curve) next to it after every epoch, so --resume loses at most one epoch.
 Batches average their updates: scale the hidden rates by B to 2 B and the output rate by about 2 (batch 16: hidden
 0.21 x 32, output 0.21 x 2; see the module docstring for the sweep).
 """
@@ -140,27 +143,46 @@ def accuracy(args):
     print("config:", json.dumps(config), flush=True)
     out = Path(args.out or f"runs/compartmental_acc_{args.dataset}_{len(n_hidden)}h_b{args.batch_size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    t0, train_s = time.perf_counter(), 0.0
+    ckpt = out.with_suffix(".ckpt.pt")                 # the network and the data order after every test
     chunk = args.eval_every or len(y)                  # test after every `chunk` training examples
     g = torch.Generator().manual_seed(args.seed)
+    first_epoch, first_start, wall0, train_s = 0, 0, 0.0, 0.0
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=args.device, weights_only=False)
+        if {k: v for k, v in state["config"].items() if k != "threads"} != {k: v for k, v in config.items()
+                                                                              if k != "threads"}:
+            sys.exit(f"--resume: {ckpt} was saved with a different configuration:\n  {state['config']}\n"
+                     f"rerun with the same arguments, or without --resume (or another --out) to start afresh")
+        clf, curve, train_s, wall0 = state["clf"], state["curve"], state["train_s"], state["wall_s"]
+        first_epoch, first_start = state["epoch"], state["next_start"]
+        g.set_state(state["g_state"])
+        print(f"resuming from {ckpt} at {clf.examples_seen_} examples seen", flush=True)
+    t0 = time.perf_counter() - wall0
     stop = False
-    for epoch in range(args.epochs):
+    for epoch in range(first_epoch, args.epochs):
+        g_state = g.get_state()                        # the state that draws this epoch's order (for --resume)
         perm = torch.randperm(len(y), generator=g).to(X.device)
-        for start in range(0, len(y), chunk):
+        for start in range(first_start if epoch == first_epoch else 0, len(y), chunk):
             idx = perm[start:start + chunk]
             t = time.perf_counter()
             clf.partial_fit(X[idx], y[idx], classes=np.arange(len(ds.classes)))
             train_s += time.perf_counter() - t
-            err = 100 * (1 - clf.score(Xt, yt))
             ep = epoch + (start + len(idx)) / len(y)
-            curve.append(dict(epoch=round(ep, 4), examples_seen=clf.examples_seen_, test_error=err,
-                              wall_s=time.perf_counter() - t0, train_wall_s=train_s))
-            print(f"epoch {ep:.2f}: test error {err:.2f} % on {len(yt)} test examples, rate factor "
-                  f"{clf.lr_factor():.3f}, wall "
-                  f"{curve[-1]['wall_s']:.0f} s (training {train_s:.0f} s, load average {os.getloadavg()[0]:.1f})",
-                  flush=True)
-            out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=False), indent=1))
-            if args.max_minutes and curve[-1]["wall_s"] > 60 * args.max_minutes:
+            last = epoch == args.epochs - 1 and start + chunk >= len(y)
+            tested = chunk < len(y) or (epoch + 1) % args.test_every_epochs == 0 or last
+            if tested:                                 # --test-every-epochs K: only every Kth epoch and the last
+                err = 100 * (1 - clf.score(Xt, yt))
+                curve.append(dict(epoch=round(ep, 4), examples_seen=clf.examples_seen_, test_error=err,
+                                  wall_s=time.perf_counter() - t0, train_wall_s=train_s))
+                print(f"epoch {ep:.2f}: test error {err:.2f} % on {len(yt)} test examples, rate factor "
+                      f"{clf.lr_factor():.3f}, wall {curve[-1]['wall_s']:.0f} s (training {train_s:.0f} s, "
+                      f"load average {os.getloadavg()[0]:.1f})", flush=True)
+                out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=False), indent=1))
+            wall = time.perf_counter() - t0
+            torch.save(dict(config=config, clf=clf, curve=curve, train_s=train_s, wall_s=wall, epoch=epoch,
+                            next_start=start + chunk, g_state=g_state), ckpt.with_suffix(".tmp"))
+            ckpt.with_suffix(".tmp").replace(ckpt)     # an interrupted save leaves the previous checkpoint intact
+            if tested and args.max_minutes and wall > 60 * args.max_minutes:
                 print(f"stopping at epoch {ep:.2f}: --max-minutes {args.max_minutes} reached", flush=True)
                 stop = True
                 break
@@ -224,11 +246,17 @@ def main():
     p.add_argument("--max-minutes", type=float, default=None, help="--accuracy: stop at the first test after this")
     p.add_argument("--eval-every", type=int, default=None, help="--accuracy: test after every N training examples "
                    "(default: once per epoch)")
+    p.add_argument("--resume", action="store_true", help="--accuracy: continue from the checkpoint saved next to "
+                   "--out after the last test (same arguments); without it a run starts afresh")
+    p.add_argument("--test-every-epochs", type=int, default=1, help="--accuracy: test only after every Kth epoch "
+                   "and the last (a full MNIST test costs about a third of an epoch on the CPU)")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON",
                    help="draw the test error curves of saved --accuracy runs into --figure")
     p.add_argument("--figure", default="compartmental_test_error.png", help="--plot: file under figures/")
     p.add_argument("--out", default=None, help="JSON file (default: runs/... for --accuracy, none for speed)")
     args = p.parse_args()
+    if args.test_every_epochs < 1:
+        p.error(f"--test-every-epochs must be at least 1, got {args.test_every_epochs}")
     if args.plot:
         plot(args.plot, args.figure)
     elif args.one is not None:

@@ -29,3 +29,50 @@ def test_plot_rejects_unreadable_file(tmp_path):
     bad.write_text("not json")
     with pytest.raises(SystemExit, match="bad.json"):
         bench.plot([bad], tmp_path / "x.png")
+
+
+def _fake_dataset(monkeypatch):
+    """Tiny separable 4 x 4 images in place of MNIST, so the accuracy loop runs in seconds without data files."""
+    import torch
+    import utils.data
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    X = (0.2 * torch.rand(64, 1, 4, 4, generator=g) + 0.6 * y.view(-1, 1, 1, 1)).float()
+    ds = utils.data.Dataset(X[:48], y[:48], X[48:], y[48:], ["a", "b"])
+    monkeypatch.setattr(utils.data, "load_dataset", lambda *a, **k: ds)
+
+
+def _run(monkeypatch, out, *extra):
+    argv = ["bench_compartmental.py", "--accuracy", "--n-hidden", "8", "--batch-size", "16", "--threads", "1",
+            "--out", str(out), *extra]
+    monkeypatch.setattr("sys.argv", argv)
+    bench.main()
+    return json.loads(Path(out).read_text())
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
+    import torch
+    _fake_dataset(monkeypatch)
+    whole = _run(monkeypatch, tmp_path / "whole.json", "--epochs", "3")
+    _run(monkeypatch, tmp_path / "parts.json", "--epochs", "1")            # an "interrupted" run: 1 epoch of 3
+    parts = _run(monkeypatch, tmp_path / "parts.json", "--epochs", "3", "--resume")
+    assert [c["epoch"] for c in parts["curve"]] == [1.0, 2.0, 3.0] and parts["finished"]
+    assert [c["test_error"] for c in parts["curve"]] == [c["test_error"] for c in whole["curve"]]
+    a = torch.load(tmp_path / "whole.ckpt.pt", weights_only=False)["clf"]
+    b = torch.load(tmp_path / "parts.ckpt.pt", weights_only=False)["clf"]
+    assert a.examples_seen_ == b.examples_seen_ == 3 * 48
+    for wa, wb in zip(a.W_, b.W_):
+        assert torch.equal(wa, wb)
+
+
+def test_resume_refuses_another_configuration(tmp_path, monkeypatch):
+    _fake_dataset(monkeypatch)
+    _run(monkeypatch, tmp_path / "r.json", "--epochs", "1")
+    with pytest.raises(SystemExit, match="different configuration"):
+        _run(monkeypatch, tmp_path / "r.json", "--epochs", "2", "--resume", "--f-etas", "1.0", "0.5")
+
+
+def test_test_every_epochs_tests_every_kth_and_the_last(tmp_path, monkeypatch):
+    _fake_dataset(monkeypatch)
+    run = _run(monkeypatch, tmp_path / "k.json", "--epochs", "5", "--test-every-epochs", "2")
+    assert [c["epoch"] for c in run["curve"]] == [2.0, 4.0, 5.0]
