@@ -143,7 +143,7 @@ def accuracy(args):
     print("config:", json.dumps(config), flush=True)
     out = Path(args.out or f"runs/compartmental_acc_{args.dataset}_{len(n_hidden)}h_b{args.batch_size}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = out.with_suffix(".ckpt.pt")                 # the network and the data order after every test
+    ckpt = out.with_suffix(".ckpt.pt")                 # network, data order and curve after every epoch (or chunk)
     chunk = args.eval_every or len(y)                  # test after every `chunk` training examples
     g = torch.Generator().manual_seed(args.seed)
     first_epoch, first_start, wall0, train_s = 0, 0, 0.0, 0.0
@@ -157,6 +157,8 @@ def accuracy(args):
         first_epoch, first_start = state["epoch"], state["next_start"]
         g.set_state(state["g_state"])
         print(f"resuming from {ckpt} at {clf.examples_seen_} examples seen", flush=True)
+    elif args.resume:
+        print(f"--resume: no checkpoint {ckpt} yet, starting afresh", flush=True)
     t0 = time.perf_counter() - wall0
     stop = False
     for epoch in range(first_epoch, args.epochs):
@@ -247,7 +249,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=None, help="--accuracy: test after every N training examples "
                    "(default: once per epoch)")
     p.add_argument("--resume", action="store_true", help="--accuracy: continue from the checkpoint saved next to "
-                   "--out after the last test (same arguments); without it a run starts afresh")
+                   "--out after every epoch (same arguments); without it a run starts afresh")
     p.add_argument("--test-every-epochs", type=int, default=1, help="--accuracy: test only after every Kth epoch "
                    "and the last (a full MNIST test costs about a third of an epoch on the CPU)")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON",
