@@ -121,6 +121,7 @@ def speed(args):
 
 def accuracy(args):
     from utils.data import load_dataset, stratified_subset
+    from utils.train import atomic_save
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset, device=args.device)
     X, y = ds.X_train, ds.y_train
@@ -149,8 +150,9 @@ def accuracy(args):
     first_epoch, first_start, wall0, train_s = 0, 0, 0.0, 0.0
     if args.resume and ckpt.exists():
         state = torch.load(ckpt, map_location=args.device, weights_only=False)
-        if {k: v for k, v in state["config"].items() if k != "threads"} != {k: v for k, v in config.items()
-                                                                              if k != "threads"}:
+        def run_config(c):                             # threads change the speed, not the run
+            return {k: v for k, v in c.items() if k != "threads"}
+        if run_config(state["config"]) != run_config(config):
             sys.exit(f"--resume: {ckpt} was saved with a different configuration:\n  {state['config']}\n"
                      f"rerun with the same arguments, or without --resume (or another --out) to start afresh")
         clf, curve, train_s, wall0 = state["clf"], state["curve"], state["train_s"], state["wall_s"]
@@ -181,9 +183,8 @@ def accuracy(args):
                       f"load average {os.getloadavg()[0]:.1f})", flush=True)
                 out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=False), indent=1))
             wall = time.perf_counter() - t0
-            torch.save(dict(config=config, clf=clf, curve=curve, train_s=train_s, wall_s=wall, epoch=epoch,
-                            next_start=start + chunk, g_state=g_state), ckpt.with_suffix(".tmp"))
-            ckpt.with_suffix(".tmp").replace(ckpt)     # an interrupted save leaves the previous checkpoint intact
+            atomic_save(dict(config=config, clf=clf, curve=curve, train_s=train_s, wall_s=wall, epoch=epoch,
+                             next_start=start + chunk, g_state=g_state), ckpt)
             if tested and args.max_minutes and wall > 60 * args.max_minutes:
                 print(f"stopping at epoch {ep:.2f}: --max-minutes {args.max_minutes} reached", flush=True)
                 stop = True

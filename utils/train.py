@@ -215,14 +215,20 @@ def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None
 # checkpoints: the pickled estimator (weights included) and a JSON sidecar with its configuration
 
 
+def atomic_save(obj, path):
+    """torch.save through a temporary file, so that an interrupted save never leaves a half-written file behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def save_checkpoint(estimator, name, directory="models", config=None):
     """Save `estimator` to directory/name.pt and its configuration to directory/name.json; returns the .pt path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(estimator, tmp)
-    tmp.replace(path)  # an interrupted save never leaves a half-written checkpoint behind
+    atomic_save(estimator, path)
     params = {k: v for k, v in estimator.get_params().items() if not k.startswith("callbacks") and k != "hook"}
     meta = {"estimator": type(estimator).__name__, "params": params, "config": config or {},
             "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
