@@ -214,7 +214,7 @@ def plot(files, path):
         for r in runs:
             c = r["config"]
             label = (f"{c['dataset']}, {'-'.join(map(str, c['n_hidden']))}, batch {c['batch_size']}, "
-                     f"rates {tuple(c['f_etas'])}" + (f", cosine {c['lr_decay_epochs']:g} ep"
+                     f"rates ({', '.join(f'{eta:g}' for eta in c['f_etas'])})" + (f", cosine {c['lr_decay_epochs']:g} ep"
                                                        if c.get("lr_decay_epochs") else ", constant"))
             ax.plot([p["epoch"] for p in r["curve"]], [p["test_error"] for p in r["curve"]], marker=".", label=label)
         for n_layers, err in PAPER_ERROR.items():
