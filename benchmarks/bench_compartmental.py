@@ -216,13 +216,14 @@ def plot(files, path):
             label = (f"{c['dataset']}, {'-'.join(map(str, c['n_hidden']))}, batch {c['batch_size']}, "
                      f"rates ({', '.join(f'{eta:g}' for eta in c['f_etas'])})" + (f", cosine {c['lr_decay_epochs']:g} ep"
                                                        if c.get("lr_decay_epochs") else ", constant"))
+            label += f", seed {c['seed']}" if c.get("seed") else ""
             ax.plot([p["epoch"] for p in r["curve"]], [p["test_error"] for p in r["curve"]], marker=".", label=label)
         for n_layers, err in PAPER_ERROR.items():
             ax.axhline(err, ls="--", lw=1, color="grey")
             ax.annotate(f"MNIST, paper: {n_layers} hidden, 60 epochs", (ax.get_xlim()[0], err), xytext=(4, -2),
                         textcoords="offset points", ha="left", va="top", fontsize=8, color="grey")
         ax.set(xlabel="epoch", ylabel="test error (%)", ylim=(0, None), title="Compartmental network, spiking")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))   # below the axes: no curve hidden
     print("saved", save_figure(fig, path))
 
 
