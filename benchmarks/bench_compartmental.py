@@ -66,7 +66,7 @@ def speed_one(batch_size, device, threads, n_batches, n_test):
     X, y, source = mnist_like(max(n_train, n_test))
     dev = torch.device(device)
     X, y = X.to(dev), y.to(dev)
-    clf = CompartmentalClassifier(batch_size=batch_size, max_epochs=1, random_state=0, device=dev)
+    clf = CompartmentalClassifier(batch_size=batch_size, max_epochs=1, seed=0, device=dev)
     clf.initialize(X[0].numel(), np.arange(10))
     clf.partial_fit(X[:batch_size], y[:batch_size])               # warm-up: allocations, caches
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -136,7 +136,7 @@ def accuracy(args):
     curve = []
     decay = round(args.lr_decay_epochs * len(y)) if args.lr_decay_epochs else None
     clf = CompartmentalClassifier(n_hidden=n_hidden, f_etas=f_etas, batch_size=args.batch_size, max_epochs=1,
-                                  lr_decay_examples=decay, random_state=args.seed, device=args.device, verbose=0)
+                                  lr_decay_examples=decay, seed=args.seed, device=args.device, verbose=0)
     config = dict(dataset=args.dataset, n_train=len(y), n_test=len(yt), n_hidden=n_hidden, f_etas=f_etas,
                   batch_size=args.batch_size, lr_scale=args.lr_scale, lr_decay_epochs=args.lr_decay_epochs,
                   seed=args.seed, threads=args.threads,

@@ -376,7 +376,7 @@ def test_command_line_on_an_idx_root(tmp_path, mnist_root, capsys):
 
 
 def test_compartmental_study_runs_with_capped_phases(tmp_path):
-    """Real CompartmentalClassifier through the loop: seeds reach it as random_state, phases stay under the cap."""
+    """Real CompartmentalClassifier through the loop: seeds reach it as seed, phases stay under the cap."""
     ds = tiny_dataset(n=40)
     res = bo.run_study("compartmental", ds, iterations=2, folds=2, epochs=1, out=tmp_path, init_points=2,
                        max_phase=25, fixed={"batch_size": 10}, retrain=False, verbose=0)
@@ -388,4 +388,4 @@ def test_compartmental_study_runs_with_capped_phases(tmp_path):
         assert 20 <= hp["l_f_phase"] <= 25 and 20 <= hp["l_t_phase"] <= 25
     config = json.loads((res["study_dir"] / "config.json").read_text())
     assert config["max_phase"] == 25 and config["space"]["l_f_phase"] == [20, 25, "int"]
-    assert bo._seed_kw(bo._estimator_accepts("compartmental"), 5) == {"random_state": 5}
+    assert bo._seed_kw(bo._estimator_accepts("compartmental"), 5) == {"seed": 5}

@@ -128,7 +128,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_numpy_reference(case):
-    clf = CompartmentalClassifier(**{**SMALL, **CASES[case]}, batch_size=1, random_state=3)
+    clf = CompartmentalClassifier(**{**SMALL, **CASES[case]}, batch_size=1, seed=3)
     X, y = small_data()
     clf.initialize(N_IN, np.arange(N_CLASSES))
     W0 = [w.numpy().copy() for w in clf.W_]
@@ -152,7 +152,7 @@ def test_matches_numpy_reference(case):
 
 def test_batch_update_is_mean_of_single_updates():
     X, y = small_data(6, seed=1)
-    base = CompartmentalClassifier(**SMALL, n_hidden=(15, 8), random_state=5, batch_size=6)
+    base = CompartmentalClassifier(**SMALL, n_hidden=(15, 8), seed=5, batch_size=6)
     batched = clone(base).partial_fit(X, y, classes=np.arange(N_CLASSES))
     singles = []
     for i in range(6):
@@ -176,7 +176,7 @@ def test_cosine_decay_scales_each_batch_update():
     """lr_decay_examples=8, batches of 4: the second batch's update is 0.5 times the constant-rate one, then 0."""
     X, y = small_data(12, seed=2)
     classes = np.arange(N_CLASSES)
-    base = CompartmentalClassifier(**SMALL, n_hidden=(15,), random_state=3, batch_size=4)
+    base = CompartmentalClassifier(**SMALL, n_hidden=(15,), seed=3, batch_size=4)
     assert clone(base).set_params(lr_decay_examples=8).lr_factor() == 1.0   # before any training
     decayed = clone(base).set_params(lr_decay_examples=8).partial_fit(X[:4], y[:4], classes=classes)
     const = clone(base).partial_fit(X[:4], y[:4], classes=classes)
@@ -204,9 +204,9 @@ def test_cosine_decay_scales_each_batch_update():
 def test_spiking_reproducible_under_seed():
     X, y = small_data(24)
     kw = dict(n_hidden=(15,), l_f_phase=12, l_t_phase=10, integration_time=5, batch_size=4, max_epochs=1)
-    a = CompartmentalClassifier(**kw, random_state=11).fit(X, y)
-    b = CompartmentalClassifier(**kw, random_state=11).fit(X, y)
-    c = CompartmentalClassifier(**kw, random_state=12).fit(X, y)
+    a = CompartmentalClassifier(**kw, seed=11).fit(X, y)
+    b = CompartmentalClassifier(**kw, seed=11).fit(X, y)
+    c = CompartmentalClassifier(**kw, seed=12).fit(X, y)
     for m in range(2):
         assert torch.equal(a.W_[m], b.W_[m])
     assert not torch.equal(a.W_[1], c.W_[1])
@@ -219,8 +219,8 @@ def test_spiking_partial_last_batch(extra):
     buffers) in both the layer-by-layer path and the step-by-step path (apical conductance)."""
     X, y = small_data(22)
     kw = dict(n_hidden=(15, 6), l_f_phase=70, l_t_phase=12, integration_time=5, batch_size=8, max_epochs=2, **extra)
-    a = CompartmentalClassifier(**kw, random_state=7).fit(X, y)
-    b = CompartmentalClassifier(**kw, random_state=7).fit(X, y)
+    a = CompartmentalClassifier(**kw, seed=7).fit(X, y)
+    b = CompartmentalClassifier(**kw, seed=7).fit(X, y)
     assert a.examples_seen_ == 44
     for m in range(3):
         assert torch.isfinite(a.W_[m]).all() and torch.equal(a.W_[m], b.W_[m])
@@ -315,14 +315,14 @@ def test_unknown_keyword_raises():
 
 def test_get_set_params_and_clone_round_trip():
     clf = CompartmentalClassifier(n_hidden=(7, 3), f_etas=(0.1, 0.2, 0.3), use_sparse_feedback=True, lambda_max=0.3,
-                                  random_state=4, hook_every=50)
+                                  seed=4, hook_every=50)
     params = clf.get_params()
     for name in ("n_hidden", "f_etas", "b_etas", "batch_size", "max_epochs", "lambda_max", "tau_s", "tau_L", "dt", "mem",
                  "g_B", "g_A", "g_D", "g_L", "E_E", "E_I", "l_f_phase", "l_t_phase", "l_f_phase_test",
                  "integration_time", "extra_steps", "use_conductances", "use_broadcast", "use_spiking_feedback",
                  "use_spiking_feedforward", "use_symmetric_weights", "noisy_symmetric_weights", "use_sparse_feedback",
                  "update_feedback_weights", "use_apical_conductance", "use_weight_optimization", "use_feedback_bias",
-                 "record_backprop_angle", "random_state", "device", "dtype", "verbose", "hook", "hook_every"):
+                 "record_backprop_angle", "seed", "device", "dtype", "verbose", "hook", "hook_every"):
         assert name in params
     twin = clone(clf)
     assert twin.get_params() == params
@@ -341,7 +341,7 @@ def test_learns_an_easy_problem_and_calls_the_hook():
     X = (blocks[y] * (0.6 + 0.4 * torch.rand(240, 64, generator=g))).reshape(240, 1, 8, 8)
     calls = []
     clf = CompartmentalClassifier(n_hidden=(30,), batch_size=4, max_epochs=2, l_f_phase=20, l_t_phase=20,
-                                  integration_time=10, l_f_phase_test=40, lambda_max=1.0, random_state=0,
+                                  integration_time=10, l_f_phase_test=40, lambda_max=1.0, seed=0,
                                   hook=lambda c, info: calls.append(dict(info)), hook_every=80)
     clf.fit(X[:200], y[:200])
     acc = clf.score(X[200:], y[200:])
@@ -361,7 +361,7 @@ def test_learns_an_easy_problem_and_calls_the_hook():
 def test_backprop_angle_reported_to_the_hook():
     X, y = small_data(16)
     calls = []
-    CompartmentalClassifier(**SMALL, n_hidden=(15, 8), batch_size=4, record_backprop_angle=True, random_state=0,
+    CompartmentalClassifier(**SMALL, n_hidden=(15, 8), batch_size=4, record_backprop_angle=True, seed=0,
                             hook=lambda c, info: calls.append(info)).fit(X, y)
     angles = [c["bp_angle"] for c in calls[1:]]
     assert len(angles) == 4 and all(set(a) == {"hidden1", "hidden2"} for a in angles)
@@ -372,12 +372,12 @@ def test_divergence_raises_training_diverged():
     X, y = small_data(8)
     X[3, 0] = float("nan")
     with pytest.raises(TrainingDiverged):
-        CompartmentalClassifier(**SMALL, n_hidden=(5,), random_state=0).fit(X, y)
+        CompartmentalClassifier(**SMALL, n_hidden=(5,), seed=0).fit(X, y)
 
 
 def test_string_labels_and_numpy_input():
     X, y = small_data(12)
     labels = np.array(["a", "b", "c", "d"])[y.numpy()]
-    clf = CompartmentalClassifier(**SMALL, n_hidden=(5,), batch_size=4, random_state=0).fit(X.numpy(), labels)
+    clf = CompartmentalClassifier(**SMALL, n_hidden=(5,), batch_size=4, seed=0).fit(X.numpy(), labels)
     assert set(clf.predict(X)) <= set(labels)
     assert 0 <= clf.score(X, labels) <= 1

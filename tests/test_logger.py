@@ -429,7 +429,7 @@ def test_with_compartmental_classifier():
     log = TrainingLogger(X[:60], y[:60], records_per_epoch=4, name="comp")
     clf = comp.CompartmentalClassifier(n_hidden=(16,), batch_size=20, max_epochs=2, l_f_phase=20, l_t_phase=20,
                                        l_f_phase_test=30, integration_time=10, record_backprop_angle=True,
-                                       random_state=0, hook=log)
+                                       seed=0, hook=log)
     clf.fit(X[60:], y[60:])
     c = curves(log)
     # 180 examples per epoch, marks at 45, 90, 135, 180: the batches (20 examples) reaching them end at 60, 100, ...

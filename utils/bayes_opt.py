@@ -480,11 +480,8 @@ def run_evaluation(evaluate, hp, chance, device=None):
 
 
 def _seed_kw(accepts, seed):
-    """The estimator's seed argument: seed (skorch nets) or random_state (the compartmental network)."""
-    for key in ("seed", "random_state"):
-        if key in accepts:
-            return {key: seed}
-    return {}
+    """The estimator's seed argument (every kind calls it seed)."""
+    return {"seed": seed} if "seed" in accepts else {}
 
 
 def _estimator_accepts(model):

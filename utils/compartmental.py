@@ -2,7 +2,7 @@
 dendrites", eLife 6:e22901, as a batched torch simulation and a scikit-learn estimator.
 
     from utils.compartmental import CompartmentalClassifier
-    clf = CompartmentalClassifier(n_hidden=(500,), batch_size=1, max_epochs=60, random_state=0)  # the paper's setup
+    clf = CompartmentalClassifier(n_hidden=(500,), batch_size=1, max_epochs=60, seed=0)  # the paper's setup
     clf.fit(X_train, y_train)            # X: N x C x H x W (or N x D) tensor in [0, 1], y: N int64 labels
     clf.predict(X_test), clf.predict_proba(X_test), clf.score(X_test, y_test)
     clf.named_weights()                  # {"W1": ..., "W2": ..., "Y1": ...}: feedforward and feedback matrices
@@ -159,7 +159,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                  use_weight_optimization=True,  # the paper's initialisation (V_avg = V_sd = 3, b_avg = 0.8, ...)
                  use_feedback_bias=False,       # apical bias c
                  record_backprop_angle=False,   # diagnostic: angle to the backprop update per hidden layer
-                 random_state=None,        # int seed (weights, spikes, order, extra steps); None: fresh entropy
+                 seed=None,                # int seed (weights, spikes, order, extra steps); None: fresh entropy
                  device=None,              # None: the device of X
                  dtype="float32",          # "float32" or "float64"
                  verbose=0,                # 0: silent; 1: tqdm progress bar
@@ -241,7 +241,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         self.M_ = len(self.n_) - 1                          # layers with weights (hidden + output)
         self.device_ = torch.device(self.device) if self.device is not None else torch.device(device)
         self.dtype_ = getattr(torch, self.dtype)
-        seed = self.random_state if self.random_state is not None else int(np.random.SeedSequence().entropy % 2**63)
+        seed = self.seed if self.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
         self.rng_np_ = np.random.default_rng(seed)                            # extra steps
         self.gen_cpu_ = torch.Generator().manual_seed(int(seed) % 2**63)      # weights, order
         self.gen_ = torch.Generator(device=self.device_).manual_seed(int(seed) % 2**63 + 1)  # spikes

@@ -281,10 +281,8 @@ def main(argv=None):
         hp["batch_size"] = args.batch_size
     if args.lr:
         hp["lr"] = args.lr
-    if args.model == "compartmental":  # its seed is sklearn's random_state; it has per-layer rates, no lr
-        if args.lr:
-            raise SystemExit("error: --lr does not apply to the compartmental network (it has per-layer f_etas)")
-        hp["random_state"] = hp.pop("seed")
+    if args.model == "compartmental" and args.lr:  # it has per-layer rates, no lr
+        raise SystemExit("error: --lr does not apply to the compartmental network (it has per-layer f_etas)")
     clf = make_classifier(args.model, **hp)
     print(f"{args.model} on {args.dataset}: {len(y)} training examples, {epochs} epochs, device {X.device}")
     t1 = time.time()

@@ -74,7 +74,7 @@ def train_models(dataset, S, kinds=KINDS, root=None, device=None, seed=0, out="r
     for kind in kinds:
         hp = dict(MODELS[kind])
         if kind == "compartmental":
-            hp.update(max_epochs=S["compartmental_epochs"], random_state=seed, device=device)
+            hp.update(max_epochs=S["compartmental_epochs"], seed=seed, device=device)
             n = S["compartmental_n_train"]
             Xk, yk = stratified_subset(X, y, n, seed=seed) if n else (X, y)
         else:
