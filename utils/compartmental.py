@@ -867,3 +867,44 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
 
 def _as_numpy(y):
     return y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+
+
+POPULATION_SHARED = ("n_hidden", "batch_size", "dt", "mem", "l_f_phase", "l_t_phase", "l_f_phase_test",
+                     "integration_time", "device", "dtype") + FLAGS   # what the members of a population share
+
+
+def fit_population(estimators, datasets):
+    """Fit P CompartmentalClassifiers on P training sets (X_p, y_p); returns the fitted estimators, each equal to
+    what estimators[p].fit(*datasets[p]) alone gives. The members must share the structure (POPULATION_SHARED)."""
+    estimators, datasets = list(estimators), list(datasets)
+    _check_population(estimators, datasets)
+    return [est.fit(X, y) for est, (X, y) in zip(estimators, datasets)]
+
+
+def _check_population(estimators, datasets):
+    """Raise ValueError naming what makes (estimators, datasets) no population."""
+    if not estimators:
+        raise ValueError("fit_population needs at least one estimator")
+    if len(estimators) != len(datasets):
+        raise ValueError(f"fit_population got {len(estimators)} estimators but {len(datasets)} training sets; "
+                         "give one (X, y) per estimator")
+    for p, est in enumerate(estimators):
+        if not isinstance(est, CompartmentalClassifier):
+            raise ValueError(f"member {p} is a {type(est).__name__}, not a CompartmentalClassifier")
+    first = estimators[0].get_params()
+    for p, est in enumerate(estimators[1:], 1):
+        params = est.get_params()
+        for name in POPULATION_SHARED:
+            a, b = first[name], params[name]
+            if (tuple(a) if isinstance(a, (list, tuple)) else a) != (tuple(b) if isinstance(b, (list, tuple)) else b):
+                raise ValueError(f"member {p} has {name}={b!r} but member 0 has {a!r}: the members of a population "
+                                 f"share {', '.join(POPULATION_SHARED[:8])} and the flags; train different "
+                                 "structures as separate populations")
+    for p, data in enumerate(datasets):
+        if not isinstance(data, (tuple, list)) or len(data) != 2:
+            raise ValueError(f"training set {p} must be a pair (X, y)")
+        X, y = data
+        if len(X) == 0:
+            raise ValueError(f"training set {p} is empty; give every member at least one example")
+        if len(X) != len(y):
+            raise ValueError(f"training set {p} has {len(X)} inputs but {len(y)} labels")

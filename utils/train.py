@@ -22,6 +22,7 @@ import torch
 from skorch import NeuralNetClassifier
 from skorch.callbacks import Callback
 
+from utils.compartmental import CompartmentalClassifier, fit_population
 from utils.errors import TrainingDiverged
 from utils.models import CNN, MLP
 
@@ -138,7 +139,6 @@ def make_classifier(kind, logger=None, **hyperparameters):
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if kind == "compartmental":
-        from utils.compartmental import CompartmentalClassifier
         if logger is not None:
             hyperparameters["hook"] = logger
         return CompartmentalClassifier(**hyperparameters)
@@ -179,14 +179,17 @@ def cross_validate(estimator, X, y, folds=3, seed=0):
     from sklearn.model_selection import StratifiedKFold
     y_np = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = []
+    splits = []
     for train_idx, test_idx in splitter.split(np.zeros(len(y_np)), y_np):
-        tr = torch.as_tensor(train_idx, device=X.device) if isinstance(X, torch.Tensor) else train_idx
-        te = torch.as_tensor(test_idx, device=X.device) if isinstance(X, torch.Tensor) else test_idx
-        model = clone(estimator)
-        model.fit(X[tr], y[tr])
-        scores.append(float(model.score(X[te], y[te])))
-    return np.array(scores)
+        to = (lambda i: torch.as_tensor(i, device=X.device)) if isinstance(X, torch.Tensor) else (lambda i: i)
+        splits.append((to(train_idx), to(test_idx)))
+    models = [clone(estimator) for _ in splits]
+    if isinstance(estimator, CompartmentalClassifier):   # the folds train side by side as one population
+        fit_population(models, [(X[tr], y[tr]) for tr, _ in splits])
+    else:
+        for model, (tr, _) in zip(models, splits):
+            model.fit(X[tr], y[tr])
+    return np.array([float(model.score(X[te], y[te])) for model, (_, te) in zip(models, splits)])
 
 
 def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None, records_per_epoch=10,
