@@ -10,6 +10,8 @@
     ... --epochs 60 --test-every-epochs 10      # a full MNIST test costs a third of an epoch: test every 10th only
     ... --resume                                # after an interruption: same arguments, continues from the checkpoint
     python benchmarks/bench_compartmental.py --plot runs/a.json runs/b.json   # figures/compartmental_test_error.png
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_compartmental.py --population 8 --threads 2  # side by side
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_compartmental.py --cv --epochs 1   # 3-fold CV as a population
 
 Speed: the paper's defaults (spiking feedforward and feedback, 784-500-10, 50 + 50 training steps plus the Wald
 extra steps, 250 test steps) on MNIST images (random images of MNIST's sparsity without BIODL_DATA); training and
@@ -117,6 +119,89 @@ def speed(args):
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(kind="speed", reference=REFERENCE, rows=rows), indent=1))
+
+
+def population_one(P, B, device, threads, n_batches):
+    """Aggregate training examples/s of P networks at batch B trained as one population (after a warm-up batch),
+    in this process; JSON-ready."""
+    from utils.compartmental import fit_population
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    X, y, source = mnist_like(P * B * (n_batches + 1))
+    X, y = X.to(dev), y.to(dev)
+    members = [CompartmentalClassifier(batch_size=B, seed=s, device=dev) for s in range(P)]
+    for m in members:
+        m.initialize(X[0].numel(), np.arange(10))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    from utils.compartmental import _train
+    _train(members, [(X[p * B:(p + 1) * B], y[p * B:(p + 1) * B]) for p in range(P)], [1] * P)   # warm-up
+    sync()
+    n = B * n_batches
+    data = [(X[P * B + p * n:P * B + (p + 1) * n], y[P * B + p * n:P * B + (p + 1) * n]) for p in range(P)]
+    t = time.perf_counter()
+    _train(members, data, [1] * P)
+    sync()
+    wall = time.perf_counter() - t
+    return dict(P=P, batch_size=B, train_ex_s=P * n / wall, peak_mib=peak_mib(dev), data=source, device=str(dev),
+                threads=threads, n_train=P * n, load_avg=os.getloadavg()[0])
+
+
+def population(args):
+    """A population of P networks at batch B beside one network at batch B and one at batch P B, each in a fresh
+    process (peak memory is per process): aggregate training examples/s, peak memory, and the ratio judged."""
+    P, B = args.population, args.member_batch
+    print(f"Population training: paper defaults (spiking both paths, 784-500-10, 50+50 steps + Wald), batch {B} per "
+          f"network; device {args.device}, torch threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
+    rows = {}
+    for name, (p, b) in (("one network, batch %d" % B, (1, B)), ("one network, batch %d" % (P * B), (1, P * B)),
+                         ("population of %d, batch %d each" % (P, B), (P, B))):
+        cmd = [sys.executable, __file__, "--one-population", str(p), str(b), "--device", args.device,
+               "--threads", str(args.threads), "--batches", str(args.batches)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+        if out.returncode:
+            print(out.stderr)
+            raise SystemExit(f"{name} failed")
+        rows[name] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{name:>32}: {r['train_ex_s']:>10.1f} training ex/s (aggregate), peak {r['peak_mib']:.0f} MiB, "
+              f"{r['n_train']} examples, load average {r['load_avg']:.1f}", flush=True)
+    one, pop = rows["one network, batch %d" % B], rows["population of %d, batch %d each" % (P, B)]
+    ratio = pop["train_ex_s"] / one["train_ex_s"]
+    target = "CPU target: population of 8 at least 2.0x one network" if args.device == "cpu" else \
+        "GPU target: a population of >= 64 at >= 200,000 ex/s; one network at batch 16 >= 5,000 ex/s"
+    print(f"ratio population / one network at batch {B}: {ratio:.2f}x ({target}); data: {one['data']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(kind="population", rows=rows, ratio=ratio), indent=1))
+
+
+def cross_validation(args):
+    """The paper's network (batch 16, its batch-scaled rates) cross-validated on MNIST's training split with its
+    folds trained as one population: wall time and fold accuracies."""
+    from utils.compartmental import batch_f_etas
+    from utils.data import load_dataset, stratified_subset
+    from utils.train import cross_validate
+    torch.set_num_threads(args.threads)
+    ds = load_dataset(args.dataset, device=args.device)
+    X, y = ds.X_train, ds.y_train
+    if args.subset:
+        X, y = stratified_subset(X, y, args.subset, seed=args.seed)
+    clf = CompartmentalClassifier(batch_size=16, f_etas=batch_f_etas(16), max_epochs=args.epochs, seed=args.seed,
+                                  device=args.device, verbose=1)
+    per_fold = len(y) * (args.folds - 1) // args.folds
+    print(f"{args.folds}-fold cross-validation, {args.dataset}, {len(y)} examples ({per_fold} training examples per "
+          f"fold), {args.epochs} epoch(s), batch 16, f_etas {clf.f_etas}, "
+          f"device {args.device}, threads {args.threads}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    t = time.perf_counter()
+    scores = cross_validate(clf, X, y, folds=args.folds, seed=args.seed)
+    wall = time.perf_counter() - t
+    print(f"fold accuracies {', '.join(f'{100 * s:.2f} %' for s in scores)}; mean {100 * scores.mean():.2f} %; "
+          f"wall {wall:.0f} s (training and testing), load average {os.getloadavg()[0]:.1f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(dict(kind="cross_validation", scores=scores.tolist(), wall_s=wall,
+                                                  n=len(y), epochs=args.epochs, folds=args.folds), indent=1))
 
 
 def accuracy(args):
@@ -236,6 +321,14 @@ def main():
     p.add_argument("--batches", type=int, default=4, help="timed training batches per batch size")
     p.add_argument("--test-examples", type=int, default=512)
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)   # one batch size, JSON to stdout
+    p.add_argument("--one-population", type=int, nargs=2, default=None, help=argparse.SUPPRESS)   # P, B
+    p.add_argument("--population", type=int, default=None, metavar="P",
+                   help="aggregate speed of P networks trained side by side, beside one network at --member-batch "
+                        "and one at P times it")
+    p.add_argument("--member-batch", type=int, default=16, help="--population: batch size of each network")
+    p.add_argument("--cv", action="store_true", help="cross-validate the paper's network (batch 16) with its folds "
+                   "as one population: wall time and fold accuracies (--epochs, --subset, --folds)")
+    p.add_argument("--folds", type=int, default=3)
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion", "cifar10"])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
@@ -265,6 +358,12 @@ def main():
         plot(args.plot, args.figure)
     elif args.one is not None:
         print(json.dumps(speed_one(args.one, args.device, args.threads, args.batches, args.test_examples)))
+    elif args.one_population is not None:
+        print(json.dumps(population_one(*args.one_population, args.device, args.threads, args.batches)))
+    elif args.population:
+        population(args)
+    elif args.cv:
+        cross_validation(args)
     elif args.accuracy:
         accuracy(args)
     else:
