@@ -38,17 +38,16 @@ Deliberate differences from the authors' code, each with the option that gives t
 * batches: the authors train one example at a time; batch_size > 1 simulates a batch at once and averages its
   updates, with batch-scaled rates (batch_f_etas). batch_size=1 is their algorithm.
 * state carry-over: the network's state (potentials, PSP histories) carries over from example to example as in their
-  code; the example order is a fresh permutation per epoch (theirs too), drawn from `seed`.
+  code; the example order is a fresh permutation per epoch, drawn from `seed`.
 * the learning-rate decay (lr_decay_examples) is not in the paper; off by default.
-* randomness: Poisson counts by inverse CDF of one uniform each; their code draws NumPy Poisson numbers. The
-  streams differ, the distributions are equal.
-* their known defects are not copied: the bias learning in symmetric-weight runs that reads stale rates, and the
-  test phase that runs on the training state (here testing starts from rest).
+* randomness: spike counts come from this project's own generators (inverse CDF of one uniform number each), so a
+  run matches the authors' in distribution, not spike for spike; start both from the same weights with set_weights.
 
 Batches and learning rates: averaging a batch's updates leaves the paper's rates far too small for the hidden
 layers, but the output layer cannot take B times its online step: scale the hidden rates by 2 B and the output rate by
 2 (batch_f_etas; 2 hidden layers of 500 + 100 at batch 16: (3.68, 3.68, 0.72) reached 3.13 % MNIST test error after
-60 epochs with a cosine decay over 60, see README).
+60 epochs with a cosine decay over 60 (measured with the first version of this module, whose initial spread was
+half the authors'), see README).
 """
 import math
 import os
