@@ -165,7 +165,7 @@ def reference_params(model, space, batch_size=None):
 N_CANDIDATES = 1000  # random valid candidates over which the acquisition is maximized (see propose)
 MAX_RANDOM_DRAWS = 10_000  # random draws to find one valid configuration before giving up
 KAPPA = 2.576        # UCB's exploration weight (mean + KAPPA std)
-LIE = "min"          # ConstantLiar: points proposed earlier in a round enter the GP at the lowest score so far
+LIE = "min"          # constant liar: points proposed earlier in a round enter the GP at the lowest score so far
 FLIP_PROB = 0.05     # compartmental: each option flag is the paper's, flipped with this probability (see flag_sampler)
 AT_CHANCE = 1.5      # summarize's frac_chance: evaluations scoring below AT_CHANCE x chance (15 % on 10 classes)
 FAILURES = ("diverged", "oom", "error", "killed")
@@ -363,15 +363,32 @@ def _space_json(space):
 
 
 def make_optimizer(space, rng):
-    """A bayes_opt BayesianOptimization over `space`, silent, using (and re-seeded through) `rng`. Its acquisition
-    is UCB inside a ConstantLiar: the points proposed earlier in a round enter the GP at a lie (LIE: the lowest
-    score so far), so that the round's next suggestion goes elsewhere."""
+    """A bayes_opt BayesianOptimization over `space`, silent, with UCB, using (and re-seeded through) `rng`."""
     from bayes_opt import BayesianOptimization, acquisition
     with warnings.catch_warnings():  # 3.x warns that integer/categorical parameters are "experimental"
         warnings.simplefilter("ignore")
-        acq = acquisition.ConstantLiar(acquisition.UpperConfidenceBound(kappa=KAPPA), strategy=LIE)
-        return BayesianOptimization(f=None, pbounds=space, acquisition_function=acq, random_state=rng, verbose=0,
-                                    allow_duplicate_points=True)
+        optimizer = BayesianOptimization(f=None, pbounds=space, acquisition_function=acquisition.UpperConfidenceBound(
+            kappa=KAPPA), random_state=rng, verbose=0, allow_duplicate_points=True)
+    optimizer.pbounds_ = dict(space)
+    return optimizer
+
+
+def with_lies(optimizer, pending):
+    """The constant liar: a copy of the optimizer whose data also hold the points `pending` (proposed earlier in
+    the round, not yet evaluated) at the lie (LIE: the lowest score so far), so that the GP sees no reward in
+    proposing them or their surroundings again. The optimizer itself when nothing is pending. (bayes_opt 3.4's own
+    acquisition.ConstantLiar copies the data space by zipping parameter names with encoded bounds, which breaks
+    categorical parameters such as the compartmental flags; this does the same lie on a rebuilt optimizer.)"""
+    if not pending:
+        return optimizer
+    space = optimizer.space
+    lied = make_optimizer(optimizer.pbounds_, optimizer._random_state)
+    for x, target in zip(space.params, space.target):
+        register(lied, space.array_to_params(x), target)
+    lie = {"min": np.min, "max": np.max, "mean": np.mean}[LIE](space.target)
+    for p in pending:
+        register(lied, p, lie)
+    return lied
 
 
 def register(optimizer, params, target):
@@ -429,18 +446,10 @@ def _random_valid(optimizer, is_valid, n=1, exclude=(), sample=None):
 
 
 def _predict(optimizer, candidates, pending):
-    """GP mean and std at the candidates, the round's pending points entered at the lie (ConstantLiar's way)."""
+    """GP mean and std at the candidates, the round's pending points entered at the lie (with_lies)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if not pending:
-            return optimizer.predict(candidates, return_std=True, fit_gp=True)
-        acq, space = optimizer.acquisition_function, optimizer.space
-        lied = acq._copy_target_space(space)
-        lie = {"min": np.min, "max": np.max, "mean": np.mean}[LIE](space.target)
-        for p in pending:
-            lied.register(space.params_to_array(p), lie)
-        acq._fit_gp(optimizer._gp, lied)
-        return optimizer._gp.predict(np.array([space.params_to_array(c) for c in candidates]), return_std=True)
+        return with_lies(optimizer, pending).predict(candidates, return_std=True, fit_gp=True)
 
 
 def _best_valid_candidate(optimizer, is_valid, pending=(), sample=None):
@@ -461,7 +470,8 @@ def propose(optimizer, rng, seed, iteration, init_points, check, start=None, siz
     the compartmental network, whose GP proposals are then the acquisition's maximum over such draws).
 
     source: "start" (evaluation 0 is `start` when given, valid and not yet evaluated), "random" (the first
-    init_points evaluations), "bo" (bayes_opt's own suggestion, through the ConstantLiar), "bo-prior" (the
+    init_points evaluations), "bo" (bayes_opt's own suggestion, the round's earlier points lied in: with_lies),
+    "bo-prior" (the
     acquisition's maximum over draws of `sample`), "bo-valid (invalid)" or "bo-valid (duplicate)" (bayes_opt's
     suggestion was invalid or already evaluated or proposed, so the acquisition was maximized over random valid
     candidates instead). rejected: random draws thrown away as invalid or seen. invalid: (params, reason) of an
@@ -487,10 +497,9 @@ def _propose_one(optimizer, iteration, init_points, check, start, pending, sampl
     if sample is not None:
         params, rejected = _best_valid_candidate(optimizer, is_valid, pending, sample)
         return params, "bo-prior", rejected, None
-    optimizer.acquisition_function.dummies = [optimizer.space.params_to_array(p) for p in pending]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        params = _plain(optimizer.suggest())
+        params = _plain(with_lies(optimizer, pending).suggest())
     reason = check(params)
     if reason is None and not _seen(optimizer, params) and _key(optimizer, params) not in keys:
         return params, "bo", 0, None
@@ -797,13 +806,13 @@ def _load_done(log_path):
 
 
 def _next_round(done, iterations, q):
-    """(first iteration, size) of the round to run: an unfinished round as it was started (its records carry round
-    and round_size), else the next q evaluations."""
+    """(first iteration, size) of the round to run: the unfinished round that holds the first missing evaluation,
+    as it was started (its records carry round and round_size), else the next q evaluations."""
     first = min(i for i in range(iterations + len(done) + 1) if i not in done)
-    later = [r for it, r in done.items() if it > first]
-    if later:
-        r = min(later, key=lambda r: r["iteration"])
-        return int(r.get("round", r["iteration"])), int(r.get("round_size", 1))
+    for r in done.values():
+        start, size = int(r.get("round", r["iteration"])), int(r.get("round_size", 1))
+        if start <= first < start + size:
+            return start, size
     return first, max(1, min(q, iterations - first))
 
 
