@@ -1,9 +1,11 @@
-"""Bayesian optimization of each model's hyperparameters with k-fold cross-validation (the study of issue 5).
+"""Bayesian optimization of each model's hyperparameters with k-fold cross-validation (the study of issue 5), with
+several evaluations side by side, on every GPU of a machine or of several (issue 18).
 
 Long runs (a GPU server, inside tmux or screen; a run that is killed resumes from its files when started again):
 
     python -m utils.bayes_opt --model cnn --dataset cifar10 --iterations 50 --epochs 10 --folds 3 --out logs/
-    python -m utils.bayes_opt --summary --out logs/            # the table of every study under logs/
+    python -m utils.bayes_opt --summary --out logs/            # the table of every study under logs/ (also live)
+    python -m utils.bayes_opt ... --scheduler tcp://host:8786  # on a running Dask cluster (see README)
 
 (Always `python -m utils.bayes_opt` from the repository root: run as a file, this module would shadow the
 bayes_opt package it is built on.)
@@ -12,23 +14,41 @@ In a notebook:
 
     from utils.bayes_opt import run_study, summarize, load_results
     run_study("mlp", "mnist", iterations=50, folds=3, epochs=10, out="logs")
-    summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, best_params, test_acc
+    summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, frac_chance, best_params, test_acc
+
+Rounds: each round proposes q points at once (the points proposed earlier in the round enter the Gaussian process
+at a lie, the lowest score so far: with_lies, the constant liar) and evaluates them side by side: in this process
+one after the other (cluster=None; the compartmental candidates of one structure still train as one population),
+or as tasks on Dask distributed (cluster="local": a LocalCluster, or one worker per GPU with dask_cuda; a scheduler
+address or a Client: a running cluster; see utils/cluster.py). Every evaluation is appended to the log when it
+finishes, by this process only; the next round starts when the whole round is in. q = 1 in this process is the
+study as it was before rounds.
 
 Files of one study, <out>/<model>_<dataset>/:
-    config.json            the study's settings (space, folds, epochs, seed, subset, versions); checked on resume
-    evals.jsonl            one JSON line per finished evaluation, written and fsync'ed at once: the source of truth
-    optimizer_state.json   BayesianOptimization.save_state() after every evaluation (atomic: temp file + os.replace)
+    config.json            the study's settings (space, folds, epochs, seed, subset, flip_prob, versions); checked on
+                           resume; strict JSON (infinities written as the strings "inf", "-inf")
+    evals.jsonl            one JSON line per finished evaluation, written and fsync'ed at once: the source of truth,
+                           from which a resumed study rebuilds its optimizer (there is no other state file)
+    evals.jsonl.rejected   bad lines found in evals.jsonl (not UTF-8, not JSON, keys missing), set aside on resume
+    lock                   held (flock) by the process running the study: a second one on the folder is refused
     best.json              the best configuration retrained on the full training split, with its test accuracy
 
-A record of evals.jsonl: iteration, status ("ok", "diverged", "oom", "error", "invalid"), target (the objective:
-mean fold accuracy, chance for failures, null for invalid), fold_scores, params (the optimizer's), hyperparameters
-(make_classifier's), seed, time_s (the evaluation's wall time), peak_mem_mb and mem_kind (see PeakMemory: CUDA
-tensor peak on a GPU, the process's peak resident set size on the CPU), source (how it was proposed), rejected,
-reason, finished (timestamp).
+A record of evals.jsonl: iteration, status ("ok", "diverged", "oom", "error", "killed", "invalid"), target (the
+objective: mean fold accuracy, chance for failures, null for invalid), fold_scores, params (the optimizer's),
+hyperparameters (make_classifier's), seed, time_s (the evaluation's wall time; a population's members share theirs),
+peak_mem_mb and mem_kind (see PeakMemory: CUDA tensor peak on a GPU, the peak resident set size of the process that
+trained it on the CPU), source (how it was proposed), rejected, reason, round and round_size (the first iteration
+and the size of its round), population (candidates trained together), finished (timestamp).
 
 The first evaluation is a known configuration (reference(): make_classifier's defaults for the MLP and CNN, the
 paper's network for the compartmental model; source "start"), so the Gaussian process starts from a point that
 learns; `start=None` (`--no-reference`) makes it random like the other init_points.
+
+The compartmental network's option flags: the seed study drew all 11 uniformly, and such networks stay at chance
+(README). Here random draws take the paper's flags, each flipped with probability flip_prob (FLIP_PROB; 0.5 is the
+seed's uniform draw), the other parameters uniform over the seed's space; after the init_points the Gaussian process
+picks the acquisition's maximum among N_CANDIDATES such draws (source "bo-prior"). flip_prob=None restores uniform
+flags and bayes_opt's own suggestions.
 
 How the loop treats awkward proposals (everything is logged, one line each in evals.jsonl):
 - invalid CNN (utils.models.cnn_feature_shape raises; about 2 in 3 random CNN configurations are): never trained.
@@ -36,15 +56,18 @@ How the loop treats awkward proposals (everything is logged, one line each in ev
   and its reason, NOT registered with the optimizer (a chance score at an arithmetic constraint would only distort
   the Gaussian process), and replaced by the acquisition's maximum over random valid candidates. Invalid lines do
   not count in `iterations`; summarize() reports them as n_invalid.
-- a suggestion that was already evaluated (integer and categorical parameters make that common) is replaced the
-  same way (source "bo-valid (duplicate)"); no point is ever registered twice.
-- a training that diverges (utils.errors.TrainingDiverged), runs out of memory, or is refused by the estimator's
-  validation (ValueError) scores chance accuracy, 1 / n_classes, with status "diverged", "oom" or "error" and the
-  reason; it is registered, counts as an iteration, and the loop goes on. Any other exception is a bug and stops the
-  study (resume it after the fix).
-Evaluation number i (the record's "iteration", 0-based) trains with seed + i; the folds are fixed by `seed`; the
-proposal for evaluation i is made with the optimizer's random state re-seeded from (seed, i): a resumed study proposes
-exactly what the uninterrupted one would have.
+- a suggestion that was already evaluated or proposed earlier in its round (integer and categorical parameters make
+  that common) is replaced the same way (source "bo-valid (duplicate)"); no point is ever registered twice.
+- a training that diverges (utils.errors.TrainingDiverged), runs out of memory (CUDA or CPU), or is refused by the
+  estimator's validation (ValueError) scores chance accuracy, 1 / n_classes, with status "diverged", "oom" or
+  "error" and the reason; so does one whose task killed Dask workers again and again ("killed"); it is registered,
+  counts as an iteration, and the loop goes on. Any other exception is a bug and stops the study (resume it after the
+  fix). A worker that dies loses only its running evaluations: Dask runs them again elsewhere.
+Evaluation number i (the record's "iteration", 0-based) trains with seed + i, wherever it runs; the folds are fixed
+by `seed`; the proposals of the round that starts at evaluation i are made from the evaluations before i, with the
+optimizer's random state re-seeded from (seed, i): a study killed half-way through a round, resumed, proposes that
+round again exactly as it was (its records carry the round and its size, even if q changed) and runs only its
+unfinished evaluations, so that it ends as the uninterrupted study would have.
 """
 import argparse
 import contextlib
