@@ -246,6 +246,12 @@ def to_hyperparameters(model, params):
     raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
 
 
+def make_estimator(model, **kw):
+    """The one place where a study's model name becomes an estimator (utils.train.make_classifier's kind)."""
+    from utils.train import make_classifier
+    return make_classifier(model, **kw)
+
+
 def check_hyperparameters(model, hp, in_shape):
     """None when make_classifier(model, **hp) can be trained on inputs of shape in_shape (C, H, W), else the reason.
     Only the CNN has proposals that are invalid by construction (a block whose output is empty or fractional); the
@@ -999,12 +1005,11 @@ def _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_sub
 def retrain_task(model, kw, train, test, chance, device):
     """Fit make_classifier(model, **kw) on `train`, score it on `test` (run_evaluation's dict); on a worker or here."""
     from utils.data import get_device
-    from utils.train import make_classifier
     dev = get_device(device)
     (X, y), (Xt, yt) = [tuple(t.to(dev) for t in pair) for pair in (train, test)]
 
     def fit_and_score(hp):
-        clf = make_classifier(model, **hp)
+        clf = make_estimator(model, **hp)
         clf.fit(X, y)
         return [clf.score(Xt, yt)]
 

@@ -118,23 +118,23 @@ def evaluate_group(jobs, data, ctx, evaluate=None):
 
 
 def _alone(kw, X, y, ctx, dev, evaluate=None):
-    from utils.bayes_opt import run_evaluation
+    from utils.bayes_opt import make_estimator, run_evaluation
     if evaluate is None:
-        from utils.train import cross_validate, make_classifier
+        from utils.train import cross_validate
 
         def evaluate(hp):
-            return cross_validate(make_classifier(ctx["model"], **hp), X, y, folds=ctx["folds"], seed=ctx["seed"])
+            return cross_validate(make_estimator(ctx["model"], **hp), X, y, folds=ctx["folds"], seed=ctx["seed"])
     return run_evaluation(evaluate, kw, ctx["chance"], dev)
 
 
 def _population(jobs, X, y, ctx, dev):
     """One fit_population over every job's folds; a failure of the whole (one member diverged, or the population
     does not fit in memory) falls back to each job alone, so that one member never fails the others."""
-    from utils.bayes_opt import run_evaluation
-    from utils.train import cross_validate_many, make_classifier
+    from utils.bayes_opt import make_estimator, run_evaluation
+    from utils.train import cross_validate_many
 
     def evaluate(_):
-        scores = cross_validate_many([make_classifier(ctx["model"], **kw) for _, kw in jobs], X, y,
+        scores = cross_validate_many([make_estimator(ctx["model"], **kw) for _, kw in jobs], X, y,
                                      folds=ctx["folds"], seed=ctx["seed"])
         return np.asarray(scores, dtype=float).ravel()
 
