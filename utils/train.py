@@ -175,6 +175,13 @@ def make_classifier(kind, logger=None, **hyperparameters):
 
 def cross_validate(estimator, X, y, folds=3, seed=0):
     """Per-fold test accuracies (numpy array) of a fresh clone of `estimator` under StratifiedKFold(folds)."""
+    return cross_validate_many([estimator], X, y, folds=folds, seed=seed)[0]
+
+
+def cross_validate_many(estimators, X, y, folds=3, seed=0):
+    """Per-fold test accuracies (estimators x folds array) of fresh clones of each estimator on the same
+    StratifiedKFold(folds) splits. Compartmental estimators and their folds train side by side as one population
+    (fit_population: they must share its structure)."""
     from sklearn.base import clone
     from sklearn.model_selection import StratifiedKFold
     y_np = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
@@ -183,13 +190,14 @@ def cross_validate(estimator, X, y, folds=3, seed=0):
     for train_idx, test_idx in splitter.split(np.zeros(len(y_np)), y_np):
         to = (lambda i: torch.as_tensor(i, device=X.device)) if isinstance(X, torch.Tensor) else (lambda i: i)
         splits.append((to(train_idx), to(test_idx)))
-    models = [clone(estimator) for _ in splits]
-    if isinstance(estimator, CompartmentalClassifier):   # the folds train side by side as one population
-        fit_population(models, [(X[tr], y[tr]) for tr, _ in splits])
+    pairs = [(clone(est), tr, te) for est in estimators for tr, te in splits]
+    if all(isinstance(est, CompartmentalClassifier) for est in estimators):
+        fit_population([m for m, _, _ in pairs], [(X[tr], y[tr]) for _, tr, _ in pairs])
     else:
-        for model, (tr, _) in zip(models, splits):
+        for model, tr, _ in pairs:
             model.fit(X[tr], y[tr])
-    return np.array([float(model.score(X[te], y[te])) for model, (_, te) in zip(models, splits)])
+    scores = [float(model.score(X[te], y[te])) for model, _, te in pairs]
+    return np.array(scores).reshape(len(estimators), folds)
 
 
 def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None, records_per_epoch=10,
