@@ -85,6 +85,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.compartmental_reference import FLAGS
+
 # ----------------------------------------------------------------------------------------------------------------
 # search spaces, as the seed study had them. bayes_opt 3.x bounds: (lo, hi) float, (lo, hi, int) integer (inclusive),
 # a list of values categorical. Variable depth: n_layers / n_blocks plus one entry per possible layer, of which only
@@ -95,10 +97,8 @@ MAX_BLOCKS = 5  # CNN convolution blocks
 LOG10_LR = (-4.0, math.log10(5e-2))  # Adam learning rate 1e-4 .. 5e-2
 FLAG = ["off", "on"]  # categorical (a [False, True] pair would be read as the float range 0..1)
 
-COMPARTMENTAL_FLAGS = (  # CompartmentalClassifier switches (Guerguiev et al. 2017 variants)
-    "use_sparse_feedback", "use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiking_feedforward",
-    "use_symmetric_weights", "noisy_symmetric_weights", "update_feedback_weights",  # = learned feedback
-    "use_apical_conductance", "use_weight_optimization", "use_feedback_bias",
+COMPARTMENTAL_FLAGS = tuple(  # the searched CompartmentalClassifier switches: its FLAGS (defined once, in
+    f for f in FLAGS if f not in ("extra_steps", "record_backprop_angle")   # compartmental_reference.Config) but two
 )
 
 SPACES = {
