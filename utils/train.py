@@ -53,7 +53,7 @@ def _is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def check_hyperparameters(hp):
+def check_common_hyperparameters(hp):
     """ValueError naming the problem when lr, batch_size or max_epochs (those of `hp` that are set) are unusable."""
     lr = hp.get("lr")
     if "lr" in hp and (isinstance(lr, bool) or not isinstance(lr, (int, float, np.number)) or not math.isfinite(lr)
@@ -198,7 +198,7 @@ class TorchClassifier(NeuralNetClassifier):
     def fit(self, X, y=None, **fit_params):
         """Fit on X (images or feature rows: tensors or numpy arrays, see as_inputs) and integer labels y; the
         input size and the number of classes (largest label + 1) come from the data."""
-        check_hyperparameters({"lr": self.lr, "batch_size": self.batch_size, "max_epochs": self.max_epochs})
+        check_common_hyperparameters({"lr": self.lr, "batch_size": self.batch_size, "max_epochs": self.max_epochs})
         X = self._inputs(X)
         y = as_labels(y, len(X), X.device)
         n_classes = int(y.max()) + 1
@@ -257,7 +257,7 @@ def make_classifier(kind, logger=None, **hyperparameters):
     """
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(KINDS)}")
-    check_hyperparameters(hyperparameters)
+    check_common_hyperparameters(hyperparameters)
     if kind == "compartmental":
         valid = set(CompartmentalClassifier().get_params())
         unknown = set(hyperparameters) - valid
