@@ -244,6 +244,7 @@ def test_checkpoint_json_is_strict_json(blobs, tmp_path):
 
 
 def test_redirected_command_line_output_is_plain(mnist_root, capsys):
+    import ipykernel  # noqa: F401  as after the notebook tests: imported by nbclient, but no kernel runs here
     main(["--model", "mlp", "--dataset", "mnist", "--dry-run", "--data-root", str(mnist_root), "--device", "cpu"])
     out, err = capsys.readouterr()  # captured: not a terminal
     assert "train_loss" in out and "\x1b[" not in out + err and "\r" not in out + err

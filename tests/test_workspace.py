@@ -45,7 +45,7 @@ def test_quick_mode_from_the_parameter_or_the_environment(monkeypatch):
 @pytest.mark.parametrize("mode", [True, "tiny"])
 def test_quick_sizes_are_capped(mode):
     S = workspace.settings(mode)
-    assert S["n_train"] <= 2000 and S["compartmental_n_train"] <= 2500 and S["n_test"] <= 500
+    assert S["n_train"] <= 2000 and S["compartmental_n_train"] <= S["n_train"] and S["n_test"] <= 500
     assert S["epochs"] <= 2 and S["compartmental_epochs"] == 1 and S["bo_epochs"] == 1
     assert S["compartmental_test_steps"] <= 100 and S["bo_max_phase"] <= 30
     for kind in ("mlp", "cnn", "compartmental"):
@@ -56,16 +56,20 @@ def test_quick_sizes_are_capped(mode):
     assert S["bo_out"] != workspace.FULL["bo_out"] and S["figures"] == "runs/figures"
 
 
-def test_quick_compartmental_study_is_the_papers_network_alone(monkeypatch):
+def test_quick_compartmental_study_is_the_papers_network_alone(monkeypatch, mnist_root):
     """Quick mode's compartmental study runs one evaluation: the reference configuration (the paper's network),
     with phases capped and a short test phase; full mode keeps the specified study."""
     import utils.bayes_opt as bo
+    from utils.data import load_dataset
     calls = []
 
     def fake_run_study(kind, dataset, **kw):
         calls.append((kind, kw))
-        return {"summary": pd.DataFrame([{"model": kind, "dataset": dataset}])}
+        assert kw["name"] == "mnist" and len(dataset.y_train) == 60000  # loaded once, handed over as a Dataset
+        return {"summary": pd.DataFrame([{"model": kind, "dataset": kw["name"]}])}
     monkeypatch.setattr(bo, "run_study", fake_run_study)
+    monkeypatch.setattr(workspace, "_dataset", lambda name, root=None, device=None: load_dataset(
+        name, root=mnist_root, device="cpu"))
     workspace.study(["mnist"], workspace.settings(True))
     quick = dict(calls)
     assert quick["compartmental"]["iterations"] == 1 and "start" not in quick["compartmental"]  # start: reference

@@ -140,8 +140,11 @@ class DeviceBatches:
 
 
 def interactive():
-    """True in a notebook or at a terminal; False when output goes to a file or a pipe (no progress bars there)."""
-    return "ipykernel" in sys.modules or sys.stderr.isatty()
+    """True in a running notebook kernel or at a terminal; False when output goes to a file or a pipe (no progress
+    bars there). An imported ipykernel alone (e.g. by nbclient) is no notebook."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return hasattr(shell, "kernel") or sys.stderr.isatty()
 
 
 class PlainPrintLog(PrintLog):

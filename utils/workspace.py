@@ -9,6 +9,7 @@
 Quick mode (subsets, few epochs, few study iterations; see QUICK below) runs a notebook in minutes on a 2-core CPU;
 full mode is the study as specified (50 iterations, 10 epochs, 3 folds), for a GPU.
 """
+import functools
 import os
 import time
 
@@ -44,13 +45,14 @@ MODELS = {
 # sizes of everything the notebooks do. Quick mode is bounded by design, for a 2-core CPU that other jobs share:
 # stratified subsets, few epochs and records, and a compartmental study of the paper's network alone (a random
 # configuration of up to 6 layers took minutes there). The compartmental network needs about 2,000 examples in
-# batches of 16 before it learns visibly, so it trains on 2,500. Logger settings keep validation below the
-# LoggerOverheadWarning threshold (small validation sets: noisy curves). TINY: the same steps at the smallest sizes
-# that run every cell (the test suite's notebook test, WORKSPACE_QUICK=tiny; its accuracies mean nothing).
+# batches of 16 before it learns visibly (at most n_train: it trains on a subset of theirs). Logger settings keep
+# validation below the LoggerOverheadWarning threshold (small validation sets: noisy curves). TINY: the same steps
+# at the smallest sizes that run every cell (the test suite's notebook test, WORKSPACE_QUICK=tiny; its accuracies
+# mean nothing).
 QUICK = dict(
     quick=True,
     n_train=2000, n_valid=300, epochs=2, records_per_epoch=4, max_valid=100,  # MLP and CNN, training with the logger
-    compartmental_n_train=2500, compartmental_epochs=1, compartmental_records_per_epoch=4,
+    compartmental_n_train=2000, compartmental_epochs=1, compartmental_records_per_epoch=4,
     compartmental_max_valid=60,
     compartmental_test_steps=100,  # l_f_phase_test: time steps per test example (the paper's 250 in full mode)
     n_test=500,                    # test examples (stratified subset of the test split)
@@ -101,6 +103,12 @@ def use_figures_dir(S, figures=None):
     return set_figures_dir(figures or os.environ.get("BIODL_FIGURES") or S["figures"])
 
 
+@functools.lru_cache(maxsize=2)
+def _dataset(name, root=None, device=None):
+    """load_dataset, kept for the next cells: a notebook's steps use the same one or two datasets several times."""
+    return load_dataset(name, root=root, device=device)
+
+
 def _split(ds, n_train, n_valid, seed):
     """A random validation set held out of the training split, and (a stratified subset of) the rest for training."""
     import torch
@@ -115,7 +123,7 @@ def _split(ds, n_train, n_valid, seed):
 
 def train_models(dataset, S, kinds=KINDS, root=None, device=None, seed=0, out="runs"):
     """Train each kind on `dataset` with the logger; runs saved to out/<dataset>_<kind>. Returns (logs, models)."""
-    ds = load_dataset(dataset, root=root, device=device)
+    ds = _dataset(dataset, root, device)
     X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
     logs, models = {}, {}
     for kind in kinds:
@@ -139,7 +147,7 @@ def train_models(dataset, S, kinds=KINDS, root=None, device=None, seed=0, out="r
 
 def test_accuracies(models, dataset, S, root=None, device=None, seed=0):
     """Test accuracy (%) of each trained model on the official test split (a stratified subset in quick mode)."""
-    ds = load_dataset(dataset, root=root, device=device)
+    ds = _dataset(dataset, root, device)
     X, y = ds.X_test, ds.y_test
     if S["n_test"]:
         X, y = stratified_subset(X, y, S["n_test"], seed=seed)
@@ -173,8 +181,8 @@ def study(datasets, S, kinds=KINDS, root=None, device=None, seed=0, verbose=1):
     results = []
     for dataset in datasets:
         for kind in kinds:
-            out = run_study(kind, dataset, **_study_settings(kind, S), out=S["bo_out"], seed=seed, device=device,
-                            data_root=root, verbose=verbose)
+            out = run_study(kind, _dataset(dataset, root, device), name=dataset, **_study_settings(kind, S),
+                            out=S["bo_out"], seed=seed, device=device, verbose=verbose)
             results.append(out["summary"])
     return pd.concat(results, ignore_index=True)
 
