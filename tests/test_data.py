@@ -121,3 +121,20 @@ def test_stratified_subset_is_balanced():
     Xs, ys = stratified_subset(X, y, 100, seed=1)
     assert len(ys) == 100 and torch.bincount(ys).tolist() == [10] * 10
     assert torch.equal(y[Xs[:, 0].long()], ys)
+
+
+def test_missing_data_root_is_refused_not_created(tmp_path, monkeypatch):
+    typo = tmp_path / "datasest"
+    with pytest.raises(DataError, match="data root .*datasest does not exist.*--data-root"):
+        load_dataset("mnist", root=typo)
+    monkeypatch.setenv("BIODL_DATA", str(typo))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("cifar10")
+    assert not typo.exists()
+
+
+def test_missing_files_error_names_the_command_line_option_and_gz(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("fashion", root=tmp_path, download=False)
+    msg = str(e.value)
+    assert "--data-root" in msg and "NAME.gz" in msg

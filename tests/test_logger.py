@@ -409,6 +409,35 @@ def test_overhead_warning():
     assert len([w for w in caught if w.category is LoggerOverheadWarning]) == 1  # once per log
 
 
+def test_one_time_cost_of_the_first_validation_does_not_warn():
+    """A first predict_proba that compiles (torch.compile, seconds) is no logging overhead; later slow ones are."""
+    import time
+    import warnings
+
+    class CompilesOnce(FakeCompartmental):
+        @property
+        def W(self):
+            return self._W
+
+        @W.setter
+        def W(self, value):  # a training step takes 50 ms
+            time.sleep(0.05)
+            self._W = value
+
+        def predict_proba(self, X):
+            if not getattr(self, "compiled_", False):
+                self.compiled_ = True
+                time.sleep(0.5)  # as long as the whole training: without the warm-up rule this would warn
+            return super().predict_proba(X)
+
+    X, y = toy_data(100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LoggerOverheadWarning)
+        log = TrainingLogger(X[:10], y[:10], records_per_epoch=5)
+        CompilesOnce(hook=log, batch_size=10, max_epochs=1, bp_angle=False).fit(X, y)
+    assert log.logger_time_ > 0.5 and log.warmup_time_ >= 0.5
+
+
 def test_with_make_classifier():
     train = pytest.importorskip("utils.train")
     X, y = toy_data(120)

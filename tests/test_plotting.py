@@ -48,6 +48,13 @@ def fake_log(name, seed=0, n=100, records=4, epochs=2, angle=True):
     return log
 
 
+def assert_below_axes(fig, legend):
+    """The legend lies wholly below every axes of the figure: it covers no curve."""
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    assert all(box.y1 <= ax.get_window_extent().y0 for ax in fig.axes), "the legend overlaps the axes"
+
+
 def assert_png(path):
     assert path.exists() and path.stat().st_size > 1000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,8 +96,9 @@ def test_plot_learning_curves_several_runs(tmp_path):
     assert ax_acc.get_xlabel() == "examples seen" and ax_acc.get_ylabel() == "accuracy (%)"
     assert ax_loss.get_ylabel() == "cross-entropy loss (nats)"
     assert ax_acc.get_title() == "accuracy" and ax_loss.get_title() == "loss"
-    labels = [t.get_text() for t in ax_acc.get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == ["mlp (training)", "mlp (validation)", "cnn (training)", "cnn (validation)"]
+    assert_below_axes(fig, fig.legends[0])
     # accuracy in percent: the last training point is 100 * (1 - 0.5 / 8)
     assert ax_acc.lines[0].get_ydata()[-1] == pytest.approx(100 * (1 - 0.5 / 8))
 
@@ -111,7 +119,7 @@ def test_plot_learning_curves_dict_and_thousands(tmp_path):
     log = fake_log("x", n=40_000)
     fig = plotting.plot_learning_curves({"renamed": log}, path=tmp_path / "c.png")
     assert fig.axes[0].get_xlabel() == "examples seen (thousands)"
-    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "renamed (training)"
+    assert fig.legends[0].get_texts()[0].get_text() == "renamed (training)"
 
 
 def test_plot_weight_dynamics(tmp_path):
@@ -123,7 +131,8 @@ def test_plot_weight_dynamics(tmp_path):
     assert all(ax.get_xlabel() == "examples seen" for ax in fig.axes)
     assert fig.axes[0].get_ylabel().startswith("relative change")
     assert fig.axes[0].get_yscale() == "log"
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["W1", "W2"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["W1: hidden 1", "W2: output"]
+    assert_below_axes(fig, fig.axes[0].get_legend())
     with pytest.raises(ValueError):
         plotting.plot_weight_dynamics(df[df["record"] == 0])
 
@@ -134,7 +143,8 @@ def test_plot_bp_angle(tmp_path):
     ax = fig.axes[0]
     assert ax.get_xlabel() == "examples seen" and ax.get_ylabel() == "angle to backprop update (degrees)"
     assert ax.get_title() == "comp"
-    assert "hidden1" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["hidden 1", "90° (orthogonal)"]
+    assert_below_axes(fig, fig.legends[0])
     with pytest.raises(ValueError, match="backprop angle"):
         plotting.plot_bp_angle(fake_log("mlp", angle=False))
 
@@ -157,13 +167,13 @@ def test_plot_comparison(tmp_path):
     assert ax.get_title()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["mnist", "fashion", "cifar10"]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["mlp", "cnn", "compartmental", "best", "worst", "seed_best"]
+    assert labels == ["mlp", "cnn", "compartmental", "best", "worst", "seed study's best"]
     assert len(ax.patches) == 9
     heights = sorted(p.get_height() for p in ax.patches)
     assert heights[-1] == pytest.approx(90.0)
     # without reference columns: no reference marker
     fig = plotting.plot_comparison(comparison_table().drop(columns="seed_best"))
-    assert "seed_best" not in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "seed study's best" not in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     with pytest.raises(ValueError, match="std"):
         plotting.plot_comparison(comparison_table().drop(columns="std"))
 
@@ -187,3 +197,32 @@ def test_plot_bo_trace(tmp_path):
     # a single group without model/dataset columns
     fig = plotting.plot_bo_trace(pd.DataFrame({"iteration": [0, 1, 2], "target": [0.5, 0.7, 0.6]}))
     assert fig.axes[0].get_ylabel() == "mean CV accuracy (%)"
+
+
+def test_layer_labels_are_readable():
+    assert plotting.layer_labels(["net.1.weight", "net.3.weight", "net.5.weight"]) == {
+        "net.1.weight": "hidden 1", "net.3.weight": "hidden 2", "net.5.weight": "output"}
+    assert plotting.layer_labels(["features.0.weight", "features.4.weight", "classifier.weight"]) == {
+        "features.0.weight": "conv 1", "features.4.weight": "conv 2", "classifier.weight": "output"}
+    assert plotting.layer_labels(["W1", "W2", "W3", "Y1", "Y2", "hidden1", "other"]) == {
+        "W1": "W1: hidden 1", "W2": "W2: hidden 2", "W3": "W3: output", "Y1": "Y1: feedback to hidden 1",
+        "Y2": "Y2: feedback to hidden 2", "hidden1": "hidden 1", "other": "other"}
+
+
+def test_weights_that_never_change_are_named_not_listed(tmp_path):
+    df = fake_log("comp", 0).to_frame()
+    fixed = df[df["layer"] == "W1"].assign(layer="Y1", rel_change=lambda d: d["rel_change"] * 0)
+    fig = plotting.plot_weight_dynamics(pd.concat([df, fixed]), path=tmp_path / "w.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["W1: hidden 1", "W2: output"]
+    assert len(ax.lines) == 2 and any("Y1: feedback to hidden 1" in t.get_text() for t in ax.texts)
+
+
+def test_set_figures_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(plotting, "FIGURES_DIR", plotting.FIGURES_DIR)  # restored after the test
+    monkeypatch.delenv("BIODL_FIGURES", raising=False)
+    assert plotting.set_figures_dir(tmp_path / "quick") == tmp_path / "quick"
+    assert plotting.figure_path("a") == tmp_path / "quick" / "a.png"
+    assert plotting.set_figures_dir() == plotting.REPO_FIGURES
+    monkeypatch.setenv("BIODL_FIGURES", str(tmp_path / "env"))
+    assert plotting.set_figures_dir() == tmp_path / "env"

@@ -67,10 +67,21 @@ def test_batches_are_device_slices_of_a_permutation(blobs):
 
 def test_divergence_raises(blobs):
     X, y = blobs
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):  # Adam steps of 1e20 overflow
+        make_classifier("mlp", hidden_sizes=(8,), lr=1e20, max_epochs=2, device="cpu").fit(X, y)
+
+
+def test_nan_input_is_named_not_blamed_on_the_learning_rate(blobs):
+    X, y = blobs
     X = X.clone()
-    X[5] = float("nan")
-    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
-        make_classifier("mlp", hidden_sizes=(8,), max_epochs=1, device="cpu").fit(X, y)
+    X[5, 0, 2, 3] = float("nan")
+    X[9] = float("inf")
+    clf = make_classifier("mlp", hidden_sizes=(8,), max_epochs=1, device="cpu")
+    with pytest.raises(ValueError, match="NaN or infinite values in 2 of 600 examples.*index 5"):
+        clf.fit(X, y)
+    clf.fit(X[10:], y[10:])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        clf.predict(X[:10])
 
 
 def test_bad_kind_and_hyperparameter():
@@ -115,3 +126,125 @@ def test_command_line_compartmental_dry_run(mnist_root, capsys):
     acc = main(["--model", "compartmental", "--dataset", "mnist", "--dry-run", "--data-root", str(mnist_root),
                 "--device", "cpu", "--batch-size", "100"])
     assert 0 <= acc <= 1 and "test accuracy" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad input: clear errors, and what scikit-learn users pass is accepted
+
+
+@pytest.mark.parametrize("argv, option", [(["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"),
+                                          (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"),
+                                          (["--batch-size", "0"], "--batch-size"),
+                                          (["--batch-size", "-7"], "--batch-size"), (["--subset", "-5"], "--subset"),
+                                          (["--epochs", "two"], "--epochs"), (["--seed", "-1"], "--seed")])
+def test_command_line_rejects_bad_numbers_before_loading(argv, option, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # the data root does not exist: parsing must fail before loading
+        main(argv + ["--data-root", str(tmp_path / "absent")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err
+
+
+def test_command_line_lr_and_compartmental(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "compartmental", "--lr", "0.1"])
+    assert e.value.code == 2 and "per-layer rates" in capsys.readouterr().err
+
+
+def test_command_line_help_shows_every_option_with_its_default(capsys):
+    from utils.train import parser
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: python -m utils.train")
+    assert "passes over the training data (default: 10)" in " ".join(out.split())
+    assert "logs/full" in out
+    for action in parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    for option in ("--model", "--epochs", "--lr", "--batch-size", "--seed"):
+        line = " ".join(out.split()).split(option + " ", 2)[-1]
+        assert "default: " in line.split(" --")[0], option
+
+
+@pytest.mark.parametrize("hp, match", [(dict(lr=0), "lr=0"), (dict(lr=-1e-3), "lr=-0.001"),
+                                       (dict(lr=float("nan")), "lr=nan"), (dict(batch_size=0), "batch_size=0"),
+                                       (dict(batch_size=-7), "batch_size=-7"), (dict(batch_size=2.5), "batch_size"),
+                                       (dict(max_epochs=0), "max_epochs=0"), (dict(max_epochs=-1), "max_epochs")])
+def test_make_classifier_rejects_bad_hyperparameters(hp, match):
+    for kind in ("mlp", "cnn"):
+        with pytest.raises(ValueError, match=match):
+            make_classifier(kind, **hp)
+    if "lr" not in hp:  # the compartmental network has no lr; its batch size and epochs are checked the same way
+        with pytest.raises(ValueError, match=match):
+            make_classifier("compartmental", **hp)
+
+
+def test_bad_hyperparameters_set_later_are_caught_at_fit(blobs):
+    X, y = blobs
+    clf = make_classifier("mlp", hidden_sizes=(8,), device="cpu").set_params(batch_size=0)
+    with pytest.raises(ValueError, match="batch_size=0"):
+        clf.fit(X, y)
+    with pytest.raises(ValueError, match="per-layer rates f_etas, no lr"):
+        make_classifier("compartmental", lr=1e-3)
+
+
+def test_accepts_numpy_float64_uint8_and_more_classes(blobs):
+    X, y = blobs
+    X8 = (X * 255).round().to(torch.uint8)
+    y15 = (y + 5 * (torch.arange(len(y)) % 2)).numpy()  # labels 0..14
+    hp = dict(hidden_sizes=(16,), lr=1e-2, max_epochs=2, device="cpu", seed=1)
+    a = make_classifier("mlp", **hp).fit(X8.numpy(), y15)  # uint8 pixels: scaled to [0, 1]
+    b = make_classifier("mlp", **hp).fit((X8.double() / 255).numpy(), y15.astype(np.float64))  # float64, float labels
+    pa, pb = a.predict_proba(X8.numpy()), b.predict_proba(X8.float() / 255)
+    assert pa.shape == (600, 15) and np.allclose(pa, pb, atol=1e-5)
+    assert set(np.unique(a.predict(X8.numpy()))) <= set(range(15)) and 0 <= a.score(X8.numpy(), y15) <= 1
+    cnn = make_classifier("cnn", channels=(4,), kernel_sizes=(3,), max_epochs=1, device="cpu")
+    cnn.fit(X[:, 0].numpy(), y.numpy())  # N x H x W grey images get their channel axis
+    assert cnn.predict(X[:5, 0]).shape == (5,)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda X, y: (X, np.array(["cat", "dog"] * 300)), "LabelEncoder"),
+    (lambda X, y: (X, y - 1), "negative label -1"),
+    (lambda X, y: (X, y + 0.5), "non-integer"),
+    (lambda X, y: (X, y[:-1]), "one label per example"),
+    (lambda X, y: (X, torch.zeros_like(y)), "at least two classes"),
+    (lambda X, y: (X[0].flatten(), y), "one example per row"),
+    (lambda X, y: (np.array([["a"] * 64] * 600), y), "expected numbers"),
+    (lambda X, y: (X.flatten(1), y), "the CNN takes images"),
+])
+def test_bad_X_or_y_gives_a_clear_error(blobs, bad, match):
+    Xb, yb = bad(*blobs)
+    kind = "cnn" if match == "the CNN takes images" else "mlp"
+    with pytest.raises(ValueError, match=match):
+        make_classifier(kind, channels=(4,), kernel_sizes=(3,), max_epochs=1, device="cpu").fit(Xb, yb) \
+            if kind == "cnn" else make_classifier(kind, hidden_sizes=(8,), max_epochs=1, device="cpu").fit(Xb, yb)
+
+
+def test_predict_checks_the_fitted_input_shape(blobs):
+    X, y = blobs
+    mlp = make_classifier("mlp", hidden_sizes=(8,), max_epochs=1, device="cpu").fit(X, y)
+    assert mlp.predict(X.flatten(1)).shape == (600,)  # the MLP flattens: same features, other layout
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 4\) but this network was fitted on \(1, 8, 8\)"):
+        mlp.predict(X[:, :, :4, :4])
+    cnn = make_classifier("cnn", channels=(4,), kernel_sizes=(3,), max_epochs=1, device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="fitted on"):
+        cnn.predict(torch.zeros(3, 1, 16, 16))
+
+
+def test_checkpoint_json_is_strict_json(blobs, tmp_path):
+    import json
+    X, y = blobs
+    clf = make_classifier("mlp", hidden_sizes=(4,), max_epochs=1, device="cpu").fit(X, y)
+    save_checkpoint(clf, "inf", directory=tmp_path, config={"best": float("inf"), "loss": float("nan")})
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    meta = json.loads((tmp_path / "inf.json").read_text(), parse_constant=refuse)
+    assert meta["config"] == {"best": "inf", "loss": "nan"}
+
+
+def test_redirected_command_line_output_is_plain(mnist_root, capsys):
+    import ipykernel  # noqa: F401  as after the notebook tests: imported by nbclient, but no kernel runs here
+    main(["--model", "mlp", "--dataset", "mnist", "--dry-run", "--data-root", str(mnist_root), "--device", "cpu"])
+    out, err = capsys.readouterr()  # captured: not a terminal
+    assert "train_loss" in out and "\x1b[" not in out + err and "\r" not in out + err

@@ -142,10 +142,20 @@ def _download(name, root):
 
 
 def _missing_error(name, folder, missing, cause):
+    gz = " (each may also be gzipped, NAME.gz)" if name != "cifar10" else ""
     return DataError(
-        f"{name}: files missing in {folder}: {', '.join(missing)}. The download failed ({cause}). "
+        f"{name}: files missing in {folder}: {', '.join(missing)}{gz}. The download failed ({cause}). "
         f"Get the files from {SOURCES[name]} and place them there, or point the data root at a folder that holds "
-        f"them (load_dataset(..., root=PATH) or the environment variable BIODL_DATA).")
+        f"them (--data-root PATH on the command line, load_dataset(..., root=PATH), or the environment variable "
+        f"BIODL_DATA).")
+
+
+def _check_root(root, explicit):
+    """A data root that was asked for (argument or $BIODL_DATA) must exist: a mistyped path is never created."""
+    if explicit and not root.is_dir():
+        raise DataError(f"the data root {root} does not exist (given by --data-root / root=, else $BIODL_DATA); "
+                        f"point it at the folder that holds the datasets, or create the folder first to download "
+                        f"them there")
 
 
 def _load_idx_dataset(name, root, download):
@@ -208,7 +218,9 @@ def load_dataset(name, root=None, device=None, normalize=False, download=True):
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    explicit = root is not None or bool(os.environ.get("BIODL_DATA"))
     root, device = data_root(root), get_device(device)
+    _check_root(root, explicit)
     arrays, classes = _load_cifar10(root, download) if name == "cifar10" else _load_idx_dataset(name, root, download)
     out = []
     for split in ("train", "test"):

@@ -45,6 +45,7 @@ RECORD_COLUMNS = ["record", "epoch", "examples_seen", "wall_time", "train_time",
 LAYER_COLUMNS = ["layer", "norm", "change_norm", "rel_change", "bp_angle"]
 RUN_COLUMNS = ["run", "model", "dataset", "seed"]
 OVERHEAD_WARNING = 0.15  # warn once per log when the logger's time exceeds this fraction of the training time
+#                          (not counting the first record's validation, which carries one-time costs: compilation)
 
 
 class LoggerOverheadWarning(UserWarning):
@@ -107,6 +108,7 @@ class TrainingLogger(Callback):
         self.n_train_ = None
         self.valid_ = None            # (X subset, y subset) cached on the estimator's device
         self.warned_ = False
+        self.warmup_time_ = 0.0       # the first record's validation: one-time costs (torch.compile, lazy set-up)
         self._reset_window()
         self._reset_epoch()
         return self
@@ -321,7 +323,10 @@ class TrainingLogger(Callback):
     def _record(self, weights, valid=None, angles=None, device=None):
         now = time.perf_counter()
         wall = self.elapsed_before_ + (now - self.t0_ if self.t0_ is not None else 0.0)
+        t_valid = time.perf_counter()
         vloss, vacc = self._validate(valid, device)
+        if not self.records_:
+            self.warmup_time_ = time.perf_counter() - t_valid
         if self.win_n_:
             tloss = float(self.win_loss_) / self.win_n_
             tacc = float(self.win_correct_) / self.win_n_
@@ -357,7 +362,7 @@ class TrainingLogger(Callback):
         self._reset_window()
         train_time = wall - logger_time
         if (not self.warned_ and len(self.records_) >= 3 and train_time > 0
-                and logger_time > OVERHEAD_WARNING * train_time):
+                and logger_time - self.warmup_time_ > OVERHEAD_WARNING * train_time):
             self.warned_ = True
             n_valid = 0 if self._valid_subset() is None else len(self._valid_subset()[1])
             warnings.warn(f"TrainingLogger: logging has taken {logger_time:.3g} s for {train_time:.3g} s of training "

@@ -3,7 +3,8 @@
 Each function takes logs or tables, returns the matplotlib Figure and, given `path`, saves it as a PNG: a relative
 file name goes under the repository's `figures/` folder (``path="mlp_curves"`` -> figures/mlp_curves.png; a name that
 already starts with "figures/" is not nested twice), an absolute path is used as it is; folders are created.
-Set the environment variable BIODL_FIGURES to put figures elsewhere.
+`set_figures_dir(path)` or the environment variable BIODL_FIGURES puts them elsewhere (the notebooks in quick mode:
+runs/figures/, so that quick runs never overwrite the committed README figures).
 
     from utils import plotting
     plotting.plot_samples(ds.X_train, ds.y_train, ds.classes, title="MNIST", path="samples_mnist")
@@ -17,6 +18,7 @@ Logs: a `TrainingLogger`, a DataFrame from `TrainingLogger.to_frame()` / `load_r
 {label: log} dict of them. Accuracies are stored in [0, 1] and shown in percent.
 """
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +37,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-FIGURES_DIR = Path(os.environ.get("BIODL_FIGURES", Path(__file__).resolve().parents[1] / "figures"))
+REPO_FIGURES = Path(__file__).resolve().parents[1] / "figures"  # the committed README figures
+FIGURES_DIR = Path(os.environ.get("BIODL_FIGURES") or REPO_FIGURES)
+REFERENCE_LABELS = {"seed_best": "seed study's best"}  # legend names of plot_comparison's reference columns
 
 STYLE = {
     "figure.dpi": 100,
@@ -64,6 +68,14 @@ def style():
     """The study's matplotlib style (used by every function here; usable around your own figures too)."""
     with plt.rc_context(STYLE):
         yield
+
+
+def set_figures_dir(path=None):
+    """Save figures with relative names under `path` from now on (None: $BIODL_FIGURES, else the repository's
+    figures/); returns the folder."""
+    global FIGURES_DIR
+    FIGURES_DIR = Path(path if path is not None else os.environ.get("BIODL_FIGURES") or REPO_FIGURES)
+    return FIGURES_DIR
 
 
 def figure_path(path):
@@ -142,6 +154,44 @@ def _mean_band(df, by, x, y):
     """Mean and standard deviation of y over the runs of each `by` group at each x (std NaN for a single run)."""
     g = df.dropna(subset=[y]).groupby([by, x], sort=True)[y]
     return g.mean().rename("mean").to_frame().join(g.std().rename("std")).join(g.size().rename("n")).reset_index()
+
+
+def layer_labels(names):
+    """Readable names of the logged weight matrices of one model: the MLP's net.1.weight ... -> hidden 1 ...,
+    output; the CNN's features.K.weight -> conv 1 ..., classifier.weight -> output; the compartmental network's W1 ->
+    W1: hidden 1, W<last> -> W<last>: output, Y1 -> Y1: feedback to hidden 1; hidden1 -> hidden 1. Others: as given."""
+    names = [str(n) for n in names]
+    labels = {n: n for n in names}
+
+    def index(n):
+        return int(n.split(".")[1])
+    dense = sorted((n for n in names if re.fullmatch(r"net\.\d+\.weight", n)), key=index)
+    for i, n in enumerate(dense, 1):
+        labels[n] = "output" if i == len(dense) else f"hidden {i}"
+    convs = sorted((n for n in names if re.fullmatch(r"features\.\d+\.weight", n)), key=index)
+    labels.update({n: f"conv {i}" for i, n in enumerate(convs, 1)})
+    if "classifier.weight" in labels:
+        labels["classifier.weight"] = "output"
+    forward = sorted((n for n in names if re.fullmatch(r"W\d+", n)), key=lambda n: int(n[1:]))
+    for i, n in enumerate(forward, 1):
+        labels[n] = f"{n}: output" if i == len(forward) else f"{n}: hidden {n[1:]}"
+    labels.update({n: f"{n}: feedback to hidden {n[1:]}" for n in names if re.fullmatch(r"Y\d+", n)})
+    labels.update({n: f"hidden {n[6:]}" for n in names if re.fullmatch(r"hidden\d+", n)})
+    return labels
+
+
+def _legend_below(fig, axes, ncol=4):
+    """One legend for the figure, centred below its axes (never over the curves): the labels of all `axes`."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.tight_layout()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(ncol, len(labels)),
+                   frameon=False)
 
 
 def _scale_x(values):
@@ -228,12 +278,9 @@ def plot_learning_curves(logs, by="run", x="examples_seen", title=None, path=Non
         ax_loss.set_xlabel(xlabel)
         ax_loss.set_ylabel("cross-entropy loss (nats)")
         ax_loss.set_title("loss")
-        handles, labels = ax_acc.get_legend_handles_labels()
-        if handles:
-            ax_acc.legend(loc="lower right")
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
+        _legend_below(fig, [ax_acc], ncol=2)  # a run's training and validation lines side by side
     return _finish(fig, path)
 
 
@@ -245,8 +292,9 @@ def _layer_panels(df, by, x, value, draw, finish):
     fig, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
         sub = df[df[by] == group]
+        labels = layer_labels(pd.unique(sub["layer"]))
         for layer in pd.unique(sub["layer"]):
-            draw(ax, _mean_band(sub[sub["layer"] == layer], "layer", x, value), scale, str(layer))
+            draw(ax, _mean_band(sub[sub["layer"] == layer], "layer", x, value), scale, labels[str(layer)])
         ax.set_title(str(group))
         ax.set_xlabel(xlabel)
         finish(ax, sub)
@@ -262,16 +310,27 @@ def plot_weight_dynamics(logs, by="run", x="examples_seen", logy=True, title=Non
     if df.empty:
         raise ValueError("no weight changes to plot (a log needs at least two records)")
 
+    unchanged = []  # layers that never moved (e.g. fixed feedback weights): nothing to draw on a log axis
+
     def draw(ax, band, scale, layer):
+        if logy and not (band["mean"] > 0).any():
+            unchanged.append(layer)
+            return
         ax.plot(band[x] / scale, band["mean"], marker=".", markersize=3, label=layer)
 
     def finish(ax, rows):
         if logy:
             ax.set_yscale("log")
-        ax.legend(title="layer", loc="upper right")
+        if unchanged:
+            ax.text(0.02, 0.02, "not drawn, never changed: " + ", ".join(unchanged), transform=ax.transAxes,
+                    fontsize=8, color="0.35", va="bottom")
+            unchanged.clear()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # below, under the x label
 
     with style():
         fig, axes = _layer_panels(df, by, x, "rel_change", draw, finish)
+        rows = max(len(ax.get_legend_handles_labels()[0]) for ax in axes[0])
+        fig.set_figheight(PANEL[1] + 0.5 + 0.2 * rows)  # room for the legends below the panels
         axes[0, 0].set_ylabel("relative change ‖ΔW‖ / ‖W‖ per record")
         if title:
             fig.suptitle(title)
@@ -297,14 +356,13 @@ def plot_bp_angle(logs, by="run", x="examples_seen", title=None, path=None):
     def finish(ax, rows):
         ax.axhline(90, color="0.4", ls=":", lw=1, label="90° (orthogonal)")
         ax.set_ylim(0, max(100, float(np.nanmax(rows["bp_angle"])) + 5))
-        ax.legend(loc="upper right")
 
     with style():
         fig, axes = _layer_panels(df, by, x, "bp_angle", draw, finish)
         axes[0, 0].set_ylabel("angle to backprop update (degrees)")
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
+        _legend_below(fig, axes[0])
     return _finish(fig, path)
 
 
@@ -353,7 +411,8 @@ def plot_comparison(results, reference=None, title=None, path=None):
         handles += ax.plot([], [], "^", color="k", ls="none", label="best")
         handles += ax.plot([], [], "v", color="k", ls="none", label="worst")
         for r_i, ref in enumerate(reference):
-            handles += ax.plot([], [], ref_markers[r_i % len(ref_markers)], ls="none", mfc="none", label=str(ref),
+            handles += ax.plot([], [], ref_markers[r_i % len(ref_markers)], ls="none", mfc="none",
+                               label=REFERENCE_LABELS.get(ref, str(ref)),
                                color="tab:red" if r_i == 0 else "tab:purple")
         ax.set_xticks(range(len(datasets)))
         ax.set_xticklabels([str(d) for d in datasets])

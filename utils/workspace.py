@@ -6,9 +6,11 @@
     summary = study(["mnist"], S)                     # Bayesian optimization (resumes / loads finished studies)
     results_table(summary)                            # this project's numbers beside the seed study's and the paper's
 
-Quick mode (subsets, few epochs, few study iterations) runs a notebook in minutes on a 2-core CPU; full mode is the
-study as specified (50 iterations, 10 epochs, 3 folds), for a GPU.
+Quick mode (subsets, few epochs, few study iterations; see QUICK below) runs a notebook in minutes on a 2-core CPU;
+full mode is the study as specified (50 iterations, 10 epochs, 3 folds), for a GPU.
 """
+import functools
+import os
 import time
 
 import pandas as pd
@@ -39,19 +41,72 @@ MODELS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# sizes of everything the notebooks do. Quick mode is bounded by design, for a 2-core CPU that other jobs share:
+# stratified subsets, few epochs and records, and a compartmental study of the paper's network alone (a random
+# configuration of up to 6 layers took minutes there). The compartmental network needs about 2,000 examples in
+# batches of 16 before it learns visibly (at most n_train: it trains on a subset of theirs). Logger settings keep
+# validation below the LoggerOverheadWarning threshold (small validation sets: noisy curves). TINY: the same steps
+# at the smallest sizes that run every cell (the test suite's notebook test, WORKSPACE_QUICK=tiny; its accuracies
+# mean nothing).
+QUICK = dict(
+    quick=True,
+    n_train=2000, n_valid=300, epochs=2, records_per_epoch=4, max_valid=100,  # MLP and CNN, training with the logger
+    compartmental_n_train=2000, compartmental_epochs=1, compartmental_records_per_epoch=4,
+    compartmental_max_valid=60,
+    compartmental_test_steps=100,  # l_f_phase_test: time steps per test example (the paper's 250 in full mode)
+    n_test=500,                    # test examples (stratified subset of the test split)
+    bo_iterations=3, bo_folds=2, bo_epochs=1, bo_subset=300, bo_init_points=2,  # the study: MLP and CNN
+    bo_retrain_subset=500, bo_test_subset=200,
+    bo_compartmental_iterations=1,  # the paper's network only (the study's reference configuration)
+    bo_compartmental_subset=150, bo_compartmental_retrain_subset=200, bo_max_phase=30,
+    bo_out="logs/quick",
+    figures="runs/figures",        # never the committed README figures
+)
+TINY = dict(QUICK, quick="tiny", n_train=600, records_per_epoch=2, max_valid=40, compartmental_n_train=300,
+            compartmental_records_per_epoch=2, compartmental_max_valid=20, n_test=200, bo_subset=200,
+            bo_retrain_subset=300, bo_test_subset=100, bo_compartmental_subset=100,
+            bo_compartmental_retrain_subset=100, bo_out="logs/tiny")
+FULL = dict(
+    quick=False,
+    n_train=None, n_valid=5000, epochs=10, records_per_epoch=10, max_valid=1000,
+    compartmental_n_train=None, compartmental_epochs=10, compartmental_records_per_epoch=10,
+    compartmental_max_valid=300,
+    compartmental_test_steps=None,  # None: the estimator's default (the paper's 250)
+    n_test=None,
+    bo_iterations=50, bo_folds=3, bo_epochs=10, bo_subset=None, bo_init_points=5,
+    bo_retrain_subset=None, bo_test_subset=None,
+    bo_compartmental_iterations=None,  # None: bo_iterations
+    bo_compartmental_subset=None, bo_compartmental_retrain_subset=None, bo_max_phase=None,
+    bo_out="logs/full",
+    figures=None,                   # None: $BIODL_FIGURES, else the repository's figures/
+)
+
+
+def quick_mode(quick=False):
+    """The notebook's QUICK parameter, else the environment variable WORKSPACE_QUICK: False (full), True ("1") or
+    "tiny" (the test suite's sizes)."""
+    env = os.environ.get("WORKSPACE_QUICK", "")
+    return quick or ("tiny" if env == "tiny" else env == "1")
+
+
 def settings(quick):
-    """Every size the notebooks use, in one dict: quick (a 2-core CPU, minutes) or full (the study, a GPU)."""
-    if quick:
-        return dict(quick=True, n_train=5000, n_valid=500, epochs=2, compartmental_epochs=1,
-                    compartmental_n_train=5000, records_per_epoch=10, compartmental_records_per_epoch=6,
-                    max_valid=300, compartmental_max_valid=200, n_test=1000,
-                    bo_iterations=3, bo_folds=2, bo_epochs=1, bo_subset=500, bo_compartmental_subset=200,
-                    bo_init_points=2, bo_max_phase=30, bo_retrain_subset=1000, bo_test_subset=500, bo_out="logs/quick")
-    return dict(quick=False, n_train=None, n_valid=5000, epochs=10, compartmental_epochs=10,
-                compartmental_n_train=None, records_per_epoch=10, compartmental_records_per_epoch=10,
-                max_valid=1000, compartmental_max_valid=300, n_test=None,
-                bo_iterations=50, bo_folds=3, bo_epochs=10, bo_subset=None, bo_compartmental_subset=None,
-                bo_init_points=5, bo_max_phase=None, bo_retrain_subset=None, bo_test_subset=None, bo_out="logs/full")
+    """Every size the notebooks use, in one dict (a copy of QUICK, TINY or FULL): quick=True (a 2-core CPU, minutes),
+    "tiny" (every cell at the smallest sizes: the notebook test) or False (the study as specified, for a GPU)."""
+    return dict(TINY if quick == "tiny" else QUICK if quick else FULL)
+
+
+def use_figures_dir(S, figures=None):
+    """Where the notebook's figures go: `figures`, else $BIODL_FIGURES, else runs/figures/ in quick mode (quick runs
+    never overwrite the committed README figures) and the repository's figures/ in full mode. Returns the folder."""
+    from utils.plotting import set_figures_dir
+    return set_figures_dir(figures or os.environ.get("BIODL_FIGURES") or S["figures"])
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset(name, root=None, device=None):
+    """load_dataset, kept for the next cells: a notebook's steps use the same one or two datasets several times."""
+    return load_dataset(name, root=root, device=device)
 
 
 def _split(ds, n_train, n_valid, seed):
@@ -68,13 +123,15 @@ def _split(ds, n_train, n_valid, seed):
 
 def train_models(dataset, S, kinds=KINDS, root=None, device=None, seed=0, out="runs"):
     """Train each kind on `dataset` with the logger; runs saved to out/<dataset>_<kind>. Returns (logs, models)."""
-    ds = load_dataset(dataset, root=root, device=device)
+    ds = _dataset(dataset, root, device)
     X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
     logs, models = {}, {}
     for kind in kinds:
         hp = dict(MODELS[kind])
         if kind == "compartmental":
             hp.update(max_epochs=S["compartmental_epochs"], seed=seed, device=device)
+            if S["compartmental_test_steps"]:
+                hp.update(l_f_phase_test=S["compartmental_test_steps"])
             n = S["compartmental_n_train"]
             Xk, yk = stratified_subset(X, y, n, seed=seed) if n else (X, y)
         else:
@@ -90,7 +147,7 @@ def train_models(dataset, S, kinds=KINDS, root=None, device=None, seed=0, out="r
 
 def test_accuracies(models, dataset, S, root=None, device=None, seed=0):
     """Test accuracy (%) of each trained model on the official test split (a stratified subset in quick mode)."""
-    ds = load_dataset(dataset, root=root, device=device)
+    ds = _dataset(dataset, root, device)
     X, y = ds.X_test, ds.y_test
     if S["n_test"]:
         X, y = stratified_subset(X, y, S["n_test"], seed=seed)
@@ -103,6 +160,20 @@ def test_accuracies(models, dataset, S, root=None, device=None, seed=0):
     return pd.DataFrame(rows)
 
 
+def _study_settings(kind, S):
+    """run_study's sizes for `kind` under the settings S (the compartmental network has its own where S sets them)."""
+    kw = dict(iterations=S["bo_iterations"], folds=S["bo_folds"], epochs=S["bo_epochs"], subset=S["bo_subset"],
+              init_points=S["bo_init_points"], retrain_subset=S["bo_retrain_subset"], test_subset=S["bo_test_subset"])
+    if kind != "compartmental":
+        return kw
+    own = dict(iterations=S["bo_compartmental_iterations"], subset=S["bo_compartmental_subset"],
+               retrain_subset=S["bo_compartmental_retrain_subset"])
+    fixed = {"batch_size": MODELS[kind]["batch_size"]}
+    if S["compartmental_test_steps"]:
+        fixed["l_f_phase_test"] = S["compartmental_test_steps"]
+    return {**kw, **{k: v for k, v in own.items() if v}, "max_phase": S["bo_max_phase"], "fixed": fixed}
+
+
 def study(datasets, S, kinds=KINDS, root=None, device=None, seed=0, verbose=1):
     """Run (or resume, or just load when finished) the Bayesian optimization of each kind on each dataset; returns
     the summary table of utils.bayes_opt.summarize for these studies."""
@@ -110,13 +181,8 @@ def study(datasets, S, kinds=KINDS, root=None, device=None, seed=0, verbose=1):
     results = []
     for dataset in datasets:
         for kind in kinds:
-            compartmental = kind == "compartmental"
-            subset = S["bo_compartmental_subset"] if compartmental and S["bo_compartmental_subset"] else S["bo_subset"]
-            out = run_study(kind, dataset, iterations=S["bo_iterations"], folds=S["bo_folds"], epochs=S["bo_epochs"],
-                            out=S["bo_out"], seed=seed, subset=subset, device=device, data_root=root,
-                            init_points=S["bo_init_points"], max_phase=S["bo_max_phase"] if compartmental else None,
-                            fixed={"batch_size": MODELS[kind]["batch_size"]} if compartmental else None,
-                            retrain_subset=S["bo_retrain_subset"], test_subset=S["bo_test_subset"], verbose=verbose)
+            out = run_study(kind, _dataset(dataset, root, device), name=dataset, **_study_settings(kind, S),
+                            out=S["bo_out"], seed=seed, device=device, verbose=verbose)
             results.append(out["summary"])
     return pd.concat(results, ignore_index=True)
 

@@ -1,0 +1,103 @@
+"""utils.workspace: the notebooks' settings. Quick mode is bounded by design; figures of quick runs go elsewhere."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from utils import plotting, workspace
+
+
+@pytest.fixture
+def figures_dir(monkeypatch):
+    monkeypatch.setattr(plotting, "FIGURES_DIR", plotting.FIGURES_DIR)  # restored after the test
+    monkeypatch.delenv("BIODL_FIGURES", raising=False)
+    return monkeypatch
+
+
+def test_quick_figures_never_go_to_the_committed_figures(figures_dir, tmp_path):
+    quick, full = workspace.settings(True), workspace.settings(False)
+    assert workspace.use_figures_dir(quick) == Path("runs/figures")
+    assert plotting.figure_path("mnist_samples.png") == Path("runs/figures/mnist_samples.png")
+    assert workspace.use_figures_dir(full) == plotting.REPO_FIGURES  # full mode redraws the README figures
+    assert workspace.use_figures_dir(quick, tmp_path / "mine") == tmp_path / "mine"  # the notebook's FIGURES
+    figures_dir.setenv("BIODL_FIGURES", str(tmp_path / "env"))
+    assert workspace.use_figures_dir(quick) == tmp_path / "env"
+
+
+def test_quick_tiny_and_full_settings_have_the_same_keys():
+    assert set(workspace.QUICK) == set(workspace.FULL) == set(workspace.TINY)
+    assert workspace.settings(True) is not workspace.QUICK  # a copy: a notebook may change its own
+    assert workspace.settings("tiny")["quick"] == "tiny" and workspace.settings(False)["quick"] is False
+
+
+def test_quick_mode_from_the_parameter_or_the_environment(monkeypatch):
+    monkeypatch.delenv("WORKSPACE_QUICK", raising=False)
+    assert workspace.quick_mode(False) is False and workspace.quick_mode(True) is True
+    monkeypatch.setenv("WORKSPACE_QUICK", "1")
+    assert workspace.quick_mode(False) is True
+    monkeypatch.setenv("WORKSPACE_QUICK", "tiny")
+    assert workspace.quick_mode(False) == "tiny" and workspace.quick_mode(True) is True
+    monkeypatch.setenv("WORKSPACE_QUICK", "0")
+    assert workspace.quick_mode(False) is False
+
+
+@pytest.mark.parametrize("mode", [True, "tiny"])
+def test_quick_sizes_are_capped(mode):
+    S = workspace.settings(mode)
+    assert S["n_train"] <= 2000 and S["compartmental_n_train"] <= S["n_train"] and S["n_test"] <= 500
+    assert S["epochs"] <= 2 and S["compartmental_epochs"] == 1 and S["bo_epochs"] == 1
+    assert S["compartmental_test_steps"] <= 100 and S["bo_max_phase"] <= 30
+    for kind in ("mlp", "cnn", "compartmental"):
+        kw = workspace._study_settings(kind, S)
+        assert kw["iterations"] <= 3 and kw["subset"] <= 300 and kw["retrain_subset"] <= 500
+        assert kw["test_subset"] <= 200 and kw["folds"] == 2
+    assert workspace._study_settings("compartmental", S)["iterations"] == 1
+    assert S["bo_out"] != workspace.FULL["bo_out"] and S["figures"] == "runs/figures"
+
+
+def test_quick_compartmental_study_is_the_papers_network_alone(monkeypatch, mnist_root):
+    """Quick mode's compartmental study runs one evaluation: the reference configuration (the paper's network),
+    with phases capped and a short test phase; full mode keeps the specified study."""
+    import utils.bayes_opt as bo
+    from utils.data import load_dataset
+    calls = []
+
+    def fake_run_study(kind, dataset, **kw):
+        calls.append((kind, kw))
+        assert kw["name"] == "mnist" and len(dataset.y_train) == 60000  # loaded once, handed over as a Dataset
+        return {"summary": pd.DataFrame([{"model": kind, "dataset": kw["name"]}])}
+    monkeypatch.setattr(bo, "run_study", fake_run_study)
+    monkeypatch.setattr(workspace, "_dataset", lambda name, root=None, device=None: load_dataset(
+        name, root=mnist_root, device="cpu"))
+    workspace.study(["mnist"], workspace.settings(True))
+    quick = dict(calls)
+    assert quick["compartmental"]["iterations"] == 1 and "start" not in quick["compartmental"]  # start: reference
+    assert quick["compartmental"]["max_phase"] == 30
+    assert quick["compartmental"]["fixed"] == {"batch_size": 16, "l_f_phase_test": 100}
+    assert quick["mlp"]["iterations"] == 3 and quick["mlp"].get("fixed") is None
+    calls.clear()
+    workspace.study(["mnist"], workspace.settings(False))
+    full = dict(calls)
+    assert full["compartmental"]["iterations"] == 50 and full["compartmental"]["fixed"] == {"batch_size": 16}
+    assert full["compartmental"]["max_phase"] is None and full["compartmental"]["subset"] is None
+
+
+def test_one_iteration_study_evaluates_only_the_reference(tmp_path):
+    """What quick mode relies on: a study of one iteration trains the reference configuration and nothing else."""
+    from utils.bayes_opt import reference_params, make_space, run_study
+    from utils.data import Dataset
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.rand(60, 1, 8, 8, generator=g), torch.arange(60) % 10
+    ds = Dataset(X, y, X[:20], y[:20], [str(i) for i in range(10)])
+    seen = []
+
+    def evaluate(hp):
+        seen.append(hp)
+        return [0.5, 0.5]
+    kw = workspace._study_settings("compartmental", workspace.settings(True))
+    kw.update(subset=None, retrain_subset=None, test_subset=None)
+    out = run_study("compartmental", ds, name="toy", out=tmp_path, evaluate=evaluate, retrain=False, verbose=0, **kw)
+    assert len(seen) == 1 and list(out["evals"]["source"]) == ["start"]
+    ref = reference_params("compartmental", make_space("compartmental", 30), 16)
+    assert out["evals"]["params"].iloc[0] == ref and seen[0]["n_hidden"] == (500,)
