@@ -39,8 +39,8 @@ COMMON_DEFAULTS = dict(
     verbose=0,        # 0: silent; 1: a progress bar and skorch's epoch table
     lr_schedule=None, # None: constant lr; "cosine": cosine annealing from lr to 0 over max_epochs (per epoch)
 )
-MLP_DEFAULTS = dict(hidden_sizes=(500,))
-CNN_DEFAULTS = dict(channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1)
+MLP_DEFAULTS = dict(hidden_sizes=(500,), rule="backprop")  # rule: "backprop", "fa", "dfa", "sign" (utils.rules)
+CNN_DEFAULTS = dict(channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, rule="backprop")
 
 
 # ----------------------------------------------------------------------------------------------------------------
