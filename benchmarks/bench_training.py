@@ -173,25 +173,28 @@ def rules(args, device, out=None):
             clfs[rule] = make_classifier(kind, rule=rule, max_epochs=args.epochs, seed=args.seed, device=device,
                                          verbose=args.verbose, **hp)
             _set_input_size(clfs[rule], kind, ds.X_train)
-        for epoch in range(args.epochs):
+        done = len(rows)
+        for epoch in range(1, args.epochs + 1):
             for rule, clf in clfs.items():
                 clf.partial_fit(ds.X_train, ds.y_train, epochs=1)
-                print(f"  {run} epoch {epoch + 1}/{args.epochs} {rule:8s}: {clf.history[-1, 'dur']:.1f} s, "
+                print(f"  {run} epoch {epoch}/{args.epochs} {rule:8s}: {clf.history[-1, 'dur']:.1f} s, "
                       f"train loss {clf.history[-1, 'train_loss']:.4f}", flush=True)
-        base = None
-        for rule, clf in clfs.items():
-            acc = 100 * clf.score(ds.X_test, ds.y_test)
-            epoch_s = statistics.median(clf.history[:, "dur"])
-            base = base or (acc, epoch_s)
-            gap, ratio = base[0] - acc, epoch_s / base[1]
-            verdict = _rule_verdict(kind, name, rule, gap, ratio)
-            rows.append(dict(model=kind, dataset=name, rule=rule, epochs=args.epochs, test_acc=acc, gap=gap,
-                             epoch_s=epoch_s, time_ratio=ratio, verdict=verdict, device=str(device), **hp))
-            print(f"{kind:4s} {name:8s} {rule:8s}: test accuracy {acc:6.2f} % ({-gap:+.2f} to backprop; "
-                  f"{verdict[0] or 'the reference'}) after {args.epochs} epochs, {epoch_s:6.1f} s/epoch (median), "
-                  f"ratio to backprop {ratio:.2f} [{verdict[1]}]", flush=True)
-        if out:  # partial results survive a later run's interruption
-            out(rows)
+            # the table after every epoch, so that a run stopped early (or a slow machine) still reports
+            del rows[done:]
+            base, final = None, epoch == args.epochs
+            for rule, clf in clfs.items():
+                acc = 100 * clf.score(ds.X_test, ds.y_test)
+                epoch_s = statistics.median(clf.history[:, "dur"])
+                base = base or (acc, epoch_s)
+                gap, ratio = base[0] - acc, epoch_s / base[1]
+                verdict = _rule_verdict(kind, name, rule, gap, ratio)
+                rows.append(dict(model=kind, dataset=name, rule=rule, epochs=epoch, test_acc=acc, gap=gap,
+                                 epoch_s=epoch_s, time_ratio=ratio, verdict=verdict, device=str(device), **hp))
+                print(f"{'' if final else '  (so far) '}{kind:4s} {name:8s} {rule:8s}: test accuracy {acc:6.2f} % "
+                      f"({-gap:+.2f} to backprop; {verdict[0] or 'the reference'}) after {epoch} epochs, "
+                      f"{epoch_s:6.1f} s/epoch (median), ratio to backprop {ratio:.2f} [{verdict[1]}]", flush=True)
+            if out:  # partial results survive an interruption
+                out(rows)
     return rows
 
 
