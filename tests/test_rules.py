@@ -222,3 +222,23 @@ def test_every_rule_learns_a_separable_problem(kind):
         clf = make_classifier(kind, rule=rule, max_epochs=4, lr=3e-3, batch_size=20, seed=0, **hp)
         clf.fit(X[:300], y[:300])
         assert clf.score(X[300:], y[300:]) > 0.8, rule   # chance: 0.25
+
+
+@pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")
+def test_workspace_trains_and_studies_every_rule_and_draws_their_angles(mnist_root, tmp_path):
+    from utils import plotting
+    from utils.logger import concat_runs
+    from utils.workspace import rule_study, settings, train_rules
+    S = dict(settings(True), n_train=200, n_valid=100, epochs=1, max_valid=50, bo_iterations=2, bo_folds=2,
+             bo_subset=100, bo_init_points=1, bo_retrain_subset=100, bo_test_subset=100, bo_out=str(tmp_path / "bo"))
+    logs, models = train_rules("mnist", S, root=mnist_root, device="cpu", out=tmp_path / "runs")
+    assert list(logs) == ["mlp-backprop", "mlp-fa", "mlp-dfa", "mlp-sign"]
+    table = concat_runs([tmp_path / "runs" / f"mnist_{k}" for k in logs])
+    a = angles(table)
+    assert set(a["model"]) == set(logs) and (a[a["model"] == "mlp-backprop"]["bp_angle"] == 0).all()
+    assert a[a["model"] == "mlp-fa"]["bp_angle"].between(1, 179).all()
+    fig = plotting.plot_rule_angles(table, path=tmp_path / "angles.png")
+    assert (tmp_path / "angles.png").stat().st_size > 0
+    assert len(fig.axes[0].get_lines()) == 5   # four rules x one hidden layer, and the 90 degree line
+    summary = rule_study(["mnist"], S, root=mnist_root, device="cpu", verbose=0)
+    assert list(summary["model"]) == ["mlp-fa", "mlp-dfa", "mlp-sign"] and (summary["n_evals"] == 2).all()

@@ -3,6 +3,7 @@
     from utils.models import MLP
     net = MLP(784, (500,), 10, rule="fa")              # "backprop" (default), "fa", "dfa" or "sign"
     hidden_angles(net, X, y, torch.nn.CrossEntropyLoss())   # {"hidden1": degrees} to backprop's gradient
+    make_classifier("mlp-fa")  ==  make_classifier("mlp", rule="fa")   # the study's model names (split_model)
 
 Every weight layer of the two networks is a `RuleLinear` or `RuleConv2d` (subclasses of nn.Linear / nn.Conv2d with
 the same forward pass and the same initialisation). The rule sets the signal a layer sends back to its input:
@@ -42,6 +43,20 @@ import torch.nn.functional as F
 from torch import nn
 
 RULES = ("backprop", "fa", "dfa", "sign")
+
+
+def rule_models(kinds=("mlp", "cnn")):
+    """The model names a study compares besides the kinds themselves: "mlp-fa", "mlp-dfa", ..., "cnn-sign"."""
+    return [f"{kind}-{rule}" for kind in kinds for rule in RULES if rule != "backprop"]
+
+
+def split_model(model):
+    """A model name -> (kind, rule): "mlp-fa" -> ("mlp", "fa"); a plain kind -> (kind, None). The one place where
+    the study's model names meet the rules."""
+    kind, _, rule = str(model).partition("-")
+    if rule and rule not in RULES:
+        raise ValueError(f"unknown learning rule {rule!r} in model {model!r}; valid rules: {', '.join(RULES)}")
+    return kind, rule or None
 
 
 def check_rule(rule):

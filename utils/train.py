@@ -25,6 +25,7 @@ from skorch.callbacks import Callback
 from utils.compartmental import CompartmentalClassifier, fit_population
 from utils.errors import TrainingDiverged
 from utils.models import CNN, MLP
+from utils.rules import split_model
 
 KINDS = ("mlp", "cnn", "compartmental")
 
@@ -136,6 +137,9 @@ def make_classifier(kind, logger=None, **hyperparameters):
     kernel_sizes, stride, padding (CNN); n_classes is inferred from y. `logger` (a utils.logger.TrainingLogger) is
     attached as a skorch callback or as the compartmental network's hook.
     """
+    kind, rule = split_model(kind)   # "mlp-fa": the MLP learning by feedback alignment (utils.rules)
+    if rule is not None:
+        hyperparameters.setdefault("rule", rule)
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if kind == "compartmental":
