@@ -198,11 +198,45 @@ def rules(args, device, out=None):
     return rows
 
 
+def rule_steps(args, device):
+    """Training-step time of every rule against backprop, interleaved in short rounds (rule order rotated each round)
+    so that a busy machine's changing load hits every rule alike: the median over rounds of the time of
+    `--step-batches` Adam steps at the accuracy models' batch size; judged by the ratio to backprop's."""
+    rows = []
+    for run in args.runs:
+        kind, name = run.split(":")
+        ds = load_dataset(name, device=device, normalize=True)
+        hp = ACCURACY_MODELS[kind][name]
+        X, y = ds.X_train[:hp["batch_size"] * args.step_batches], ds.y_train[:hp["batch_size"] * args.step_batches]
+        clfs = {}
+        for rule in args.rules_list:
+            clfs[rule] = make_classifier(kind, rule=rule, seed=args.seed, device=device, **hp)
+            _set_input_size(clfs[rule], kind, X)
+            clfs[rule].initialize()
+        times = {rule: [] for rule in clfs}
+        for r in range(args.step_rounds):
+            order = list(clfs)[r % len(clfs):] + list(clfs)[:r % len(clfs)]
+            for rule in order:
+                times[rule].append(hand_loop_epochs(clfs[rule], X, y, 1)[0] / args.step_batches)
+        base = statistics.median(times[args.rules_list[0]])
+        for rule, ts in times.items():
+            step = statistics.median(ts)
+            rows.append(dict(model=kind, dataset=name, rule=rule, step_s=step, ratio=step / base,
+                             rounds=args.step_rounds, batches=args.step_batches))
+            print(f"{kind:4s} {name:8s} {rule:8s}: {1000 * step:7.1f} ms per training step (median of "
+                  f"{args.step_rounds} rounds of {args.step_batches}), ratio to backprop {step / base:.2f} "
+                  f"[{'met' if step / base <= RULE_TIME_RATIO else 'MISSED'}]", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--speed", action="store_true")
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--rules", action="store_true", help="FA, DFA and sign symmetry beside backprop")
+    p.add_argument("--rule-steps", action="store_true", help="training-step time of every rule against backprop")
+    p.add_argument("--step-batches", type=int, default=20, help="training steps per rule and round (--rule-steps)")
+    p.add_argument("--step-rounds", type=int, default=15, help="interleaved rounds (--rule-steps)")
     p.add_argument("--runs", nargs="+", default=["mlp:mnist", "mlp:cifar10", "cnn:cifar10"],
                    help="model:dataset pairs of --rules")
     p.add_argument("--rules-list", dest="rules_list", nargs="+", default=list(RULES), choices=RULES,
@@ -222,7 +256,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.speed or args.accuracy or args.rules):
+    if not (args.speed or args.accuracy or args.rules or args.rule_steps):
         args.speed = True
     device = get_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -234,6 +268,8 @@ def main():
         result["accuracy"] = accuracy(args, device)
     if args.rules:
         result["rules"] = rules(args, device, out=lambda rows: write(result | {"rules": rows}))
+    if args.rule_steps:
+        result["rule_steps"] = rule_steps(args, device)
     write(result)
 
 

@@ -443,7 +443,7 @@ def plot_rule_angles(logs, by="dataset", line="model", x="examples_seen", title=
             ax.set_ylim(-2, max(100, float(np.nanmax(sub["bp_angle"])) + 5))
             ax.set_title(str(group))
             ax.set_xlabel(xlabel)
-            ax.legend(loc="upper right", fontsize="small")
+            ax.legend(loc="best", fontsize="small")
         axes[0, 0].set_ylabel("angle to backprop update (degrees)")
         if title:
             fig.suptitle(title)
