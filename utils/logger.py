@@ -25,7 +25,9 @@ change columns are NaN. For the compartmental network with its backprop-angle di
 angle to the backpropagation update (degrees, mean over the hook calls since the previous record) is recorded too;
 for the MLP and CNN (every learning rule of utils.rules) the angle between each hidden layer's gradient under the
 net's rule and the backprop gradient, both on the record's training batch from the weights after its update
-(`utils.rules.hidden_angles`; 0 for rule="backprop"), in the same format.
+(`utils.rules.hidden_angles`; 0 for rule="backprop", recorded without computing it, so the backprop nets' logging
+costs what it did), in the same format. The other rules pay two extra forward and backward passes of one batch per
+record.
 
 The table (`to_frame`, records.csv) is long: one row per record and weight matrix, with the record's scalar columns
 repeated; angle rows carry `layer` = the hidden layer's name ("hidden1", ...) and `bp_angle`, weight columns NaN.
@@ -207,7 +209,7 @@ class TrainingLogger(Callback):
         if yb is None or not isinstance(Xb, torch.Tensor):
             return None
         Xb, yb = Xb.to(net.device), torch.as_tensor(yb).to(net.device)
-        return hidden_angles(net.module_, Xb, yb, net.criterion_) or None
+        return hidden_angles(net.module_, Xb, yb, net.criterion_, skip_backprop=True) or None
 
     @staticmethod
     def _skorch_proba(net, Xv):

@@ -272,16 +272,20 @@ def _hidden_grads(module, X, y, loss_fn):
     return torch.autograd.grad(loss, weights)
 
 
-def hidden_angles(module, X, y, loss_fn):
+def hidden_angles(module, X, y, loss_fn, skip_backprop=False):
     """{"hidden1": degrees, ...}: angle between each hidden layer's weight update under the module's rule and the
     backprop gradient, both from the current weights on the batch (X, y) (the raw gradients, before the optimizer).
 
     Every layer but the output one counts as hidden (its update is backprop's under every rule). Batch-norm running
     statistics are restored afterwards and no parameter's .grad is touched. {} for a module without rule layers.
+    skip_backprop: for rule "backprop" return the angles, 0, without computing them (the logger's default: no cost
+    for the backprop nets).
     """
     layers = rule_layers(module)
     if len(layers) < 2:
         return {}
+    if skip_backprop and all(layer.rule == "backprop" for layer in layers):
+        return {f"hidden{i + 1}": 0.0 for i in range(len(layers) - 1)}
     buffers = {k: v.clone() for k, v in module.named_buffers() if not k.endswith("feedback")}
     rules = [layer.rule for layer in layers]
     try:
