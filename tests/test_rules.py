@@ -185,7 +185,7 @@ def test_angle_is_zero_for_backprop_and_matches_a_hand_computation_for_fa():
     bp = mlp_by_hand(net, X, y, lambda i, e, d: d @ layers[i].weight)
     got = hidden_angles(net, X, y, loss)
     for i in range(2):
-        a, b = fa[i].flatten().double(), bp[i].flatten().double()
+        a, b = fa[i].detach().flatten().double(), bp[i].detach().flatten().double()
         by_hand = math.degrees(math.acos(float(a.detach() @ b.detach() / (a.norm() * b.norm()))))
         assert 1 < by_hand < 179 and got[f"hidden{i + 1}"] == pytest.approx(by_hand, abs=1e-3)
     assert net.net[1].rule == "fa"   # the module's rule is back in place
