@@ -3,12 +3,18 @@
     BIODL_DATA=/path/to/datasets python benchmarks/bench_training.py --speed                # ratio skorch / hand loop
     BIODL_DATA=/path/to/datasets python benchmarks/bench_training.py --accuracy             # 10 epochs, 3 datasets
     BIODL_DATA=/path/to/datasets python benchmarks/bench_training.py --accuracy --datasets mnist --models mlp
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_training.py --rules --runs mlp:mnist --threads 1
 
 Speed: the same model, batch size, epochs, seed and data (tensors already on the device) trained once through
 `make_classifier` (skorch) and once through a plain torch loop over slices of a random permutation; the two are
 interleaved (hand, skorch, hand, skorch, ...) and the median epoch time of each is compared. Judged by the ratio
 skorch / hand loop (target <= 1.15 on the CPU at batch size 100).
 Accuracy: official test split after `--epochs` epochs (default 10), with epoch time and peak memory.
+Rules: the accuracy models trained by feedback alignment, direct feedback alignment and sign symmetry beside
+backprop (same architecture, seed, schedule and data), their epochs interleaved (backprop, fa, dfa, sign, backprop,
+...) so that a change of load on the machine hits every rule alike; test accuracy on the official test split, the
+median epoch time and its ratio to backprop's. Targets: RULE_TARGETS below (points of test accuracy behind backprop;
+None: reported only) and an epoch time of at most RULE_TIME_RATIO x backprop's.
 """
 import argparse
 import copy
@@ -44,6 +50,13 @@ ACCURACY_MODELS = {
 }
 TARGETS = {"mlp": {"mnist": 98.0, "fashion": 89.0, "cifar10": 52.0},
            "cnn": {"mnist": 99.2, "fashion": 91.5, "cifar10": 75.0}}
+RULES = ("backprop", "fa", "dfa", "sign")
+RULE_TARGETS = {  # (model, dataset) -> {rule: largest allowed gap to backprop, points of test accuracy}
+    ("mlp", "mnist"): {"fa": 1.0, "dfa": 1.0, "sign": 1.0},
+    ("mlp", "cifar10"): {"fa": 3.0, "dfa": 3.0, "sign": 3.0},
+    ("cnn", "cifar10"): {"fa": None, "dfa": None, "sign": 3.0},   # FA and DFA lag on convolutions: reported
+}
+RULE_TIME_RATIO = 1.3  # every rule's epoch time at most this times backprop's (CPU)
 SPEED_MODELS = {"mlp": dict(hidden_sizes=(500,)), "cnn": dict(channels=(16, 32), kernel_sizes=(3, 3))}
 
 
@@ -133,10 +146,101 @@ def accuracy(args, device):
     return rows
 
 
+def _set_input_size(clf, kind, X):
+    """The module's input size from X (what TorchClassifier.fit does), for training by partial_fit."""
+    shape = tuple(X.shape[1:])
+    clf.set_params(**({"module__in_features": math.prod(shape)} if kind == "mlp" else {"module__in_shape": shape}))
+
+
+def _rule_verdict(kind, name, rule, gap, ratio):
+    target = RULE_TARGETS.get((kind, name), {}).get(rule)
+    acc = "" if rule == "backprop" else ("reported" if target is None else
+                                         f"gap target {target}: {'met' if gap <= target else 'MISSED'}")
+    return acc, f"time {'met' if ratio <= RULE_TIME_RATIO else 'MISSED'}"
+
+
+def rules(args, device, out=None):
+    """Every rule beside backprop on each (model, dataset) of args.runs, epochs interleaved; prints and returns rows."""
+    rows = []
+    for run in args.runs:
+        kind, name = run.split(":")
+        ds = load_dataset(name, device=device, normalize=True)
+        hp = ACCURACY_MODELS[kind][name]
+        if hp.get("lr_schedule"):
+            raise SystemExit(f"error: {run} has an lr schedule; the interleaved epochs of --rules need a constant lr")
+        clfs = {}
+        for rule in args.rules_list:
+            clfs[rule] = make_classifier(kind, rule=rule, max_epochs=args.epochs, seed=args.seed, device=device,
+                                         verbose=args.verbose, **hp)
+            _set_input_size(clfs[rule], kind, ds.X_train)
+        done = len(rows)
+        for epoch in range(1, args.epochs + 1):
+            for rule, clf in clfs.items():
+                clf.partial_fit(ds.X_train, ds.y_train, epochs=1)
+                print(f"  {run} epoch {epoch}/{args.epochs} {rule:8s}: {clf.history[-1, 'dur']:.1f} s, "
+                      f"train loss {clf.history[-1, 'train_loss']:.4f}", flush=True)
+            # the table after every epoch, so that a run stopped early (or a slow machine) still reports
+            del rows[done:]
+            base, final = None, epoch == args.epochs
+            for rule, clf in clfs.items():
+                acc = 100 * clf.score(ds.X_test, ds.y_test)
+                epoch_s = statistics.median(clf.history[:, "dur"])
+                base = base or (acc, epoch_s)
+                gap, ratio = base[0] - acc, epoch_s / base[1]
+                verdict = _rule_verdict(kind, name, rule, gap, ratio)
+                rows.append(dict(model=kind, dataset=name, rule=rule, epochs=epoch, test_acc=acc, gap=gap,
+                                 epoch_s=epoch_s, time_ratio=ratio, verdict=verdict, device=str(device), **hp))
+                print(f"{'' if final else '  (so far) '}{kind:4s} {name:8s} {rule:8s}: test accuracy {acc:6.2f} % "
+                      f"({-gap:+.2f} to backprop; {verdict[0] or 'the reference'}) after {epoch} epochs, "
+                      f"{epoch_s:6.1f} s/epoch (median), ratio to backprop {ratio:.2f} [{verdict[1]}]", flush=True)
+            if out:  # partial results survive an interruption
+                out(rows)
+    return rows
+
+
+def rule_steps(args, device):
+    """Training-step time of every rule against backprop, interleaved in short rounds (rule order rotated each round)
+    so that a busy machine's changing load hits every rule alike: the median over rounds of the time of
+    `--step-batches` Adam steps at the accuracy models' batch size; judged by the ratio to backprop's."""
+    rows = []
+    for run in args.runs:
+        kind, name = run.split(":")
+        ds = load_dataset(name, device=device, normalize=True)
+        hp = ACCURACY_MODELS[kind][name]
+        X, y = ds.X_train[:hp["batch_size"] * args.step_batches], ds.y_train[:hp["batch_size"] * args.step_batches]
+        clfs = {}
+        for rule in args.rules_list:
+            clfs[rule] = make_classifier(kind, rule=rule, seed=args.seed, device=device, **hp)
+            _set_input_size(clfs[rule], kind, X)
+            clfs[rule].initialize()
+        times = {rule: [] for rule in clfs}
+        for r in range(args.step_rounds):
+            order = list(clfs)[r % len(clfs):] + list(clfs)[:r % len(clfs)]
+            for rule in order:
+                times[rule].append(hand_loop_epochs(clfs[rule], X, y, 1)[0] / args.step_batches)
+        base = statistics.median(times[args.rules_list[0]])
+        for rule, ts in times.items():
+            step = statistics.median(ts)
+            rows.append(dict(model=kind, dataset=name, rule=rule, step_s=step, ratio=step / base,
+                             rounds=args.step_rounds, batches=args.step_batches))
+            print(f"{kind:4s} {name:8s} {rule:8s}: {1000 * step:7.1f} ms per training step (median of "
+                  f"{args.step_rounds} rounds of {args.step_batches}), ratio to backprop {step / base:.2f} "
+                  f"[{'met' if step / base <= RULE_TIME_RATIO else 'MISSED'}]", flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--speed", action="store_true")
     p.add_argument("--accuracy", action="store_true")
+    p.add_argument("--rules", action="store_true", help="FA, DFA and sign symmetry beside backprop")
+    p.add_argument("--rule-steps", action="store_true", help="training-step time of every rule against backprop")
+    p.add_argument("--step-batches", type=int, default=20, help="training steps per rule and round (--rule-steps)")
+    p.add_argument("--step-rounds", type=int, default=15, help="interleaved rounds (--rule-steps)")
+    p.add_argument("--runs", nargs="+", default=["mlp:mnist", "mlp:cifar10", "cnn:cifar10"],
+                   help="model:dataset pairs of --rules")
+    p.add_argument("--rules-list", dest="rules_list", nargs="+", default=list(RULES), choices=RULES,
+                   help="the rules of --rules (the first is the reference; default: backprop first)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[100])
     p.add_argument("--speed-examples", type=int, default=10000, help="MNIST training examples per speed epoch")
@@ -152,7 +256,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not (args.speed or args.accuracy):
+    if not (args.speed or args.accuracy or args.rules or args.rule_steps):
         args.speed = True
     device = get_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -162,9 +266,18 @@ def main():
         result["speed"] = speed(args, device)
     if args.accuracy:
         result["accuracy"] = accuracy(args, device)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    if args.rules:
+        result["rules"] = rules(args, device, out=lambda rows: write(result | {"rules": rows}))
+    if args.rule_steps:
+        result["rule_steps"] = rule_steps(args, device)
+    write(result)
+
+
+def write(result):
+    out = result["config"]["out"]
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.compartmental_reference import FLAGS
+from utils.rules import rule_models, split_model
 
 # ----------------------------------------------------------------------------------------------------------------
 # search spaces, as the seed study had them. bayes_opt 3.x bounds: (lo, hi) float, (lo, hi, int) integer (inclusive),
@@ -144,6 +145,7 @@ def reference(model, batch_size=None):
     defaults, so that no study ends below them - make_classifier's for the MLP and CNN, CompartmentalClassifier's
     (the paper's network and settings) with the paper's learning rates for the compartmental model, scaled by
     batch_f_etas for a batch_size > 1. Read from those defaults, so that the two never drift apart."""
+    model = split_model(model)[0]   # "mlp-fa" searches the MLP's space; make_classifier adds the rule
     if model in ("mlp", "cnn"):
         from utils.train import CNN_DEFAULTS, COMMON_DEFAULTS, MLP_DEFAULTS
         ref = dict(batch_size=COMMON_DEFAULTS["batch_size"], log10_lr=math.log10(COMMON_DEFAULTS["lr"]))
@@ -199,9 +201,9 @@ LOG_KEYS = ("iteration", "status", "target", "params")  # a record of evals.json
 def make_space(model, max_phase=None):
     """The search space of `model` (a copy of SPACES[model]); max_phase caps the compartmental phase lengths (reduced
     runs only: the phases are still searched, within [lower bound, max_phase])."""
-    if model not in SPACES:
-        raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
-    space = dict(SPACES[model])
+    if split_model(model)[0] not in SPACES:   # "mlp-fa" ...: the kind's space
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)} and {', '.join(rule_models())}")
+    space = dict(SPACES[split_model(model)[0]])
     if max_phase is not None:
         if model != "compartmental":
             raise ValueError("max_phase only applies to the compartmental model")
@@ -215,6 +217,7 @@ def make_space(model, max_phase=None):
 
 def to_hyperparameters(model, params):
     """Optimizer parameters (one flat dict of floats/ints/bools) -> keyword arguments of make_classifier(model)."""
+    model = split_model(model)[0]   # "mlp-fa" searches the MLP's space; make_classifier adds the rule
     p = params
     if model == "mlp":
         return dict(hidden_sizes=tuple(int(p[f"units_{i}"]) for i in range(1, int(p["n_layers"]) + 1)),
@@ -256,6 +259,7 @@ def check_hyperparameters(model, hp, in_shape):
     """None when make_classifier(model, **hp) can be trained on inputs of shape in_shape (C, H, W), else the reason.
     Only the CNN has proposals that are invalid by construction (a block whose output is empty or fractional); the
     compartmental ones are checked against the estimator's own validation as a safeguard."""
+    model = split_model(model)[0]   # "mlp-fa" searches the MLP's space; make_classifier adds the rule
     try:
         if model == "cnn":
             from utils.models import cnn_feature_shape
@@ -679,7 +683,7 @@ def run_study(model, dataset, iterations=50, folds=3, epochs=10, out="logs", *, 
     Returns dict(study_dir, evals (DataFrame), summary (one-row DataFrame), best (record), test_acc).
     """
     from utils.data import Dataset, get_device, load_dataset, stratified_subset
-    if model not in SPACES:
+    if split_model(model)[0] not in SPACES:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
     if q is not None and (not isinstance(q, (int, np.integer)) or q < 1):
         raise ValueError(f"q={q!r}: give a positive number of evaluations per round")
@@ -1093,7 +1097,8 @@ def main(argv=None):
                                 description="Bayesian optimization of a model's hyperparameters with k-fold "
                                             "cross-validation; resumes from --out when started again.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", nargs="+", default=["mlp"], choices=tuple(SPACES), help="models to tune")
+    p.add_argument("--model", nargs="+", default=["mlp"], choices=(*SPACES, *rule_models()),
+                   help="models to tune (mlp-fa, cnn-sign, ...: the MLP or CNN under another learning rule)")
     p.add_argument("--dataset", nargs="+", default=["mnist"], choices=("mnist", "fashion", "cifar10"))
     p.add_argument("--iterations", type=int, default=50, help="trained evaluations per study")
     p.add_argument("--epochs", type=int, default=10)

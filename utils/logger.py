@@ -22,7 +22,12 @@ every weight matrix or convolution kernel (parameters with ndim >= 2; the compar
 norm of its change since the previous record ||W_t - W_(t-1)|| and the relative change ||W_t - W_(t-1)|| / ||W_t||.
 The first record (examples_seen = 0) is taken before the first update, so curves start at the initial state; its
 change columns are NaN. For the compartmental network with its backprop-angle diagnostic on, the hidden layers'
-angle to the backpropagation update (degrees, mean over the hook calls since the previous record) is recorded too.
+angle to the backpropagation update (degrees, mean over the hook calls since the previous record) is recorded too;
+for the MLP and CNN (every learning rule of utils.rules) the angle between each hidden layer's gradient under the
+net's rule and the backprop gradient, both on the record's training batch from the weights after its update
+(`utils.rules.hidden_angles`; 0 for rule="backprop", recorded without computing it, so the backprop nets' logging
+costs what it did), in the same format. The other rules pay two extra forward and backward passes of one batch per
+record.
 
 The table (`to_frame`, records.csv) is long: one row per record and weight matrix, with the record's scalar columns
 repeated; angle rows carry `layer` = the hidden layer's name ("hidden1", ...) and `bp_angle`, weight columns NaN.
@@ -109,6 +114,7 @@ class TrainingLogger(Callback):
         self.valid_ = None            # (X subset, y subset) cached on the estimator's device
         self.warned_ = False
         self.warmup_time_ = 0.0       # the first record's validation: one-time costs (torch.compile, lazy set-up)
+        self.batch_ = None            # the last training batch: the data of the MLP's and CNN's angle diagnostic
         self._reset_window()
         self._reset_epoch()
         return self
@@ -178,9 +184,10 @@ class TrainingLogger(Callback):
         self.win_n_ += n
         self.examples_seen_ += n
         self.epoch_pos_ += n
+        self.batch_ = (batch[0], yb) if isinstance(batch, (tuple, list)) else None
         if self._crossed():
             self._record(self._skorch_weights(net), valid=lambda Xv: self._skorch_proba(net, Xv),
-                         device=net.device)
+                         device=net.device, angles=self._skorch_angles(net))
         self.logger_time_ += time.perf_counter() - t
 
     def on_epoch_end(self, net, dataset_train=None, dataset_valid=None, **kwargs):
@@ -188,13 +195,23 @@ class TrainingLogger(Callback):
         t = time.perf_counter()
         if self.win_n_ > 0:
             self._record(self._skorch_weights(net), valid=lambda Xv: self._skorch_proba(net, Xv),
-                         device=net.device)
+                         device=net.device, angles=self._skorch_angles(net))
         self.epoch_ += 1
         self.logger_time_ += time.perf_counter() - t
 
     @staticmethod
     def _skorch_weights(net):
         return {n: p for n, p in net.module_.named_parameters() if p.ndim >= 2}
+
+    def _skorch_angles(self, net):
+        """Each hidden layer's angle between the net's rule and backprop on the last training batch (None: no
+        batch with labels, or a module without utils.rules layers)."""
+        from utils.rules import hidden_angles
+        Xb, yb = self.batch_ or (None, None)
+        if yb is None or not isinstance(Xb, torch.Tensor):
+            return None
+        Xb, yb = Xb.to(net.device), torch.as_tensor(yb).to(net.device)
+        return hidden_angles(net.module_, Xb, yb, net.criterion_, skip_backprop=True) or None
 
     @staticmethod
     def _skorch_proba(net, Xv):

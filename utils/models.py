@@ -2,13 +2,17 @@
 
     from utils.models import MLP, CNN, cnn_feature_shape
     MLP(784, (500,), 10);  CNN((1, 28, 28), channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, n_classes=10)
+    MLP(784, (500,), 10, rule="fa")     # the learning rule: "backprop" (default), "fa", "dfa", "sign" (utils.rules)
 
 Both take N x C x H x W images (the MLP flattens them itself) and return class logits. Weights are Xavier-uniform.
+The rule changes only the backward pass; the same seed gives the same forward weights under every rule.
 """
 import math
 
 import torch
 from torch import nn
+
+from utils.rules import OutputError, RuleConv2d, RuleLinear, check_rule, reset_feedback_
 
 
 def _xavier_(module):
@@ -28,20 +32,23 @@ def _per_block(value, n_blocks, name):
 
 
 class MLP(nn.Module):
-    """Linear + ReLU layers of `hidden_sizes`, then a linear read-out to `n_classes` logits."""
+    """Linear + ReLU layers of `hidden_sizes`, then a linear read-out to `n_classes` logits, learning by `rule`."""
 
-    def __init__(self, in_features, hidden_sizes=(500,), n_classes=10):
+    def __init__(self, in_features, hidden_sizes=(500,), n_classes=10, rule="backprop"):
         super().__init__()
         sizes = [int(in_features)] + [int(h) for h in hidden_sizes]
         if min(sizes) < 1 or n_classes < 2:
             raise ValueError(f"MLP sizes must be positive and n_classes >= 2; got in_features={in_features}, "
                              f"hidden_sizes={tuple(hidden_sizes)}, n_classes={n_classes}")
+        self.rule, self.output_error = check_rule(rule), OutputError()
+        kw = dict(rule=rule, n_classes=n_classes, shared=self.output_error)
         layers = [nn.Flatten()]
-        for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], n_classes))
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [RuleLinear(a, b, sends_back=i > 0, **kw), nn.ReLU()]
+        layers.append(RuleLinear(sizes[-1], n_classes, sends_back=len(sizes) > 1, is_output=True, **kw))
         self.net = nn.Sequential(*layers)
         _xavier_(self)
+        reset_feedback_(self)
 
     def forward(self, x):
         return self.net(x)
@@ -84,21 +91,28 @@ def cnn_feature_shape(in_shape, channels, kernel_sizes, stride=1, padding=1):
 
 
 class CNN(nn.Module):
-    """Blocks of Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d(2), then one linear layer to `n_classes` logits."""
+    """Blocks of Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d(2), then one linear layer to `n_classes` logits,
+    learning by `rule` (DFA sends the output error to each block's output)."""
 
-    def __init__(self, in_shape, channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, n_classes=10):
+    def __init__(self, in_shape, channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, n_classes=10,
+                 rule="backprop"):
         super().__init__()
         shapes = cnn_feature_shape(in_shape, channels, kernel_sizes, stride, padding)
         n = len(shapes)
         ks, ss, ps = (_per_block(v, n, nm) for v, nm in ((kernel_sizes, "kernel_sizes"), (stride, "stride"),
                                                          (padding, "padding")))
-        blocks, c_in = [], int(in_shape[0])
-        for (c, _, _), k, s, p in zip(shapes, ks, ss, ps):
-            blocks += [nn.Conv2d(c_in, c, k, s, p), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
-            c_in = c
+        self.rule, self.output_error = check_rule(rule), OutputError()
+        kw = dict(rule=rule, n_classes=n_classes, shared=self.output_error)
+        blocks, block_in = [], tuple(int(v) for v in in_shape)
+        for i, (shape, k, s, p) in enumerate(zip(shapes, ks, ss, ps)):
+            c = shape[0]
+            blocks += [RuleConv2d(block_in[0], c, k, s, p, sends_back=i > 0, in_shape=block_in, **kw),
+                       nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            block_in = shape
         self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(math.prod(shapes[-1]), n_classes)
+        self.classifier = RuleLinear(math.prod(shapes[-1]), n_classes, is_output=True, **kw)
         _xavier_(self)
+        reset_feedback_(self)
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))

@@ -475,3 +475,36 @@ def plot_bo_trace(trace, group=("model", "dataset"), title=None, path=None):
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: never over the points
         fig.tight_layout()
     return _finish(fig, path)
+
+
+def plot_rule_angles(logs, by="dataset", line="model", x="examples_seen", title=None, path=None):
+    """The angle between each learning rule's hidden-layer update and backprop's (degrees) against examples seen:
+    one panel per `by` value (the dataset), one line per `line` value (the model, e.g. "mlp-fa", "compartmental")
+    and hidden layer, mean over runs; 90 degrees dotted. `logs`: concat_runs(...) (model and dataset columns), a
+    logger, a frame or a {label: log} dict (label -> the run column; use by="run" or line="run" then)."""
+    df = _table(logs)
+    _check_columns(df, [by, line, x, "layer", "bp_angle"], "plot_rule_angles")
+    df = df[df["bp_angle"].notna()]
+    if df.empty:
+        raise ValueError("no backprop angle in these logs (MLP / CNN logs record it; the compartmental network "
+                         "with record_backprop_angle=True)")
+    groups = list(pd.unique(df[by]))
+    scale, xlabel = _scale_x(df[x].to_numpy(dtype=float))
+    with style():
+        fig, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False,
+                                 sharey=True)
+        for ax, group in zip(axes[0], groups):
+            sub = df[df[by] == group]
+            for (name, layer), rows in sub.groupby([line, "layer"], sort=False):
+                band = _mean_band(rows, "layer", x, "bp_angle")
+                ax.plot(band[x] / scale, band["mean"], label=f"{name} {layer}")
+            ax.axhline(90, color="0.4", ls=":", lw=1, label="90° (orthogonal)")
+            ax.set_ylim(-2, max(100, float(np.nanmax(sub["bp_angle"])) + 5))
+            ax.set_title(str(group))
+            ax.set_xlabel(xlabel)
+            ax.legend(loc="best", fontsize="small")
+        axes[0, 0].set_ylabel("angle to backprop update (degrees)")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return _finish(fig, path)

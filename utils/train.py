@@ -26,6 +26,7 @@ from skorch.callbacks import Callback, PrintLog
 from utils.compartmental import CompartmentalClassifier, fit_population
 from utils.errors import TrainingDiverged
 from utils.models import CNN, MLP
+from utils.rules import split_model
 
 KINDS = ("mlp", "cnn", "compartmental")
 
@@ -40,8 +41,8 @@ COMMON_DEFAULTS = dict(
     verbose=0,        # 0: silent; 1: a progress bar and skorch's epoch table
     lr_schedule=None, # None: constant lr; "cosine": cosine annealing from lr to 0 over max_epochs (per epoch)
 )
-MLP_DEFAULTS = dict(hidden_sizes=(500,))
-CNN_DEFAULTS = dict(channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1)
+MLP_DEFAULTS = dict(hidden_sizes=(500,), rule="backprop")  # rule: "backprop", "fa", "dfa", "sign" (utils.rules)
+CNN_DEFAULTS = dict(channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, rule="backprop")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes of skorch's epoch table, dropped when stdout is not a terminal
 
 
@@ -258,6 +259,9 @@ def make_classifier(kind, logger=None, **hyperparameters):
     < 1, NaN in X, string labels, ...) raise a ValueError that names them. `logger` (a
     utils.logger.TrainingLogger) is attached as a skorch callback or as the compartmental network's hook.
     """
+    kind, rule = split_model(kind)   # "mlp-fa": the MLP learning by feedback alignment (utils.rules)
+    if rule is not None:
+        hyperparameters.setdefault("rule", rule)
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     check_common_hyperparameters(hyperparameters)

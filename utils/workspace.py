@@ -205,3 +205,36 @@ def reference_columns(summary):
     """The summary with the seed study's best CV accuracy as column seed_best (fraction), for plot_comparison."""
     ref = [SEED_STUDY.get((m, d)) for m, d in zip(summary["model"], summary["dataset"])]
     return summary.assign(seed_best=[None if v is None else v / 100 for v in ref])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# other plausible rules (utils.rules): feedback alignment, direct feedback alignment, sign symmetry beside backprop
+RULE_KINDS = {True: ("mlp",), False: ("mlp", "cnn")}  # the networks trained and studied under every rule (quick/full)
+
+
+def train_rules(dataset, S, root=None, device=None, seed=0, out="runs"):
+    """Each network of RULE_KINDS under every rule (same architecture, seed and data as train_models), with the
+    logger; runs saved to out/<dataset>_<model> ("mlp-backprop", "mlp-fa", "mlp-dfa", "mlp-sign", ...). Returns (logs,
+    models) keyed by those model names."""
+    from utils.rules import RULES
+    ds = load_dataset(dataset, root=root, device=device)
+    X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
+    logs, models = {}, {}
+    for kind in RULE_KINDS[S["quick"]]:
+        for rule in RULES:
+            name = f"{kind}-{rule}"
+            hp = dict(MODELS[kind], rule=rule, max_epochs=S["epochs"], seed=seed, device=device)
+            models[name], logs[name] = train_logged(
+                name, X, y, Xv, yv, run_dir=f"{out}/{dataset}_{name}", name=name,
+                records_per_epoch=S["records_per_epoch"], max_valid=S["max_valid"],
+                config={"dataset": dataset, "seed": seed, "quick": S["quick"], "rule": rule}, **hp)
+    return logs, models
+
+
+def rule_study(datasets, S, summary=None, root=None, device=None, seed=0, verbose=1):
+    """The study (`study`) of each network of RULE_KINDS under FA, DFA and sign symmetry ("mlp-fa", ...), appended
+    to `summary` (the other models' table) for the comparison figure and the results table."""
+    from utils.rules import rule_models
+    rules = study(datasets, S, kinds=rule_models(RULE_KINDS[S["quick"]]), root=root, device=device, seed=seed,
+                  verbose=verbose)
+    return rules if summary is None else pd.concat([summary, rules], ignore_index=True)

@@ -1,0 +1,244 @@
+"""The learning rules of utils.rules on small networks: forward pass, backward signals by hand, feedback matrices,
+checkpoints, the angle diagnostic and learning."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from utils.logger import TrainingLogger, angles
+from utils.models import CNN, MLP
+from utils.rules import RULES, RuleConv2d, RuleLinear, angle_degrees, hidden_angles, rule_layers
+from utils.train import load_checkpoint, make_classifier, save_checkpoint
+
+N_CLASSES = 4
+
+
+def data(n=32, shape=(1, 6, 6), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *shape, generator=g), torch.randint(0, N_CLASSES, (n,), generator=g)
+
+
+def mlp(rule, hidden=(7, 5), seed=0):
+    torch.manual_seed(seed)
+    return MLP(36, hidden, N_CLASSES, rule=rule)
+
+
+def cnn(rule, seed=0):
+    torch.manual_seed(seed)
+    return CNN((1, 6, 6), channels=(3, 4), kernel_sizes=(3, 3), padding=1, n_classes=N_CLASSES, rule=rule)
+
+
+def grads(net, X, y):
+    loss = F.cross_entropy(net(X), y)
+    return torch.autograd.grad(loss, [layer.weight for layer in rule_layers(net)])
+
+
+def mlp_by_hand(net, X, y, feedback_of):
+    """The MLP's weight gradients computed by hand: delta_L = e, delta_l = (feedback_of(l, e, delta_(l+1))) * relu'.
+
+    feedback_of(l, e, delta) gives the signal sent back to hidden layer l from the layer above."""
+    layers = rule_layers(net)
+    hs, pre = [X.flatten(1)], []
+    for layer in layers[:-1]:
+        pre.append(hs[-1] @ layer.weight.T + layer.bias)
+        hs.append(torch.relu(pre[-1]))
+    logits = hs[-1] @ layers[-1].weight.T + layers[-1].bias
+    e = (torch.softmax(logits, 1) - F.one_hot(y, N_CLASSES)) / len(y)
+    delta, out = e, [None] * len(layers)
+    for i in range(len(layers) - 1, -1, -1):
+        out[i] = delta.T @ hs[i]
+        if i:
+            delta = feedback_of(i, e, delta) * (pre[i - 1] > 0)
+    return out
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_forward_equals_backprop_and_last_layer_update_too(make):
+    X, y = data()
+    ref = make("backprop")
+    ref_grads = grads(ref, X, y)
+    for rule in RULES:
+        net = make(rule)
+        for a, b in zip(rule_layers(net), rule_layers(ref)):   # the same seed gives the same forward weights
+            assert torch.equal(a.weight, b.weight)
+        assert torch.allclose(net(X), ref(X), atol=1e-6)
+        assert torch.allclose(grads(net, X, y)[-1], ref_grads[-1], atol=1e-6), rule
+
+
+def test_backprop_by_hand_matches_autograd():
+    """The hand computation the other tests use, checked against backprop itself."""
+    X, y = data()
+    net = mlp("backprop")
+    layers = rule_layers(net)
+    by_hand = mlp_by_hand(net, X, y, lambda i, e, d: d @ layers[i].weight)
+    for g, h in zip(grads(net, X, y), by_hand):
+        assert torch.allclose(g, h, atol=1e-6)
+
+
+def test_fa_hidden_update_is_b_transpose_delta():
+    X, y = data()
+    net = mlp("fa")
+    layers = rule_layers(net)
+    assert layers[0].feedback is None and all(layer.feedback.shape == layer.weight.shape for layer in layers[1:])
+    by_hand = mlp_by_hand(net, X, y, lambda i, e, d: d @ layers[i].feedback)
+    bp = grads(mlp("backprop"), X, y)
+    for g, h, b in zip(grads(net, X, y), by_hand, bp):
+        assert torch.allclose(g, h, atol=1e-6)
+    assert not torch.allclose(grads(net, X, y)[0], bp[0], atol=1e-3)   # the hidden update is not backprop's
+
+
+def test_dfa_hidden_update_is_output_error_through_its_fixed_matrix():
+    X, y = data()
+    net = mlp("dfa")
+    layers = rule_layers(net)
+    # one matrix per hidden layer l, held by the layer after it: (n_classes, units of l)
+    assert layers[0].feedback is None
+    assert [tuple(layer.feedback.shape) for layer in layers[1:]] == [(N_CLASSES, 7), (N_CLASSES, 5)]
+    by_hand = mlp_by_hand(net, X, y, lambda i, e, d: e @ layers[i].feedback)   # e, not the delta above
+    for g, h in zip(grads(net, X, y), by_hand):
+        assert torch.allclose(g, h, atol=1e-6)
+
+
+def test_sign_symmetry_feedback_has_the_forward_signs_and_fixed_magnitude():
+    torch.manual_seed(0)
+    layer = RuleLinear(6, 3, rule="sign")
+    x = torch.zeros(3, 6, requires_grad=True)
+    (fb,) = torch.autograd.grad(layer(x), x, grad_outputs=torch.eye(3))   # row k: what output k sends back
+    assert torch.equal(torch.sign(fb), torch.sign(layer.weight))
+    assert torch.allclose(fb.abs(), torch.full_like(fb, math.sqrt(2 / 9)))
+    assert layer.feedback is None   # nothing stored: the signs are read from W
+    X, y = data()
+    net = mlp("sign")
+    layers = rule_layers(net)
+    by_hand = mlp_by_hand(net, X, y, lambda i, e, d: d @ (torch.sign(layers[i].weight) * layers[i].scale))
+    for g, h in zip(grads(net, X, y), by_hand):
+        assert torch.allclose(g, h, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["fa", "sign"])
+def test_convolution_sends_back_through_its_feedback_kernel(rule):
+    torch.manual_seed(0)
+    conv = RuleConv2d(2, 3, 3, padding=1, rule=rule)
+    ref = torch.nn.Conv2d(2, 3, 3, padding=1)
+    ref.load_state_dict({"weight": conv.weight.detach(), "bias": conv.bias.detach()})
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    g_out = torch.randn(2, 3, 5, 5)
+    gx, gw, gb = torch.autograd.grad(conv(x), [x, conv.weight, conv.bias], g_out)
+    rx, rw, rb = torch.autograd.grad(ref(x), [x, ref.weight, ref.bias], g_out)
+    kernel = conv.feedback if rule == "fa" else torch.sign(conv.weight) * conv.scale
+    assert torch.allclose(gx, F.conv_transpose2d(g_out, kernel, padding=1), atol=1e-5)
+    assert torch.allclose(gw, rw, atol=1e-5) and torch.allclose(gb, rb, atol=1e-5)   # its own update: backprop's
+
+
+def test_cnn_dfa_sends_the_output_error_to_each_block():
+    X, y = data()
+    net = cnn("dfa")
+    conv2, out = rule_layers(net)[1], rule_layers(net)[-1]
+    assert tuple(conv2.feedback.shape) == (N_CLASSES, 3 * 3 * 3) and tuple(out.feedback.shape) == (N_CLASSES, 4)
+    block1 = net.features[:4](X)
+    block1.retain_grad()
+    h = net.features[4:](block1)
+    logits = net.classifier(h.flatten(1))
+    logits.retain_grad()
+    F.cross_entropy(logits, y).backward()
+    assert torch.allclose(block1.grad, (logits.grad @ conv2.feedback).view_as(block1), atol=1e-6)
+
+
+def test_feedback_is_drawn_from_the_seed_fixed_by_training_and_kept_by_checkpoints(tmp_path):
+    assert torch.equal(rule_layers(mlp("fa", seed=3))[1].feedback, rule_layers(mlp("fa", seed=3))[1].feedback)
+    assert not torch.equal(rule_layers(mlp("fa", seed=3))[1].feedback, rule_layers(mlp("fa", seed=4))[1].feedback)
+    X, y = data(n=64)
+    for rule in ("fa", "dfa"):
+        clf = make_classifier("mlp", rule=rule, hidden_sizes=(7, 5), max_epochs=2, batch_size=16, seed=5)
+        clf.fit(X, y)
+        before = {k: v.clone() for k, v in clf.module_.state_dict().items() if k.endswith("feedback")}
+        w0 = rule_layers(clf.module_)[0].weight.detach().clone()
+        clf.partial_fit(X, y)
+        assert not torch.equal(w0, rule_layers(clf.module_)[0].weight)   # the weights learn ...
+        state = clf.module_.state_dict()
+        assert len(before) == 2 and all(torch.equal(state[k], v) for k, v in before.items())   # ... B does not
+        fresh = make_classifier("mlp", rule=rule, hidden_sizes=(7, 5), max_epochs=1, seed=5)
+        fresh.fit(X[:16], y[:16])
+        assert all(torch.equal(fresh.module_.state_dict()[k], v) for k, v in before.items())   # same seed, same B
+        save_checkpoint(clf, f"rule_{rule}", directory=tmp_path)
+        loaded = load_checkpoint(f"rule_{rule}", directory=tmp_path, device="cpu")
+        assert all(torch.equal(loaded.module_.state_dict()[k], v) for k, v in before.items())
+        assert (loaded.predict_proba(X) == clf.predict_proba(X)).all()
+        reloaded = MLP(36, (7, 5), 10, rule=rule)   # make_classifier's default n_classes
+        reloaded.load_state_dict(state)
+        assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in before.items())
+
+
+def test_angle_is_zero_for_backprop_and_matches_a_hand_computation_for_fa():
+    X, y = data()
+    loss = torch.nn.CrossEntropyLoss()
+    assert hidden_angles(mlp("backprop"), X, y, loss) == {"hidden1": 0.0, "hidden2": 0.0}
+    cnn_bp = cnn("backprop")
+    cnn_bp.train()
+    running = cnn_bp.features[1].running_mean.clone()
+    assert hidden_angles(cnn_bp, X, y, loss) == {"hidden1": 0.0, "hidden2": 0.0}
+    assert torch.equal(running, cnn_bp.features[1].running_mean)   # batch-norm statistics restored
+    net = mlp("fa")
+    layers = rule_layers(net)
+    fa = mlp_by_hand(net, X, y, lambda i, e, d: d @ layers[i].feedback)
+    bp = mlp_by_hand(net, X, y, lambda i, e, d: d @ layers[i].weight)
+    got = hidden_angles(net, X, y, loss)
+    for i in range(2):
+        a, b = fa[i].detach().flatten().double(), bp[i].detach().flatten().double()
+        by_hand = math.degrees(math.acos(float(a.detach() @ b.detach() / (a.norm() * b.norm()))))
+        assert 1 < by_hand < 179 and got[f"hidden{i + 1}"] == pytest.approx(by_hand, abs=1e-3)
+    assert net.net[1].rule == "fa"   # the module's rule is back in place
+    assert angle_degrees(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == pytest.approx(90.0)
+
+
+@pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")   # tiny fits: the logger dominates
+def test_logger_records_each_rules_angle_in_the_compartmental_format():
+    X, y = data(n=96)
+    for rule in ("backprop", "fa"):
+        log = TrainingLogger(X[:32], y[:32], records_per_epoch=2)
+        make_classifier("mlp", rule=rule, hidden_sizes=(7,), max_epochs=1, batch_size=16, logger=log).fit(X, y)
+        a = angles(log)
+        assert set(a["layer"]) == {"hidden1"} and len(a) == 2 and a["bp_angle"].notna().all()
+        if rule == "backprop":
+            assert (a["bp_angle"] == 0).all()
+        else:
+            assert a["bp_angle"].between(1, 179).all()
+
+
+def test_unknown_rule_names_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown learning rule 'feedback'.*backprop, fa, dfa, sign"):
+        MLP(36, (5,), N_CLASSES, rule="feedback")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_every_rule_learns_a_separable_problem(kind):
+    g = torch.Generator().manual_seed(0)
+    means = 2.0 * torch.randn(N_CLASSES, 1, 6, 6, generator=g)
+    y = torch.arange(400) % N_CLASSES
+    X = means[y] + torch.randn(400, 1, 6, 6, generator=g)
+    hp = dict(hidden_sizes=(32,)) if kind == "mlp" else dict(channels=(8,), kernel_sizes=3)
+    for rule in RULES:
+        clf = make_classifier(kind, rule=rule, max_epochs=4, lr=3e-3, batch_size=20, seed=0, **hp)
+        clf.fit(X[:300], y[:300])
+        assert clf.score(X[300:], y[300:]) > 0.8, rule   # chance: 0.25
+
+
+@pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")
+def test_workspace_trains_and_studies_every_rule_and_draws_their_angles(mnist_root, tmp_path):
+    from utils import plotting
+    from utils.logger import concat_runs
+    from utils.workspace import rule_study, settings, train_rules
+    S = dict(settings(True), n_train=200, n_valid=100, epochs=1, max_valid=50, bo_iterations=2, bo_folds=2,
+             bo_subset=100, bo_init_points=1, bo_retrain_subset=100, bo_test_subset=100, bo_out=str(tmp_path / "bo"))
+    logs, models = train_rules("mnist", S, root=mnist_root, device="cpu", out=tmp_path / "runs")
+    assert list(logs) == ["mlp-backprop", "mlp-fa", "mlp-dfa", "mlp-sign"]
+    table = concat_runs([tmp_path / "runs" / f"mnist_{k}" for k in logs])
+    a = angles(table)
+    assert set(a["model"]) == set(logs) and (a[a["model"] == "mlp-backprop"]["bp_angle"] == 0).all()
+    assert a[a["model"] == "mlp-fa"]["bp_angle"].between(1, 179).all()
+    fig = plotting.plot_rule_angles(table, path=tmp_path / "angles.png")
+    assert (tmp_path / "angles.png").stat().st_size > 0
+    assert len(fig.axes[0].get_lines()) == 5   # four rules x one hidden layer, and the 90 degree line
+    summary = rule_study(["mnist"], S, root=mnist_root, device="cpu", verbose=0)
+    assert list(summary["model"]) == ["mlp-fa", "mlp-dfa", "mlp-sign"] and (summary["n_evals"] == 2).all()

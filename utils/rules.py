@@ -1,0 +1,304 @@
+"""Learning rules other than backpropagation for the MLP and the CNN: only the backward pass differs.
+
+    from utils.models import MLP
+    net = MLP(784, (500,), 10, rule="fa")              # "backprop" (default), "fa", "dfa" or "sign"
+    hidden_angles(net, X, y, torch.nn.CrossEntropyLoss())   # {"hidden1": degrees} to backprop's gradient
+    make_classifier("mlp-fa")  ==  make_classifier("mlp", rule="fa")   # the study's model names (split_model)
+
+Every weight layer of the two networks is a `RuleLinear` or `RuleConv2d` (subclasses of nn.Linear / nn.Conv2d with
+the same forward pass and the same initialisation). The rule sets the signal a layer sends back to its input:
+
+* ``"backprop"``: W^T delta (plain autograd).
+* ``"fa"``, feedback alignment (Lillicrap et al. 2016, Nature Communications 7:13276): B^T delta for a fixed random
+  matrix B of W's shape (convolutions: the transposed convolution with a fixed random kernel B).
+* ``"dfa"``, direct feedback alignment (Nøkland 2016, NeurIPS): the output error e = dL/d(logits) sent to every
+  hidden layer through one fixed random matrix per hidden layer, B_l of shape (n_classes, units of layer l): the
+  layer after hidden layer l sends e B_l back, whatever its own delta is.
+* ``"sign"``, sign symmetry (Liao, Leibo & Poggio 2016; Xiao et al. 2018): (sign(W) * s)^T delta, the forward
+  weights' signs with one fixed magnitude s per layer.
+
+Each layer's own weight update is delta x^T as in backprop, so the output layer learns exactly as with backprop and
+the hidden layers differ only through the delta that reaches them. The first layer sends nothing back (its input
+needs no gradient), so it holds no feedback matrix.
+
+Scale of the feedback (fixed at construction, drawn from torch's global generator after the forward weights, so a
+run's seed gives the same forward weights under every rule and the feedback matrices of that seed):
+
+* FA: B is drawn as the forward weights are, Xavier-uniform U(-a, a) with a = sqrt(6 / (fan_in + fan_out)) of the
+  layer: the choice of Xiao et al. (2018), who initialise FA's feedback weights like the forward ones (Lillicrap et
+  al. draw B from a uniform distribution too; the range is per task there).
+* DFA: B_l ~ U(-a, a) with a = sqrt(6 / (n_classes + units of layer l)), Xavier-uniform for a layer from the
+  output straight to hidden layer l (Nøkland 2016 draws B_l uniformly at random; his exact range is not used).
+* Sign symmetry: s = sqrt(2 / (fan_in + fan_out)), the standard deviation of the layer's Xavier initialisation, so
+  the feedback starts at the forward weights' scale (Liao et al. 2016 show the magnitudes do not matter when the
+  updates are normalised, as Adam's are; Xiao et al. 2018 use fixed magnitudes too).
+
+The feedback matrices are buffers (`feedback`): in the state dict, in checkpoints, moved with the module, never
+touched by the optimizer. Sign symmetry needs no buffer (the signs are read from W at each backward pass).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RULES = ("backprop", "fa", "dfa", "sign")
+
+
+def rule_models(kinds=("mlp", "cnn")):
+    """The model names a study compares besides the kinds themselves: "mlp-fa", "mlp-dfa", ..., "cnn-sign"."""
+    return [f"{kind}-{rule}" for kind in kinds for rule in RULES if rule != "backprop"]
+
+
+def split_model(model):
+    """A model name -> (kind, rule): "mlp-fa" -> ("mlp", "fa"); a plain kind -> (kind, None). The one place where
+    the study's model names meet the rules."""
+    kind, _, rule = str(model).partition("-")
+    if rule and rule not in RULES:
+        raise ValueError(f"unknown learning rule {rule!r} in model {model!r}; valid rules: {', '.join(RULES)}")
+    return kind, rule or None
+
+
+def check_rule(rule):
+    if rule not in RULES:
+        raise ValueError(f"unknown learning rule {rule!r}; valid rules: {', '.join(RULES)}")
+    return rule
+
+
+class OutputError:
+    """The output error e = dL/d(logits) of the current backward pass, shared by a network's DFA layers.
+
+    The output layer's backward pass runs first and stores e; the hidden layers read it. It is not pickled (a
+    saved network holds no stale error)."""
+
+    def __init__(self):
+        self.error = None
+
+    def __getstate__(self):
+        return {"error": None}
+
+    def __setstate__(self, state):
+        self.error = None
+
+
+def _xavier_bound(fan_in, fan_out):
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def _fans(weight):
+    return nn.init._calculate_fan_in_and_fan_out(weight)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the backward passes
+
+
+def _input_signal(rule, grad_out, weight, feedback, scale, shared, is_output):
+    """The kernel whose transpose carries grad_out back (FA / sign), or, for DFA, None after storing e."""
+    if rule == "fa":
+        return feedback
+    if rule == "sign":
+        return torch.sign(weight) * scale
+    if is_output:  # dfa: the output layer's delta is the output error
+        shared.error = grad_out
+    return None
+
+
+def _dfa_input_grad(shared, feedback, x_shape):
+    if shared.error is None:
+        raise RuntimeError("direct feedback alignment: no output error stored; the network's last layer must be "
+                           "its output layer (is_output=True)")
+    return (shared.error.flatten(1) @ feedback).view(x_shape)
+
+
+class _RuleLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, rule, scale, shared, is_output):
+        ctx.save_for_backward(x, weight, feedback)
+        ctx.rule, ctx.scale, ctx.shared, ctx.is_output, ctx.has_bias = rule, scale, shared, is_output, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, feedback = ctx.saved_tensors
+        kernel = _input_signal(ctx.rule, grad_out, weight, feedback, ctx.scale, ctx.shared, ctx.is_output)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ kernel if ctx.rule != "dfa" else _dfa_input_grad(ctx.shared, feedback, x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_out.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class _RuleConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, rule, scale, shared, is_output, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight, feedback)
+        ctx.rule, ctx.scale, ctx.shared, ctx.is_output = rule, scale, shared, is_output
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, feedback = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        kernel = _input_signal(ctx.rule, grad_out, weight, feedback, ctx.scale, ctx.shared, ctx.is_output)
+        dfa = ctx.rule == "dfa"
+        need_x = ctx.needs_input_grad[0]
+        mask = [need_x and not dfa, ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+        # one call: the input gradient through `kernel` (FA, sign) and the weight gradient from x, as backprop's
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, weight if kernel is None else kernel, ctx.bias_sizes, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, mask)
+        if need_x and dfa:
+            grad_x = _dfa_input_grad(ctx.shared, feedback, x.shape)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# layers
+
+
+class _RuleLayer:
+    """What RuleLinear and RuleConv2d share: the rule, the feedback buffer and its drawing."""
+
+    def _setup_rule(self, rule, sends_back, in_numel, n_classes, shared, is_output):
+        self.rule = check_rule(rule)
+        self.sends_back = bool(sends_back)   # False for the first layer: its input needs no gradient
+        self.is_output = bool(is_output)
+        self.shared = shared
+        fan_in, fan_out = _fans(self.weight)
+        self.scale = math.sqrt(2.0 / (fan_in + fan_out))   # sign symmetry's fixed magnitude
+        shape = None
+        if rule == "fa" and sends_back:
+            shape = tuple(self.weight.shape)
+        elif rule == "dfa" and sends_back:
+            if n_classes is None or in_numel is None or shared is None:
+                raise ValueError("a DFA layer that sends an error back needs n_classes, in_numel and the network's "
+                                 "shared OutputError")
+            shape = (int(n_classes), int(in_numel))
+        if rule == "dfa" and is_output and shared is None:
+            raise ValueError("the DFA output layer needs the network's shared OutputError")
+        self.register_buffer("feedback", None if shape is None else torch.empty(shape))
+
+    def reset_feedback_(self):
+        """Draw the fixed feedback matrix (see the module docstring for its scale) from torch's global generator."""
+        if self.feedback is None:
+            return
+        with torch.no_grad():
+            if self.rule == "fa":
+                fan_in, fan_out = _fans(self.weight)
+            else:  # dfa: a layer from the n_classes outputs to the in_numel units of the previous hidden layer
+                fan_in, fan_out = self.feedback.shape
+            a = _xavier_bound(fan_in, fan_out)
+            self.feedback.uniform_(-a, a)
+
+    def _rule_args(self):
+        return self.feedback, self.rule, self.scale, self.shared, self.is_output
+
+    def extra_repr(self):
+        return super().extra_repr() + f", rule={self.rule}"
+
+
+class RuleLinear(_RuleLayer, nn.Linear):
+    """nn.Linear whose backward pass follows `rule` (see the module docstring)."""
+
+    def __init__(self, in_features, out_features, rule="backprop", sends_back=True, n_classes=None, shared=None,
+                 is_output=False):
+        nn.Linear.__init__(self, in_features, out_features)
+        self._setup_rule(rule, sends_back, in_features, n_classes, shared, is_output)
+
+    def forward(self, x):
+        if self.rule == "backprop":
+            return F.linear(x, self.weight, self.bias)
+        return _RuleLinearFn.apply(x, self.weight, self.bias, *self._rule_args())
+
+
+class RuleConv2d(_RuleLayer, nn.Conv2d):
+    """nn.Conv2d (zero padding) whose backward pass follows `rule`; `in_shape` (C, H, W) sizes DFA's matrix."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rule="backprop",
+                 sends_back=True, in_shape=None, n_classes=None, shared=None):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding)
+        self._setup_rule(rule, sends_back, None if in_shape is None else math.prod(in_shape), n_classes, shared,
+                         False)
+
+    def forward(self, x):
+        if self.rule == "backprop":
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return _RuleConv2dFn.apply(x, self.weight, self.bias, *self._rule_args(), self.stride, self.padding,
+                                   self.dilation, self.groups)
+
+
+def rule_layers(module):
+    """The module's RuleLinear / RuleConv2d layers in forward order (the last is the output layer)."""
+    return [m for m in module.modules() if isinstance(m, _RuleLayer)]
+
+
+def reset_feedback_(module):
+    """Draw every feedback matrix of `module` (after its forward weights, from torch's global generator)."""
+    for layer in rule_layers(module):
+        layer.reset_feedback_()
+    return module
+
+
+def module_rule(module):
+    """The rule of a network built from rule layers (None when it has none)."""
+    layers = rule_layers(module)
+    return layers[0].rule if layers else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the angle between a rule's hidden-layer update and backprop's
+
+
+def angle_degrees(a, b):
+    """Angle between two tensors seen as vectors, in degrees: 2 atan2(|u - v|, |u + v|) for the unit vectors u, v
+    (exactly 0 for equal tensors, accurate near 0 and 180; NaN when either is zero)."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    if na == 0 or nb == 0:
+        return float("nan")
+    u, v = a / na, b / nb
+    return math.degrees(2 * math.atan2(float(torch.linalg.vector_norm(u - v)), float(torch.linalg.vector_norm(u + v))))
+
+
+def _hidden_grads(module, X, y, loss_fn):
+    weights = [layer.weight for layer in rule_layers(module)[:-1]]
+    loss = loss_fn(module(X), y)
+    return torch.autograd.grad(loss, weights)
+
+
+def hidden_angles(module, X, y, loss_fn, skip_backprop=False):
+    """{"hidden1": degrees, ...}: angle between each hidden layer's weight update under the module's rule and the
+    backprop gradient, both from the current weights on the batch (X, y) (the raw gradients, before the optimizer).
+
+    Every layer but the output one counts as hidden (its update is backprop's under every rule). Batch-norm running
+    statistics are restored afterwards and no parameter's .grad is touched. {} for a module without rule layers.
+    skip_backprop: for rule "backprop" return the angles, 0, without computing them (the logger's default: no cost
+    for the backprop nets).
+    """
+    layers = rule_layers(module)
+    if len(layers) < 2:
+        return {}
+    if skip_backprop and all(layer.rule == "backprop" for layer in layers):
+        return {f"hidden{i + 1}": 0.0 for i in range(len(layers) - 1)}
+    buffers = {k: v.clone() for k, v in module.named_buffers() if not k.endswith("feedback")}
+    rules = [layer.rule for layer in layers]
+    try:
+        with torch.enable_grad():
+            own = _hidden_grads(module, X, y, loss_fn)
+            for layer in layers:
+                layer.rule = "backprop"
+            bp = _hidden_grads(module, X, y, loss_fn)
+    finally:
+        for layer, rule in zip(layers, rules):
+            layer.rule = rule
+        with torch.no_grad():
+            for k, v in module.named_buffers():
+                if k in buffers:
+                    v.copy_(buffers[k])
+    return {f"hidden{i + 1}": angle_degrees(g, b) for i, (g, b) in enumerate(zip(own, bp))}
