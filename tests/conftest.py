@@ -1,5 +1,8 @@
 """Shared fixtures: small dataset roots written in the real file formats, so the real loading code runs."""
+import os
 import pickle
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -56,3 +59,22 @@ def blobs():
     y = torch.arange(600) % 10
     X = (centers[y] + 0.15 * torch.randn(600, 1, 8, 8, generator=g)).clamp(0, 1)
     return X, y
+
+
+def sigkill_when(proc, ready, what, timeout=240, poll=0.01):
+    """SIGKILL the subprocess `proc` as soon as ready() is true (a study mid-run); fail the test saying `what` did
+    not happen when it does not come within `timeout` seconds (a loaded machine starts python slowly)."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(poll)
+        else:
+            pytest.fail(f"{what} in {timeout} s")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:  # the test failed before its kill
+            proc.kill()
+        proc.wait(timeout=30)

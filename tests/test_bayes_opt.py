@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import sigkill_when
 from utils import bayes_opt as bo
 from utils.data import Dataset
 from utils.errors import TrainingDiverged
@@ -262,23 +263,12 @@ def test_resume_after_sigkill_mid_evaluation(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(script), str(out), str(calls), "0.4"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 240  # a loaded machine starts python slowly
-        while time.time() < deadline:  # wait for >= 2 logged evaluations and the next one started
-            n_done = len(log.read_text().splitlines()) if log.exists() else 0
-            n_started = len(calls.read_text().splitlines()) if calls.exists() else 0
-            n_done_again = len(log.read_text().splitlines()) if log.exists() else 0
-            if n_done >= 2 and n_done == n_done_again and n_started > n_done:  # inside the 0.4 s evaluation
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.02)
-        else:
-            pytest.fail("the study did not log 2 evaluations in 240 s")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:  # the test failed before its kill
-            proc.kill()
-        proc.wait(timeout=30)
+    def inside_third_evaluation():  # >= 2 logged and the next one started (inside its 0.4 s)
+        n_done = len(log.read_text().splitlines()) if log.exists() else 0
+        n_started = len(calls.read_text().splitlines()) if calls.exists() else 0
+        n_done_again = len(log.read_text().splitlines()) if log.exists() else 0
+        return n_done >= 2 and n_done == n_done_again and n_started > n_done
+    sigkill_when(proc, inside_third_evaluation, "the study did not log 2 evaluations", poll=0.02)
     assert proc.returncode == -signal.SIGKILL
     before = log.read_text()
     done = [json.loads(line) for line in before.splitlines()]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import sigkill_when
 from utils import bayes_opt as bo
 from utils.data import Dataset
 
@@ -89,21 +90,10 @@ def test_sigkill_mid_round_then_resume_redoes_only_the_unfinished(tmp_path):
     log = out / "mlp_custom" / "evals.jsonl"
     proc = subprocess.Popen([sys.executable, str(script), str(out), str(marks), "0.3"], env=DATA_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 240  # a loaded machine starts python slowly
-        while time.time() < deadline:  # kill inside the second round: 5 or 6 of 8 logged, the next one started
-            n_done = len(log.read_text().splitlines()) if log.exists() else 0
-            if n_done in (5, 6) and len(starts(marks)) == n_done + 1:
-                break
-            assert proc.poll() is None, proc.stdout.read().decode()
-            time.sleep(0.01)
-        else:
-            pytest.fail("the study did not reach its second round in 240 s")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:  # the test failed before its kill
-            proc.kill()
-        proc.wait(timeout=30)
+    def in_second_round():  # 5 or 6 of 8 logged, the next one started
+        n_done = len(log.read_text().splitlines()) if log.exists() else 0
+        return n_done in (5, 6) and len(starts(marks)) == n_done + 1
+    sigkill_when(proc, in_second_round, "the study did not reach its second round")
     before = log.read_text()
     done = sorted(json.loads(line)["iteration"] for line in before.splitlines())
     assert 5 <= len(done) <= 6 and done == list(range(len(done)))
