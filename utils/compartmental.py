@@ -600,7 +600,7 @@ def _step(pop, runs, batches):
         Tf.append(f_len)
         Tt.append(t_len)
     active = w_ex > 0
-    saved = pop.save_slots(active) if not bool(active.all()) else None
+    saved = pop.save_slots() if not bool(active.all()) else None
     it = m0.integration_time
     f = pop.phase(x, np.array(Tf), None, it, _uniforms(members, xs, Tf, pop))
     t = pop.phase(x, np.array(Tt), target, it, _uniforms(members, xs, Tt, pop))

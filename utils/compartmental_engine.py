@@ -201,8 +201,8 @@ class Population:
             if self.members:
                 self._stack()
 
-    def save_slots(self, active):
-        """The state of the empty slots (active (P, B) False): a smaller batch leaves them as they were."""
+    def save_slots(self):
+        """The state before a batch, for restore_slots: a smaller batch leaves its empty slots as they were."""
         return [c.clone() for c in self.C], [{k: v.clone() for k, v in layer.items()} for layer in self.sig], self.hist
 
     def restore_slots(self, saved, active):
