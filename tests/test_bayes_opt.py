@@ -375,3 +375,12 @@ def test_compartmental_study_runs_with_capped_phases(tmp_path):
     config = json.loads((res["study_dir"] / "config.json").read_text())
     assert config["max_phase"] == 25 and config["space"]["l_f_phase"] == [20, 25, "int"]
     assert bo._seed_kw(bo._estimator_accepts("compartmental"), 5) == {"seed": 5}
+
+
+def test_help_shows_defaults_and_where_the_notebooks_read(capsys):
+    with pytest.raises(SystemExit):
+        bo.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m utils.bayes_opt")
+    assert "training epochs of every evaluation (default: 10)" in " ".join(text.split())
+    assert "logs/full" in text

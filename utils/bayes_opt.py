@@ -1096,15 +1096,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m utils.bayes_opt",
                                 description="Bayesian optimization of a model's hyperparameters with k-fold "
                                             "cross-validation; resumes from --out when started again.",
+                                epilog="The notebooks read finished full studies from logs/full: run the full study "
+                                       "with --out logs/full (README, 'The full replication').",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", default=["mlp"], choices=(*SPACES, *rule_models()),
                    help="models to tune (mlp-fa, cnn-sign, ...: the MLP or CNN under another learning rule)")
-    p.add_argument("--dataset", nargs="+", default=["mnist"], choices=("mnist", "fashion", "cifar10"))
+    p.add_argument("--dataset", nargs="+", default=["mnist"], choices=("mnist", "fashion", "cifar10"),
+                   help="datasets, one study per model and dataset")
     p.add_argument("--iterations", type=int, default=50, help="trained evaluations per study")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of every evaluation")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds per evaluation")
     p.add_argument("--out", default="logs", help="studies go to OUT/<model>_<dataset>/")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the optimizer, folds and models")
     p.add_argument("--subset", type=int, default=None, help="cross-validate on a stratified subset of the training "
                                                             "split")
     p.add_argument("--init-points", type=int, default=5, help="random configurations before the GP proposes")
