@@ -165,7 +165,7 @@ def test_feedback_is_drawn_from_the_seed_fixed_by_training_and_kept_by_checkpoin
         loaded = load_checkpoint(f"rule_{rule}", directory=tmp_path, device="cpu")
         assert all(torch.equal(loaded.module_.state_dict()[k], v) for k, v in before.items())
         assert (loaded.predict_proba(X) == clf.predict_proba(X)).all()
-        reloaded = MLP(36, (7, 5), 10, rule=rule)   # make_classifier's default n_classes
+        reloaded = MLP(36, (7, 5), int(y.max()) + 1, rule=rule)   # make_classifier's n_classes: largest label + 1
         reloaded.load_state_dict(state)
         assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in before.items())
 

@@ -57,7 +57,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from utils import compartmental_reference as R
-from utils.compartmental_engine import SEGMENT, Population
+from utils.compartmental_engine import SEGMENT, Population, segments
 from utils.errors import TrainingDiverged
 
 PAPER_F_ETAS = {1: (0.21, 0.21), 2: (0.23, 0.23, 0.12)}  # the paper's learning rates for 1 and 2 hidden layers
@@ -435,39 +435,47 @@ def _check_population(estimators, datasets):
 
 
 def _uniforms(members, xs, T, pop):
-    """The phase's uniform numbers: (input (T_max, nnz), [per layer (P, T_max, B, n) or None]), or None in rate
-    mode. On the CPU each member draws its own from its NumPy generator, the input's then each spiking layer's for
-    its whole phase, as a lone run does; elsewhere all at once from the first member's torch generator."""
+    """The phase's uniform numbers per segment (engine.segments): [(input (Ts, nnz), [per layer (P, Ts, B, n) or
+    None])], or None in rate mode. On the CPU each member draws its own from its NumPy generator, the input's then
+    each spiking layer's for its whole phase, as a lone run does; elsewhere all at once from the first member's torch
+    generator. Steps past a member's phase and empty slots get 0 (no spikes)."""
     m0 = members[0]
     spiking = [("spike" in layer) for layer in pop.sig]
     if not m0.use_spiking_feedforward and not any(spiking):
         return None
-    T_max, dev, dty, B = int(max(T)), pop.dev, pop.dty, pop.B
-    np_dty = np.float32 if m0.dtype == "float32" else np.float64
+    starts, lens = segments(T)
+    dev, dty, B = pop.dev, pop.dty, pop.B
     nnz = [int((x != 0).sum()) for x in xs]
-    u_in = torch.empty(T_max, sum(nnz), device=dev, dtype=dty)
-    u_layer = [torch.empty(len(members), T_max, B, n, device=dev, dtype=dty) if s else None
-               for s, n in zip(spiking, m0.n_[1:])]
+    segs = [(torch.empty(Ts, sum(nnz), device=dev, dtype=dty),
+             [torch.empty(len(members), Ts, B, n, device=dev, dtype=dty) if sp else None
+              for sp, n in zip(spiking, m0.n_[1:])]) for Ts in lens]
     if dev.type != "cpu":
-        u_in.uniform_(generator=m0.gen_)
-        for u in u_layer:
-            if u is not None:
-                u.uniform_(generator=m0.gen_)
-        return u_in, u_layer
+        for u_in, u_layer in segs:
+            for u in [u_in] + u_layer:
+                if u is not None:
+                    u.uniform_(generator=m0.gen_)
+        return segs
+    np_dty = np.float32 if m0.dtype == "float32" else np.float64
+
+    def scatter(full, target):                               # a member's whole-phase draws into the segments
+        for (s, Ts), u in zip(zip(starts, lens), target):
+            rows = full[s:s + Ts]
+            if len(rows) < Ts or u.shape[1:] != rows.shape[1:]:
+                u.zero_()
+            u[(slice(0, len(rows)),) + tuple(slice(0, d) for d in rows.shape[1:])] = torch.from_numpy(rows)
     col = 0
     for q, (mb, x) in enumerate(zip(members, xs)):
         Tq, Bq = int(T[q]), x.shape[0]
-        if Tq < T_max:                                       # steps past the member's phase: no spikes
-            u_in[Tq:, col:col + nnz[q]] = 0
         if m0.use_spiking_feedforward:
-            u_in[:Tq, col:col + nnz[q]] = torch.from_numpy(mb.rng_np_.random((Tq, nnz[q]), dtype=np_dty))
+            scatter(mb.rng_np_.random((Tq, nnz[q]), dtype=np_dty), [u[0][:, col:col + nnz[q]] for u in segs])
+        else:
+            for u in segs:
+                u[0][:, col:col + nnz[q]] = 0
         col += nnz[q]
-        for m, u in enumerate(u_layer):
-            if u is not None:
-                if Tq < T_max or Bq < B:
-                    u[q].zero_()
-                u[q, :Tq, :Bq] = torch.from_numpy(mb.rng_np_.random((Tq, Bq, m0.n_[m + 1]), dtype=np_dty))
-    return u_in, u_layer
+        for m, sp in enumerate(spiking):
+            if sp:
+                scatter(mb.rng_np_.random((Tq, Bq, m0.n_[m + 1]), dtype=np_dty), [u[1][m][q] for u in segs])
+    return segs
 
 
 def _train(members, datasets, epochs, on_error="raise"):

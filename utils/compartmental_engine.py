@@ -115,6 +115,14 @@ def spikes(x, u, lmax, from_potential):
     return lam, poisson(lam.expand_as(u).contiguous(), u)
 
 
+def segments(T):
+    """The segments (starts, lengths) of a phase whose members run T[p] steps: SEGMENT steps each, the last one from
+    below the shortest member's end to the longest's, so that every member's last steps lie in it."""
+    T_min, T_max = int(np.min(T)), int(np.max(T))
+    starts = list(range(0, T_min, SEGMENT))
+    return starts, [SEGMENT] * (len(starts) - 1) + [T_max - starts[-1]]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the population
 
@@ -268,14 +276,13 @@ class Population:
     def phase(self, x, T, target, window, unif):
         """Simulate the members' phases of T[p] steps (numpy ints) from the state, inputs x (P, B, n_in) in [0, 1];
         target (P, B, n_out) one-hot or None (forward phase); window: steps averaged at the end of each member's phase;
-        unif: (input uniforms (T_max, nnz), [per layer (P, T_max, B, n) or None]) or None (rate mode).
+        unif: per segment (see segments), (input uniforms (Ts, nnz), [per layer (P, Ts, B, n) or None]), or None
+        (rate mode).
         Returns the window means C, A (hidden), lam (output, target phase), psp_fb and psp_in per layer."""
         M, mem, n, P, B = self.M, self.mem, self.n, self.P, self.B
         dev, dty, sig = self.dev, self.dty, self.sig
         T = np.asarray(T)
-        T_min, T_max = int(T.min()), int(T.max())
-        starts = list(range(0, T_min, SEGMENT))            # all members' last steps lie in the last segment
-        lens = [SEGMENT] * (len(starts) - 1) + [T_max - starts[-1]]
+        starts, lens = segments(T)
         A_step = self.flags["use_conductances"] and self.flags["use_apical_conductance"] and \
             any(m.g_A != 0 for m in self.members)
         z = lambda *s: torch.zeros(*s, device=dev, dtype=dty)  # noqa: E731
@@ -295,14 +302,14 @@ class Population:
         W0 = self._W0t()                                      # (p, i) rows: every member's W^T
         Wt = [w.transpose(1, 2) for w in self.W]
         Yt = [y.transpose(1, 2) for y in self.Y]
-        for s, Ts in zip(starts, lens):
+        for k, (s, Ts) in enumerate(zip(starts, lens)):
             rows = mem + Ts
             wwin = self._tensor(((np.arange(s, s + Ts)[None, :] >= w0[:, None])
                                  & (np.arange(s, s + Ts)[None, :] < T[:, None])) / window).unsqueeze(1)   # (P, 1, Ts)
             # -- input layer: events of the history rows [0, mem) and of Ts new rows; U(t) = W S(t), all rows at once
             ht, hx, hi, hv = self.hist
             if unif is not None:                              # spikes: Poisson counts of the input rates
-                _, counts = spikes(rates.view(1, -1), unif[0][s:s + Ts], None, False)
+                _, counts = spikes(rates.view(1, -1), unif[k][0], None, False)
                 t_new, j = counts.nonzero(as_tuple=True)
                 nv = counts[t_new, j]
             else:                                             # rates: every active input at every step
@@ -325,7 +332,7 @@ class Population:
                 self.hist = (et[keep] - Ts, ee[keep], ei[keep], ev[keep])
             else:                                             # each member keeps its own last mem rows (below)
                 self.hist = (et, ee, ei, ev)
-            seg_unif = [None if u is None else u[:, s:s + Ts] for u in (unif[1] if unif is not None else [None] * M)]
+            seg_unif = unif[k][1] if unif is not None else [None] * M
             if not A_step:
                 C_last = self._segment_layers(U0, Ts, s, buf, Wt, seg_unif, I0, wwin, Csum, lam_sum, target)
             else:

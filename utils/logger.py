@@ -51,6 +51,7 @@ LAYER_COLUMNS = ["layer", "norm", "change_norm", "rel_change", "bp_angle"]
 RUN_COLUMNS = ["run", "model", "dataset", "seed"]
 OVERHEAD_WARNING = 0.15  # warn once per log when the logger's time exceeds this fraction of the training time
 #                          (not counting the first record's validation, which carries one-time costs: compilation)
+OVERHEAD_MIN_SECONDS = 1.0  # ... and this many seconds: less is not worth a warning, whatever the fraction (toy runs)
 
 
 class LoggerOverheadWarning(UserWarning):
@@ -379,7 +380,7 @@ class TrainingLogger(Callback):
         self._reset_window()
         train_time = wall - logger_time
         if (not self.warned_ and len(self.records_) >= 3 and train_time > 0
-                and logger_time - self.warmup_time_ > OVERHEAD_WARNING * train_time):
+                and logger_time - self.warmup_time_ > max(OVERHEAD_WARNING * train_time, OVERHEAD_MIN_SECONDS)):
             self.warned_ = True
             n_valid = 0 if self._valid_subset() is None else len(self._valid_subset()[1])
             warnings.warn(f"TrainingLogger: logging has taken {logger_time:.3g} s for {train_time:.3g} s of training "

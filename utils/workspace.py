@@ -209,7 +209,8 @@ def reference_columns(summary):
 
 # ----------------------------------------------------------------------------------------------------------------
 # other plausible rules (utils.rules): feedback alignment, direct feedback alignment, sign symmetry beside backprop
-RULE_KINDS = {True: ("mlp",), False: ("mlp", "cnn")}  # the networks trained and studied under every rule (quick/full)
+# the networks trained and studied under every rule, by mode (quick, the test suite's tiny, full)
+RULE_KINDS = {True: ("mlp",), "tiny": ("mlp",), False: ("mlp", "cnn")}
 
 
 def train_rules(dataset, S, root=None, device=None, seed=0, out="runs"):
