@@ -45,8 +45,8 @@ def skorch_net(logger=None, batch_size=20, max_epochs=2, **kw):
 
 
 class FakeCompartmental:
-    """Follows the compartmental hook protocol of INTERFACES.md: hook(clf, info) after each batch (or after each
-    batch crossing a multiple of hook_every examples), once with examples_seen=0 before the first batch."""
+    """Follows CompartmentalClassifier's hook protocol: hook(clf, info) after each batch (or after each batch
+    crossing a multiple of hook_every examples), once with examples_seen=0 before the first batch."""
 
     def __init__(self, hook=None, hook_every=None, batch_size=20, max_epochs=2, bp_angle=True):
         self.hook, self.hook_every, self.batch_size, self.max_epochs, self.bp_angle = \

@@ -4,7 +4,8 @@ One `TrainingLogger` serves every estimator of the workspace:
 
 * the skorch MLP and CNN, as a callback (``make_classifier("mlp", logger=log)`` appends it to the callbacks);
 * the compartmental network, as its hook (``make_classifier("compartmental", logger=log)`` passes ``hook=log``;
-  the estimator then calls ``log(clf, info)`` after its batches, see INTERFACES.md).
+  the estimator then calls ``log(clf, info)`` after its batches: the hook and hook_every parameters of
+  utils/compartmental.CompartmentalClassifier).
 
     from utils.logger import TrainingLogger, load_run, concat_runs
     log = TrainingLogger(X_valid, y_valid, records_per_epoch=10, name="mlp-mnist-s0")
