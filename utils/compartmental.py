@@ -259,6 +259,12 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError("X contains NaN or infinite values; the network needs pixel intensities in [0, 1]")
         return X
 
+    def _start(self, X, classes):
+        """A fresh network for the training inputs X (its feature count and device) and the class labels."""
+        self._check_params()                                # bad hyperparameters are named before the data's faults
+        self.classes_ = np.asarray(classes)
+        self._setup(_n_features(X), len(self.classes_), torch.as_tensor(X).device)
+
     def initialize(self, n_features, classes):
         """A fresh network for n_features inputs and the given class labels (fit does this itself)."""
         self.classes_ = np.asarray(classes)
@@ -272,9 +278,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
     def partial_fit(self, X, y, classes=None):
         """One epoch over (X, y), continuing from the current weights and state."""
         if not hasattr(self, "W_"):
-            self._check_params()
-            self.classes_ = np.asarray(classes) if classes is not None else np.unique(_as_numpy(y))
-            self._setup(_n_features(X), len(self.classes_), torch.as_tensor(X).device)
+            self._start(X, classes if classes is not None else np.unique(_as_numpy(y)))
         _train([self], [(X, y)], [1])
         return self
 
@@ -366,9 +370,7 @@ def fit_population(estimators, datasets, on_error="raise"):
     if on_error not in ("raise", "skip"):
         raise ValueError(f'on_error={on_error!r} is invalid: use "raise" or "skip"')
     for est, (X, y) in zip(estimators, datasets):
-        est._check_params()
-        est.classes_ = np.unique(_as_numpy(y))
-        est._setup(_n_features(X), len(est.classes_), torch.as_tensor(X).device)
+        est._start(X, np.unique(_as_numpy(y)))
         est.fit_error_ = None
     per_member = member_bytes(estimators[0], max(min(estimators[0].batch_size, len(X)) for X, _ in datasets))
     size = max(1, int(0.8 * _free_bytes(estimators[0].device_) // per_member))   # members that fit at once

@@ -233,27 +233,29 @@ class Population:
         C = H U + d [coef b + c_I I0, C(-1)] (Eqs. 1, 6, 7 as a linear filter of the projected input U = W S)."""
         key = ("H", Ts, layer, target)
         if key not in self.cache:
-            t, mem = np.arange(Ts), self.mem
+            t, K = np.arange(Ts), self._kband_np(Ts)
             Hs, ds = [], []
             for q, m in enumerate(self.members):
                 dec, coef, _ = m._soma_filter(layer, target)
                 D = np.where(t[:, None] >= t[None, :], float(dec) ** np.maximum(t[:, None] - t[None, :], 0), 0.0)
-                K = np.zeros((Ts, mem + Ts))
-                for j in range(mem):
-                    K[t, mem + t - j] = self.kappa["ff"][q, j]
-                Hs.append(coef * D @ K)
+                Hs.append(coef * D @ K[q])
                 ds.append(np.stack([D.sum(1), float(dec) ** (t + 1)], 1))
             self.cache[key] = (self._tensor(np.stack(Hs)), self._tensor(np.stack(ds)))
         return self.cache[key]
 
+    def _kband_np(self, Ts):
+        """(P, Ts, mem + Ts) banded kernel matrices K[t, mem + t - k] = kappa[k] of the feedforward path (numpy):
+        PSP drive = K @ U over a segment."""
+        t, K = np.arange(Ts), np.zeros((self.P, Ts, self.mem + Ts))
+        for j in range(self.mem):
+            K[:, t, self.mem + t - j] = self.kappa["ff"][:, j:j + 1]
+        return K
+
     def _kband(self, Ts):
-        """(P, Ts, mem + Ts) banded kernel matrices K[t, mem + t - k] = kappa[k]: PSP drive = K @ U over a segment."""
+        """_kband_np as a tensor, cached."""
         key = ("K", Ts)
         if key not in self.cache:
-            t, K = np.arange(Ts), np.zeros((self.P, Ts, self.mem + Ts))
-            for j in range(self.mem):
-                K[:, t, self.mem + t - j] = self.kappa["ff"][:, j:j + 1]
-            self.cache[key] = self._tensor(K)
+            self.cache[key] = self._tensor(self._kband_np(Ts))
         return self.cache[key]
 
     def _row_weights(self, rows, t_abs, lo, hi, window, path):
@@ -338,10 +340,10 @@ class Population:
             else:
                 C_last = self._segment_steps(U0, Ts, s, buf, Wt, Yt, seg_unif, I0, wwin, Csum, lam_sum, target)
             # -- window means of the PSPs from this segment's rows (feedback: as of the step before)
+            w_fb = self._row_weights(rows, s, w0 - 1, T - 2, window, "fb") if M > 1 else None
             for m in range(M - 1):
-                wr = self._row_weights(rows, s, w0 - 1, T - 2, window, "fb")
                 src = buf[self.fb_source(m)][self.fbk][:, :rows]
-                fb_mean[m] += torch.bmm(wr.unsqueeze(1), src.reshape(P, rows, -1)).view_as(fb_mean[m])
+                fb_mean[m] += torch.bmm(w_fb.unsqueeze(1), src.reshape(P, rows, -1)).view_as(fb_mean[m])
             for m in range(1, M):
                 src = buf[m - 1][self.ffk][:, :rows]
                 in_mean[m] += torch.bmm(w_in.unsqueeze(1), src.reshape(P, rows, -1)).view_as(in_mean[m])
@@ -388,12 +390,12 @@ class Population:
 
     def _emit(self, m, C, u, buf, rows_slice):
         """lambda_C = lambda_max sigmoid(C) (Eq. 4) and what layer m sends (spikes and / or rates) into its buffer."""
-        layer = buf[m]
+        layer, lmax = buf[m], self.lmax.view(-1, *[1] * (C.dim() - 1))
         if "spike" in layer:
-            lam, counts = spikes(C, u, self.lmax.unsqueeze(-1) if C.dim() == 4 else self.lmax, True)
+            lam, counts = spikes(C, u, lmax, True)
             layer["spike"][rows_slice] = counts
         else:
-            lam = torch.sigmoid(C) * (self.lmax.unsqueeze(-1) if C.dim() == 4 else self.lmax)
+            lam = torch.sigmoid(C) * lmax
         if "rate" in layer:
             layer["rate"][rows_slice] = lam.expand_as(C)
         return lam
@@ -414,7 +416,7 @@ class Population:
             H, d = self._hmat(Ts, m, out and target is not None)
             no = self.n[m + 1]
             C = torch.bmm(H, U.reshape(P, rows, B * no))      # (P, Ts, B n)
-            coef, c_I = self._coefs(m, target is not None)
+            _, coef, c_I, _ = self._soma(m, target is not None)
             const = coef * self.b[m].unsqueeze(1).expand(P, B, no)
             if out and target is not None:                    # teaching current g_E E_E + g_I E_I (Eq. 7)
                 const = const + c_I * I0
@@ -427,24 +429,26 @@ class Population:
             C_seg.append(C)
         return C_seg
 
-    def _coefs(self, m, target):
-        """Per-member (coef, c_I) of layer m's soma filter as (P, 1, 1) tensors."""
-        key = ("coef", m, target)
+    def _soma(self, m, target):
+        """Per-member (dec, coef, c_I, dt g_A) of layer m's soma (_soma_filter, plus the apical conductance's step
+        for hidden layers) as (P, 1, 1) tensors, cached."""
+        key = ("soma", m, target)
         if key not in self.cache:
-            vals = [mb._soma_filter(m, target and m == self.M - 1) for mb in self.members]
-            self.cache[key] = (self._col([v[1] for v in vals]), self._col([v[2] for v in vals]))
+            vals = [mb._soma_filter(m, target) + (0.0 if m == self.M - 1 else self.dt * mb.g_A,)
+                    for mb in self.members]
+            self.cache[key] = tuple(self._col([v[k] for v in vals]) for k in range(4))
         return self.cache[key]
 
     def _segment_steps(self, U0, Ts, s, buf, Wt, Yt, unif, I0, wwin, Csum, lam_sum, target):
         """Ts steps of all layers together, one time step after the other (apical conductance drives the soma):
         B = W PSP + b (Eq. 5), A = Y PSP_fb (+ c) as of the step before, C += dt (-g_L C + g_B (B - C) + g_A (A - C))
         (Eq. 6); output as in _segment_layers. PSPs are the explicit kernel sums over the buffers' last mem rows."""
-        M, mem, P, B, dt = self.M, self.mem, self.P, self.B, self.dt
+        M, mem, P, B = self.M, self.mem, self.P, self.B
         rows = mem + Ts
         kap = {k: self._tensor(v[:, ::-1].copy()).unsqueeze(1) for k, v in self.kappa.items()}   # oldest row first
         Bin = torch.bmm(self._kband(Ts), U0.reshape(P, rows, -1)).view(P, Ts, B, -1) + self.b[0].unsqueeze(1).unsqueeze(1)
         C_seg = [torch.empty(P, Ts, B, self.n[m + 1], device=self.dev, dtype=self.dty) for m in range(M)]
-        consts = [self._step_consts(m, target is not None) for m in range(M)]
+        consts = [self._soma(m, target is not None) for m in range(M)]
 
         def psp(layer, kind, r, path):                      # PSP of the rows (r - mem, r] (Eq. 2)
             src = buf[layer][kind][:, r - mem + 1:r + 1]
@@ -453,7 +457,7 @@ class Population:
             r = mem + t
             for m in range(M):
                 out = m == M - 1
-                dec, gB, gA = consts[m]
+                dec, gB, c_I, gA = consts[m]
                 basal = Bin[:, t] if m == 0 else torch.baddbmm(self.b[m].unsqueeze(1), psp(m - 1, self.ffk, r, "ff"), Wt[m])
                 C = self.C[m] * dec + basal * gB
                 if not out:
@@ -462,7 +466,7 @@ class Population:
                         A = A + self.c[m].unsqueeze(1)
                     C = C + A * gA
                 elif target is not None:
-                    C = C + I0 * dt
+                    C = C + I0 * c_I
                 self.C[m] = C
                 C_seg[m][:, t] = C
                 self._emit(m, C, None if unif[m] is None else unif[m][:, t], buf, (slice(None), r))
@@ -473,15 +477,6 @@ class Population:
             lam = torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1)
             lam_sum += torch.bmm(wwin, lam.reshape(P, Ts, -1)).view(P, B, -1)
         return C_seg
-
-    def _step_consts(self, m, target):
-        """Per-member (dec, dt g_B or dt g_D, dt g_A) of layer m's conductance soma, as (P, 1, 1) tensors."""
-        vals = []
-        for mb in self.members:
-            out = m == self.M - 1
-            dec, coef, _ = mb._soma_filter(m, target and out)
-            vals.append((dec, coef, 0.0 if out else self.dt * mb.g_A))
-        return tuple(self._col([v[k] for v in vals]) for k in range(3))
 
     # -- learning -------------------------------------------------------------------------------------------------
 
