@@ -1,0 +1,100 @@
+"""Small file helpers every module uses: atomic writes, JSON that is always valid JSON, library versions.
+
+An interrupted write never leaves a half-written file: everything goes to a temporary file beside the target,
+is flushed and fsync'ed, then `os.replace`d over it. JSON here never contains bare NaN or Infinity (they become
+the strings "nan", "inf", "-inf"); numpy and torch values become plain numbers or lists.
+"""
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def jsonable(obj):
+    """`obj` as plain JSON values: tuples -> lists, numpy/torch scalars -> numbers, non-finite floats -> strings,
+    small tensors and arrays -> lists, types -> their dotted name, anything else -> str."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, str) or obj is None:
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else str(f)
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.tolist()) if obj.numel() <= 100 else f"tensor{tuple(obj.shape)}"
+    if isinstance(obj, type):
+        return obj.__name__ if obj.__module__ == "builtins" else f"{obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def dumps(obj, **kw):
+    """json.dumps of jsonable(obj): strict JSON (allow_nan=False cannot fail on it)."""
+    return json.dumps(jsonable(obj), allow_nan=False, **kw)
+
+
+def write_bytes(path, data):
+    """Replace `path` by `data` atomically (temp file beside it, fsync, os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj, indent=2):
+    """Write obj as strict JSON to `path`, atomically."""
+    write_bytes(path, dumps(obj, indent=indent).encode("utf-8"))
+
+
+def write_jsonl(path, records):
+    """Replace `path` by one JSON line per record, atomically."""
+    write_bytes(path, "".join(dumps(r) + "\n" for r in records).encode("utf-8"))
+
+
+def append_jsonl(path, *records):
+    """Append records, one JSON line each, in one write, flushed and fsync'ed before returning."""
+    text = "".join(dumps(r) + "\n" for r in records)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_torch(obj, path):
+    """torch.save to `path` atomically (temp file, then os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def library_versions(device=None):
+    """Versions of the libraries a run depends on, plus the device it ran on (and the GPU's name)."""
+    import importlib.metadata as md
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("torch", "skorch", "scikit-learn", "bayesian-optimization", "numpy", "pandas"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    dev = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out["device"] = dev
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        out["device_name"] = torch.cuda.get_device_name(torch.device(dev))
+    return out
