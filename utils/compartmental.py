@@ -51,6 +51,7 @@ half the authors'), see README).
 """
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -458,25 +459,37 @@ def _uniforms(members, xs, T, pop):
                     u.uniform_(generator=m0.gen_)
         return segs
     np_dty = np.float32 if m0.dtype == "float32" else np.float64
+    cols = np.concatenate([[0], np.cumsum(nnz)])
 
-    def scatter(full, target):                               # a member's whole-phase draws into the segments
-        for (s, Ts), u in zip(zip(starts, lens), target):
-            rows = full[s:s + Ts]
-            if len(rows) < Ts or u.shape[1:] != rows.shape[1:]:
-                u.zero_()
-            u[(slice(0, len(rows)),) + tuple(slice(0, d) for d in rows.shape[1:])] = torch.from_numpy(rows)
-    col = 0
-    for q, (mb, x) in enumerate(zip(members, xs)):
-        Tq, Bq = int(T[q]), x.shape[0]
-        if m0.use_spiking_feedforward:
-            scatter(mb.rng_np_.random((Tq, nnz[q]), dtype=np_dty), [u[0][:, col:col + nnz[q]] for u in segs])
+    def draw(q):                                             # member q's numbers, in a lone run's order
+        mb, Tq, Bq = members[q], int(T[q]), xs[q].shape[0]
+        u_in = [u[0][:, cols[q]:cols[q + 1]] for u in segs]
+        if m0.use_spiking_feedforward:                       # the input's for the whole phase, then ...
+            full = torch.from_numpy(mb.rng_np_.random((Tq, nnz[q]), dtype=np_dty))
+            for s, u in zip(starts, u_in):
+                r = max(0, min(u.shape[0], Tq - s))
+                u[:r] = full[s:s + r]
+                u[r:] = 0
         else:
-            for u in segs:
-                u[0][:, col:col + nnz[q]] = 0
-        col += nnz[q]
-        for m, sp in enumerate(spiking):
-            if sp:
-                scatter(mb.rng_np_.random((Tq, Bq, m0.n_[m + 1]), dtype=np_dty), [u[1][m][q] for u in segs])
+            for u in u_in:
+                u.zero_()
+        for m, sp in enumerate(spiking):                     # ... each spiking layer's, segment after segment
+            if not sp:
+                continue
+            for s, (_, u_layer) in zip(starts, segs):
+                u = u_layer[m][q]                            # (Ts, B, n), contiguous: drawn into in place
+                r = max(0, min(u.shape[0], Tq - s))
+                if Bq == B:
+                    mb.rng_np_.random(out=u[:r].numpy(), dtype=np_dty)
+                else:
+                    u[:r, :Bq] = torch.from_numpy(mb.rng_np_.random((r, Bq, u.shape[2]), dtype=np_dty))
+                    u[:r, Bq:] = 0
+                u[r:] = 0
+    if len(members) == 1:
+        draw(0)
+    else:                                                    # NumPy fills without the GIL: members in parallel
+        with ThreadPoolExecutor(max(1, min(len(members), torch.get_num_threads()))) as pool:
+            list(pool.map(draw, range(len(members))))
     return segs
 
 
