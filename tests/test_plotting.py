@@ -104,7 +104,7 @@ def test_plot_learning_curves_several_runs(tmp_path):
 
 
 def test_plot_learning_curves_grouped_runs_from_saved_table(tmp_path):
-    from utils.logger import concat_runs
+    from utils.runs import concat_runs
     for seed in (0, 1):
         fake_log(f"s{seed}", seed).save(tmp_path / "runs" / f"s{seed}", {"model": "comp", "dataset": "toy",
                                                                            "seed": seed})

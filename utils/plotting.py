@@ -14,8 +14,8 @@ runs/figures/, so that quick runs never overwrite the committed README figures).
     plotting.plot_comparison(results, path="comparison")           # model, dataset, best, worst, mean, std
     plotting.plot_bo_trace(trace, path="bo_trace")                 # iteration, target, status (+ model, dataset)
 
-Logs: a `TrainingLogger`, a DataFrame from `TrainingLogger.to_frame()` / `load_run` / `concat_runs`, or a list or a
-{label: log} dict of them. Accuracies are stored in [0, 1] and shown in percent.
+Logs: a `TrainingLogger`, a DataFrame from `TrainingLogger.to_frame()` / utils.runs' `load_run` / `concat_runs`, or
+a list or a {label: log} dict of them. Accuracies are stored in [0, 1] and shown in percent.
 """
 import os
 import re
@@ -36,6 +36,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from utils.runs import as_frame, curves  # noqa: E402
 
 REPO_FIGURES = Path(__file__).resolve().parents[1] / "figures"  # the committed README figures
 FIGURES_DIR = Path(os.environ.get("BIODL_FIGURES") or REPO_FIGURES)
@@ -119,17 +121,16 @@ def _label_of(log, i):
 
 def _table(logs):
     """One long DataFrame from a logger, a frame, a list of them or a {label: log} dict (label -> run column)."""
-    from utils.logger import TrainingLogger
-    if isinstance(logs, (TrainingLogger, pd.DataFrame)):
-        df = logs.to_frame() if isinstance(logs, TrainingLogger) else logs.copy()
+    if isinstance(logs, pd.DataFrame) or hasattr(logs, "to_frame"):
+        df = as_frame(logs).copy()
         if "run" not in df.columns:
             df["run"] = "run"
         return df
     items = list(logs.items()) if isinstance(logs, dict) else [(None, log) for log in logs]
     frames = []
     for i, (label, log) in enumerate(items):
-        df = log.to_frame() if isinstance(log, TrainingLogger) else log.copy()
-        if label is not None or "run" not in df.columns or isinstance(log, TrainingLogger):
+        df = as_frame(log).copy()
+        if label is not None or "run" not in df.columns or not isinstance(log, pd.DataFrame):
             df["run"] = str(label) if label is not None else _label_of(log, i)
         frames.append(df)
     if not frames:
@@ -141,13 +142,6 @@ def _check_columns(df, needed, what):
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise ValueError(f"{what} needs the column(s) {missing}; got {list(df.columns)}")
-
-
-def _per_record(df):
-    from utils.logger import LAYER_COLUMNS
-    keep = [c for c in df.columns if c not in LAYER_COLUMNS]
-    key = [c for c in ("run", "record") if c in df.columns]
-    return df[keep].drop_duplicates(subset=key or None)
 
 
 def _mean_band(df, by, x, y):
@@ -254,7 +248,7 @@ def plot_learning_curves(logs, by="run", x="examples_seen", title=None, path=Non
     value (runs, or e.g. "model" after concat_runs: several runs of a group are drawn as mean +- std band)."""
     df = _table(logs)
     _check_columns(df, [by, x, "train_acc", "valid_acc", "train_loss", "valid_loss"], "plot_learning_curves")
-    df = _per_record(df)
+    df = curves(df)
     scale, xlabel = _scale_x(df[x].to_numpy(dtype=float))
     with style():
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(2 * PANEL[0], PANEL[1]))
