@@ -227,7 +227,7 @@ def test_every_rule_learns_a_separable_problem(kind):
 
 @pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")
 def test_workspace_trains_and_studies_every_rule_and_draws_their_angles(mnist_root, tmp_path):
-    from utils import plotting
+    from utils import plot_study
     from utils.runs import concat_runs
     from utils.workspace import rule_study, settings, train_rules
     S = dict(settings(True), n_train=200, n_valid=100, epochs=1, max_valid=50, bo_iterations=2, bo_folds=2,
@@ -238,7 +238,7 @@ def test_workspace_trains_and_studies_every_rule_and_draws_their_angles(mnist_ro
     a = angles(table)
     assert set(a["model"]) == set(logs) and (a[a["model"] == "mlp-backprop"]["bp_angle"] == 0).all()
     assert a[a["model"] == "mlp-fa"]["bp_angle"].between(1, 179).all()
-    fig = plotting.plot_rule_angles(table, path=tmp_path / "angles.png")
+    fig = plot_study.plot_rule_angles(table, path=tmp_path / "angles.png")
     assert (tmp_path / "angles.png").stat().st_size > 0
     assert len(fig.axes[0].get_lines()) == 5   # four rules x one hidden layer, and the 90 degree line
     summary = rule_study(["mnist"], S, root=mnist_root, device="cpu", verbose=0)
