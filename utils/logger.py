@@ -134,16 +134,20 @@ class TrainingLogger(Callback):
         self.pos_ = 0                 # examples counted since the marks' origin (see _due)
         self.mark_ = 0                # marks recorded since that origin
 
-    def _count(self, n, loss_sum, correct):
-        """Add n training examples (a batch, or the hook's examples since its previous call) to the window."""
+    def _count(self, n, loss_sum, correct, angles=None):
+        """Add n training examples (a batch, or the hook's examples since its previous call) to the window: their
+        summed loss and correct predictions, and the hook's backprop angles (averaged over its calls)."""
         self.win_loss_ = self.win_loss_ + loss_sum
         self.win_correct_ = self.win_correct_ + correct
         self.win_n_ += n
         self.examples_seen_ += n
         self.pos_ += n
+        for layer, angle in (angles or {}).items():
+            self.win_angle_[layer] = self.win_angle_.get(layer, 0.0) + float(angle)
+        self.win_angle_n_ += bool(angles)
 
-    def _due(self, pos):
-        """Whether a record is due `pos` examples after the marks' origin: the one recording rule of both paths.
+    def _due(self):
+        """Whether a record is due after the examples counted so far: the one recording rule of both paths.
 
         Marks lie at every multiple of n_train / records_per_epoch examples; a record is due at the first batch (or
         hook call) that reaches a mark not yet recorded, one record however many marks it passes. The origin is
@@ -152,7 +156,7 @@ class TrainingLogger(Callback):
         """
         if not self.n_train_:
             return False
-        mark = int(pos) * int(self.records_per_epoch) // int(self.n_train_)
+        mark = self.pos_ * int(self.records_per_epoch) // int(self.n_train_)
         if mark <= self.mark_:
             return False
         self.mark_ = mark
@@ -190,7 +194,7 @@ class TrainingLogger(Callback):
             correct = (y_pred.detach().argmax(1) == yb).sum()   # tensors: no device sync per batch
         self._count(n, loss.detach() * n if loss is not None else 0.0, correct)
         self.batch_ = (batch[0], yb) if isinstance(batch, (tuple, list)) else None
-        if self._due(self.pos_):
+        if self._due():
             self._record(self._skorch_weights(net), valid=lambda Xv: self._skorch_proba(net, Xv),
                          device=net.device, angles=self._skorch_angles(net))
         self.logger_time_ += time.perf_counter() - t
@@ -252,13 +256,10 @@ class TrainingLogger(Callback):
         self.n_train_ = info.get("n_train") or self.n_train_
         n, self.hook_seen_ = seen - self.hook_seen_, seen
         if n > 0:  # the batch's means stand for the examples since the previous call (all of them: hook_every=None)
-            self._count(n, float(info.get("train_loss", _nan())) * n, float(info.get("train_acc", _nan())) * n)
-        for layer, angle in (info.get("bp_angle") or {}).items():
-            self.win_angle_[layer] = self.win_angle_.get(layer, 0.0) + float(angle)
-        if info.get("bp_angle"):
-            self.win_angle_n_ += 1
+            self._count(n, float(info.get("train_loss", _nan())) * n, float(info.get("train_acc", _nan())) * n,
+                        info.get("bp_angle"))
         self.epoch_ = int(info.get("epoch", self.epoch_))
-        if self._due(self.pos_):
+        if self._due():
             angles = ({a: s / self.win_angle_n_ for a, s in self.win_angle_.items()}
                       if self.win_angle_n_ else None)
             self._record(self._hook_weights(clf), valid=clf.predict_proba, angles=angles)
