@@ -1,11 +1,12 @@
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 
 from tests.conftest import make_idx_root, write_idx
-from utils.data import DATASETS, DataError, load_dataset, stratified_subset
+from utils.data import DATASETS, DataError, load_dataset, stratified_indices, stratified_subset
 
 
 def test_mnist_layout_loads_as_tensors(mnist_root):
@@ -121,6 +122,21 @@ def test_stratified_subset_is_balanced():
     Xs, ys = stratified_subset(X, y, 100, seed=1)
     assert len(ys) == 100 and torch.bincount(ys).tolist() == [10] * 10
     assert torch.equal(y[Xs[:, 0].long()], ys)
+    assert torch.all(Xs[1:, 0] > Xs[:-1, 0])  # in the original order
+    Xl, _ = stratified_subset(X, y, 300, seed=1)
+    assert set(Xs[:, 0].tolist()) <= set(Xl[:, 0].tolist())  # a larger subset extends a smaller one
+    assert stratified_subset(X, y, 2000)[0] is X
+
+
+def test_stratified_indices_balanced_nested_and_fixed():
+    y = np.array([0] * 50 + [1] * 30 + [2] * 5)
+    idx = stratified_indices(y, 21)
+    assert len(idx) == 21 and len(set(idx)) == 21 and np.all(np.diff(idx) > 0)
+    assert np.bincount(y[idx]).tolist() == [8, 8, 5]  # class 2 has only 5: the others share the rest
+    for n in (1, 3, 10, 20):
+        assert set(stratified_indices(y, n)) <= set(idx)  # nested: every smaller subset is inside
+    assert np.array_equal(stratified_indices(y, 21), idx)  # fixed by the seed
+    assert not np.array_equal(stratified_indices(y, 21, seed=1), idx)
 
 
 def test_missing_data_root_is_refused_not_created(tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from skorch import NeuralNetClassifier
 
-from utils.logger import (LoggerOverheadWarning, TrainingLogger, angles, concat_runs, curves, load_run,
-                          stratified_indices, weights)
+from utils.logger import LoggerOverheadWarning, TrainingLogger
+from utils.runs import angles, concat_runs, curves, load_run, weights
 
 torch.set_num_threads(1)
 # toy fits are so short that validation dominates them; the warning is tested on its own below
@@ -46,7 +46,8 @@ def skorch_net(logger=None, batch_size=20, max_epochs=2, **kw):
 
 class FakeCompartmental:
     """Follows CompartmentalClassifier's hook protocol: hook(clf, info) after each batch (or after each batch
-    crossing a multiple of hook_every examples), once with examples_seen=0 before the first batch."""
+    crossing a multiple of hook_every examples) with that batch's loss, accuracy and angles, once with
+    examples_seen=0 before the first batch."""
 
     def __init__(self, hook=None, hook_every=None, batch_size=20, max_epochs=2, bp_angle=True):
         self.hook, self.hook_every, self.batch_size, self.max_epochs, self.bp_angle = \
@@ -67,24 +68,21 @@ class FakeCompartmental:
         n = len(X)
         self.hook(self, {"epoch": 0, "examples_seen": 0, "n_train": n, "train_loss": float("nan"),
                          "train_acc": float("nan")})
-        seen, since, loss_sum, acc_sum, step = 0, 0, 0.0, 0.0, 0
+        seen, step = 0, 0
         for epoch in range(self.max_epochs):
             for i in range(0, n, self.batch_size):
                 b = min(self.batch_size, n - i)
                 step += 1
                 self.W = {k: v + 0.01 * step for k, v in self.W.items()}
                 before, seen = seen, seen + b
-                since += b
-                loss_sum += 1.0 * step * b  # batch loss = step number: makes window means checkable
-                acc_sum += 0.5 * b
                 k = self.hook_every
                 if k is None or seen // k > before // k:
-                    info = {"epoch": epoch, "examples_seen": seen, "n_train": n,
-                            "train_loss": loss_sum / since, "train_acc": acc_sum / since}
+                    # batch loss = step number: makes window means checkable
+                    info = {"epoch": epoch, "examples_seen": seen, "n_train": n, "train_loss": 1.0 * step,
+                            "train_acc": 0.5}
                     if self.bp_angle:
                         info["bp_angle"] = {"hidden1": 40.0 + step, "hidden2": 60.0}
                     self.hook(self, info)
-                    since, loss_sum, acc_sum = 0, 0.0, 0.0
         return self
 
 
@@ -241,14 +239,15 @@ def test_validation_on_a_fixed_subset_and_train_mode_restored():
     assert not net.module_.training
 
 
-def test_stratified_indices():
-    y = np.array([0] * 50 + [1] * 30 + [2] * 5)
-    idx = stratified_indices(y, 21)
-    assert len(idx) == 21 and len(set(idx)) == 21 and np.all(np.diff(idx) > 0)
-    assert np.bincount(y[idx]).tolist() == [8, 8, 5]  # class 2 has only 5: the others share the rest
-    assert set(stratified_indices(y, 10)) <= set(idx)  # nested
-    assert np.array_equal(stratified_indices(y, 21), idx)  # fixed
+def test_validation_subset_is_data_stratified_indices_and_nested():
+    from utils.data import stratified_indices
+    X, y = toy_data(300)
     assert TrainingLogger().max_valid == 300
+    small, large = TrainingLogger(X, y, max_valid=30), TrainingLogger(X, y, max_valid=90)
+    idx = stratified_indices(y.numpy(), 30)
+    assert torch.equal(small._valid_subset()[0], X[idx])
+    rows = {tuple(x.flatten().tolist()) for x in large._valid_subset()[0]}
+    assert all(tuple(x.flatten().tolist()) in rows for x in small._valid_subset()[0])  # nested in max_valid
 
 
 def test_validation_arguments_checked():
@@ -296,8 +295,38 @@ def test_compartmental_hook_every():
     # hook calls after the batches crossing 50, 100, 150, 200 examples: 60, 100, 160, 200 -> marks 100, 200
     assert curves(log)["examples_seen"].tolist() == [0, 100, 200]
     assert angles(log).empty
-    # the first window spans the calls at 60 and 100: batch losses 1..5 weighted by 20 examples each
-    assert curves(log)["train_loss"].iloc[1] == pytest.approx(3.0)
+    # the first window spans the calls at 60 and 100 (batches 3 and 5): each call's batch stands for the examples
+    # since the previous call, 60 and 40
+    assert curves(log)["train_loss"].iloc[1] == pytest.approx((3 * 60 + 5 * 40) / 100)
+
+
+@pytest.mark.parametrize("n, batch_size, records_per_epoch, epochs", [
+    (200, 20, 5, 2),    # marks on batch ends
+    (200, 30, 4, 1),    # marks between batch ends; a short last batch
+    (100, 7, 3, 2),     # marks at fractional example counts, epochs ending mid-batch-grid
+    (90, 25, 10, 1),    # more marks than batches: one record per batch however many marks it passes
+])
+def test_callback_and_hook_paths_record_at_the_same_points(n, batch_size, records_per_epoch, epochs):
+    X, y = toy_data(n)
+    by_callback, by_hook = TrainingLogger(records_per_epoch=records_per_epoch), \
+        TrainingLogger(records_per_epoch=records_per_epoch)
+    skorch_net(by_callback, batch_size=batch_size, max_epochs=epochs).fit(X, y)
+    FakeCompartmental(hook=by_hook, batch_size=batch_size, max_epochs=epochs, bp_angle=False).fit(X, y)
+    seen = curves(by_callback)["examples_seen"].tolist()
+    assert curves(by_hook)["examples_seen"].tolist() == seen
+    assert curves(by_hook)["epoch"].tolist() == curves(by_callback)["epoch"].tolist()
+    assert seen[-1] == n * epochs and len(seen) == 1 + epochs * min(records_per_epoch, -(-n // batch_size))
+
+
+def test_callback_and_real_compartmental_hook_record_at_the_same_points():
+    comp = pytest.importorskip("utils.compartmental")
+    X, y = toy_data(100)
+    by_callback, by_hook = TrainingLogger(records_per_epoch=3), TrainingLogger(records_per_epoch=3)
+    skorch_net(by_callback, batch_size=15, max_epochs=2).fit(X, y)
+    comp.CompartmentalClassifier(n_hidden=(6,), batch_size=15, max_epochs=2, l_f_phase=10, l_t_phase=10,
+                                 l_f_phase_test=15, integration_time=5, seed=0, hook=by_hook).fit(X, y)
+    assert curves(by_hook)["examples_seen"].tolist() == curves(by_callback)["examples_seen"].tolist() == \
+        [0, 45, 75, 100, 145, 175, 200]
 
 
 def test_refit_restarts_and_continued_fit_continues():
@@ -338,7 +367,7 @@ def test_save_load_round_trip(tmp_path):
     assert cfg["model"] == "mlp" and cfg["seed"] == 0 and cfg["hidden_sizes"] == [8]
     assert cfg["lr"] == pytest.approx(0.1) and cfg["run"] == "mlp-toy-s0"
     assert cfg["optimizer"] == "torch.optim.sgd.SGD"
-    for lib in ("torch", "skorch", "sklearn", "numpy", "python", "device"):
+    for lib in ("torch", "skorch", "scikit-learn", "numpy", "python", "device"):
         assert cfg["versions"][lib]
     assert cfg["logger"]["records_per_epoch"] == 2 and cfg["logger"]["n_valid"] == 20
     json.loads((run / "config.json").read_text())  # plain JSON

@@ -6,7 +6,7 @@ import torch
 
 import matplotlib
 
-from utils import plotting
+from utils import plot_study, plotting
 from utils.logger import TrainingLogger
 
 torch.set_num_threads(1)
@@ -104,7 +104,7 @@ def test_plot_learning_curves_several_runs(tmp_path):
 
 
 def test_plot_learning_curves_grouped_runs_from_saved_table(tmp_path):
-    from utils.logger import concat_runs
+    from utils.runs import concat_runs
     for seed in (0, 1):
         fake_log(f"s{seed}", seed).save(tmp_path / "runs" / f"s{seed}", {"model": "comp", "dataset": "toy",
                                                                            "seed": seed})
@@ -160,7 +160,7 @@ def comparison_table():
 
 
 def test_plot_comparison(tmp_path):
-    fig = plotting.plot_comparison(comparison_table(), path=tmp_path / "cmp.png")
+    fig = plot_study.plot_comparison(comparison_table(), path=tmp_path / "cmp.png")
     assert_png(tmp_path / "cmp.png")
     ax = fig.axes[0]
     assert ax.get_xlabel() == "dataset" and ax.get_ylabel() == "cross-validated accuracy (%)"
@@ -172,10 +172,10 @@ def test_plot_comparison(tmp_path):
     heights = sorted(p.get_height() for p in ax.patches)
     assert heights[-1] == pytest.approx(90.0)
     # without reference columns: no reference marker
-    fig = plotting.plot_comparison(comparison_table().drop(columns="seed_best"))
+    fig = plot_study.plot_comparison(comparison_table().drop(columns="seed_best"))
     assert "seed study's best" not in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     with pytest.raises(ValueError, match="std"):
-        plotting.plot_comparison(comparison_table().drop(columns="std"))
+        plot_study.plot_comparison(comparison_table().drop(columns="std"))
 
 
 def test_plot_bo_trace(tmp_path):
@@ -185,7 +185,7 @@ def test_plot_bo_trace(tmp_path):
             status = "diverged" if it == 3 else "ok"
             rows.append({"model": model, "dataset": "mnist", "iteration": it, "status": status,
                          "target": 0.1 if status != "ok" else 0.8 + 0.01 * ((it * 3) % 5)})
-    fig = plotting.plot_bo_trace(pd.DataFrame(rows), path=tmp_path / "bo.png")
+    fig = plot_study.plot_bo_trace(pd.DataFrame(rows), path=tmp_path / "bo.png")
     assert_png(tmp_path / "bo.png")
     ax = fig.axes[0]
     assert ax.get_xlabel() == "iteration" and ax.get_ylabel() == "mean CV accuracy (%)"
@@ -195,7 +195,7 @@ def test_plot_bo_trace(tmp_path):
     best = [ln for ln in ax.lines if ln.get_label() == "mlp / mnist (best so far)"][0].get_ydata()
     assert np.all(np.diff(best) >= 0) and best[-1] == pytest.approx(83.0)
     # a single group without model/dataset columns
-    fig = plotting.plot_bo_trace(pd.DataFrame({"iteration": [0, 1, 2], "target": [0.5, 0.7, 0.6]}))
+    fig = plot_study.plot_bo_trace(pd.DataFrame({"iteration": [0, 1, 2], "target": [0.5, 0.7, 0.6]}))
     assert fig.axes[0].get_ylabel() == "mean CV accuracy (%)"
 
 

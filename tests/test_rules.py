@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.logger import TrainingLogger, angles
+from utils.logger import TrainingLogger
+from utils.runs import angles
 from utils.models import CNN, MLP
 from utils.rules import RULES, RuleConv2d, RuleLinear, angle_degrees, hidden_angles, rule_layers
 from utils.train import load_checkpoint, make_classifier, save_checkpoint
@@ -226,8 +227,8 @@ def test_every_rule_learns_a_separable_problem(kind):
 
 @pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")
 def test_workspace_trains_and_studies_every_rule_and_draws_their_angles(mnist_root, tmp_path):
-    from utils import plotting
-    from utils.logger import concat_runs
+    from utils import plot_study
+    from utils.runs import concat_runs
     from utils.workspace import rule_study, settings, train_rules
     S = dict(settings(True), n_train=200, n_valid=100, epochs=1, max_valid=50, bo_iterations=2, bo_folds=2,
              bo_subset=100, bo_init_points=1, bo_retrain_subset=100, bo_test_subset=100, bo_out=str(tmp_path / "bo"))
@@ -237,7 +238,7 @@ def test_workspace_trains_and_studies_every_rule_and_draws_their_angles(mnist_ro
     a = angles(table)
     assert set(a["model"]) == set(logs) and (a[a["model"] == "mlp-backprop"]["bp_angle"] == 0).all()
     assert a[a["model"] == "mlp-fa"]["bp_angle"].between(1, 179).all()
-    fig = plotting.plot_rule_angles(table, path=tmp_path / "angles.png")
+    fig = plot_study.plot_rule_angles(table, path=tmp_path / "angles.png")
     assert (tmp_path / "angles.png").stat().st_size > 0
     assert len(fig.axes[0].get_lines()) == 5   # four rules x one hidden layer, and the 90 degree line
     summary = rule_study(["mnist"], S, root=mnist_root, device="cpu", verbose=0)

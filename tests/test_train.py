@@ -111,7 +111,7 @@ def test_command_line_dry_run(mnist_root, capsys):
 
 @pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")  # tiny data: validation dominates
 def test_train_logged_saves_run_with_configuration(blobs, tmp_path):
-    from utils.logger import load_run
+    from utils.runs import load_run
     X, y = blobs
     clf, log = train_logged("mlp", X[:500], y[:500], X[500:], y[500:], run_dir=tmp_path / "run",
                             config={"dataset": "blobs", "seed": 1}, hidden_sizes=(16,), lr=1e-2, max_epochs=2,

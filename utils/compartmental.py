@@ -99,7 +99,8 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         # paper); lr_decay_examples: None (constant rates) or N (cosine decay to 0 over N examples); seed: weights,
         # spikes, order, extra steps (None: fresh entropy); device: None (the device of X); verbose: 1 for a tqdm
         # bar; hook(clf, info) is called after the batch crossing each multiple of hook_every examples (None: every
-        # batch). Everything else: see Config.
+        # batch) with that batch's train_loss and train_acc (and bp_angle), once before the first batch with
+        # examples_seen=0. Everything else: see Config.
         for name, value in list(locals().items()):
             if name != "self":
                 setattr(self, name, value)
@@ -558,7 +559,7 @@ class _Run:
         self.total = epochs * self.n
         self.remaining, self.done = epochs, False
         self.order, self.pos, self.seen0 = None, self.n, mb.examples_seen_
-        self.acc = dict(loss=0.0, correct=0.0, n=0, angles={}, n_angles=0)
+        self.last = None                                     # the last batch's loss, accuracy and angles
         if mb.hook is not None:
             mb.hook(mb, dict(epoch=mb.epochs_done_, examples_seen=0, n_train=self.n,
                              train_loss=float("nan"), train_acc=float("nan")))
@@ -579,26 +580,23 @@ class _Run:
         return idx
 
     def record(self, out, idx, angles):
-        """Training loss and accuracy of the batch from its forward-phase output potentials."""
-        self.acc["loss"] += float(torch.nn.functional.cross_entropy(out, self.y[idx], reduction="sum"))
-        self.acc["correct"] += float((out.argmax(1) == self.y[idx]).sum())
-        self.acc["n"] += len(idx)
-        for k, v in (angles or {}).items():
-            self.acc["angles"][k] = self.acc["angles"].get(k, 0.0) + v
-        self.acc["n_angles"] += angles is not None
+        """Training loss and accuracy of the batch from its forward-phase output potentials, for the hook as they
+        are: averaging over batches is the hook's job (utils.logger.TrainingLogger's)."""
+        y = self.y[idx]
+        self.last = dict(loss=float(torch.nn.functional.cross_entropy(out, y)),
+                         acc=float((out.argmax(1) == y).float().mean()), angles=angles)
         self.before = self.mb.examples_seen_ - self.seen0
         self.mb.examples_seen_ += len(idx)
 
     def after_batch(self):
-        mb, acc = self.mb, self.acc
+        mb, last = self.mb, self.last
         after, k = mb.examples_seen_ - self.seen0, mb.hook_every
-        if mb.hook is not None and acc["n"] and (k is None or after // k > self.before // k):
+        if mb.hook is not None and last is not None and (k is None or after // k > self.before // k):
             info = dict(epoch=mb.epochs_done_, examples_seen=after, n_train=self.n,
-                        train_loss=acc["loss"] / acc["n"], train_acc=acc["correct"] / acc["n"])
-            if mb.record_backprop_angle and acc["n_angles"]:
-                info["bp_angle"] = {k2: v / acc["n_angles"] for k2, v in acc["angles"].items()}
+                        train_loss=last["loss"], train_acc=last["acc"])
+            if mb.record_backprop_angle and last["angles"] is not None:
+                info["bp_angle"] = dict(last["angles"])
             mb.hook(mb, info)
-            self.acc = dict(loss=0.0, correct=0.0, n=0, angles={}, n_angles=0)
 
 
 def _step(pop, runs, batches):

@@ -67,18 +67,38 @@ def get_device(device=None):
     return device
 
 
+def stratified_indices(y, n, seed=0):
+    """Sorted indices of `n` examples of labels `y` (array-like), as class-balanced as the counts allow.
+
+    Classes take turns (round r takes the r-th example of every class, in a random order fixed by `seed`), so the
+    same y, n and seed always give the same subset and a smaller n gives a subset of a larger one (nested: the
+    logger's validation subsets at different max_valid overlap; a larger training subset extends a smaller one).
+    """
+    y = np.asarray(y)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    yp = y[perm]
+    rank = np.empty(len(y), dtype=np.int64)  # rank of each example within its class in the permuted order
+    for c in np.unique(yp):
+        where = np.flatnonzero(yp == c)
+        rank[where] = np.arange(len(where))
+    order = np.lexsort((np.arange(len(y)), rank))  # by round, then by position in the permutation
+    return np.sort(perm[order[:n]])
+
+
 def stratified_subset(X, y, n, seed=0):
-    """`n` examples of (X, y), as near class-balanced as the data allow, in random order; same device as X."""
+    """`n` examples of (X, y) chosen by `stratified_indices` (class-balanced, nested in n), in their original
+    order; same device as X."""
     if n >= len(y):
         return X, y
-    from sklearn.model_selection import train_test_split
-    idx, _ = train_test_split(np.arange(len(y)), train_size=n, stratify=y.cpu().numpy(), random_state=seed)
-    idx = torch.as_tensor(idx, device=X.device)
-    return X[idx], y[idx]
+    idx = torch.as_tensor(stratified_indices(y.cpu().numpy(), int(n), seed), device=X.device)
+    return X[idx], y[idx.to(y.device)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# readers: raw file formats, each checked by content
+# readers: raw file formats, each checked by content. Kept rather than torchvision's MNIST / CIFAR10 classes, which
+# read only uncompressed idx files and fail on a bad one with a bare assert or view error (MNIST), or refuse the whole
+# folder after md5-hashing every batch on each load without naming the file (CIFAR10); neither checks labels or
+# class counts. These name the bad file, accept .gz, and check shapes, headers, labels and counts.
 
 
 def _read_bytes(path):

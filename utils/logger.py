@@ -4,52 +4,48 @@ One `TrainingLogger` serves every estimator of the workspace:
 
 * the skorch MLP and CNN, as a callback (``make_classifier("mlp", logger=log)`` appends it to the callbacks);
 * the compartmental network, as its hook (``make_classifier("compartmental", logger=log)`` passes ``hook=log``;
-  the estimator then calls ``log(clf, info)`` after its batches: the hook and hook_every parameters of
-  utils/compartmental.CompartmentalClassifier).
+  the estimator then calls ``log(clf, info)`` after its batches with each batch's training loss and accuracy:
+  the hook and hook_every parameters of utils/compartmental.CompartmentalClassifier).
 
-    from utils.logger import TrainingLogger, load_run, concat_runs
+    from utils.logger import TrainingLogger
     log = TrainingLogger(X_valid, y_valid, records_per_epoch=10, name="mlp-mnist-s0")
     clf = make_classifier("mlp", logger=log, max_epochs=5).fit(X, y)
     log.to_frame()                                   # tidy pandas table, one row per record x weight matrix
     log.save("runs/mlp-mnist-s0", config={"model": "mlp", "dataset": "mnist", "seed": 0, **hyperparameters})
-    config, df = load_run("runs/mlp-mnist-s0")
-    table = concat_runs(["runs/mlp-mnist-s0", "runs/cnn-mnist-s0"])   # + run, model, dataset, seed columns
+    # read back, combine and split the tables with utils.runs: load_run, concat_runs, curves, weights, angles
 
-Each record holds the examples seen so far, the wall time, the training loss and accuracy (mean over the training
-batches since the previous record, measured on the forward pass before each update), the validation loss and
-accuracy (on a fixed, class-balanced subset of at most `max_valid` validation examples, default 300) and, for
-every weight matrix or convolution kernel (parameters with ndim >= 2; the compartmental network's
-`named_weights()`), its Frobenius norm ||W_t||, the
-norm of its change since the previous record ||W_t - W_(t-1)|| and the relative change ||W_t - W_(t-1)|| / ||W_t||.
-The first record (examples_seen = 0) is taken before the first update, so curves start at the initial state; its
-change columns are NaN. For the compartmental network with its backprop-angle diagnostic on, the hidden layers'
-angle to the backpropagation update (degrees, mean over the hook calls since the previous record) is recorded too;
-for the MLP and CNN (every learning rule of utils.rules) the angle between each hidden layer's gradient under the
-net's rule and the backprop gradient, both on the record's training batch from the weights after its update
-(`utils.rules.hidden_angles`; 0 for rule="backprop", recorded without computing it, so the backprop nets' logging
-costs what it did), in the same format. The other rules pay two extra forward and backward passes of one batch per
-record.
+Both paths decide when to record by one rule (`_due`): at the first batch that reaches each multiple of
+n_train / records_per_epoch examples. Each record holds the examples seen so far, the wall time, the training loss
+and accuracy (mean over the training batches since the previous record, measured on the forward pass before each
+update; the logger is the only place that averages them), the validation loss and accuracy (on a fixed,
+class-balanced subset of at most `max_valid` validation examples, default 300, utils.data.stratified_indices) and,
+for every weight matrix or convolution kernel (parameters with ndim >= 2; the compartmental network's
+`named_weights()`), its Frobenius norm ||W_t||, the norm of its change since the previous record ||W_t - W_(t-1)||
+and the relative change ||W_t - W_(t-1)|| / ||W_t||. The first record (examples_seen = 0) is taken before the first
+update, so curves start at the initial state; its change columns are NaN. For the compartmental network with its
+backprop-angle diagnostic on, the hidden layers' angle to the backpropagation update (degrees, mean over the hook
+calls since the previous record) is recorded too; for the MLP and CNN (every learning rule of utils.rules) the
+angle between each hidden layer's gradient under the net's rule and the backprop gradient, both on the record's
+training batch from the weights after its update (`utils.rules.hidden_angles`; 0 for rule="backprop", recorded
+without computing it, so the backprop nets' logging costs what it did), in the same format. The other rules pay two
+extra forward and backward passes of one batch per record.
 
-The table (`to_frame`, records.csv) is long: one row per record and weight matrix, with the record's scalar columns
-repeated; angle rows carry `layer` = the hidden layer's name ("hidden1", ...) and `bp_angle`, weight columns NaN.
-`curves(df)` keeps one row per record (learning curves), `weights(df)` the weight rows, `angles(df)` the angle rows.
+The table (`to_frame`, records.csv) is long: one row per record and weight matrix (+ one per record and hidden layer
+with an angle); its layout and the functions that read it are utils/runs.py's.
 """
-import json
-import math
-import platform
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from skorch.callbacks import Callback
 
-RECORD_COLUMNS = ["record", "epoch", "examples_seen", "wall_time", "train_time", "logger_time",
-                  "train_loss", "train_acc", "valid_loss", "valid_acc"]
-LAYER_COLUMNS = ["layer", "norm", "change_norm", "rel_change", "bp_angle"]
-RUN_COLUMNS = ["run", "model", "dataset", "seed"]
+from utils.data import stratified_indices
+from utils.io import jsonable as _jsonable  # noqa: F401  (utils/train.py's save_checkpoint imports it from here)
+from utils.io import library_versions
+from utils.runs import curves, records_frame, save_run
+
 OVERHEAD_WARNING = 0.15  # warn once per log when the logger's time exceeds this fraction of the training time
 #                          (not counting the first record's validation, which carries one-time costs: compilation)
 OVERHEAD_MIN_SECONDS = 1.0  # ... and this many seconds: less is not worth a warning, whatever the fraction (toy runs)
@@ -72,7 +68,7 @@ class TrainingLogger(Callback):
         Validation data. Without them the validation columns are NaN.
     records_per_epoch : int
         Records per pass over the training data (default 10), evenly spaced in examples; the last one of an epoch
-        falls on its last batch. A record is taken at the first batch that reaches each mark.
+        falls on its last batch. A record is taken at the first batch that reaches each mark (`_due`).
     max_valid : int or None
         Validation metrics use a fixed, class-balanced random subset (seed 0) of at most this many validation
         examples (None: all). The validation passes are the logger's main cost: about
@@ -117,8 +113,9 @@ class TrainingLogger(Callback):
         self.warned_ = False
         self.warmup_time_ = 0.0       # the first record's validation: one-time costs (torch.compile, lazy set-up)
         self.batch_ = None            # the last training batch: the data of the MLP's and CNN's angle diagnostic
+        self.hook_seen_ = 0           # the hook path: examples_seen of the hook's previous call in this fit
         self._reset_window()
-        self._reset_epoch()
+        self._reset_marks()
         return self
 
     def reset(self):
@@ -133,22 +130,37 @@ class TrainingLogger(Callback):
         self.win_angle_ = {}
         self.win_angle_n_ = 0
 
-    def _reset_epoch(self):
-        self.epoch_pos_ = 0           # examples seen in the current epoch
-        self.next_mark_ = 1           # index of the next record mark within the epoch
+    def _reset_marks(self):
+        self.pos_ = 0                 # examples counted since the marks' origin (see _due)
+        self.mark_ = 0                # marks recorded since that origin
 
-    def _mark(self, j):
-        return j * self.n_train_ / int(self.records_per_epoch)
+    def _count(self, n, loss_sum, correct, angles=None):
+        """Add n training examples (a batch, or the hook's examples since its previous call) to the window: their
+        summed loss and correct predictions, and the hook's backprop angles (averaged over its calls)."""
+        self.win_loss_ = self.win_loss_ + loss_sum
+        self.win_correct_ = self.win_correct_ + correct
+        self.win_n_ += n
+        self.examples_seen_ += n
+        self.pos_ += n
+        for layer, angle in (angles or {}).items():
+            self.win_angle_[layer] = self.win_angle_.get(layer, 0.0) + float(angle)
+        self.win_angle_n_ += bool(angles)
 
-    def _crossed(self):
-        """Whether the current epoch position has reached the next mark (advances past every mark reached)."""
+    def _due(self):
+        """Whether a record is due after the examples counted so far: the one recording rule of both paths.
+
+        Marks lie at every multiple of n_train / records_per_epoch examples; a record is due at the first batch (or
+        hook call) that reaches a mark not yet recorded, one record however many marks it passes. The origin is
+        each epoch's start on the skorch path (an epoch may end early: drop_last; its end gets a record of its own)
+        and the fit's start on the hook path, whose epochs are n_train examples each: the same marks.
+        """
         if not self.n_train_:
             return False
-        hit = False
-        while self.next_mark_ <= int(self.records_per_epoch) and self.epoch_pos_ >= self._mark(self.next_mark_) - 1e-9:
-            self.next_mark_ += 1
-            hit = True
-        return hit
+        mark = self.pos_ * int(self.records_per_epoch) // int(self.n_train_)
+        if mark <= self.mark_:
+            return False
+        self.mark_ = mark
+        return True
 
     # ------------------------------------------------------------------------------------------------------------
     # skorch callback side
@@ -167,7 +179,7 @@ class TrainingLogger(Callback):
             self.n_train_ = len(dataset_train)
         except TypeError:
             self.n_train_ = None
-        self._reset_epoch()
+        self._reset_marks()
 
     def on_batch_end(self, net, batch=None, training=None, loss=None, y_pred=None, **kwargs):
         if not training:
@@ -175,19 +187,14 @@ class TrainingLogger(Callback):
         t = time.perf_counter()
         yb = batch[1] if isinstance(batch, (tuple, list)) else None
         n = len(yb) if yb is not None else (len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch))
-        if loss is not None:
-            self.win_loss_ = self.win_loss_ + loss.detach() * n
+        correct = _nan()
         if y_pred is not None and yb is not None:
             y_pred = y_pred[0] if isinstance(y_pred, (tuple, list)) else y_pred
             yb = torch.as_tensor(yb).to(y_pred.device)
-            self.win_correct_ = self.win_correct_ + (y_pred.detach().argmax(1) == yb).sum()
-        else:
-            self.win_correct_ = float("nan")
-        self.win_n_ += n
-        self.examples_seen_ += n
-        self.epoch_pos_ += n
+            correct = (y_pred.detach().argmax(1) == yb).sum()   # tensors: no device sync per batch
+        self._count(n, loss.detach() * n if loss is not None else 0.0, correct)
         self.batch_ = (batch[0], yb) if isinstance(batch, (tuple, list)) else None
-        if self._crossed():
+        if self._due():
             self._record(self._skorch_weights(net), valid=lambda Xv: self._skorch_proba(net, Xv),
                          device=net.device, angles=self._skorch_angles(net))
         self.logger_time_ += time.perf_counter() - t
@@ -238,7 +245,6 @@ class TrainingLogger(Callback):
         if seen == 0:  # a fit starts
             self._begin_fit(self._hook_weights(clf))
             self.n_train_ = info.get("n_train") or None
-            self.last_seen_ = 0
             self.t0_ = time.perf_counter()
             if not self.records_:
                 self.epoch_ = int(info.get("epoch", 0))
@@ -247,30 +253,16 @@ class TrainingLogger(Callback):
             return
         if self.t0_ is None:  # a hook called without the examples_seen=0 call: start the clock now
             self.t0_ = time.perf_counter()
-            self.last_seen_ = 0
         self.n_train_ = info.get("n_train") or self.n_train_
-        n = seen - getattr(self, "last_seen_", 0)
-        self.last_seen_ = seen
-        if n > 0:
-            self.win_loss_ += float(info.get("train_loss", _nan())) * n
-            self.win_correct_ += float(info.get("train_acc", _nan())) * n
-            self.win_n_ += n
-        for layer, angle in (info.get("bp_angle") or {}).items():
-            self.win_angle_[layer] = self.win_angle_.get(layer, 0.0) + float(angle)
-        if info.get("bp_angle"):
-            self.win_angle_n_ += 1
-        self.examples_seen_ = self.offset_ + seen
+        n, self.hook_seen_ = seen - self.hook_seen_, seen
+        if n > 0:  # the batch's means stand for the examples since the previous call (all of them: hook_every=None)
+            self._count(n, float(info.get("train_loss", _nan())) * n, float(info.get("train_acc", _nan())) * n,
+                        info.get("bp_angle"))
         self.epoch_ = int(info.get("epoch", self.epoch_))
-        # the compartmental estimator sees n_train examples per epoch: marks are cumulative multiples of
-        # n_train / records_per_epoch within the fit
-        if self.n_train_:
-            k = int(self.records_per_epoch)
-            mark = math.floor(seen * k / self.n_train_ + 1e-9)
-            if mark > getattr(self, "hook_mark_", 0):
-                self.hook_mark_ = mark
-                angles = ({a: s / self.win_angle_n_ for a, s in self.win_angle_.items()}
-                          if self.win_angle_n_ else None)
-                self._record(self._hook_weights(clf), valid=clf.predict_proba, angles=angles)
+        if self._due():
+            angles = ({a: s / self.win_angle_n_ for a, s in self.win_angle_.items()}
+                      if self.win_angle_n_ else None)
+            self._record(self._hook_weights(clf), valid=clf.predict_proba, angles=angles)
         self.logger_time_ += time.perf_counter() - t
 
     @staticmethod
@@ -289,9 +281,9 @@ class TrainingLogger(Callback):
             self.offset_ = self.examples_seen_
             last = self.records_[-1]
             self.elapsed_before_ = last["wall_time"]
-        self.hook_mark_ = 0
+        self.hook_seen_ = 0
         self._reset_window()
-        self._reset_epoch()
+        self._reset_marks()
 
     def _same_weights(self, weights):
         prev = self.prev_weights_
@@ -394,23 +386,9 @@ class TrainingLogger(Callback):
     # output
 
     def to_frame(self):
-        """Tidy long DataFrame: one row per record x weight matrix (+ one per record x hidden layer with an angle).
-
-        Columns: run, record, epoch, examples_seen, wall_time, train_time, logger_time, train_loss, train_acc,
-        valid_loss, valid_acc, layer, norm, change_norm, rel_change, bp_angle.
-        """
-        rows = []
-        for r in self.records_:
-            base = {"run": self.name if self.name is not None else "run", **{c: r[c] for c in RECORD_COLUMNS}}
-            for layer, (norm, change, rel) in r["layers"].items():
-                rows.append({**base, "layer": layer, "norm": norm, "change_norm": change, "rel_change": rel,
-                             "bp_angle": _nan()})
-            for layer, angle in r["bp_angle"].items():
-                rows.append({**base, "layer": layer, "norm": _nan(), "change_norm": _nan(), "rel_change": _nan(),
-                             "bp_angle": float(angle)})
-            if not r["layers"] and not r["bp_angle"]:
-                rows.append({**base, **{c: _nan() for c in LAYER_COLUMNS}})
-        return pd.DataFrame(rows, columns=["run"] + RECORD_COLUMNS + LAYER_COLUMNS)
+        """Tidy long DataFrame: one row per record x weight matrix (+ one per record x hidden layer with an angle);
+        columns run, RECORD_COLUMNS, LAYER_COLUMNS (utils.runs.records_frame)."""
+        return records_frame(self.records_, self.name if self.name is not None else "run")
 
     @property
     def history(self):
@@ -419,155 +397,12 @@ class TrainingLogger(Callback):
 
     def save(self, run_dir, config=None):
         """Write run_dir/config.json (the run's configuration + library versions + logger settings) and
-        run_dir/records.csv (`to_frame()`). Returns the run directory as a Path."""
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir/records.csv (`to_frame()`) with `utils.runs.save_run`; read them back with `utils.runs.load_run`.
+        Returns the run directory as a Path."""
         cfg = dict(config or {})
-        cfg.setdefault("run", self.name if self.name is not None else run_dir.name)
+        cfg.setdefault("run", self.name if self.name is not None else Path(run_dir).name)
         cfg["logger"] = {"records_per_epoch": int(self.records_per_epoch), "max_valid": self.max_valid,
                          "n_valid": None if self._valid_subset() is None else len(self._valid_subset()[1]),
                          "n_records": len(self.records_), "logger_time_s": self.logger_time_}
         cfg["versions"] = library_versions(self.device_)
-        tmp = run_dir / "config.json.tmp"
-        tmp.write_text(json.dumps(_jsonable(cfg), indent=2, sort_keys=False))
-        tmp.replace(run_dir / "config.json")
-        df = self.to_frame()
-        df["run"] = cfg["run"]
-        df.to_csv(run_dir / "records.csv", index=False)
-        return run_dir
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# files and tables
-
-
-def stratified_indices(y, n, seed=0):
-    """Sorted indices of n examples of labels y, as class-balanced as the counts allow, drawn with a fixed seed
-    (classes take turns in a random order; the same y, n and seed always give the same subset, and a smaller n
-    gives a prefix-nested subset of a larger one)."""
-    y = np.asarray(y)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(y))
-    yp = y[perm]
-    # rank of each example within its class in the permuted order: round r takes the r-th example of every class
-    rank = np.empty(len(y), dtype=np.int64)
-    for c in np.unique(yp):
-        where = np.flatnonzero(yp == c)
-        rank[where] = np.arange(len(where))
-    order = np.lexsort((np.arange(len(y)), rank))  # by round, then by position in the permutation
-    return np.sort(perm[order[:n]])
-
-
-def library_versions(device=None):
-    """Versions of the libraries a run depends on, plus the device it ran on."""
-    import sklearn
-    try:
-        import skorch
-        skorch_version = skorch.__version__
-    except ImportError:  # pragma: no cover
-        skorch_version = None
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = {"python": platform.python_version(), "torch": torch.__version__, "skorch": skorch_version,
-           "sklearn": sklearn.__version__, "numpy": np.__version__, "pandas": pd.__version__, "device": dev,
-           "platform": platform.platform()}
-    if str(dev).startswith("cuda") and torch.cuda.is_available():
-        out["device_name"] = torch.cuda.get_device_name(torch.device(dev))
-    return out
-
-
-def _jsonable(obj):
-    """Configuration values as plain JSON: tuples -> lists, numpy scalars -> numbers, anything else -> str."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, str)) or obj is None:
-        return obj
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else str(f)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist()) if obj.numel() <= 100 else f"tensor{tuple(obj.shape)}"
-    if isinstance(obj, type):
-        return f"{obj.__module__}.{obj.__qualname__}"
-    return str(obj)
-
-
-def load_run(run_dir):
-    """(config dict, records DataFrame) of a run saved by `TrainingLogger.save`."""
-    run_dir = Path(run_dir)
-    cfg_path, rec_path = run_dir / "config.json", run_dir / "records.csv"
-    if not cfg_path.exists() or not rec_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a saved run (needs config.json and records.csv)")
-    config = json.loads(cfg_path.read_text())
-    df = pd.read_csv(rec_path, dtype={"run": str, "layer": str})
-    return config, df
-
-
-def _run_dirs(run_dirs):
-    if isinstance(run_dirs, (str, Path)):
-        root = Path(run_dirs)
-        if (root / "config.json").exists():
-            return [root]
-        found = sorted(p.parent for p in root.glob("*/config.json"))
-        if not found:
-            raise FileNotFoundError(f"no saved run in {root} or its sub-folders")
-        return found
-    return [Path(p) for p in run_dirs]
-
-
-def concat_runs(run_dirs, columns=("model", "dataset", "seed")):
-    """One tidy table of several saved runs: their records with run + the configs' `columns` in front.
-
-    `run_dirs`: a list of run folders, or one folder (a run, or a parent whose sub-folders are runs). The model
-    column falls back to the config's "kind" when it has no "model".
-    """
-    frames = []
-    for d in _run_dirs(run_dirs):
-        config, df = load_run(d)
-        df = df.copy()
-        df["run"] = str(config.get("run", d.name))
-        extra = {}
-        for c in columns:
-            v = config.get(c)
-            if v is None and c == "model":
-                v = config.get("kind")
-            extra[c] = v
-        for i, (c, v) in enumerate(extra.items()):
-            df.insert(1 + i, c, v)
-        frames.append(df)
-    if not frames:
-        return pd.DataFrame(columns=["run", *columns] + RECORD_COLUMNS + LAYER_COLUMNS)
-    return pd.concat(frames, ignore_index=True)
-
-
-def _as_frame(log):
-    if isinstance(log, TrainingLogger):
-        return log.to_frame()
-    if isinstance(log, pd.DataFrame):
-        return log
-    raise TypeError(f"expected a TrainingLogger or a DataFrame, got {type(log).__name__}")
-
-
-def curves(log):
-    """One row per run and record: the learning-curve columns (drops the per-layer columns)."""
-    df = _as_frame(log)
-    keep = [c for c in df.columns if c not in LAYER_COLUMNS]
-    key = [c for c in ("run", "record") if c in df.columns]
-    return df[keep].drop_duplicates(subset=key).reset_index(drop=True)
-
-
-def weights(log):
-    """The weight rows (norm, change_norm, rel_change per layer and record)."""
-    df = _as_frame(log)
-    return df[df["norm"].notna()].drop(columns=["bp_angle"]).reset_index(drop=True)
-
-
-def angles(log):
-    """The backprop-angle rows (bp_angle per hidden layer and record)."""
-    df = _as_frame(log)
-    return df[df["bp_angle"].notna()].drop(columns=["norm", "change_norm", "rel_change"]).reset_index(drop=True)
+        return save_run(run_dir, self.to_frame().assign(run=cfg["run"]), cfg)

@@ -1,4 +1,4 @@
-"""Every figure of the study, in one consistent style.
+"""The training figures (samples, learning curves, weight dynamics, backprop angle) in the study's one style.
 
 Each function takes logs or tables, returns the matplotlib Figure and, given `path`, saves it as a PNG: a relative
 file name goes under the repository's `figures/` folder (``path="mlp_curves"`` -> figures/mlp_curves.png; a name that
@@ -11,11 +11,11 @@ runs/figures/, so that quick runs never overwrite the committed README figures).
     plotting.plot_learning_curves([log_mlp, log_cnn], path="curves_mnist")       # loggers, or concat_runs(...)
     plotting.plot_weight_dynamics(table, by="model", path="weights_mnist")
     plotting.plot_bp_angle(log_comp, path="angle_mnist")
-    plotting.plot_comparison(results, path="comparison")           # model, dataset, best, worst, mean, std
-    plotting.plot_bo_trace(trace, path="bo_trace")                 # iteration, target, status (+ model, dataset)
 
-Logs: a `TrainingLogger`, a DataFrame from `TrainingLogger.to_frame()` / `load_run` / `concat_runs`, or a list or a
-{label: log} dict of them. Accuracies are stored in [0, 1] and shown in percent.
+The study's figures (plot_comparison, plot_bo_trace, plot_rule_angles) are in utils/plot_study.py, in this style.
+
+Logs: a `TrainingLogger`, a DataFrame from `TrainingLogger.to_frame()` / utils.runs' `load_run` / `concat_runs`, or
+a list or a {label: log} dict of them. Accuracies are stored in [0, 1] and shown in percent.
 """
 import os
 import re
@@ -33,13 +33,13 @@ if (os.environ.get("MPLBACKEND") is None and "ipykernel" not in sys.modules
     matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from utils.runs import as_frame, curves  # noqa: E402
+
 REPO_FIGURES = Path(__file__).resolve().parents[1] / "figures"  # the committed README figures
 FIGURES_DIR = Path(os.environ.get("BIODL_FIGURES") or REPO_FIGURES)
-REFERENCE_LABELS = {"seed_best": "seed study's best"}  # legend names of plot_comparison's reference columns
 
 STYLE = {
     "figure.dpi": 100,
@@ -98,7 +98,8 @@ def save_figure(fig, path):
     return p
 
 
-def _finish(fig, path):
+def saved(fig, path):
+    """`fig`, saved first when `path` is given (save_figure): the last step of every figure function."""
     if path is not None:
         save_figure(fig, path)
     return fig
@@ -117,19 +118,18 @@ def _label_of(log, i):
     return f"run {i}"
 
 
-def _table(logs):
+def log_table(logs):
     """One long DataFrame from a logger, a frame, a list of them or a {label: log} dict (label -> run column)."""
-    from utils.logger import TrainingLogger
-    if isinstance(logs, (TrainingLogger, pd.DataFrame)):
-        df = logs.to_frame() if isinstance(logs, TrainingLogger) else logs.copy()
+    if isinstance(logs, pd.DataFrame) or hasattr(logs, "to_frame"):
+        df = as_frame(logs).copy()
         if "run" not in df.columns:
             df["run"] = "run"
         return df
     items = list(logs.items()) if isinstance(logs, dict) else [(None, log) for log in logs]
     frames = []
     for i, (label, log) in enumerate(items):
-        df = log.to_frame() if isinstance(log, TrainingLogger) else log.copy()
-        if label is not None or "run" not in df.columns or isinstance(log, TrainingLogger):
+        df = as_frame(log).copy()
+        if label is not None or "run" not in df.columns or not isinstance(log, pd.DataFrame):
             df["run"] = str(label) if label is not None else _label_of(log, i)
         frames.append(df)
     if not frames:
@@ -137,20 +137,13 @@ def _table(logs):
     return pd.concat(frames, ignore_index=True)
 
 
-def _check_columns(df, needed, what):
+def check_columns(df, needed, what):
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise ValueError(f"{what} needs the column(s) {missing}; got {list(df.columns)}")
 
 
-def _per_record(df):
-    from utils.logger import LAYER_COLUMNS
-    keep = [c for c in df.columns if c not in LAYER_COLUMNS]
-    key = [c for c in ("run", "record") if c in df.columns]
-    return df[keep].drop_duplicates(subset=key or None)
-
-
-def _mean_band(df, by, x, y):
+def mean_band(df, by, x, y):
     """Mean and standard deviation of y over the runs of each `by` group at each x (std NaN for a single run)."""
     g = df.dropna(subset=[y]).groupby([by, x], sort=True)[y]
     return g.mean().rename("mean").to_frame().join(g.std().rename("std")).join(g.size().rename("n")).reset_index()
@@ -194,7 +187,7 @@ def _legend_below(fig, axes, ncol=4):
                    frameon=False)
 
 
-def _scale_x(values):
+def scale_x(values):
     """Examples seen in thousands when large (axis label says so)."""
     vmax = np.nanmax(values) if len(values) else 0
     return (1000.0, f"{EXAMPLES} (thousands)") if vmax >= 10_000 else (1.0, EXAMPLES)
@@ -246,16 +239,16 @@ def plot_samples(X, y, classes, per_class=4, title=None, path=None, seed=0):
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-    return _finish(fig, path)
+    return saved(fig, path)
 
 
 def plot_learning_curves(logs, by="run", x="examples_seen", title=None, path=None):
     """Training (dashed) and validation (solid) accuracy and loss against examples seen; one colour per `by`
     value (runs, or e.g. "model" after concat_runs: several runs of a group are drawn as mean +- std band)."""
-    df = _table(logs)
-    _check_columns(df, [by, x, "train_acc", "valid_acc", "train_loss", "valid_loss"], "plot_learning_curves")
-    df = _per_record(df)
-    scale, xlabel = _scale_x(df[x].to_numpy(dtype=float))
+    df = log_table(logs)
+    check_columns(df, [by, x, "train_acc", "valid_acc", "train_loss", "valid_loss"], "plot_learning_curves")
+    df = curves(df)
+    scale, xlabel = scale_x(df[x].to_numpy(dtype=float))
     with style():
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(2 * PANEL[0], PANEL[1]))
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -264,7 +257,7 @@ def plot_learning_curves(logs, by="run", x="examples_seen", title=None, path=Non
             sub = df[df[by] == group]
             for col, ax, factor in (("acc", ax_acc, 100.0), ("loss", ax_loss, 1.0)):
                 for split, ls in (("train", "--"), ("valid", "-")):
-                    band = _mean_band(sub, by, x, f"{split}_{col}")
+                    band = mean_band(sub, by, x, f"{split}_{col}")
                     if band.empty:
                         continue
                     xs, m, s = band[x] / scale, band["mean"] * factor, band["std"] * factor
@@ -281,20 +274,20 @@ def plot_learning_curves(logs, by="run", x="examples_seen", title=None, path=Non
         if title:
             fig.suptitle(title)
         _legend_below(fig, [ax_acc], ncol=2)  # a run's training and validation lines side by side
-    return _finish(fig, path)
+    return saved(fig, path)
 
 
 def _layer_panels(df, by, x, value, draw, finish):
     """One panel per `by` value, one line per layer of `value` (mean over runs) against x: draw(ax, band, scale,
     layer) plots a layer's band (columns x, mean, std, n), finish(ax, rows) completes a panel. Returns fig, axes."""
     groups = list(pd.unique(df[by]))
-    scale, xlabel = _scale_x(df[x].to_numpy(dtype=float))
+    scale, xlabel = scale_x(df[x].to_numpy(dtype=float))
     fig, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False, sharey=True)
     for ax, group in zip(axes[0], groups):
         sub = df[df[by] == group]
         labels = layer_labels(pd.unique(sub["layer"]))
         for layer in pd.unique(sub["layer"]):
-            draw(ax, _mean_band(sub[sub["layer"] == layer], "layer", x, value), scale, labels[str(layer)])
+            draw(ax, mean_band(sub[sub["layer"] == layer], "layer", x, value), scale, labels[str(layer)])
         ax.set_title(str(group))
         ax.set_xlabel(xlabel)
         finish(ax, sub)
@@ -304,8 +297,8 @@ def _layer_panels(df, by, x, value, draw, finish):
 def plot_weight_dynamics(logs, by="run", x="examples_seen", logy=True, title=None, path=None):
     """Relative change of each layer's weights ||W_t - W_(t-1)|| / ||W_t|| between records against examples seen:
     one panel per `by` value (model or run), one line per layer (mean over the runs of a panel)."""
-    df = _table(logs)
-    _check_columns(df, [by, x, "layer", "rel_change"], "plot_weight_dynamics")
+    df = log_table(logs)
+    check_columns(df, [by, x, "layer", "rel_change"], "plot_weight_dynamics")
     df = df[df["rel_change"].notna() & df["layer"].notna()]
     if df.empty:
         raise ValueError("no weight changes to plot (a log needs at least two records)")
@@ -335,14 +328,14 @@ def plot_weight_dynamics(logs, by="run", x="examples_seen", logy=True, title=Non
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-    return _finish(fig, path)
+    return saved(fig, path)
 
 
 def plot_bp_angle(logs, by="run", x="examples_seen", title=None, path=None):
     """The compartmental network's angle between each hidden layer's update and the backpropagation update
     (degrees) against examples seen; one line per hidden layer, one panel per `by` value; 90 degrees dotted."""
-    df = _table(logs)
-    _check_columns(df, [by, x, "layer", "bp_angle"], "plot_bp_angle")
+    df = log_table(logs)
+    check_columns(df, [by, x, "layer", "bp_angle"], "plot_bp_angle")
     df = df[df["bp_angle"].notna()]
     if df.empty:
         raise ValueError("no backprop angle in these logs (turn the compartmental network's diagnostic on)")
@@ -363,148 +356,4 @@ def plot_bp_angle(logs, by="run", x="examples_seen", title=None, path=None):
         if title:
             fig.suptitle(title)
         _legend_below(fig, axes[0])
-    return _finish(fig, path)
-
-
-def plot_comparison(results, reference=None, title=None, path=None):
-    """Grouped bar chart of cross-validated accuracy: per dataset (groups) and model (bars), the mean with a +- std
-    error bar, the best (▲) and worst (▼) as markers. `results`: DataFrame with columns model, dataset, best,
-    worst, mean, std (accuracies in [0, 1]). `reference`: optional column name(s) (e.g. "seed_best") drawn as
-    diamonds/other markers; None draws every extra numeric column."""
-    df = pd.DataFrame(results).copy()
-    _check_columns(df, ["model", "dataset", "best", "worst", "mean", "std"], "plot_comparison")
-    base = {"model", "dataset", "best", "worst", "mean", "std"}
-    if reference is None:
-        reference = [c for c in df.columns if c not in base and pd.api.types.is_numeric_dtype(df[c])]
-    elif isinstance(reference, str):
-        reference = [reference]
-    datasets, models = list(pd.unique(df["dataset"])), list(pd.unique(df["model"]))
-    width = 0.8 / max(len(models), 1)
-    ref_markers = ["D", "*", "P", "X", "s"]
-    with style():
-        fig, ax = plt.subplots(figsize=(max(PANEL[0], 1.2 + 0.9 * len(datasets) * max(len(models), 1) * 0.6 + 2),
-                                        PANEL[1] + 0.4))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        handles = []
-        for m_i, model in enumerate(models):
-            xs, rows = [], []
-            for d_i, dataset in enumerate(datasets):
-                row = df[(df["model"] == model) & (df["dataset"] == dataset)]
-                if len(row):
-                    xs.append(d_i - 0.4 + width * (m_i + 0.5))
-                    rows.append(row.iloc[0])
-            if not rows:
-                continue
-            sub = pd.DataFrame(rows)
-            xs = np.array(xs)
-            color = colors[m_i % len(colors)]
-            bars = ax.bar(xs, 100 * sub["mean"], width * 0.9, yerr=100 * sub["std"].fillna(0), capsize=3,
-                          color=color, alpha=0.85, label=str(model), error_kw={"elinewidth": 1})
-            handles.append(bars)
-            ax.plot(xs, 100 * sub["best"], "^", color="k", ms=5, ls="none")
-            ax.plot(xs, 100 * sub["worst"], "v", color="k", ms=5, ls="none")
-            for r_i, ref in enumerate(reference):
-                if ref in sub:
-                    ax.plot(xs, 100 * sub[ref].astype(float), ref_markers[r_i % len(ref_markers)],
-                            color="tab:red" if r_i == 0 else "tab:purple", ms=6, ls="none", mfc="none")
-        # legend: models (bars), then the markers
-        handles += ax.plot([], [], "^", color="k", ls="none", label="best")
-        handles += ax.plot([], [], "v", color="k", ls="none", label="worst")
-        for r_i, ref in enumerate(reference):
-            handles += ax.plot([], [], ref_markers[r_i % len(ref_markers)], ls="none", mfc="none",
-                               label=REFERENCE_LABELS.get(ref, str(ref)),
-                               color="tab:red" if r_i == 0 else "tab:purple")
-        ax.set_xticks(range(len(datasets)))
-        ax.set_xticklabels([str(d) for d in datasets])
-        ax.set_xlabel("dataset")
-        ax.set_ylabel("cross-validated accuracy (%)")
-        lo = 100 * float(np.nanmin(df[["worst", "mean"]].to_numpy(dtype=float)))
-        ax.set_ylim(max(0.0, min(lo - 5, 100 * float(np.nanmin(df["mean"] - df["std"].fillna(0))) - 5)), 100.5)
-        ax.set_title(title or "comparison of approaches (mean ± std over folds)")
-        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        ax.grid(axis="x", visible=False)
-        fig.tight_layout()
-    return _finish(fig, path)
-
-
-def plot_bo_trace(trace, group=("model", "dataset"), title=None, path=None):
-    """Bayesian optimization trace: the objective (mean CV accuracy) of each iteration as points and the best so
-    far as a line, one colour per group (the `group` columns present, e.g. model and dataset). Iterations whose
-    status is not "ok" (diverged, failed) are drawn as crosses on the lower edge and ignored by the best so far;
-    the y range follows the successful iterations.
-    `trace`: DataFrame with columns iteration, target (in [0, 1]), status (optional, default "ok")."""
-    df = pd.DataFrame(trace).copy()
-    _check_columns(df, ["iteration", "target"], "plot_bo_trace")
-    if "status" not in df.columns:
-        df["status"] = "ok"
-    df["target"] = pd.to_numeric(df["target"], errors="coerce")
-    df["ok_"] = ((df["status"].astype(str).str.lower() == "ok") & df["target"].notna()
-                 & np.isfinite(df["target"].astype(float)))
-    keys = [c for c in ([group] if isinstance(group, str) else list(group or ())) if c in df.columns]
-    good = 100 * df.loc[df["ok_"], "target"]
-    if len(good):
-        span = max(float(good.max() - good.min()), 1.0)
-        y_lo, y_hi = max(0.0, float(good.min()) - 0.1 * span), min(100.0, float(good.max()) + 0.1 * span)
-    else:
-        y_lo, y_hi = 0.0, 100.0
-    with style():
-        fig, ax = plt.subplots(figsize=(PANEL[0] * 2.0, PANEL[1] + 0.3))  # room for the legend beside it
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        grouped = df.groupby(keys, sort=False) if keys else [((), df)]
-        for k, (name, sub) in enumerate(grouped):
-            name = name if isinstance(name, tuple) else (name,)
-            label = " / ".join(str(v) for v in name) if keys else "trace"
-            color = colors[k % len(colors)]
-            sub = sub.sort_values("iteration")
-            target, ok = sub["target"], sub["ok_"]
-            ax.plot(sub["iteration"][ok], 100 * target[ok], "o", color=color, ms=4, alpha=0.6)
-            if (~ok).any():  # failures: on the lower edge (their target is a penalty or missing)
-                ax.plot(sub["iteration"][~ok], np.full(int((~ok).sum()), y_lo), "x", color=color, ms=6,
-                        clip_on=False)
-            best = target.where(ok).cummax().ffill()
-            ax.plot(sub["iteration"], 100 * best, "-", color=color, drawstyle="steps-post",
-                    label=f"{label} (best so far)")
-        ax.set_ylim(y_lo, y_hi)
-        ax.plot([], [], "o", color="0.4", ms=4, label="iteration (status ok)")
-        if (~df["ok_"]).any():
-            ax.plot([], [], "x", color="0.4", ms=6, label="iteration (status not ok: diverged, oom, error, invalid)")
-        ax.set_xlabel("iteration")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
-        ax.set_ylabel("mean CV accuracy (%)")
-        ax.set_title(title or "Bayesian optimization trace")
-        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: never over the points
-        fig.tight_layout()
-    return _finish(fig, path)
-
-
-def plot_rule_angles(logs, by="dataset", line="model", x="examples_seen", title=None, path=None):
-    """The angle between each learning rule's hidden-layer update and backprop's (degrees) against examples seen:
-    one panel per `by` value (the dataset), one line per `line` value (the model, e.g. "mlp-fa", "compartmental")
-    and hidden layer, mean over runs; 90 degrees dotted. `logs`: concat_runs(...) (model and dataset columns), a
-    logger, a frame or a {label: log} dict (label -> the run column; use by="run" or line="run" then)."""
-    df = _table(logs)
-    _check_columns(df, [by, line, x, "layer", "bp_angle"], "plot_rule_angles")
-    df = df[df["bp_angle"].notna()]
-    if df.empty:
-        raise ValueError("no backprop angle in these logs (MLP / CNN logs record it; the compartmental network "
-                         "with record_backprop_angle=True)")
-    groups = list(pd.unique(df[by]))
-    scale, xlabel = _scale_x(df[x].to_numpy(dtype=float))
-    with style():
-        fig, axes = plt.subplots(1, len(groups), figsize=(PANEL[0] * len(groups), PANEL[1]), squeeze=False,
-                                 sharey=True)
-        for ax, group in zip(axes[0], groups):
-            sub = df[df[by] == group]
-            for (name, layer), rows in sub.groupby([line, "layer"], sort=False):
-                band = _mean_band(rows, "layer", x, "bp_angle")
-                ax.plot(band[x] / scale, band["mean"], label=f"{name} {layer}")
-            ax.axhline(90, color="0.4", ls=":", lw=1, label="90° (orthogonal)")
-            ax.set_ylim(-2, max(100, float(np.nanmax(sub["bp_angle"])) + 5))
-            ax.set_title(str(group))
-            ax.set_xlabel(xlabel)
-            ax.legend(loc="best", fontsize="small")
-        axes[0, 0].set_ylabel("angle to backprop update (degrees)")
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-    return _finish(fig, path)
+    return saved(fig, path)
