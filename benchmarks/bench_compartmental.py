@@ -5,7 +5,7 @@
     BIODL_DATA=/path/to/datasets python benchmarks/bench_compartmental.py --accuracy --epochs 12 --batch-size 16 \\
         --f-etas 6.72 0.42 --threads 1                                                     # MNIST test error
     ... --n-hidden 500 100 --f-etas 7.36 7.36 0.48; --dataset fashion / cifar10 (--subset, --test-subset)
-    ... --eval-every 20000 --max-minutes 30     # test every 20,000 examples, stop at the first test after 30 min
+    ... --max-minutes 30                        # stop at the first test after 30 minutes (--resume goes on)
     ... --epochs 30 --lr-decay-epochs 30        # cosine decay of the rates to 0 over 30 epochs (not in the paper)
     ... --epochs 60 --test-every-epochs 10      # a full MNIST test costs a third of an epoch: test every 10th only
     ... --resume                                # after an interruption: same arguments, continues from the checkpoint
@@ -19,11 +19,12 @@ test examples/s and peak memory per batch size, each batch size in a fresh proce
 the ratio to the authors' per-example NumPy code. The reference figures (38 training and 17 test examples/s on the
 project's 2-core CPU, 875 MiB) were measured by the project's lead (shared PERFORMANCE notes); they are printed,
 not re-measured here. Target: >= 950 training examples/s (25x) at a batch size >= 128 on that CPU.
-Accuracy: trains on the official training split (or a stratified subset) with the paper's spiking defaults,
-reports the official test error, the configuration and the wall time, and saves a JSON under runs/ after every test
-and a checkpoint (network, data order, curve) next to it after every epoch, so --resume loses at most one epoch.
-Batches average their updates: scale the hidden rates by B to 2 B and the output rate by about 2 (batch 16: hidden
-0.21 x 32, output 0.21 x 2; see the module docstring for the sweep).
+Accuracy: the same run as `python -m utils.train --model compartmental ...` (this command forwards its options there):
+trains on the official training split (or a stratified subset) with the paper's spiking defaults, tests on the
+official test split, and writes the run's JSON record (configuration, versions, per-epoch times, test errors, wall
+time) under runs/ and a checkpoint beside it (.ckpt.pt) after every epoch, so --resume loses at most one epoch.
+The rates default to the paper's scaled for the batch (utils.compartmental.batch_f_etas: hidden x 2 B, output x 2;
+batch 16: (6.72, 0.42)); see the module docstring for the sweep.
 """
 import argparse
 import json
@@ -38,10 +39,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier  # noqa: E402
+from utils.compartmental import PAPER_TEST_ERROR, CompartmentalClassifier  # noqa: E402
 
 REFERENCE = dict(train_ex_s=38.0, test_ex_s=17.0, peak_mib=875.0)   # authors' NumPy code, measured by the lead
-PAPER_ERROR = {1: 4.1, 2: 3.2}                                      # % test error after 60 epochs (paper)
 
 
 def mnist_like(n, seed=0):
@@ -205,83 +205,26 @@ def cross_validation(args):
 
 
 def accuracy(args):
-    from utils.data import load_dataset, stratified_subset
-    from utils.train import atomic_save
-    torch.set_num_threads(args.threads)
-    ds = load_dataset(args.dataset, device=args.device)
-    X, y = ds.X_train, ds.y_train
-    if args.subset:
-        X, y = stratified_subset(X, y, args.subset, seed=args.seed)
-    Xt, yt = ds.X_test, ds.y_test
-    if args.test_subset:
-        Xt, yt = stratified_subset(Xt, yt, args.test_subset, seed=args.seed)
-    n_hidden = tuple(args.n_hidden)
-    f_etas = tuple(args.f_etas) if args.f_etas else PAPER_F_ETAS.get(len(n_hidden), (0.21,) * (len(n_hidden) + 1))
-    f_etas = tuple(e * args.lr_scale for e in f_etas)
-    curve = []
-    decay = round(args.lr_decay_epochs * len(y)) if args.lr_decay_epochs else None
-    clf = CompartmentalClassifier(n_hidden=n_hidden, f_etas=f_etas, batch_size=args.batch_size, max_epochs=1,
-                                  lr_decay_examples=decay, seed=args.seed, device=args.device, verbose=0)
-    config = dict(dataset=args.dataset, n_train=len(y), n_test=len(yt), n_hidden=n_hidden, f_etas=f_etas,
-                  batch_size=args.batch_size, lr_scale=args.lr_scale, lr_decay_epochs=args.lr_decay_epochs,
-                  seed=args.seed, threads=args.threads,
-                  defaults="paper (spiking both paths, conductances, broadcast, weight optimization, Wald steps)")
-    print("config:", json.dumps(config), flush=True)
-    out = Path(args.out or f"runs/compartmental_acc_{args.dataset}_{len(n_hidden)}h_b{args.batch_size}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = out.with_suffix(".ckpt.pt")                 # network, data order and curve after every epoch (or chunk)
-    chunk = args.eval_every or len(y)                  # test after every `chunk` training examples
-    g = torch.Generator().manual_seed(args.seed)
-    first_epoch, first_start, wall0, train_s = 0, 0, 0.0, 0.0
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=args.device, weights_only=False)
-        def run_config(c):                             # threads change the speed, not the run
-            return {k: v for k, v in c.items() if k != "threads"}
-        if run_config(state["config"]) != run_config(config):
-            sys.exit(f"--resume: {ckpt} was saved with a different configuration:\n  {state['config']}\n"
-                     f"rerun with the same arguments, or without --resume (or another --out) to start afresh")
-        clf, curve, train_s, wall0 = state["clf"], state["curve"], state["train_s"], state["wall_s"]
-        first_epoch, first_start = state["epoch"], state["next_start"]
-        g.set_state(state["g_state"])
-        print(f"resuming from {ckpt} at {clf.examples_seen_} examples seen", flush=True)
-    elif args.resume:
-        print(f"--resume: no checkpoint {ckpt} yet, starting afresh", flush=True)
-    t0 = time.perf_counter() - wall0
-    stop = False
-    for epoch in range(first_epoch, args.epochs):
-        g_state = g.get_state()                        # the state that draws this epoch's order (for --resume)
-        perm = torch.randperm(len(y), generator=g).to(X.device)
-        for start in range(first_start if epoch == first_epoch else 0, len(y), chunk):
-            idx = perm[start:start + chunk]
-            t = time.perf_counter()
-            clf.partial_fit(X[idx], y[idx], classes=np.arange(len(ds.classes)))
-            train_s += time.perf_counter() - t
-            ep = epoch + (start + len(idx)) / len(y)
-            last = epoch == args.epochs - 1 and start + chunk >= len(y)
-            tested = chunk < len(y) or (epoch + 1) % args.test_every_epochs == 0 or last
-            if tested:                                 # --test-every-epochs K: only every Kth epoch and the last
-                err = 100 * (1 - clf.score(Xt, yt))
-                curve.append(dict(epoch=round(ep, 4), examples_seen=clf.examples_seen_, test_error=err,
-                                  wall_s=time.perf_counter() - t0, train_wall_s=train_s))
-                print(f"epoch {ep:.2f}: test error {err:.2f} % on {len(yt)} test examples, rate factor "
-                      f"{clf.lr_factor():.3f}, wall {curve[-1]['wall_s']:.0f} s (training {train_s:.0f} s, "
-                      f"load average {os.getloadavg()[0]:.1f})", flush=True)
-                out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=False), indent=1))
-            wall = time.perf_counter() - t0
-            atomic_save(dict(config=config, clf=clf, curve=curve, train_s=train_s, wall_s=wall, epoch=epoch,
-                             next_start=start + chunk, g_state=g_state), ckpt)
-            if tested and args.max_minutes and wall > 60 * args.max_minutes:
-                print(f"stopping at epoch {ep:.2f}: --max-minutes {args.max_minutes} reached", flush=True)
-                stop = True
-                break
-        if stop:
-            break
-    target = PAPER_ERROR.get(len(n_hidden)) if args.dataset == "mnist" else None
-    print(f"final: {args.dataset} test error {curve[-1]['test_error']:.2f} % after {curve[-1]['epoch']:g} epochs of "
-          f"{len(y)} examples, batch {args.batch_size}, f_etas {f_etas}, wall {curve[-1]['wall_s']:.0f} s"
-          + (f" (paper, 60 epochs: {target} %)" if target else ""))
-    out.write_text(json.dumps(dict(kind="accuracy", config=config, curve=curve, finished=True), indent=1))
-    print("saved", out)
+    """The paper's replication through the one training entry point (utils.train: the same loop, record,
+    checkpoint and --resume); prints the paper's MNIST error beside the final one."""
+    from utils import train
+    f_etas = args.f_etas or train.default_f_etas(args.n_hidden, args.batch_size)
+    out = args.out or f"runs/compartmental_acc_{args.dataset}_{len(args.n_hidden)}h_b{args.batch_size}.json"
+    argv = ["--model", "compartmental", "--dataset", args.dataset, "--epochs", str(args.epochs),
+            "--batch-size", str(args.batch_size), "--n-hidden", *map(str, args.n_hidden),
+            "--f-etas", *(repr(e * args.lr_scale) for e in f_etas), "--seed", str(args.seed), "--device", args.device,
+            "--threads", str(args.threads), "--test-every-epochs", str(args.test_every_epochs), "--out", out]
+    for option, value in (("--subset", args.subset), ("--test-subset", args.test_subset),
+                          ("--lr-decay-epochs", args.lr_decay_epochs), ("--max-minutes", args.max_minutes)):
+        if value is not None:
+            argv += [option, str(value)]
+    print("python -m utils.train " + " ".join(argv + ["--resume"] * args.resume), flush=True)
+    train.main(argv + ["--resume"] * args.resume)
+    record = json.loads(Path(out).read_text())
+    target = PAPER_TEST_ERROR.get(len(args.n_hidden)) if args.dataset == "mnist" else None
+    if target is not None:
+        print(f"paper, {len(args.n_hidden)} hidden layer(s), 60 epochs: {target} % test error; this run: "
+              f"{record['curve'][-1]['test_error']:.2f} % after {record['curve'][-1]['epoch']} epochs")
 
 
 def plot(files, path):
@@ -303,7 +246,7 @@ def plot(files, path):
                                                        if c.get("lr_decay_epochs") else ", constant"))
             label += f", seed {c['seed']}" if c.get("seed") else ""
             ax.plot([p["epoch"] for p in r["curve"]], [p["test_error"] for p in r["curve"]], marker=".", label=label)
-        for n_layers, err in PAPER_ERROR.items():
+        for n_layers, err in PAPER_TEST_ERROR.items():
             ax.axhline(err, ls="--", lw=1, color="grey")
             ax.annotate(f"MNIST, paper: {n_layers} hidden, 60 epochs", (ax.get_xlim()[0], err), xytext=(4, -2),
                         textcoords="offset points", ha="left", va="top", fontsize=8, color="grey")
@@ -341,8 +284,7 @@ def main():
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None, help="--accuracy: stop at the first test after this")
-    p.add_argument("--eval-every", type=int, default=None, help="--accuracy: test after every N training examples "
-                   "(default: once per epoch)")
+    p.add_argument("--eval-every", type=int, default=None, help=argparse.SUPPRESS)   # gone: refused below
     p.add_argument("--resume", action="store_true", help="--accuracy: continue from the checkpoint saved next to "
                    "--out after every epoch (same arguments); without it a run starts afresh")
     p.add_argument("--test-every-epochs", type=int, default=1, help="--accuracy: test only after every Kth epoch "
@@ -354,6 +296,9 @@ def main():
     args = p.parse_args()
     if args.test_every_epochs < 1:
         p.error(f"--test-every-epochs must be at least 1, got {args.test_every_epochs}")
+    if args.eval_every is not None:
+        p.error("--eval-every (tests within an epoch) is gone: runs test after whole epochs "
+                "(--test-every-epochs N; --subset for shorter epochs)")
     if args.plot:
         plot(args.plot, args.figure)
     elif args.one is not None:

@@ -58,8 +58,9 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path, monkeypatch):
     parts = _run(monkeypatch, tmp_path / "parts.json", "--epochs", "3", "--resume")
     assert [c["epoch"] for c in parts["curve"]] == [1.0, 2.0, 3.0] and parts["finished"]
     assert [c["test_error"] for c in parts["curve"]] == [c["test_error"] for c in whole["curve"]]
-    a = torch.load(tmp_path / "whole.ckpt.pt", weights_only=False)["clf"]
-    b = torch.load(tmp_path / "parts.ckpt.pt", weights_only=False)["clf"]
+    from utils.checkpoint import read_checkpoint
+    a, _ = read_checkpoint(tmp_path / "whole.ckpt.pt")
+    b, _ = read_checkpoint(tmp_path / "parts.ckpt.pt")
     assert a.examples_seen_ == b.examples_seen_ == 3 * 48
     for wa, wb in zip(a.W_, b.W_):
         assert torch.equal(wa, wb)
@@ -76,3 +77,11 @@ def test_test_every_epochs_tests_every_kth_and_the_last(tmp_path, monkeypatch):
     _fake_dataset(monkeypatch)
     run = _run(monkeypatch, tmp_path / "k.json", "--epochs", "5", "--test-every-epochs", "2")
     assert [c["epoch"] for c in run["curve"]] == [2.0, 4.0, 5.0]
+    assert [e["epoch"] for e in run["epochs"]] == [1, 2, 3, 4, 5] and all(e["train_s"] > 0 for e in run["epochs"])
+
+
+def test_eval_every_is_refused_with_its_replacement(tmp_path, monkeypatch, capsys):
+    _fake_dataset(monkeypatch)
+    with pytest.raises(SystemExit):
+        _run(monkeypatch, tmp_path / "e.json", "--epochs", "1", "--eval-every", "10")
+    assert "--test-every-epochs" in capsys.readouterr().err

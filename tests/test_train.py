@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from utils.errors import TrainingDiverged
-from utils.train import cross_validate, load_checkpoint, main, make_classifier, save_checkpoint, train_logged
+from utils.train import (cross_validate, load_checkpoint, main, make_classifier, save_checkpoint, train_epochs,
+                         train_logged)
 
 
 @pytest.mark.parametrize("kind, hp", [("mlp", dict(hidden_sizes=(32,))),
@@ -91,16 +92,100 @@ def test_bad_kind_and_hyperparameter():
         make_classifier("mlp", hidden_size=3)
 
 
-def test_checkpoint_round_trip(blobs, tmp_path):
+def _tiny_compartmental(**kw):
+    """A small, fast segregated-dendrite network (short phases); rate mode in float64 unless kw say otherwise."""
+    from utils.compartmental import CompartmentalClassifier
+    hp = dict(n_hidden=(12,), batch_size=20, f_etas=(2.0, 0.4), l_f_phase=12, l_t_phase=12, l_f_phase_test=16,
+              integration_time=6, use_spiking_feedforward=False, use_spiking_feedback=False, dtype="float64",
+              seed=3, device="cpu")
+    return CompartmentalClassifier(**{**hp, **kw})
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mlp-fa", "compartmental"])
+def test_checkpoint_round_trip(blobs, tmp_path, kind):
     X, y = blobs
-    clf = make_classifier("cnn", channels=(4,), kernel_sizes=(3,), max_epochs=1, device="cpu")
-    clf.fit(X, y)
+    if kind == "compartmental":
+        clf = _tiny_compartmental(use_spiking_feedforward=True, use_spiking_feedback=True, dtype="float32")
+        clf.fit(X[:200], y[:200])
+    else:
+        clf = make_classifier(kind, channels=(4,), kernel_sizes=(3,), max_epochs=1, device="cpu") if kind == "cnn" \
+            else make_classifier(kind, hidden_sizes=(16,), max_epochs=1, device="cpu")
+        clf.fit(X, y)
     save_checkpoint(clf, "tiny", directory=tmp_path, config={"dataset": "blobs"})
+    saved = torch.load(tmp_path / "tiny.pt", weights_only=True)   # tensors and JSON text only, nothing pickled
+    assert set(saved) == {"meta", "tensors"} and isinstance(saved["meta"], str)
     again = load_checkpoint("tiny", directory=tmp_path)
-    assert np.array_equal(clf.predict_proba(X), again.predict_proba(X))
+    assert type(again) is type(clf) and again is not clf
+    if kind == "compartmental":   # its test phase draws spikes: the same weights and generator give the same draws
+        assert all(torch.equal(a, b) for a, b in zip(clf.W_ + clf.Y_, again.W_ + again.Y_))
+        assert np.array_equal(clf.decision_function(X[200:260]), again.decision_function(X[200:260]))
+    else:
+        assert np.array_equal(clf.predict_proba(X), again.predict_proba(X))
+        assert again.get_params()["module__rule"] == clf.get_params()["module__rule"]
     assert '"dataset": "blobs"' in (tmp_path / "tiny.json").read_text()
     with pytest.raises(FileNotFoundError, match="tiny"):
         load_checkpoint("other", directory=tmp_path)
+
+
+def test_resume_after_one_of_two_epochs_equals_two_epochs_mlp(blobs, tmp_path):
+    X, y = blobs
+    hp = dict(hidden_sizes=(16,), lr=1e-2, batch_size=32, max_epochs=2, seed=4, device="cpu")
+    args = (X[:500], y[:500], X[500:], y[500:])
+    whole, rec = train_epochs(make_classifier("mlp", **hp), *args, epochs=2, out=tmp_path / "whole.json")
+    train_epochs(make_classifier("mlp", **hp), *args, epochs=1, out=tmp_path / "part.json")   # "interrupted"
+    resumed, rec2 = train_epochs(make_classifier("mlp", **hp), *args, epochs=2, out=tmp_path / "part.json",
+                                 resume=True)
+    plain = make_classifier("mlp", **hp).fit(X[:500], y[:500])   # one fit of two epochs: the same batches
+    for other in (resumed, plain):
+        state = other.module_.state_dict()
+        assert all(torch.equal(v, state[k]) for k, v in whole.module_.state_dict().items())
+    assert [e["train_loss"] for e in rec2["epochs"]] == [e["train_loss"] for e in rec["epochs"]]
+    assert rec2["finished"] and len(rec2["resumed"]) == 1 and rec2["test_accuracy"] == rec["test_accuracy"]
+
+
+def test_resume_equals_uninterrupted_compartmental_rate_mode(blobs, tmp_path):
+    from utils.checkpoint import read_checkpoint
+    X, y = blobs
+    args = (X[:200], y[:200], X[200:300], y[200:300])
+    whole, _ = train_epochs(_tiny_compartmental(), *args, epochs=2, out=tmp_path / "whole.json")
+    train_epochs(_tiny_compartmental(), *args, epochs=1, out=tmp_path / "part.json")
+    middle, _ = read_checkpoint(tmp_path / "part.ckpt.pt")   # the state carried over to the next batch is saved
+    assert middle.state_ is not None and middle.examples_seen_ == 200
+    resumed, _ = train_epochs(_tiny_compartmental(), *args, epochs=2, out=tmp_path / "part.json", resume=True)
+    assert resumed.examples_seen_ == whole.examples_seen_ == 400
+    for a, b in zip(whole.W_ + whole.b_ + whole.Y_, resumed.W_ + resumed.b_ + resumed.Y_):
+        assert torch.equal(a, b)
+    assert np.array_equal(whole.decision_function(X[:50]), resumed.decision_function(X[:50]))
+
+
+def test_cross_validate_equals_scikit_learns_cross_val_score(blobs):
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    X, y = blobs
+    clf = make_classifier("mlp", hidden_sizes=(16,), lr=1e-2, max_epochs=2, seed=2, device="cpu")
+    ours = cross_validate(clf, X.numpy(), y.numpy(), folds=3, seed=5)
+    theirs = cross_val_score(clf, X.numpy(), y.numpy(), cv=StratifiedKFold(3, shuffle=True, random_state=5))
+    assert np.array_equal(ours, theirs) and ours.min() > 0.5   # the same folds, clones and seeds: the same scores
+    other = cross_val_score(clf, X.numpy(), y.numpy(), cv=StratifiedKFold(3, shuffle=True, random_state=6))
+    assert not np.array_equal(ours, other)   # the comparison notices other folds
+
+
+@pytest.mark.parametrize("model, extra", [("mlp", ["--n-hidden", "32"]), ("cnn", [])])
+def test_command_line_trains_the_synthetic_problem(model, extra, tmp_path, capsys):
+    import json
+    out = tmp_path / "run.json"
+    acc = main(["--model", model, "--dataset", "blobs", "--epochs", "2", "--test-every-epochs", "2", "--subset", "500",
+                "--test-subset", "300", "--lr", "0.01", "--batch-size", "20", "--device", "cpu", "--out", str(out), *extra])
+    assert acc >= 0.9   # chance: 0.1; both nets reach 1.0 on these well separated blobs
+    record = json.loads(out.read_text())
+    assert record["finished"] and record["config"]["model"] == model and record["versions"]["torch"]
+    assert [e["epoch"] for e in record["epochs"]] == [1, 2] and "test_accuracy" not in record["epochs"][0]
+    assert record["epochs"][1]["test_accuracy"] == acc and all(e["train_s"] > 0 for e in record["epochs"])
+    ckpt = torch.load(out.with_suffix(".ckpt.pt"), weights_only=True)
+    assert json.loads(ckpt["meta"])["extra"]["record"]["test_accuracy"] == acc
+    assert "test accuracy" in capsys.readouterr().out
+    main(["--model", model, "--dataset", "blobs", "--epochs", "3", "--test-every-epochs", "2", "--subset", "500",
+          "--test-subset", "300", "--lr", "0.01", "--batch-size", "20", "--device", "cpu", "--out", str(out), "--resume", *extra])
+    assert "resuming" in capsys.readouterr().out and len(json.loads(out.read_text())["epochs"]) == 3
 
 
 def test_command_line_dry_run(mnist_root, capsys):
@@ -122,10 +207,14 @@ def test_train_logged_saves_run_with_configuration(blobs, tmp_path):
     assert df["record"].nunique() == 1 + 2 * 4  # the initial state + 4 records per epoch
 
 
-def test_command_line_compartmental_dry_run(mnist_root, capsys):
-    acc = main(["--model", "compartmental", "--dataset", "mnist", "--dry-run", "--data-root", str(mnist_root),
-                "--device", "cpu", "--batch-size", "100"])
-    assert 0 <= acc <= 1 and "test accuracy" in capsys.readouterr().out
+def test_command_line_compartmental_run(tmp_path, capsys):
+    import json
+    out = tmp_path / "c.json"
+    acc = main(["--model", "compartmental", "--dataset", "blobs", "--epochs", "1", "--subset", "100", "--test-subset",
+                "50", "--n-hidden", "8", "--batch-size", "25", "--device", "cpu", "--out", str(out)])
+    config = json.loads(out.read_text())["config"]
+    assert 0 <= acc <= 1 and config["f_etas"] == [2 * 25 * 0.21, 2 * 0.21]   # the paper's rates, batch-scaled
+    assert "test accuracy" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""Checkpoints: tensors in a .pt file that `torch.load(path, weights_only=True)` reads, the configuration as JSON.
+
+    save_checkpoint(clf, "mnist_cnn")                  # models/mnist_cnn.pt and models/mnist_cnn.json
+    clf = load_checkpoint("mnist_cnn", device="cpu")   # the estimator rebuilt from the JSON and the tensors
+    write_checkpoint(path, clf, extra={...}); clf, meta = read_checkpoint(path)   # any path, plus a run's own state
+
+A .pt file holds {"meta": JSON text, "tensors": dicts and lists of tensors}; nothing is pickled. meta: the estimator's
+kind and hyperparameters (what make_classifier takes), what it inferred from the data, its training state that is no
+tensor (skorch's history; the compartmental network's counters, classes and NumPy generator), library versions and
+the caller's `config` and `extra`. Tensors: for the MLP and CNN the module's and the optimizer's state dicts and the
+batch-order generator; for the compartmental network its weights (W, b, Y, c and feedback masks), the state carried
+from batch to batch (potentials, signal histories) and its generators. That is all training needs to go on exactly
+where it stopped. Callbacks (a TrainingLogger) and the compartmental hook are not saved.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.compartmental import CompartmentalClassifier
+from utils.io import dumps, library_versions, save_torch, write_json
+
+FORMAT = 1          # the layout of meta and tensors; bumped when it changes
+atomic_save = save_torch   # the old name: torch.save through a temporary file
+
+
+def _tuples(d):
+    """JSON lists back to the tuples the estimators take."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def _device(saved, device):
+    """Where a restored estimator lives: `device` when given, else where it was saved (the CPU when that was a GPU
+    and there is none now)."""
+    from utils.data import get_device
+    if device is not None:
+        return str(get_device(device))
+    if saved is not None and str(saved).startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return None if saved is None else str(saved)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the MLP and CNN (skorch)
+
+
+def _torch_state(clf):
+    from utils.classifiers import CNN_DEFAULTS, MLP_DEFAULTS
+    from utils.models import MLP
+    kind = "mlp" if clf.module is MLP else "cnn"
+    arch = MLP_DEFAULTS if kind == "mlp" else CNN_DEFAULTS
+    module = {k[len("module__"):]: v for k, v in clf.get_params().items() if k.startswith("module__")}
+    hp = {k: getattr(clf, k) for k in ("lr", "batch_size", "max_epochs", "seed", "verbose", "device")}
+    hp.update({k: module[k] for k in arch if k in module})
+    hp["lr_schedule"] = "cosine" if any(name == "lr_schedule" for name, _ in clf.callbacks or []) else None
+    meta = dict(estimator="TorchClassifier", kind=kind, hyperparameters=hp,
+                inferred={k: v for k, v in module.items() if k not in arch})   # in_features / in_shape, n_classes
+    if not clf.initialized_:
+        return meta, {}
+    meta["state"] = dict(history=clf.history_.to_list(), in_shape=getattr(clf, "in_shape_", None),
+                         classes=getattr(clf, "classes_inferred_", None))
+    return meta, dict(module=clf.module_.state_dict(), optimizer=clf.optimizer_.state_dict(),
+                      generator=clf.shuffle_generator_.get_state())
+
+
+def _restore_torch(meta, tensors, device):
+    from skorch.history import History
+
+    from utils.classifiers import make_classifier
+    hp = _tuples(meta["hyperparameters"])
+    hp["device"] = _device(hp["device"], device)
+    clf = make_classifier(meta["kind"], **hp)
+    clf.set_params(**{f"module__{k}": v for k, v in _tuples(meta["inferred"]).items()})
+    state = meta.get("state")
+    if state is None:
+        return clf
+    clf.initialize()
+    clf.module_.load_state_dict(tensors["module"])
+    clf.optimizer_.load_state_dict(tensors["optimizer"])
+    clf.shuffle_generator_.set_state(tensors["generator"].cpu())
+    clf.history_ = History(state["history"])
+    if state["in_shape"] is not None:
+        clf.in_shape_ = tuple(state["in_shape"])
+    if state["classes"] is not None:
+        clf.classes_inferred_ = np.asarray(state["classes"])
+    return clf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the compartmental network
+
+_SLOTS = (("W", "W_"), ("b", "b_"), ("Y", "Y_"), ("c", "c_"))   # weight names (as set_weights takes them)
+
+
+def _compartmental_state(est):
+    meta = dict(estimator="CompartmentalClassifier", kind="compartmental",
+                hyperparameters={k: v for k, v in est.get_params().items() if k != "hook"})
+    if not hasattr(est, "W_"):
+        return meta, {}
+    meta["state"] = dict(n_features=est.n_[0], classes=est.classes_.tolist(), seed=est.seed_,
+                         examples_seen=est.examples_seen_, epochs_done=est.epochs_done_,
+                         rng_np=est.rng_np_.bit_generator.state, device_type=est.device_.type)
+    tensors = dict(weights={f"{name}{m + 1}": t for name, attr in _SLOTS for m, t in enumerate(getattr(est, attr))},
+                   generators=dict(cpu=est.gen_cpu_.get_state(), device=est.gen_.get_state()))
+    if est.Y_mask_ is not None:
+        tensors["masks"] = list(est.Y_mask_)
+    if est.state_ is not None:
+        s = est.state_
+        tensors["state"] = dict(C=list(s["C"]), sig=[dict(d) for d in s["sig"]], hist=list(s["hist"]))
+    return meta, tensors
+
+
+def _restore_compartmental(meta, tensors, device):
+    params = _tuples(meta["hyperparameters"])
+    params["device"] = _device(params["device"], device)
+    est = CompartmentalClassifier(**params)
+    state = meta.get("state")
+    if state is None:
+        return est
+    est.initialize(state["n_features"], np.asarray(state["classes"]))
+    est.set_weights(tensors["weights"])
+    est.seed_, est.examples_seen_, est.epochs_done_ = state["seed"], state["examples_seen"], state["epochs_done"]
+    est.rng_np_.bit_generator.state = state["rng_np"]
+    est.gen_cpu_.set_state(tensors["generators"]["cpu"].cpu())
+    if state["device_type"] == est.device_.type:       # a GPU's generator state does not fit the CPU's, nor back
+        est.gen_.set_state(tensors["generators"]["device"].cpu())
+    to = dict(device=est.device_, dtype=est.dtype_)
+    if "masks" in tensors:
+        est.Y_mask_ = [m.to(**to) for m in tensors["masks"]]
+    if "state" in tensors:
+        s = tensors["state"]
+        hist = [h.to(est.device_) for h in s["hist"]]
+        est.state_ = dict(C=[c.to(**to) for c in s["C"]], sig=[{k: v.to(**to) for k, v in d.items()} for d in s["sig"]],
+                          hist=tuple(hist[:3]) + (hist[3].to(**to),))
+    return est
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+
+
+def write_checkpoint(path, estimator, config=None, extra=None):
+    """Write `estimator` (fitted or not) to the .pt file `path` atomically; returns its meta (a dict)."""
+    meta, tensors = (_compartmental_state if isinstance(estimator, CompartmentalClassifier) else _torch_state)(estimator)
+    meta.update(format=FORMAT, config=config or {}, extra=extra or {}, versions=library_versions())
+    save_torch({"meta": dumps(meta), "tensors": tensors}, path)
+    return json.loads(dumps(meta))
+
+
+def read_checkpoint(path, device=None):
+    """(estimator, meta) from a .pt file written by write_checkpoint; `device`: where the estimator goes (None:
+    where it was saved, the CPU when that was a GPU and there is none)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    meta = json.loads(saved["meta"])
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is no checkpoint of this version (format {meta.get('format')!r}, expected "
+                         f"{FORMAT}); checkpoints of the old pickled format cannot be read")
+    restore = _restore_compartmental if meta["kind"] == "compartmental" else _restore_torch
+    return restore(meta, saved["tensors"], device), meta
+
+
+def save_checkpoint(estimator, name, directory="models", config=None):
+    """Save `estimator` to directory/name.pt (tensors) and its configuration to directory/name.json; returns the .pt
+    path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.pt"
+    meta = write_checkpoint(path, estimator, config=config)
+    meta.pop("state", None)   # the history and counters stay in the .pt
+    write_json(directory / f"{name}.json", meta)
+    return path
+
+
+def load_checkpoint(name, directory="models", device=None):
+    """The estimator saved by save_checkpoint, rebuilt from its JSON and tensors, on `device` (None: where it was
+    saved, the CPU when that was a GPU and there is none)."""
+    path = Path(directory) / f"{name}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint {path}; saved ones: "
+                                f"{sorted(p.stem for p in Path(directory).glob('*.pt')) or 'none'}")
+    return read_checkpoint(path, device)[0]

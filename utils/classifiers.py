@@ -1,0 +1,293 @@
+"""Estimators: one factory for every kind of model, and the skorch classifier behind the MLP and CNN.
+
+    from utils.classifiers import make_classifier
+    clf = make_classifier("mlp", hidden_sizes=(500,), lr=1e-3, batch_size=100, max_epochs=10, seed=0)
+    clf = make_classifier("compartmental", n_hidden=(500,), batch_size=16, max_epochs=1)
+
+The backprop nets are skorch classifiers whose batches are slices of a random permutation of tensors that already
+live on the device (no Dataset indexing per example, no DataLoader workers). Checks of what users pass (hyperparameters,
+X, y) raise a ValueError naming the problem.
+"""
+import math
+import re
+import sys
+
+import numpy as np
+import torch
+from skorch import NeuralNetClassifier
+from skorch.callbacks import PrintLog, ProgressBar
+
+from utils.compartmental import CompartmentalClassifier
+from utils.errors import TrainingDiverged
+from utils.models import CNN, MLP
+from utils.rules import split_model
+
+KINDS = ("mlp", "cnn", "compartmental")
+
+# ----------------------------------------------------------------------------------------------------------------
+# defaults of the backprop nets (the Bayesian optimization searches around them)
+COMMON_DEFAULTS = dict(
+    lr=1e-3,          # Adam learning rate
+    batch_size=100,   # examples per update
+    max_epochs=10,    # passes over the training data
+    seed=0,           # weights and batch order
+    device=None,      # None: the GPU when there is one, else the CPU
+    verbose=0,        # 0: silent; 1: a progress bar and skorch's epoch table
+    lr_schedule=None, # None: constant lr; "cosine": cosine annealing from lr to 0 over max_epochs (per epoch)
+)
+MLP_DEFAULTS = dict(hidden_sizes=(500,), rule="backprop")  # rule: "backprop", "fa", "dfa", "sign" (utils.rules)
+CNN_DEFAULTS = dict(channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, rule="backprop")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes of skorch's epoch table, dropped when stdout is not a terminal
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks of what users pass: hyperparameters, X and y
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_common_hyperparameters(hp):
+    """ValueError naming the problem when lr, batch_size or max_epochs (those of `hp` that are set) are unusable."""
+    lr = hp.get("lr")
+    if "lr" in hp and (isinstance(lr, bool) or not isinstance(lr, (int, float, np.number)) or not math.isfinite(lr)
+                       or lr <= 0):
+        raise ValueError(f"lr={lr!r}: the learning rate must be a positive number (e.g. lr=1e-3)")
+    bs = hp.get("batch_size")
+    if "batch_size" in hp and not (_is_int(bs) and (bs >= 1 or bs == -1)):
+        raise ValueError(f"batch_size={bs!r}: give a whole number of examples per update >= 1 (e.g. 100), or -1 "
+                         f"for all examples at once")
+    epochs = hp.get("max_epochs")
+    if "max_epochs" in hp and not (_is_int(epochs) and epochs >= 1):
+        raise ValueError(f"max_epochs={epochs!r}: give a whole number of passes over the data >= 1 (e.g. 10)")
+
+
+def as_inputs(X, device=None):
+    """X as a float32 tensor with one example per row (numpy arrays, lists and tensors of any real dtype; uint8 is
+    read as image bytes and scaled to [0, 1]); ValueError when it is empty, 1-d, not numeric or holds NaN/inf."""
+    if not isinstance(X, torch.Tensor):
+        X = np.asarray(X)
+        if X.dtype.kind not in "biuf":
+            raise ValueError(f"X has dtype {X.dtype}; expected numbers (float images in [0, 1] or uint8 pixels)")
+        X = torch.from_numpy(np.ascontiguousarray(X))
+    if X.dtype.is_complex:
+        raise ValueError(f"X has dtype {X.dtype}; expected real numbers")
+    if X.ndim < 2 or len(X) == 0:
+        raise ValueError(f"X has shape {tuple(X.shape)}; expected one example per row, e.g. N x C x H x W images or "
+                         f"N x features (a single example: X[None])")
+    X = X.float().div_(255.0) if X.dtype == torch.uint8 else X.float()
+    if device is not None:
+        X = X.to(device)
+    bad = ~torch.isfinite(X.flatten(1).sum(1))  # NaN and inf propagate into the sum (one number per example)
+    if bad.any():
+        raise ValueError(f"X holds NaN or infinite values in {int(bad.sum())} of {len(X)} examples (the first: "
+                         f"index {int(bad.nonzero()[0])}); remove or impute them before training or predicting")
+    return X
+
+
+def as_labels(y, n, device=None):
+    """y as an int64 tensor of n class indices 0..K-1; ValueError naming the problem otherwise."""
+    if y is None:
+        raise ValueError("y is missing: fit needs the labels, one class index per example")
+    t = y if isinstance(y, torch.Tensor) else None
+    if t is None:
+        a = np.asarray(y)
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"y has dtype {a.dtype}; expected integer class indices 0..K-1 (encode other labels "
+                             f"with sklearn.preprocessing.LabelEncoder)")
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    if t.ndim != 1 or len(t) != n:
+        raise ValueError(f"y has shape {tuple(t.shape)} but X has {n} examples; expected one label per example")
+    if t.dtype.is_floating_point and not bool((t == t.round()).all()):
+        raise ValueError("y holds non-integer values; expected integer class indices 0..K-1 (encode other labels "
+                         "with sklearn.preprocessing.LabelEncoder)")
+    t = t.long()
+    if int(t.min()) < 0:
+        raise ValueError(f"y holds the negative label {int(t.min())}; expected class indices 0..K-1 (encode other "
+                         f"labels with sklearn.preprocessing.LabelEncoder)")
+    return t.to(device) if device is not None else t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# skorch plumbing
+
+
+class DeviceBatches:
+    """Batches as slices of a random permutation of (X, y) tensors, which stay where they are (the device)."""
+
+    def __init__(self, X, y, batch_size, shuffle=False, generator=None):
+        self.X, self.y, self.batch_size, self.shuffle, self.generator = X, y, batch_size, shuffle, generator
+
+    def __len__(self):
+        return math.ceil(len(self.X) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.X)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.X.device)
+            for i in range(0, n, self.batch_size):
+                idx = order[i:i + self.batch_size]
+                yield self.X[idx], self.y[idx]
+        else:
+            for i in range(0, n, self.batch_size):
+                yield self.X[i:i + self.batch_size], (None if self.y is None else self.y[i:i + self.batch_size])
+
+
+def interactive():
+    """True in a running notebook kernel or at a terminal; False when output goes to a file or a pipe (no progress
+    bars there). An imported ipykernel alone (e.g. by nbclient) is no notebook."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return hasattr(shell, "kernel") or sys.stderr.isatty()
+
+
+class PlainPrintLog(PrintLog):
+    """skorch's epoch table (verbose): printed as it is at a terminal, without its colour codes anywhere else."""
+
+    def _sink(self, text, verbose):
+        if verbose:
+            print(text if sys.stdout.isatty() else ANSI.sub("", text))
+
+
+class TorchClassifier(NeuralNetClassifier):
+    """skorch's NeuralNetClassifier with device-resident batches, a seed, input shape inferred from X, and a check
+    that stops training with TrainingDiverged when the loss is NaN or infinite."""
+
+    def __init__(self, module, *args, seed=0, **kwargs):
+        super().__init__(module, *args, **kwargs)
+        self.seed = seed
+
+    def initialize(self):
+        torch.manual_seed(self.seed)  # the same seed gives the same initial weights ...
+        self.shuffle_generator_ = torch.Generator().manual_seed(self.seed)  # ... and the same batch order
+        return super().initialize()
+
+    def _inputs(self, X):
+        """X checked and converted (as_inputs); N x H x W grey images get their channel axis for the CNN."""
+        X = as_inputs(X, self.device)
+        if self.module is CNN and X.ndim == 3:
+            X = X[:, None]
+        if self.module is CNN and X.ndim != 4:
+            raise ValueError(f"the CNN takes images, N x C x H x W (or N x H x W); X has shape {tuple(X.shape)} "
+                             f"(flat images: reshape them, e.g. X.reshape(-1, 1, 28, 28))")
+        return X
+
+    def _prepare(self, X, y, infer):
+        """X and y checked and converted; with `infer` (a fresh network follows), the input size and the number of
+        classes (largest label + 1) set from them."""
+        check_common_hyperparameters({"lr": self.lr, "batch_size": self.batch_size, "max_epochs": self.max_epochs})
+        X = self._inputs(X)
+        y = as_labels(y, len(X), X.device)
+        n_classes = int(y.max()) + 1
+        if n_classes < 2:
+            raise ValueError("y holds only the class 0; a classifier needs at least two classes")
+        if infer:
+            shape = tuple(X.shape[1:])
+            key = "module__in_features" if self.module is MLP else "module__in_shape"
+            wanted = {key: math.prod(shape) if self.module is MLP else shape, "module__n_classes": n_classes}
+            changed = {k: v for k, v in wanted.items() if getattr(self, k, None) != v}
+            if changed:
+                self.set_params(**changed)
+            self.in_shape_ = shape
+        return X, y
+
+    def fit(self, X, y=None, **fit_params):
+        """Fit a fresh network on X (images or feature rows: tensors or numpy arrays, see as_inputs) and integer
+        labels y; the input size and the number of classes (largest label + 1) come from the data."""
+        X, y = self._prepare(X, y, infer=not self.warm_start or not self.initialized_)
+        return super().fit(X, y, **fit_params)
+
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        """Continue training from the current weights, optimizer state and batch order (a fresh network the first
+        time); `epochs=1` trains one epoch, the default max_epochs."""
+        X, y = self._prepare(X, y, infer=not self.initialized_)
+        return super().partial_fit(X, y, classes=classes, **fit_params)
+
+    def predict_proba(self, X):
+        """Class probabilities, N x n_classes; X as in fit, of the shape the network was fitted on."""
+        X = self._inputs(X)
+        fitted = getattr(self, "in_shape_", None)
+        if fitted is not None and tuple(X.shape[1:]) != fitted and not (
+                self.module is MLP and math.prod(X.shape[1:]) == math.prod(fitted)):
+            raise ValueError(f"X has examples of shape {tuple(X.shape[1:])} but this network was fitted on "
+                             f"{fitted}; pass data shaped like the training data")
+        return super().predict_proba(X)
+
+    def score(self, X, y, sample_weight=None):
+        """Accuracy; labels may be a tensor on any device (scikit-learn's metric needs them on the host)."""
+        y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
+        return super().score(X, y, sample_weight=sample_weight)
+
+    def get_default_callbacks(self):
+        return [(name, PlainPrintLog() if name == "print_log" else cb) for name, cb in super().get_default_callbacks()]
+
+    def get_iterator(self, dataset, training=False):
+        X, y = getattr(dataset, "X", None), getattr(dataset, "y", None)
+        if not isinstance(X, torch.Tensor):  # anything else takes skorch's usual path
+            return super().get_iterator(dataset, training)
+        bs = len(X) if self.batch_size == -1 else self.batch_size
+        return DeviceBatches(X, y, bs, shuffle=training, generator=self.shuffle_generator_)
+
+    def on_batch_end(self, net, batch=None, training=None, loss=None, **kwargs):
+        if training and loss is not None and not math.isfinite(net.history[-1, "batches", -1, "train_loss"]):
+            raise TrainingDiverged(f"the training loss became {loss.item()} after "
+                                   f"{sum(len(h['batches']) for h in net.history)} batches (lr={net.lr}); "
+                                   f"lower the learning rate")
+
+
+def make_classifier(kind, logger=None, **hyperparameters):
+    """The one place that builds estimators: kind "mlp", "cnn" or "compartmental", with keyword hyperparameters.
+
+    Backprop nets take lr, batch_size, max_epochs, seed, device, verbose, plus hidden_sizes (MLP) or channels,
+    kernel_sizes, stride, padding (CNN). Their fit takes X as a tensor or numpy array of any real dtype (uint8 pixels
+    are scaled to [0, 1]; the CNN wants N x C x H x W or N x H x W images) and y as integer labels 0..K-1; the input
+    size and n_classes (largest label + 1) are inferred from them. Unusable values (lr <= 0, batch_size or max_epochs
+    < 1, NaN in X, string labels, ...) raise a ValueError that names them. `logger` (a
+    utils.logger.TrainingLogger) is attached as a skorch callback or as the compartmental network's hook.
+    """
+    kind, rule = split_model(kind)   # "mlp-fa": the MLP learning by feedback alignment (utils.rules)
+    if rule is not None:
+        hyperparameters.setdefault("rule", rule)
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    check_common_hyperparameters(hyperparameters)
+    if kind == "compartmental":
+        valid = set(CompartmentalClassifier().get_params())
+        unknown = set(hyperparameters) - valid
+        if unknown:
+            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for 'compartmental'"
+                             f"{' (it has per-layer rates f_etas, no lr)' if 'lr' in unknown else ''}; valid: "
+                             f"{sorted(valid - {'hook'})}")
+        if logger is not None:
+            hyperparameters["hook"] = logger
+        return CompartmentalClassifier(**hyperparameters)
+    arch = MLP_DEFAULTS if kind == "mlp" else CNN_DEFAULTS
+    unknown = set(hyperparameters) - set(arch) - set(COMMON_DEFAULTS) - {"callbacks"}
+    if unknown:
+        raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for {kind!r}; valid: "
+                         f"{sorted(set(arch) | set(COMMON_DEFAULTS))}")
+    hp = {**COMMON_DEFAULTS, **arch, **hyperparameters}
+    from utils.data import get_device
+    callbacks = list(hp.pop("callbacks", None) or [])
+    if hp["verbose"] and interactive():  # tqdm bars only where someone watches them
+        callbacks.append(("progress", ProgressBar(batches_per_epoch="auto" if hp["batch_size"] > 0 else 1)))
+    if logger is not None:
+        callbacks.append(("logger", logger))
+    schedule = hp.pop("lr_schedule")
+    if schedule == "cosine":
+        from skorch.callbacks import LRScheduler
+        callbacks.append(("lr_schedule", LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR,
+                                                      T_max=int(hp["max_epochs"]))))
+    elif schedule is not None:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: None (constant) or 'cosine'")
+    module_params = {f"module__{k}": tuple(v) if isinstance(v, list) else v for k, v in hp.items() if k in arch}
+    return TorchClassifier(
+        MLP if kind == "mlp" else CNN,
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=hp["lr"], batch_size=int(hp["batch_size"]), max_epochs=int(hp["max_epochs"]), seed=hp["seed"],
+        device=str(get_device(hp["device"])), verbose=hp["verbose"],
+        train_split=None,  # all of X trains; validation is cross_validate's and the logger's business
+        callbacks=callbacks or None,
+        **module_params)
