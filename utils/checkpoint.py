@@ -22,7 +22,7 @@ from utils.compartmental import CompartmentalClassifier
 from utils.io import dumps, library_versions, save_torch, write_json
 
 FORMAT = 1          # the layout of meta and tensors; bumped when it changes
-atomic_save = save_torch   # the old name: torch.save through a temporary file
+
 
 
 def _tuples(d):

@@ -42,7 +42,6 @@ import torch
 from skorch.callbacks import Callback
 
 from utils.data import stratified_indices
-from utils.io import jsonable as _jsonable  # noqa: F401  (utils/train.py's save_checkpoint imports it from here)
 from utils.io import library_versions
 from utils.runs import curves, records_frame, save_run
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.checkpoint import atomic_save, load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint  # noqa: F401
+from utils.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint  # noqa: F401
 from utils.classifiers import (CNN_DEFAULTS, COMMON_DEFAULTS, KINDS, MLP_DEFAULTS, DeviceBatches,  # noqa: F401
                                PlainPrintLog, TorchClassifier, as_inputs, as_labels, check_common_hyperparameters,
                                interactive, make_classifier)
