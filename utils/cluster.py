@@ -12,6 +12,8 @@ a worker that dies loses its task, which Dask reruns elsewhere (and Distributed 
 
 GPU boxes: `pip install dask-cuda` for one worker per GPU (dask_cuda.LocalCUDACluster); without it the study starts
 one worker that uses the first GPU. Workers run GPU_THREADS evaluations at once, each on its own CUDA stream.
+Dask is imported only where it is used (start_client, Distributed), not at the top: a study that evaluates in its
+own process runs without it.
 """
 import contextlib
 import logging
@@ -47,8 +49,7 @@ def gpu_count():
 
 def start_client(scheduler=None, workers=None, threads=None, dashboard=DASHBOARD, verbose=0):
     """(client, cluster): a Client of the cluster at `scheduler` (cluster None: not ours to close), or of a cluster
-    started here: one worker per GPU (dask_cuda), else `workers` CPU worker processes of `threads` threads.
-    (Dask is imported here, not at the top: a study in its own process runs without it.)"""
+    started here: one worker per GPU (dask_cuda), else `workers` CPU worker processes of `threads` threads."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
