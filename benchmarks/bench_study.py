@@ -3,7 +3,7 @@
     BIODL_DATA=/path/to/datasets python benchmarks/bench_study.py                    # 3 models x 3 datasets
     BIODL_DATA=/path/to/datasets python benchmarks/bench_study.py --models mlp --datasets mnist --iterations 5
 
-Same code path as the full study (utils.bayes_opt.run_study), scaled down: `--iterations` evaluations of `--folds`-fold
+Same code path as the full study (utils.study.run_study), scaled down: `--iterations` evaluations of `--folds`-fold
 cross-validation after `--epochs` epochs on a stratified `--subset` of the training split. The slow compartmental
 network has its own `--compartmental-iterations`, `--compartmental-subset` and `--compartmental-epochs` (enough
 examples for it to learn: it needs several thousand updates before it leaves chance), a fixed
@@ -18,15 +18,19 @@ torch runs single-threaded by default (`--threads`): on the shared 2-core machin
 oversubscribed the cores and made a small MLP cross-validation 16x slower (15.8 s against 0.96 s).
 """
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.bayes_opt import load_results, run_study, summarize  # noqa: E402
+from utils.cluster import start_client  # noqa: E402
+from utils.study import StudySettings, run_study  # noqa: E402
+from utils.study_log import load_results, summarize  # noqa: E402
 
 
 def main(argv=None):
@@ -59,7 +63,6 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress line per evaluation")
     args = p.parse_args(argv)
     if args.threads:
-        import torch
         torch.set_num_threads(args.threads)
 
     out = Path(args.out)
@@ -68,24 +71,23 @@ def main(argv=None):
     t0, times = time.perf_counter(), []
     client = own = None
     if args.workers:
-        from utils.cluster import start_client
         client, own = start_client(workers=args.workers, threads=1, verbose=0 if args.quiet else 1)
+    settings = StudySettings(folds=args.folds, out=out, seed=args.seed, device=args.device,
+                             init_points=args.init_points, test_subset=args.test_subset, q=args.q, cluster=client,
+                             verbose=0 if args.quiet else 1)
+    if args.flip_prob is not None:
+        settings = dataclasses.replace(settings, flip_prob=args.flip_prob)
+    backprop = dataclasses.replace(settings, iterations=args.iterations, epochs=args.epochs, subset=args.subset,
+                                   retrain_subset=args.retrain_subset)
+    compartmental = dataclasses.replace(
+        settings, iterations=args.compartmental_iterations, epochs=args.compartmental_epochs,
+        subset=args.compartmental_subset, retrain_subset=args.compartmental_retrain_subset, max_phase=args.max_phase,
+        fixed={"batch_size": args.compartmental_batch_size, "l_f_phase_test": args.test_phase})
     try:
         for model in args.models:
-            comp = model == "compartmental"
             for dataset in args.datasets:
                 t = time.perf_counter()
-                extra = {} if args.flip_prob is None else {"flip_prob": args.flip_prob}
-                run_study(model, dataset, args.compartmental_iterations if comp else args.iterations, args.folds,
-                          args.compartmental_epochs if comp else args.epochs, out, seed=args.seed,
-                          subset=args.compartmental_subset if comp else args.subset, device=args.device,
-                          init_points=args.init_points,
-                          fixed={"batch_size": args.compartmental_batch_size,
-                                 "l_f_phase_test": args.test_phase} if comp else None,
-                          max_phase=args.max_phase if comp else None,
-                          retrain_subset=args.compartmental_retrain_subset if comp else args.retrain_subset,
-                          test_subset=args.test_subset, q=args.q, cluster=client, verbose=0 if args.quiet else 1,
-                          **extra)
+                run_study(model, dataset, compartmental if model == "compartmental" else backprop)
                 times.append(dict(model=model, dataset=dataset, wall_s=round(time.perf_counter() - t, 1)))
                 print(f"== {model} / {dataset}: {times[-1]['wall_s']:.1f} s", flush=True)
     finally:

@@ -18,8 +18,12 @@ import pytest
 import torch
 
 from conftest import sigkill_when
-from utils import bayes_opt as bo
+from utils.cluster import groups
 from utils.data import Dataset
+from utils.propose import flag_sampler, make_optimizer
+from utils.spaces import COMPARTMENTAL_FLAGS, make_space, reference_params, to_hyperparameters
+from utils.study import run_study
+from utils.study_log import StudyError, load_results, study_lock
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = dict(os.environ, OMP_NUM_THREADS="1", BIODL_COMPILE="0",
@@ -57,7 +61,7 @@ def starts(marks):
 
 
 def test_q4_study_gives_every_evaluation_once_in_rounds(tmp_path):
-    res = bo.run_study("mlp", tiny_dataset(), iterations=10, folds=2, epochs=1, out=tmp_path, init_points=2,
+    res = run_study("mlp", tiny_dataset(), iterations=10, folds=2, epochs=1, out=tmp_path, init_points=2,
                        evaluate=objective, retrain=False, q=4, verbose=0)
     recs = read(res["study_dir"])  # the whole log parses
     assert sorted(r["iteration"] for r in recs) == list(range(10))
@@ -75,10 +79,10 @@ def test_q4_study_gives_every_evaluation_once_in_rounds(tmp_path):
 SCRIPT = """
 import functools, sys
 sys.path[:0] = [{repo!r}, {tests!r}]
-from utils import bayes_opt as bo
+from utils.study import run_study
 from test_study_scale import slow_objective, tiny_dataset
 out, marks, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-bo.run_study("mlp", tiny_dataset(), iterations=8, folds=2, epochs=1, out=out, init_points=2, retrain=False, q=4,
+run_study("mlp", tiny_dataset(), iterations=8, folds=2, epochs=1, out=out, init_points=2, retrain=False, q=4,
              evaluate=functools.partial(slow_objective, marks, delay), verbose=1)
 """
 
@@ -110,7 +114,7 @@ def test_sigkill_mid_round_then_resume_redoes_only_the_unfinished(tmp_path):
     assert sorted(r["iteration"] for r in recs) == list(range(8))
     assert starts(marks) == list(range(len(done), 8))  # each unfinished one redone once
 
-    ref = bo.run_study("mlp", tiny_dataset(), iterations=8, folds=2, epochs=1, out=tmp_path / "ref",
+    ref = run_study("mlp", tiny_dataset(), iterations=8, folds=2, epochs=1, out=tmp_path / "ref",
                        init_points=2, evaluate=objective, retrain=False, q=4, verbose=0)
     by_it = {r["iteration"]: r["params"] for r in recs}
     assert [by_it[i] for i in range(8)] == [r["params"] for r in read(ref["study_dir"])]  # as if never killed
@@ -141,7 +145,7 @@ def test_local_cluster_worker_killed_mid_evaluation(tmp_path):
                       silence_logs=50) as cluster, Client(cluster) as client:
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()
-        res = bo.run_study("mlp", tiny_dataset(), iterations=4, folds=2, epochs=1, out=tmp_path, init_points=2,
+        res = run_study("mlp", tiny_dataset(), iterations=4, folds=2, epochs=1, out=tmp_path, init_points=2,
                            evaluate=functools.partial(slow_objective, str(marks), 1.0), retrain=False,
                            cluster=client, verbose=0)
         thread.join(timeout=5)
@@ -150,7 +154,7 @@ def test_local_cluster_worker_killed_mid_evaluation(tmp_path):
     assert sorted(r["iteration"] for r in recs) == [0, 1, 2, 3]  # every evaluation logged once
     assert all(r["status"] == "ok" for r in recs)
     assert starts(marks).count(2) == 2  # the killed one ran again elsewhere
-    ref = bo.run_study("mlp", tiny_dataset(), iterations=4, folds=2, epochs=1, out=tmp_path / "ref",
+    ref = run_study("mlp", tiny_dataset(), iterations=4, folds=2, epochs=1, out=tmp_path / "ref",
                        init_points=2, evaluate=objective, retrain=False, q=2, verbose=0)
     by_it = {r["iteration"]: r for r in recs}  # the same study as in this process with the same q
     assert [by_it[i]["params"] for i in range(4)] == [r["params"] for r in read(ref["study_dir"])]
@@ -171,7 +175,7 @@ def test_scheduler_option_uses_a_running_cluster(tmp_path, mnist_root):
                                        "--no-dashboard", "--host", "127.0.0.1"], env=DATA_ENV,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         out = tmp_path / "out"
-        run = subprocess.run([sys.executable, "-m", "utils.bayes_opt", "--scheduler", address, "--model", "mlp",
+        run = subprocess.run([sys.executable, "-m", "utils.study", "--scheduler", address, "--model", "mlp",
                               "--dataset", "mnist", "--data-root", str(mnist_root), "--subset", "100",
                               "--iterations", "2", "--folds", "2", "--epochs", "1", "--init-points", "2",
                               "--retrain-subset", "100", "--test-subset", "100", "--out", str(out)],
@@ -198,15 +202,15 @@ def test_scheduler_option_uses_a_running_cluster(tmp_path, mnist_root):
 
 
 def test_flag_flip_draw():
-    space = bo.make_space("compartmental")
-    ref = bo.reference_params("compartmental", space)
-    paper = {f: ref[f] for f in bo.COMPARTMENTAL_FLAGS}
+    space = make_space("compartmental")
+    ref = reference_params("compartmental", space)
+    paper = {f: ref[f] for f in COMPARTMENTAL_FLAGS}
     rng = np.random.RandomState(0)
-    opt = bo.make_optimizer(space, rng)
-    assert all({f: p[f] for f in paper} == paper for p in bo.flag_sampler(opt, rng, paper, 0.0)(50))
+    opt = make_optimizer(space, rng)
+    assert all({f: p[f] for f in paper} == paper for p in flag_sampler(opt, rng, paper, 0.0)(50))
     flipped = {f: "on" if v == "off" else "off" for f, v in paper.items()}
-    assert all({f: p[f] for f in paper} == flipped for p in bo.flag_sampler(opt, rng, paper, 1.0)(50))
-    half = bo.flag_sampler(opt, rng, paper, 0.5)(400)
+    assert all({f: p[f] for f in paper} == flipped for p in flag_sampler(opt, rng, paper, 1.0)(50))
+    half = flag_sampler(opt, rng, paper, 0.5)(400)
     share = np.mean([p[f] != paper[f] for p in half for f in paper])
     assert 0.4 < share < 0.6
     assert paper["use_spiking_feedforward"] == "on" and paper["use_sparse_feedback"] == "off"
@@ -219,13 +223,13 @@ def test_compartmental_study_draws_near_the_paper(tmp_path):
         seen.append(hp)
         return [0.5, 0.5]
 
-    res = bo.run_study("compartmental", tiny_dataset(), iterations=6, folds=2, epochs=1, out=tmp_path,
+    res = run_study("compartmental", tiny_dataset(), iterations=6, folds=2, epochs=1, out=tmp_path,
                        init_points=4, evaluate=fake, retrain=False, fixed={"batch_size": 16}, flip_prob=0.0,
                        q=3, verbose=0)
-    defaults = bo.to_hyperparameters("compartmental", bo.reference_params("compartmental", bo.make_space(
+    defaults = to_hyperparameters("compartmental", reference_params("compartmental", make_space(
         "compartmental")))
     for hp in seen:  # at flip probability 0 every draw has the paper's flags
-        assert all(hp[f] == defaults[f] for f in bo.COMPARTMENTAL_FLAGS)
+        assert all(hp[f] == defaults[f] for f in COMPARTMENTAL_FLAGS)
     assert [r["source"] for r in read(res["study_dir"])][-2:] == ["bo-prior", "bo-prior"]
     assert json.loads((res["study_dir"] / "config.json").read_text())["flip_prob"] == 0.0
 
@@ -239,8 +243,8 @@ def test_population_group_scores_equal_each_alone(monkeypatch):
               integration_time=8, device="cpu")
     jobs = [(0, dict(kw, seed=0, f_etas=(2.0, 0.4))), (1, dict(kw, seed=1, f_etas=(1.0, 0.2)))]
     other = (2, dict(kw, seed=2, n_hidden=(10,)))
-    assert [len(g) for g in bo._groups("compartmental", jobs + [other], None)] == [2, 1]
-    assert [len(g) for g in bo._groups("mlp", [(0, {}), (1, {})], None)] == [1, 1]
+    assert [len(g) for g in groups("compartmental", jobs + [other], None)] == [2, 1]
+    assert [len(g) for g in groups("mlp", [(0, {}), (1, {})], None)] == [1, 1]
     ctx = dict(model="compartmental", folds=2, seed=0, chance=0.25, device="cpu", token="t")
     together = dict(cluster.evaluate_group(jobs, (X, y), ctx))
     alone = {it: dict(cluster.evaluate_group([(it, k)], (X, y), ctx))[it] for it, k in jobs}
@@ -269,12 +273,12 @@ def test_population_group_scores_equal_each_alone(monkeypatch):
 def test_a_second_process_on_the_same_study_is_refused(tmp_path):
     ds = tiny_dataset()
     kw = dict(folds=2, epochs=1, out=tmp_path, init_points=1, evaluate=objective, retrain=False, verbose=0)
-    study = bo.run_study("mlp", ds, iterations=1, **kw)["study_dir"]
-    with bo.study_lock(study):  # another process holds the folder
-        with pytest.raises(bo.StudyError, match="in use by another study"):
-            bo.run_study("mlp", ds, iterations=2, **kw)
+    study = run_study("mlp", ds, iterations=1, **kw)["study_dir"]
+    with study_lock(study):  # another process holds the folder
+        with pytest.raises(StudyError, match="in use by another study"):
+            run_study("mlp", ds, iterations=2, **kw)
     assert len(read(study)) == 1
-    bo.run_study("mlp", ds, iterations=2, **kw)  # free again
+    run_study("mlp", ds, iterations=2, **kw)  # free again
     assert len(read(study)) == 2
 
 
@@ -283,30 +287,30 @@ def test_cpu_out_of_memory_is_a_failure(tmp_path):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:114] data. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 80000000000 bytes")
 
-    res = bo.run_study("mlp", tiny_dataset(), iterations=2, folds=2, epochs=1, out=tmp_path, evaluate=fake,
+    res = run_study("mlp", tiny_dataset(), iterations=2, folds=2, epochs=1, out=tmp_path, evaluate=fake,
                        retrain=False, verbose=0)
     assert [r["status"] for r in read(res["study_dir"])] == ["oom", "oom"]
 
 
 def test_records_without_config_are_refused(tmp_path):
     kw = dict(folds=2, epochs=1, out=tmp_path, init_points=1, evaluate=objective, retrain=False, verbose=0)
-    study = bo.run_study("mlp", tiny_dataset(), iterations=1, **kw)["study_dir"]
+    study = run_study("mlp", tiny_dataset(), iterations=1, **kw)["study_dir"]
     (study / "config.json").unlink()
     with pytest.raises(ValueError, match="no config.json"):
-        bo.run_study("mlp", tiny_dataset(), iterations=2, **kw)
+        run_study("mlp", tiny_dataset(), iterations=2, **kw)
 
 
 def test_bad_lines_are_set_aside_and_named(tmp_path):
     kw = dict(folds=2, epochs=1, out=tmp_path, init_points=1, evaluate=objective, retrain=False, verbose=0)
-    study = bo.run_study("mlp", tiny_dataset(), iterations=3, **kw)["study_dir"]
+    study = run_study("mlp", tiny_dataset(), iterations=3, **kw)["study_dir"]
     log = study / "evals.jsonl"
     lines = log.read_bytes().splitlines(keepends=True)
     log.write_bytes(lines[0] + b"\xff\xfe not utf-8\n" + lines[1] + b'{"iteration": 9}\n' + lines[2])
     with pytest.warns(UserWarning, match=r"line 2: not UTF-8.*line 4: a record without status"):
-        assert len(bo.load_results(study)) == 3  # reading while a study runs: skipped, nothing written
+        assert len(load_results(study)) == 3  # reading while a study runs: skipped, nothing written
     assert len(log.read_bytes().splitlines()) == 5
     with pytest.warns(UserWarning, match="moved to"):
-        bo.run_study("mlp", tiny_dataset(), iterations=4, **kw)
+        run_study("mlp", tiny_dataset(), iterations=4, **kw)
     assert (study / "evals.jsonl.rejected").read_bytes() == b'\xff\xfe not utf-8\n{"iteration": 9}\n'
     assert sorted(r["iteration"] for r in read(study)) == [0, 1, 2, 3]
 
@@ -314,7 +318,7 @@ def test_bad_lines_are_set_aside_and_named(tmp_path):
 def test_config_json_is_strict_json(tmp_path):
     kw = dict(folds=2, epochs=1, out=tmp_path, init_points=1, evaluate=objective, retrain=False, verbose=0,
               fixed={"lr_decay_examples": float("inf")})
-    study = bo.run_study("mlp", tiny_dataset(), iterations=1, **kw)["study_dir"]
+    study = run_study("mlp", tiny_dataset(), iterations=1, **kw)["study_dir"]
 
     def strict(c):
         raise ValueError(f"{c} is not JSON")
@@ -323,7 +327,7 @@ def test_config_json_is_strict_json(tmp_path):
     assert config["fixed"] == {"lr_decay_examples": "inf"}
     for line in (study / "evals.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=strict)
-    bo.run_study("mlp", tiny_dataset(), iterations=2, **kw)  # the same settings resume
+    run_study("mlp", tiny_dataset(), iterations=2, **kw)  # the same settings resume
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert len(bo.load_results(study)) == 2
+        assert len(load_results(study)) == 2

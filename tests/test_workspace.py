@@ -49,44 +49,44 @@ def test_quick_sizes_are_capped(mode):
     assert S["epochs"] <= 2 and S["compartmental_epochs"] == 1 and S["bo_epochs"] == 1
     assert S["compartmental_test_steps"] <= 100 and S["bo_max_phase"] <= 30
     for kind in ("mlp", "cnn", "compartmental"):
-        kw = workspace._study_settings(kind, S)
-        assert kw["iterations"] <= 3 and kw["subset"] <= 300 and kw["retrain_subset"] <= 500
-        assert kw["test_subset"] <= 200 and kw["folds"] == 2
-    assert workspace._study_settings("compartmental", S)["iterations"] == 1
+        st = workspace._study_settings(kind, S)
+        assert st.iterations <= 3 and st.subset <= 300 and st.retrain_subset <= 500
+        assert st.test_subset <= 200 and st.folds == 2 and st.out == S["bo_out"]
+    assert workspace._study_settings("compartmental", S).iterations == 1
     assert S["bo_out"] != workspace.FULL["bo_out"] and S["figures"] == "runs/figures"
 
 
 def test_quick_compartmental_study_is_the_papers_network_alone(monkeypatch, mnist_root):
     """Quick mode's compartmental study runs one evaluation: the reference configuration (the paper's network),
     with phases capped and a short test phase; full mode keeps the specified study."""
-    import utils.bayes_opt as bo
     from utils.data import load_dataset
     calls = []
 
-    def fake_run_study(kind, dataset, **kw):
-        calls.append((kind, kw))
-        assert kw["name"] == "mnist" and len(dataset.y_train) == 60000  # loaded once, handed over as a Dataset
-        return {"summary": pd.DataFrame([{"model": kind, "dataset": kw["name"]}])}
-    monkeypatch.setattr(bo, "run_study", fake_run_study)
+    def fake_run_study(kind, dataset, settings):
+        calls.append((kind, settings))
+        assert settings.name == "mnist" and len(dataset.y_train) == 60000  # loaded once, handed over as a Dataset
+        return {"summary": pd.DataFrame([{"model": kind, "dataset": settings.name}])}
+    monkeypatch.setattr(workspace, "run_study", fake_run_study)
     monkeypatch.setattr(workspace, "_dataset", lambda name, root=None, device=None: load_dataset(
         name, root=mnist_root, device="cpu"))
     workspace.study(["mnist"], workspace.settings(True))
     quick = dict(calls)
-    assert quick["compartmental"]["iterations"] == 1 and "start" not in quick["compartmental"]  # start: reference
-    assert quick["compartmental"]["max_phase"] == 30
-    assert quick["compartmental"]["fixed"] == {"batch_size": 16, "l_f_phase_test": 100}
-    assert quick["mlp"]["iterations"] == 3 and quick["mlp"].get("fixed") is None
+    assert quick["compartmental"].iterations == 1 and quick["compartmental"].start == "reference"
+    assert quick["compartmental"].max_phase == 30
+    assert quick["compartmental"].fixed == {"batch_size": 16, "l_f_phase_test": 100}
+    assert quick["mlp"].iterations == 3 and quick["mlp"].fixed is None
     calls.clear()
     workspace.study(["mnist"], workspace.settings(False))
     full = dict(calls)
-    assert full["compartmental"]["iterations"] == 50 and full["compartmental"]["fixed"] == {"batch_size": 16}
-    assert full["compartmental"]["max_phase"] is None and full["compartmental"]["subset"] is None
+    assert full["compartmental"].iterations == 50 and full["compartmental"].fixed == {"batch_size": 16}
+    assert full["compartmental"].max_phase is None and full["compartmental"].subset is None
 
 
 def test_one_iteration_study_evaluates_only_the_reference(tmp_path):
     """What quick mode relies on: a study of one iteration trains the reference configuration and nothing else."""
-    from utils.bayes_opt import reference_params, make_space, run_study
     from utils.data import Dataset
+    from utils.spaces import make_space, reference_params
+    from utils.study import run_study
     g = torch.Generator().manual_seed(0)
     X, y = torch.rand(60, 1, 8, 8, generator=g), torch.arange(60) % 10
     ds = Dataset(X, y, X[:20], y[:20], [str(i) for i in range(10)])
@@ -95,9 +95,10 @@ def test_one_iteration_study_evaluates_only_the_reference(tmp_path):
     def evaluate(hp):
         seen.append(hp)
         return [0.5, 0.5]
-    kw = workspace._study_settings("compartmental", workspace.settings(True))
-    kw.update(subset=None, retrain_subset=None, test_subset=None)
-    out = run_study("compartmental", ds, name="toy", out=tmp_path, evaluate=evaluate, retrain=False, verbose=0, **kw)
+    settings = workspace._study_settings("compartmental", workspace.settings(True), subset=None, retrain_subset=None,
+                                         test_subset=None)
+    out = run_study("compartmental", ds, settings, name="toy", out=tmp_path, evaluate=evaluate, retrain=False,
+                    verbose=0)
     assert len(seen) == 1 and list(out["evals"]["source"]) == ["start"]
     ref = reference_params("compartmental", make_space("compartmental", 30), 16)
     assert out["evals"]["params"].iloc[0] == ref and seen[0]["n_hidden"] == (500,)

@@ -12,10 +12,22 @@ a worker that dies loses its task, which Dask reruns elsewhere (and Distributed 
 
 GPU boxes: `pip install dask-cuda` for one worker per GPU (dask_cuda.LocalCUDACluster); without it the study starts
 one worker that uses the first GPU. Workers run GPU_THREADS evaluations at once, each on its own CUDA stream.
+Dask is imported only where it is used (start_client, Distributed), not at the top: a study that evaluates in its
+own process runs without it.
 """
+import contextlib
+import logging
 import os
+from concurrent.futures import CancelledError
 
 import numpy as np
+import torch
+
+from utils.compartmental import POPULATION_SHARED
+from utils.data import get_device
+from utils.evaluation import run_evaluation
+from utils.spaces import make_estimator
+from utils.train import cross_validate, cross_validate_many
 
 # ----------------------------------------------------------------------------------------------------------------
 # settings
@@ -32,7 +44,6 @@ class ClusterError(RuntimeError):
 
 
 def gpu_count():
-    import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -51,7 +62,6 @@ def start_client(scheduler=None, workers=None, threads=None, dashboard=DASHBOARD
                                f"and workers with `dask worker {scheduler}`, or drop --scheduler to start a local "
                                f"cluster") from None
     n_gpu = gpu_count()
-    import logging
     kw = dict(dashboard_address=dashboard if dashboard else None,
               silence_logs=logging.WARNING if verbose > 1 else logging.ERROR)
     if n_gpu:
@@ -78,6 +88,43 @@ def slots(client):
     return max(1, sum(client.nthreads().values()))
 
 
+def connect(cluster, verbose=0):
+    """(client, cluster to close or None) for a study's `cluster` setting: None (no client: evaluate in the study's
+    process), "local" (start_client()), a scheduler address "tcp://host:8786", or a distributed.Client."""
+    if cluster is None:
+        return None, None
+    if isinstance(cluster, str):
+        return start_client(None if cluster == "local" else cluster, verbose=verbose)
+    if hasattr(cluster, "submit") and hasattr(cluster, "nthreads"):
+        return cluster, None
+    raise ValueError(f"cluster={cluster!r}: use None, 'local', a scheduler address 'tcp://host:8786' or a "
+                     f"distributed.Client")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a round's jobs as evaluation groups
+
+
+def structure_key(model, kw):
+    """Jobs with the same key train together: the compartmental network's population structure (POPULATION_SHARED),
+    None for the backprop nets (each evaluation alone)."""
+    if model != "compartmental":
+        return None
+    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(kw.items())
+                 if k in POPULATION_SHARED)
+
+
+def groups(model, jobs, evaluate=None):
+    """The round's jobs [(iteration, kw), ...] as evaluation groups: compartmental candidates of one structure
+    together, every other job alone (and every job alone under a test's fake `evaluate`)."""
+    if evaluate is not None or model != "compartmental":
+        return [[job] for job in jobs]
+    by_key = {}
+    for it, kw in jobs:
+        by_key.setdefault(structure_key(model, kw), []).append((it, kw))
+    return list(by_key.values())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # one group of evaluations (runs in the study process or on a worker)
 
@@ -85,7 +132,6 @@ _ON_DEVICE = {}   # (token, device) -> the dataset on this process's device, mov
 
 
 def _device_data(token, data, device):
-    from utils.data import get_device
     dev = get_device(device)
     key = (token, str(dev))
     if key not in _ON_DEVICE:
@@ -93,18 +139,15 @@ def _device_data(token, data, device):
         X, y = data
         _ON_DEVICE[key] = (X.to(dev), y.to(dev))
         if dev.type == "cuda":
-            import torch
             torch.cuda.synchronize(dev)
     return _ON_DEVICE[key], dev
 
 
 def evaluate_group(jobs, data, ctx, evaluate=None):
     """Evaluate the jobs [(iteration, kw), ...] of one group; returns [(iteration, result), ...] with result the dict
-    of utils.bayes_opt.run_evaluation. ctx: model, folds, seed, chance, device, token (names the data). Without
+    of utils.evaluation.run_evaluation. ctx: model, folds, seed, chance, device, token (names the data). Without
     `evaluate` (a test's fake objective, called once per job), each job is make_classifier + cross-validation, and
     a compartmental group of several jobs trains as one population (its members alone again if it fails)."""
-    import contextlib
-    import torch
     (X, y), dev = _device_data(ctx["token"], data, ctx["device"])
     stream = torch.cuda.stream(torch.cuda.Stream(dev)) if dev.type == "cuda" else contextlib.nullcontext()
     with stream:
@@ -118,10 +161,7 @@ def evaluate_group(jobs, data, ctx, evaluate=None):
 
 
 def _alone(kw, X, y, ctx, dev, evaluate=None):
-    from utils.bayes_opt import make_estimator, run_evaluation
     if evaluate is None:
-        from utils.train import cross_validate
-
         def evaluate(hp):
             return cross_validate(make_estimator(ctx["model"], **hp), X, y, folds=ctx["folds"], seed=ctx["seed"])
     return run_evaluation(evaluate, kw, ctx["chance"], dev)
@@ -130,8 +170,6 @@ def _alone(kw, X, y, ctx, dev, evaluate=None):
 def _population(jobs, X, y, ctx, dev):
     """One fit_population over every job's folds; a failure of the whole (one member diverged, or the population
     does not fit in memory) falls back to each job alone, so that one member never fails the others."""
-    from utils.bayes_opt import make_estimator, run_evaluation
-    from utils.train import cross_validate_many
 
     def evaluate(_):
         scores = cross_validate_many([make_estimator(ctx["model"], **kw) for _, kw in jobs], X, y,
@@ -186,7 +224,6 @@ class Distributed:
     def run(self, groups):
         from distributed import as_completed
         from distributed.scheduler import KilledWorker
-        from concurrent.futures import CancelledError
         futures = {self._submit(g): (i, 0) for i, g in enumerate(groups)}
         pending = as_completed(list(futures))
         for fut in pending:
@@ -215,7 +252,6 @@ class Distributed:
 
 
 def _is_data(a):
-    import torch
     return isinstance(a, tuple) and len(a) > 0 and all(isinstance(t, torch.Tensor) for t in a)
 
 

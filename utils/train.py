@@ -240,7 +240,7 @@ def parser():
         prog="python -m utils.train", formatter_class=_HelpWithDefaults,
         description="Train one model on the training split of one dataset for many epochs, testing on the test "
                     "split; a JSON record and a checkpoint after every epoch (--out), --resume after an interruption.",
-        epilog="The Bayesian optimization study has its own command, python -m utils.bayes_opt; the notebooks load "
+        epilog="The Bayesian optimization study has its own command, python -m utils.study; the notebooks load "
                "the finished full studies from logs/full.")
     p.add_argument("--model", default="cnn", choices=KINDS, help="the model kind")
     p.add_argument("--dataset", default="mnist", choices=DATASETS,

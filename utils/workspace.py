@@ -9,6 +9,7 @@
 Quick mode (subsets, few epochs, few study iterations; see QUICK below) runs a notebook in minutes on a 2-core CPU;
 full mode is the study as specified (50 iterations, 10 epochs, 3 folds), for a GPU.
 """
+import dataclasses
 import functools
 import os
 import time
@@ -17,6 +18,7 @@ import pandas as pd
 
 from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
 from utils.data import load_dataset, stratified_subset
+from utils.study import StudySettings, run_study
 from utils.train import KINDS, train_logged
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,30 +162,29 @@ def test_accuracies(models, dataset, S, root=None, device=None, seed=0):
     return pd.DataFrame(rows)
 
 
-def _study_settings(kind, S):
-    """run_study's sizes for `kind` under the settings S (the compartmental network has its own where S sets them)."""
+def _study_settings(kind, S, **common):
+    """The StudySettings of `kind`'s study under the notebook's sizes S (the compartmental network has its own where
+    S sets them), written to S["bo_out"]; `common`: further settings (name, seed, device, verbose...)."""
     kw = dict(iterations=S["bo_iterations"], folds=S["bo_folds"], epochs=S["bo_epochs"], subset=S["bo_subset"],
               init_points=S["bo_init_points"], retrain_subset=S["bo_retrain_subset"], test_subset=S["bo_test_subset"])
-    if kind != "compartmental":
-        return kw
-    own = dict(iterations=S["bo_compartmental_iterations"], subset=S["bo_compartmental_subset"],
-               retrain_subset=S["bo_compartmental_retrain_subset"])
-    fixed = {"batch_size": MODELS[kind]["batch_size"]}
-    if S["compartmental_test_steps"]:
-        fixed["l_f_phase_test"] = S["compartmental_test_steps"]
-    return {**kw, **{k: v for k, v in own.items() if v}, "max_phase": S["bo_max_phase"], "fixed": fixed}
+    if kind == "compartmental":
+        own = dict(iterations=S["bo_compartmental_iterations"], subset=S["bo_compartmental_subset"],
+                   retrain_subset=S["bo_compartmental_retrain_subset"])
+        fixed = {"batch_size": MODELS[kind]["batch_size"]}
+        if S["compartmental_test_steps"]:
+            fixed["l_f_phase_test"] = S["compartmental_test_steps"]
+        kw.update({k: v for k, v in own.items() if v}, max_phase=S["bo_max_phase"], fixed=fixed)
+    return dataclasses.replace(StudySettings(out=S["bo_out"], **kw), **common)
 
 
 def study(datasets, S, kinds=KINDS, root=None, device=None, seed=0, verbose=1):
     """Run (or resume, or just load when finished) the Bayesian optimization of each kind on each dataset; returns
-    the summary table of utils.bayes_opt.summarize for these studies."""
-    from utils.bayes_opt import run_study, summarize
+    the summary table of utils.study_log.summarize for these studies."""
     results = []
     for dataset in datasets:
         for kind in kinds:
-            out = run_study(kind, _dataset(dataset, root, device), name=dataset, **_study_settings(kind, S),
-                            out=S["bo_out"], seed=seed, device=device, verbose=verbose)
-            results.append(out["summary"])
+            settings = _study_settings(kind, S, name=dataset, seed=seed, device=device, verbose=verbose)
+            results.append(run_study(kind, _dataset(dataset, root, device), settings)["summary"])
     return pd.concat(results, ignore_index=True)
 
 

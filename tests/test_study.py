@@ -1,13 +1,13 @@
-"""utils.bayes_opt: parameter conversion, invalid CNN proposals, failures at chance, resume after SIGKILL, a cut-off
-log line, and a small real study. Objectives are injected fakes except in the real-training tests."""
+"""utils.study: invalid CNN proposals, failures at chance, resume after SIGKILL, a cut-off log line, the settings,
+peak memory, progress, the command line (and its old name utils.bayes_opt), and a small real study. Objectives are
+injected fakes except in the real-training tests."""
+import dataclasses
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,12 @@ import pytest
 import torch
 
 from conftest import sigkill_when
-from utils import bayes_opt as bo
 from utils.data import Dataset
 from utils.errors import TrainingDiverged
+from utils.evaluation import estimator_accepts, peak_memory, seed_kw
+from utils.spaces import check_hyperparameters, make_space, reference_params, to_hyperparameters
+from utils.study import StudySettings, main, run_study
+from utils.study_log import load_results, read_log, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,59 +46,6 @@ def read(study_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# spaces and conversion
-
-
-def test_spaces_use_native_integer_and_categorical_parameters():
-    from bayes_opt.parameter import CategoricalParameter, FloatParameter, IntParameter
-    for model in bo.SPACES:
-        opt = bo.make_optimizer(bo.make_space(model), np.random.RandomState(0))
-        cfg = opt.space.params_config
-        assert isinstance(cfg["n_layers" if model != "cnn" else "n_blocks"], IntParameter)
-        if model != "compartmental":
-            assert isinstance(cfg["batch_size"], IntParameter) and isinstance(cfg["log10_lr"], FloatParameter)
-            assert 10 ** cfg["log10_lr"].bounds[0] == pytest.approx(1e-4)
-            assert 10 ** cfg["log10_lr"].bounds[1] == pytest.approx(5e-2)
-    cfg = bo.make_optimizer(bo.make_space("compartmental"), np.random.RandomState(0)).space.params_config
-    assert all(isinstance(cfg[f], CategoricalParameter) for f in bo.COMPARTMENTAL_FLAGS)
-    assert len(bo.COMPARTMENTAL_FLAGS) == 11
-    capped = bo.make_space("compartmental", max_phase=40)
-    assert capped["l_f_phase"][1] == 40 and capped["l_t_phase"][1] == 40
-    with pytest.raises(ValueError):
-        bo.make_space("mlp", max_phase=40)
-
-
-def test_to_hyperparameters():
-    mlp = bo.to_hyperparameters("mlp", {"batch_size": 37, "log10_lr": -2.5, "n_layers": 2, **{
-        f"units_{i}": 100 + i for i in range(1, 7)}})
-    assert mlp == {"hidden_sizes": (101, 102), "lr": pytest.approx(10 ** -2.5), "batch_size": 37}
-    cnn = bo.to_hyperparameters("cnn", {"batch_size": 64, "log10_lr": -3.0, "n_blocks": 3, "stride": 2, "padding": 1,
-                                        **{f"channels_{i}": 10 * i for i in range(1, 6)},
-                                        **{f"kernel_{i}": i + 1 for i in range(1, 6)}})
-    assert cnn["channels"] == (10, 20, 30) and cnn["kernel_sizes"] == (2, 3, 4)
-    assert (cnn["stride"], cnn["padding"], cnn["batch_size"]) == (2, 1, 64) and cnn["lr"] == pytest.approx(1e-3)
-    # every random compartmental proposal satisfies the estimator's constraints
-    opt = bo.make_optimizer(bo.make_space("compartmental"), np.random.RandomState(0))
-    for params in opt.random_sample(200):
-        hp = bo.to_hyperparameters("compartmental", params)
-        n = len(hp["n_hidden"])
-        assert 1 <= n <= 6 and all(30 <= u <= 500 for u in hp["n_hidden"])
-        assert len(hp["f_etas"]) == n + 1 and len(hp["b_etas"]) == n
-        assert hp["tau_L"] > hp["tau_s"] > 0 and hp["dt"] > 0
-        assert 1 <= hp["integration_time"] <= min(hp["l_f_phase"], hp["l_t_phase"])
-        assert all(isinstance(hp[f], bool) for f in bo.COMPARTMENTAL_FLAGS)
-        assert hp["g_L"] == pytest.approx(1 / hp["tau_L"]) and hp["g_D"] == hp["g_B"] and hp["mem"] >= 10
-        assert bo.check_hyperparameters("compartmental", hp, (1, 8, 8)) is None  # the estimator's own validation
-
-
-def test_check_hyperparameters_names_the_invalid_cnn_block():
-    good = dict(channels=(8, 8), kernel_sizes=(3, 3), stride=1, padding=1)
-    assert bo.check_hyperparameters("cnn", good, (1, 28, 28)) is None
-    reason = bo.check_hyperparameters("cnn", dict(good, channels=(8,) * 5, kernel_sizes=(3,) * 5), (1, 28, 28))
-    assert reason and "block 5" in reason
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # awkward proposals and failures
 
 
@@ -108,11 +58,11 @@ def test_invalid_cnn_suggestions_never_reach_training(tmp_path, monkeypatch):
     seen = []
 
     def fake(hp):
-        assert bo.check_hyperparameters("cnn", hp, (1, 8, 8)) is None  # only valid ones are ever trained
+        assert check_hyperparameters("cnn", hp, (1, 8, 8)) is None  # only valid ones are ever trained
         seen.append(hp)
         return smooth_objective(hp)
 
-    res = bo.run_study("cnn", ds, iterations=4, folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=fake,
+    res = run_study("cnn", ds, iterations=4, folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=fake,
                        retrain=False, start=None, verbose=0)
     recs = read(res["study_dir"])
     assert len(seen) == 4
@@ -133,7 +83,7 @@ def test_reference_configuration_is_evaluated_first(tmp_path):
         seen.append(hp)
         return [0.5, 0.5]
 
-    res = bo.run_study("compartmental", tiny_dataset(), iterations=3, folds=2, epochs=1, out=tmp_path, init_points=2,
+    res = run_study("compartmental", tiny_dataset(), iterations=3, folds=2, epochs=1, out=tmp_path, init_points=2,
                        evaluate=fake, retrain=False, fixed={"batch_size": 16}, max_phase=30, verbose=0)
     recs = read(res["study_dir"])
     assert [r["source"] for r in recs] == ["start", "random", "bo-prior"]  # the GP picks among flag-prior draws
@@ -143,17 +93,17 @@ def test_reference_configuration_is_evaluated_first(tmp_path):
     assert (first["dt"], first["mem"], first["lambda_max"], first["tau_s"], first["tau_L"]) == (1.0, 10, 0.2, 3.0, 10.0)
     assert first["g_L"] == pytest.approx(0.1) and first["g_B"] == first["g_D"] == pytest.approx(0.6)
     assert first["use_spiking_feedforward"] and first["use_broadcast"] and not first["use_sparse_feedback"]
-    mlp = bo.to_hyperparameters("mlp", bo.reference_params("mlp", bo.make_space("mlp")))
+    mlp = to_hyperparameters("mlp", reference_params("mlp", make_space("mlp")))
     assert mlp == dict(hidden_sizes=(500,), lr=pytest.approx(1e-3), batch_size=100)
     with pytest.raises(ValueError, match="missing"):
-        bo.run_study("mlp", tiny_dataset(), iterations=1, out=tmp_path / "x", evaluate=fake, start={"n_layers": 1},
+        run_study("mlp", tiny_dataset(), iterations=1, out=tmp_path / "x", evaluate=fake, start={"n_layers": 1},
                      verbose=0)
 
 
 def test_duplicate_suggestions_are_replaced(tmp_path, monkeypatch):
     from bayes_opt import BayesianOptimization
     monkeypatch.setattr(BayesianOptimization, "suggest", lambda self: dict(self.res[0]["params"]))  # seen before
-    res = bo.run_study("mlp", tiny_dataset(), iterations=4, folds=2, epochs=1, out=tmp_path, init_points=1,
+    res = run_study("mlp", tiny_dataset(), iterations=4, folds=2, epochs=1, out=tmp_path, init_points=1,
                        evaluate=smooth_objective, retrain=False, verbose=0)
     recs = read(res["study_dir"])
     assert [r["source"] for r in recs] == ["start"] + ["bo-valid (duplicate)"] * 3
@@ -172,7 +122,7 @@ def test_failures_score_chance_and_the_loop_goes_on(tmp_path):
             raise e
         return smooth_objective(hp)
 
-    res = bo.run_study("mlp", ds, iterations=5, folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=fake,
+    res = run_study("mlp", ds, iterations=5, folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=fake,
                        retrain=False, verbose=0)
     recs = read(res["study_dir"])
     assert [r["status"] for r in recs] == ["diverged", "oom", "error", "ok", "ok"]
@@ -181,19 +131,20 @@ def test_failures_score_chance_and_the_loop_goes_on(tmp_path):
     assert "nan" in recs[0]["reason"] and "out of memory" in recs[1]["reason"]
     row = res["summary"].iloc[0]
     assert row.n_failed == 3 and row.worst == 0.25 and row.best > 0.5
-    assert bo.summarize(res["evals"], include_failures=False).iloc[0].worst > 0.5
+    assert summarize(res["evals"], include_failures=False).iloc[0].worst > 0.5
 
     def buggy(hp):  # anything else is a bug and stops the study
         raise KeyError("oops")
 
     with pytest.raises(KeyError):
-        bo.run_study("mlp", ds, iterations=1, out=tmp_path / "b", evaluate=buggy, retrain=False, verbose=0)
+        run_study("mlp", ds, iterations=1, out=tmp_path / "b", evaluate=buggy, retrain=False, verbose=0)
 
 
 def test_a_really_diverging_configuration_is_a_failure(tmp_path):
     """Real make_classifier + cross_validate: Adam at lr=1e20 turns the loss into NaN -> TrainingDiverged."""
     ds = tiny_dataset()
-    res = bo.run_study("mlp", ds, iterations=2, folds=2, epochs=1, out=tmp_path, fixed={"lr": 1e20, "batch_size": 10}, verbose=0)
+    res = run_study("mlp", ds, iterations=2, folds=2, epochs=1, out=tmp_path, fixed={"lr": 1e20, "batch_size": 10},
+                    verbose=0)
     recs = read(res["study_dir"])
     assert [r["status"] for r in recs] == ["diverged", "diverged"]
     assert all(r["target"] == 0.25 and "nan" in r["reason"] for r in recs)
@@ -206,17 +157,18 @@ def test_a_really_diverging_configuration_is_a_failure(tmp_path):
 
 def test_truncated_last_line_is_dropped_and_the_study_resumes(tmp_path):
     ds = tiny_dataset()
-    kw = dict(folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=smooth_objective, retrain=False, verbose=0)
-    study = bo.run_study("mlp", ds, iterations=3, **kw)["study_dir"]
+    settings = StudySettings(folds=2, epochs=1, out=tmp_path, init_points=2, evaluate=smooth_objective,
+                             retrain=False, verbose=0)
+    study = run_study("mlp", ds, dataclasses.replace(settings, iterations=3))["study_dir"]
     log = study / "evals.jsonl"
     before = log.read_text()
     with open(log, "a") as f:
         f.write('{"iteration": 3, "status": "ok", "tar')  # a write cut short by a kill
     with pytest.raises(json.JSONDecodeError):
         [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(bo.read_log(log, repair=False)) == 3 and log.read_text() != before
-    assert len(bo.read_log(log)) == 3 and log.read_text() == before  # repaired
-    bo.run_study("mlp", ds, iterations=5, **kw)
+    assert len(read_log(log, repair=False)) == 3 and log.read_text() != before
+    assert len(read_log(log)) == 3 and log.read_text() == before  # repaired
+    run_study("mlp", ds, settings, iterations=5)
     recs = read(study)
     assert [r["iteration"] for r in recs] == [0, 1, 2, 3, 4]
     assert log.read_text().startswith(before)
@@ -226,16 +178,16 @@ def test_truncated_last_line_is_dropped_and_the_study_resumes(tmp_path):
 def test_changed_settings_refuse_to_mix_into_an_existing_study(tmp_path):
     ds = tiny_dataset()
     kw = dict(out=tmp_path, init_points=1, evaluate=smooth_objective, retrain=False, verbose=0)
-    bo.run_study("mlp", ds, iterations=1, folds=2, epochs=1, **kw)
+    run_study("mlp", ds, iterations=1, folds=2, epochs=1, **kw)
     with pytest.raises(ValueError, match="folds"):
-        bo.run_study("mlp", ds, iterations=2, folds=3, epochs=1, **kw)
+        run_study("mlp", ds, iterations=2, folds=3, epochs=1, **kw)
 
 
 SCRIPT = """
 import json, math, sys, time
 import torch
 sys.path.insert(0, {repo!r})
-from utils import bayes_opt as bo
+from utils.study import run_study
 from utils.data import Dataset
 
 out, calls, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
@@ -250,7 +202,7 @@ def fake(hp):
 g = torch.Generator().manual_seed(0)
 X, y = torch.rand(40, 1, 4, 4, generator=g), torch.arange(40) % 4
 ds = Dataset(X, y, X, y, list("abcd"))
-bo.run_study("mlp", ds, iterations=7, folds=2, epochs=1, out=out, init_points=2, evaluate=fake, retrain=False,
+run_study("mlp", ds, iterations=7, folds=2, epochs=1, out=out, init_points=2, evaluate=fake, retrain=False,
              verbose=1)
 """
 
@@ -294,7 +246,7 @@ def test_resume_after_sigkill_mid_evaluation(tmp_path):
 
     g = torch.Generator().manual_seed(0)
     X, y = torch.rand(40, 1, 4, 4, generator=g), torch.arange(40) % 4
-    ref = bo.run_study("mlp", Dataset(X, y, X, y, list("abcd")), iterations=7, folds=2, epochs=1,
+    ref = run_study("mlp", Dataset(X, y, X, y, list("abcd")), iterations=7, folds=2, epochs=1,
                        out=tmp_path / "ref", init_points=2, evaluate=fast, retrain=False, verbose=0)
     assert [r["params"] for r in read(ref["study_dir"])] == [r["params"] for r in recs]
 
@@ -306,11 +258,11 @@ def test_cut_off_invalid_line_pair_is_redone_without_duplicates(tmp_path, monkey
            **{f"channels_{i}": 8 for i in range(1, 6)}, **{f"kernel_{i}": 10 for i in range(1, 6)}}
     monkeypatch.setattr(BayesianOptimization, "suggest", lambda self: dict(bad))
     kw = dict(folds=2, epochs=1, out=tmp_path, init_points=1, evaluate=smooth_objective, retrain=False, verbose=0)
-    study = bo.run_study("cnn", tiny_dataset(), iterations=2, **kw)["study_dir"]
+    study = run_study("cnn", tiny_dataset(), iterations=2, **kw)["study_dir"]
     lines = (study / "evals.jsonl").read_text().splitlines(keepends=True)
     assert [json.loads(x)["status"] for x in lines] == ["ok", "invalid", "ok"]
     (study / "evals.jsonl").write_text(lines[0] + lines[1] + lines[2][:25])
-    bo.run_study("cnn", tiny_dataset(), iterations=2, **kw)
+    run_study("cnn", tiny_dataset(), iterations=2, **kw)
     again = (study / "evals.jsonl").read_text().splitlines(keepends=True)
     assert again[0] == lines[0] and [json.loads(x)["status"] for x in again] == ["ok", "invalid", "ok"]
 
@@ -327,7 +279,7 @@ def test_cut_off_invalid_line_pair_is_redone_without_duplicates(tmp_path, monkey
 def test_small_real_study_end_to_end(tmp_path, blobs):
     X, y = blobs
     ds = Dataset(X[:400], y[:400], X[400:], y[400:], [str(c) for c in range(10)])
-    res = bo.run_study("mlp", ds, iterations=3, folds=2, epochs=2, out=tmp_path, init_points=2, name="blobs",
+    res = run_study("mlp", ds, iterations=3, folds=2, epochs=2, out=tmp_path, init_points=2, name="blobs",
                        verbose=0)
     recs = read(res["study_dir"])
     assert [r["status"] for r in recs] == ["ok"] * 3 and [r["seed"] for r in recs] == [0, 1, 2]
@@ -336,7 +288,7 @@ def test_small_real_study_end_to_end(tmp_path, blobs):
         assert r["time_s"] > 0 and r["peak_mem_mb"] > 0 and r["mem_kind"].startswith("cpu")
     best = json.loads((res["study_dir"] / "best.json").read_text())
     assert best["n_train"] == 400 and best["n_test"] == 200 and 0 <= best["test_acc"] <= 1
-    table = bo.summarize(tmp_path)
+    table = summarize(tmp_path)
     assert list(table.columns[:9]) == ["model", "dataset", "best", "worst", "mean", "std", "n_evals", "n_failed",
                                        "n_invalid"]
     row = table.iloc[0]
@@ -344,11 +296,11 @@ def test_small_real_study_end_to_end(tmp_path, blobs):
     assert row.best == max(r["target"] for r in recs) and row.worst == min(r["target"] for r in recs)
     assert row.best > 0.5 and row.test_acc == best["test_acc"]
     assert row.best_params == recs[int(np.argmax([r["target"] for r in recs]))]["hyperparameters"]
-    assert isinstance(bo.load_results(tmp_path), pd.DataFrame)
+    assert isinstance(load_results(tmp_path), pd.DataFrame)
 
 
 def test_command_line_on_an_idx_root(tmp_path, mnist_root, capsys):
-    bo.main(["--model", "mlp", "--dataset", "mnist", "--data-root", str(mnist_root), "--subset", "100",
+    main(["--model", "mlp", "--dataset", "mnist", "--data-root", str(mnist_root), "--subset", "100",
              "--iterations", "2", "--folds", "2", "--epochs", "1", "--init-points", "2", "--out", str(tmp_path),
              "--retrain-subset", "100", "--test-subset", "100"])
     out = capsys.readouterr().out
@@ -356,15 +308,15 @@ def test_command_line_on_an_idx_root(tmp_path, mnist_root, capsys):
     assert "mlp" in out.splitlines()[-1] and len(read(tmp_path / "mlp_mnist")) == 2
     config = json.loads((tmp_path / "mlp_mnist" / "config.json").read_text())
     assert (config["folds"], config["epochs"], config["subset"], config["n_train"]) == (2, 1, 100, 100)
-    assert "bayes_opt" in config["versions"] and config["space"]["batch_size"] == [10, 500, "int"]
-    bo.main(["--summary", "--out", str(tmp_path)])
+    assert config["versions"]["bayesian-optimization"] and config["space"]["batch_size"] == [10, 500, "int"]
+    main(["--summary", "--out", str(tmp_path)])
     assert "mlp" in capsys.readouterr().out
 
 
 def test_compartmental_study_runs_with_capped_phases(tmp_path):
     """Real CompartmentalClassifier through the loop: seeds reach it as seed, phases stay under the cap."""
     ds = tiny_dataset(n=40)
-    res = bo.run_study("compartmental", ds, iterations=2, folds=2, epochs=1, out=tmp_path, init_points=2,
+    res = run_study("compartmental", ds, iterations=2, folds=2, epochs=1, out=tmp_path, init_points=2,
                        max_phase=25, fixed={"batch_size": 10}, retrain=False, verbose=0)
     recs = read(res["study_dir"])
     assert len(recs) == 2
@@ -374,13 +326,76 @@ def test_compartmental_study_runs_with_capped_phases(tmp_path):
         assert 20 <= hp["l_f_phase"] <= 25 and 20 <= hp["l_t_phase"] <= 25
     config = json.loads((res["study_dir"] / "config.json").read_text())
     assert config["max_phase"] == 25 and config["space"]["l_f_phase"] == [20, 25, "int"]
-    assert bo._seed_kw(bo._estimator_accepts("compartmental"), 5) == {"seed": 5}
+    assert seed_kw(estimator_accepts("compartmental"), 5) == {"seed": 5}
 
 
 def test_help_shows_defaults_and_where_the_notebooks_read(capsys):
     with pytest.raises(SystemExit):
-        bo.main(["--help"])
+        main(["--help"])
     text = capsys.readouterr().out
-    assert text.startswith("usage: python -m utils.bayes_opt")
+    assert text.startswith("usage: python -m utils.study")
     assert "training epochs of every evaluation (default: 10)" in " ".join(text.split())
     assert "logs/full" in text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the settings, peak memory, progress, the old module name
+
+
+def test_settings_are_one_frozen_dataclass_saved_in_config(tmp_path):
+    settings = StudySettings()
+    assert (settings.iterations, settings.folds, settings.epochs, settings.out, settings.seed) == (50, 3, 10, "logs", 0)
+    assert settings.start == "reference" and settings.q is None and settings.flip_prob == 0.05 and settings.retrain
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.iterations = 3
+    with pytest.raises(ValueError, match="q=0"):
+        StudySettings(q=0)
+    with pytest.raises(ValueError, match="flip_prob"):
+        StudySettings(flip_prob=2.0)
+    with pytest.raises(TypeError):
+        run_study("mlp", tiny_dataset(), settings, no_such_setting=1)
+    small = StudySettings(iterations=2, folds=2, epochs=1, out=tmp_path, seed=3, init_points=1, retrain=False,
+                          evaluate=smooth_objective, verbose=0)
+    res = run_study("mlp", tiny_dataset(), small)
+    config = json.loads((res["study_dir"] / "config.json").read_text())
+    assert (config["iterations"], config["folds"], config["epochs"], config["seed"], config["q"]) == (2, 2, 1, 3, 1)
+    assert config["start"] == reference_params("mlp", make_space("mlp")) and config["flip_prob"] is None
+    assert [r["seed"] for r in read(res["study_dir"])] == [3, 4]
+    with pytest.raises(ValueError, match="epochs"):  # resume checks the saved settings
+        run_study("mlp", tiny_dataset(), small, epochs=2)
+
+
+def test_peak_memory_records_the_process_peak_on_the_cpu():
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with peak_memory("cpu") as mem:
+        block = torch.ones(64, 2**20 // 4)  # 64 MiB
+    assert mem["mem_kind"] == "cpu_maxrss" and mem["peak_mem_mb"] >= max(before, 64)
+    del block
+    with peak_memory(None) as again:  # the lifetime peak never decreases
+        pass
+    assert again["peak_mem_mb"] >= mem["peak_mem_mb"]
+
+
+def test_progress_bar_counts_evaluations_with_the_best_so_far(capsys):
+    import io
+    from tqdm import tqdm
+    from utils.study import _progress
+    bar = tqdm(total=3, initial=1, file=io.StringIO(), mininterval=0)
+    done = {0: {"target": 0.5}, 1: {"target": 0.7}}
+    _progress(bar, "[mlp/toy]", dict(status="ok", target=0.7, time_s=0.2, reason=None), done, "random")
+    assert bar.n == 2 and bar.postfix == "best=0.7000"
+    line = capsys.readouterr().out
+    assert line.startswith("[mlp/toy] 2/3 cv 0.7000  best 0.7000  0.2 s  ETA ") and line.endswith("(random)\n")
+    quiet = tqdm(total=3, disable=True)
+    _progress(quiet, "[mlp/toy]", dict(status="ok", target=0.7, time_s=0.2, reason=None), done, "random")
+    assert capsys.readouterr().out == ""
+
+
+def test_old_module_name_still_runs_the_study():
+    import utils.bayes_opt
+    import utils.study_log
+    assert utils.bayes_opt.load_results is utils.study_log.load_results
+    run = subprocess.run([sys.executable, "-m", "utils.bayes_opt", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("usage: python -m utils.study"), run.stderr

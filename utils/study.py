@@ -1,0 +1,398 @@
+"""Bayesian optimization of each model's hyperparameters with k-fold cross-validation (the study of issue 5), with
+several evaluations side by side, on every GPU of a machine or of several (issue 18).
+
+Long runs (a GPU server, inside tmux or screen; a run that is killed resumes from its files when started again):
+
+    python -m utils.study --model cnn --dataset cifar10 --iterations 50 --epochs 10 --folds 3 --out logs/
+    python -m utils.study --summary --out logs/            # the table of every study under logs/ (also live)
+    python -m utils.study ... --scheduler tcp://host:8786  # on a running Dask cluster (see README)
+
+(Always `python -m utils.study` from the repository root; `python -m utils.bayes_opt`, its old name, runs the same.)
+
+In a notebook:
+
+    from utils.study import StudySettings, run_study
+    from utils.study_log import load_results, summarize
+    run_study("mlp", "mnist", StudySettings(iterations=50, folds=3, epochs=10, out="logs"))
+    run_study("mlp", "mnist", iterations=50, out="logs")   # the same: keyword overrides of the settings
+    summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, frac_chance, best_params, test_acc
+
+The search spaces, the reference configuration and the parameter conversion are in utils/spaces.py; the proposals
+in utils/propose.py; one evaluation in utils/evaluation.py; the study's files and results in utils/study_log.py;
+where evaluations run (this process or Dask) in utils/cluster.py.
+
+Rounds: each round proposes q points at once (the points proposed earlier in the round enter the Gaussian process
+at a lie, the lowest score so far: with_lies, the constant liar) and evaluates them side by side: in this process
+one after the other (cluster=None; the compartmental candidates of one structure still train as one population),
+or as tasks on Dask distributed (cluster="local": a LocalCluster, or one worker per GPU with dask_cuda; a scheduler
+address or a Client: a running cluster). Every evaluation is appended to the log when it finishes, by this process
+only; the next round starts when the whole round is in. q = 1 in this process is the study as it was before rounds.
+
+The first evaluation is a known configuration (reference(): make_classifier's defaults for the MLP and CNN, the
+paper's network for the compartmental model; source "start"), so the Gaussian process starts from a point that
+learns; `start=None` (`--no-reference`) makes it random like the other init_points. How awkward proposals are
+treated (invalid, duplicate): utils/propose.py; failures (diverged, out of memory): utils/evaluation.py; the
+compartmental flags' prior: utils/propose.py.
+
+Evaluation number i (the record's "iteration", 0-based) trains with seed + i, wherever it runs; the folds are fixed
+by `seed`; the proposals of the round that starts at evaluation i are made from the evaluations before i, with the
+optimizer's random state re-seeded from (seed, i): a study killed half-way through a round, resumed, proposes that
+round again exactly as it was (its records carry the round and its size, even if q changed) and runs only its
+unfinished evaluations, so that it ends as the uninterrupted study would have.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from utils.cluster import ClusterError, Distributed, Local, connect, gpu_count, groups, slots, start_client
+from utils.data import Dataset, get_device, load_dataset, stratified_subset
+from utils.evaluation import estimator_accepts, retrain_task, seed_kw
+from utils.io import append_jsonl, dumps, library_versions, write_json
+from utils.propose import flag_sampler, make_optimizer, propose, register
+from utils.rules import rule_models, split_model
+from utils.spaces import (COMPARTMENTAL_FLAGS, FLIP_PROB, SPACES, check_hyperparameters, make_space,
+                          reference_params, start_point, to_hyperparameters)
+from utils.study_log import (StudyError, best_record, check_config, load_done, load_results, log_records,
+                             study_lock, summarize)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySettings:
+    """How a study runs, all but the model and the dataset (run_study's settings; the command line builds one from
+    its options). Those that shape the results are saved in config.json and checked when the study resumes."""
+    iterations: int = 50                 # trained evaluations in all (invalid proposals do not count)
+    folds: int = 3                       # cross-validation folds of every evaluation
+    epochs: int = 10                     # training epochs of every evaluation
+    out: str | Path = "logs"             # the study's folder is <out>/<model>_<name>/
+    seed: int = 0                        # optimizer and folds; evaluation i trains with seed + i
+    subset: int | None = None            # cross-validate on a stratified subset of the training split (None: all)
+    device: str | None = None            # "cpu", "cuda", ... (None: the data's device here, each worker's own there)
+    init_points: int = 5                 # random configurations before the Gaussian process proposes (the first is
+    #                                      `start`)
+    fixed: dict | None = None            # extra make_classifier arguments of every evaluation (e.g. {"batch_size": 20}
+    #                                      for the compartmental network)
+    max_phase: int | None = None         # cap of the compartmental phase lengths in the space (reduced runs)
+    retrain: bool = True                 # afterwards fit the best on the training split, score it on the test split
+    #                                      -> best.json
+    retrain_subset: int | None = None    # ... on a stratified subset of this many training examples (None: all)
+    test_subset: int | None = None       # ... scored on a stratified subset of the test split (None: all)
+    data_root: str | None = None         # where a dataset given by name is loaded from (None: $BIODL_DATA, else ./data)
+    name: str | None = None              # the dataset's name in the folder and tables (None: the name given, else
+    #                                      "custom" for a utils.data.Dataset)
+    evaluate: Callable | None = None     # evaluate(hyperparameters) -> per-fold scores, replacing make_classifier +
+    #                                      cross-validation (tests)
+    start: str | dict | None = "reference"  # evaluation 0: "reference" (spaces.reference_params: the paper's network
+    #                                      for the compartmental model, its rates scaled for a fixed batch size), a
+    #                                      dict (that point of the space), None (random)
+    q: int | None = None                 # evaluations per round, side by side (None: 1 in this process, the
+    #                                      cluster's worker threads on a cluster)
+    cluster: object = None               # None (this process), "local" (a Dask cluster started and closed here: one
+    #                                      worker per GPU, else CPU workers), "tcp://host:8786", a distributed.Client
+    flip_prob: float | None = FLIP_PROB  # compartmental random draws: the paper's flags, each flipped with this
+    #                                      probability, the GP picking among such draws; None: uniform flags and
+    #                                      bayes_opt's own suggestions (the seed study)
+    verbose: int = 1                     # 0: silent; 1: a progress bar per study and a line per evaluation
+
+    def __post_init__(self):
+        if self.q is not None and (not isinstance(self.q, (int, np.integer)) or self.q < 1):
+            raise ValueError(f"q={self.q!r}: give a positive number of evaluations per round")
+        if self.flip_prob is not None and not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"flip_prob={self.flip_prob!r}: give a probability in [0, 1], or None for uniform flags")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One study as it runs: its settings (resolved: name, q, start, fixed, flip_prob), data and where it trains."""
+    model: str
+    settings: StudySettings
+    ds: Dataset
+    study_dir: Path
+    space: dict
+    in_shape: tuple
+    chance: float
+    dev: object          # the torch.device of this process's data
+    base: dict           # make_classifier arguments of every evaluation: max_epochs, device, verbose
+    accepts: set         # make_classifier's keyword names beyond the searched ones (evaluation.estimator_accepts)
+    executor: object     # utils.cluster.Local or Distributed
+
+
+def run_study(model, dataset, settings=None, **overrides):
+    """Tune `model` ("mlp", "cnn", "compartmental", or one under another rule: "mlp-fa", ...) on `dataset` by
+    Bayesian optimization of the mean cross-validated accuracy (settings.folds folds after settings.epochs epochs);
+    settings.iterations trained evaluations in all (resumes from <out>/<model>_<name>/ when it exists: the ones
+    already logged are not redone). `settings`: a StudySettings (default: StudySettings()), `overrides` replace its
+    fields (run_study("mlp", "mnist", iterations=5)). dataset: a name of utils.data.DATASETS, or a
+    utils.data.Dataset. Returns dict(study_dir, evals (DataFrame), summary (one-row DataFrame), best (record),
+    test_acc)."""
+    S = dataclasses.replace(settings or StudySettings(), **overrides)
+    if split_model(model)[0] not in SPACES:
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
+    if isinstance(dataset, str):
+        S, ds = dataclasses.replace(S, name=S.name or dataset), load_dataset(dataset, root=S.data_root,
+                                                                             device=S.device)
+    elif isinstance(dataset, Dataset):
+        S, ds = dataclasses.replace(S, name=S.name or "custom"), dataset
+    else:
+        raise TypeError(f"dataset must be a dataset name or a utils.data.Dataset, not {type(dataset).__name__}")
+    X, y = ds.X_train, ds.y_train
+    if S.subset:
+        X, y = stratified_subset(X, y, int(S.subset), seed=S.seed)
+    dev = get_device(S.device) if S.device is not None else X.device
+    n_classes, in_shape = len(ds.classes), tuple(int(d) for d in X.shape[1:])
+    space = make_space(model, S.max_phase)
+    fixed = dict(S.fixed or {})
+    S = dataclasses.replace(S, fixed=fixed, start=start_point(model, space, S.start, fixed.get("batch_size")),
+                            flip_prob=S.flip_prob if model == "compartmental" else None)
+
+    study_dir = Path(S.out) / f"{model}_{S.name}"
+    study_dir.mkdir(parents=True, exist_ok=True)
+    config = dict(model=model, dataset=S.name, folds=S.folds, epochs=S.epochs, seed=S.seed, subset=S.subset,
+                  n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=S.init_points,
+                  fixed=S.fixed, max_phase=S.max_phase, space=space, start=S.start, flip_prob=S.flip_prob)
+    client, own_cluster = connect(S.cluster, S.verbose)
+    try:
+        with study_lock(study_dir):
+            check_config(study_dir, config)
+            S = dataclasses.replace(S, q=S.q or (1 if client is None else slots(client)))
+            write_json(study_dir / "config.json", {**config, "iterations": S.iterations, "q": S.q,
+                                                   "versions": library_versions(dev)})
+            accepts = estimator_accepts(model)
+            device = str(dev) if client is None else S.device
+            base = {k: v for k, v in dict(max_epochs=S.epochs, device=device, verbose=0).items() if k in accepts}
+            ctx = dict(model=model, folds=S.folds, seed=S.seed, chance=1.0 / n_classes,
+                       token=f"{study_dir}:{len(y)}", device=device)
+            executor = (Local((X, y), ctx, S.evaluate) if client is None
+                        else Distributed(client, (X, y), ctx, S.evaluate))
+            run = _Run(model, S, ds, study_dir, space, in_shape, 1.0 / n_classes, dev, base, accepts, executor)
+            try:
+                records = _run_rounds(run)
+                test_acc, best = None, best_record(records)
+                if S.retrain and best is not None:
+                    test_acc = _retrain(run, best, len({r["iteration"] for r in records if r["status"] != "invalid"}))
+            finally:
+                executor.close()
+    finally:
+        if own_cluster is not None:
+            client.close()
+            own_cluster.close()
+    evals = load_results(study_dir)
+    return dict(study_dir=study_dir, evals=evals, summary=summarize(evals), best=best, test_acc=test_acc)
+
+
+def _next_round(done, iterations, q):
+    """(first iteration, size) of the round to run: the unfinished round that holds the first missing evaluation,
+    as it was started (its records carry round and round_size), else the next q evaluations."""
+    first = min(i for i in range(iterations + len(done) + 1) if i not in done)
+    for r in done.values():
+        start, size = int(r.get("round", r["iteration"])), int(r.get("round_size", 1))
+        if start <= first < start + size:
+            return start, size
+    return first, max(1, min(q, iterations - first))
+
+
+def _run_rounds(run):
+    """The study's loop: rounds of q proposals evaluated side by side, each logged when it finishes; returns the
+    log's records."""
+    model, S = run.model, run.settings
+    log_path = run.study_dir / "evals.jsonl"
+    rng = np.random.RandomState(S.seed)
+    optimizer = make_optimizer(run.space, rng)
+    sample = None
+    if S.flip_prob is not None:
+        ref = reference_params(model, run.space)
+        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in COMPARTMENTAL_FLAGS}, S.flip_prob)
+
+    def check(params):
+        return check_hyperparameters(model, to_hyperparameters(model, params), run.in_shape)
+
+    records, done = load_done(log_path)
+    registered = set()
+
+    def register_below(limit):
+        for it in sorted(done):
+            if it < limit and it not in registered:
+                register(optimizer, done[it]["params"], done[it]["target"])
+                registered.add(it)
+
+    tag = f"[{model}/{S.name}]"
+    bar = tqdm(total=S.iterations, initial=len(done), desc=f"{model}/{S.name}", unit="eval", disable=not S.verbose,
+               leave=False, mininterval=0)
+    if S.verbose and done:
+        bar.write(f"{tag} resuming {run.study_dir}: {len(done)} evaluations done", file=sys.stdout)
+    while len(done) < S.iterations:
+        first, size = _next_round(done, S.iterations, S.q)
+        register_below(first)
+        picked = propose(optimizer, rng, S.seed, first, S.init_points, check, S.start, size=size, sample=sample)
+        meta, jobs = {}, []
+        for it, (params, source, rejected, invalid) in enumerate(picked, start=first):
+            if it in done:
+                continue
+            hp = to_hyperparameters(model, params)
+            meta[it] = (params, source, rejected, invalid, hp)
+            jobs.append((it, {**run.base, **seed_kw(run.accepts, S.seed + it), **hp, **S.fixed}))
+        for _, results in run.executor.run(groups(model, jobs, S.evaluate)):
+            for it, result in results:
+                new = log_records(model, it, first, size, S.seed, meta[it], result)
+                append_jsonl(log_path, *new)
+                records += [json.loads(dumps(r)) for r in new]
+                done[it] = records[-1]
+                _progress(bar, tag, result, done, meta[it][1])
+        register_below(first + size)
+    bar.close()
+    return records
+
+
+def _progress(bar, tag, result, done, source):
+    """One more evaluation on the study's bar (the best so far in its postfix) and, when the bar is on (verbose),
+    a line above it: score, best so far, time, and the bar's own estimate of the time left."""
+    best = max(r["target"] for r in done.values())
+    bar.set_postfix(best=f"{best:.4f}", refresh=False)
+    bar.update(1)
+    if bar.disable:
+        return
+    d = bar.format_dict
+    eta = tqdm.format_interval((d["total"] - d["n"]) / d["rate"]) if d["rate"] else "?"
+    what = (f"cv {result['target']:.4f}" if result["status"] == "ok"
+            else f"{result['status']} at chance ({(result['reason'] or '')[:80]})")
+    bar.write(f"{tag} {len(done)}/{d['total']} {what}  best {best:.4f}  {result['time_s']:.1f} s  ETA {eta}  "
+              f"({source})", file=sys.stdout)
+
+
+def _retrain(run, best, n_evals):
+    """Fit the best configuration on the training split, score it on the test split, write best.json."""
+    S, ds = run.settings, run.ds
+    path = run.study_dir / "best.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if (old.get("iteration"), old.get("n_evals"), old.get("retrain_subset"), old.get("test_subset")) == \
+                (best["iteration"], n_evals, S.retrain_subset, S.test_subset):
+            return old.get("test_acc")
+    X, y, Xt, yt = ds.X_train, ds.y_train, ds.X_test, ds.y_test
+    if S.retrain_subset:
+        X, y = stratified_subset(X, y, int(S.retrain_subset), seed=S.seed)
+    if S.test_subset:
+        Xt, yt = stratified_subset(Xt, yt, int(S.test_subset), seed=S.seed)
+    kw = {**run.base, **seed_kw(run.accepts, S.seed), **best["hyperparameters"], **S.fixed}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    if S.verbose:
+        print(f"[{run.model}/{S.name}] retraining the best (#{best['iteration']}, cv {best['target']:.4f}) on "
+              f"{len(y)} examples", flush=True)
+    result = run.executor.call(retrain_task, run.model, kw, (X, y), (Xt, yt), run.chance,
+                               str(run.dev) if run.base.get("device") is not None else None)
+    test_acc = result["target"] if result["status"] == "ok" else None
+    write_json(path, dict(iteration=best["iteration"], n_evals=n_evals, cv_mean=best["target"],
+                          hyperparameters=best["hyperparameters"], params=best["params"], test_acc=test_acc,
+                          status=result["status"], reason=result["reason"], n_train=len(y), n_test=len(yt),
+                          retrain_subset=S.retrain_subset, test_subset=S.test_subset, time_s=result["time_s"],
+                          peak_mem_mb=result["peak_mem_mb"], mem_kind=result["mem_kind"]))
+    return test_acc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m utils.study",
+                                description="Bayesian optimization of a model's hyperparameters with k-fold "
+                                            "cross-validation; resumes from --out when started again.",
+                                epilog="The notebooks read finished full studies from logs/full: run the full study "
+                                       "with --out logs/full (README, 'The full replication').",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", default=["mlp"], choices=(*SPACES, *rule_models()),
+                   help="models to tune (mlp-fa, cnn-sign, ...: the MLP or CNN under another learning rule)")
+    p.add_argument("--dataset", nargs="+", default=["mnist"], choices=("mnist", "fashion", "cifar10"),
+                   help="datasets, one study per model and dataset")
+    p.add_argument("--iterations", type=int, default=50, help="trained evaluations per study")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of every evaluation")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds per evaluation")
+    p.add_argument("--out", default="logs", help="studies go to OUT/<model>_<dataset>/")
+    p.add_argument("--seed", type=int, default=0, help="seed of the optimizer, folds and models")
+    p.add_argument("--subset", type=int, default=None, help="cross-validate on a stratified subset of the training "
+                                                            "split")
+    p.add_argument("--init-points", type=int, default=5, help="random configurations before the GP proposes")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--data-root", default=None, help="default: $BIODL_DATA, else ./data")
+    p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (compartmental; the backprop "
+                                                                "nets search theirs)")
+    p.add_argument("--max-phase", type=int, default=None, help="cap the compartmental phase lengths (reduced runs)")
+    p.add_argument("--flip-prob", type=float, default=FLIP_PROB, help="compartmental: probability of flipping each "
+                   "option flag of the paper's configuration in random draws (0.5: uniform, as the seed study)")
+    p.add_argument("--q", type=int, default=None, help="evaluations per round, run side by side (default: 1 in "
+                   "this process, else the cluster's worker threads)")
+    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786 "
+                   "(see README: dask scheduler + one dask worker per GPU)")
+    p.add_argument("--workers", type=int, default=None, help="start a local Dask cluster of this many workers "
+                   "(0: evaluate in this process; default: one worker per GPU when there are GPUs, else 0)")
+    p.add_argument("--threads", type=int, default=None, help="evaluations at once per local worker (default: "
+                   "1 per CPU worker, 2 per GPU worker)")
+    p.add_argument("--no-retrain", action="store_true", help="skip retraining the best on the full training split")
+    p.add_argument("--retrain-subset", type=int, default=None)
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--no-reference", action="store_true", help="make the first evaluation random instead of the "
+                                                                "reference configuration (reference())")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--summary", action="store_true", help="only print the table of the studies under --out (also "
+                                                          "while they run)")
+    args = p.parse_args(argv)
+    for name in ("iterations", "epochs", "q", "workers", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "workers" else 1):
+            p.error(f"--{name} {value}: give a positive number" + (" (or 0)" if name == "workers" else ""))
+    if args.folds < 2:
+        p.error(f"--folds {args.folds}: cross-validation needs at least 2 folds")
+    if not 0 <= args.flip_prob <= 1:
+        p.error(f"--flip-prob {args.flip_prob}: give a probability in [0, 1]")
+    try:
+        if not args.summary:
+            _run_cli_studies(args)
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+            print(summarize(args.out))
+    except (ValueError, StudyError) as e:
+        sys.exit(f"error: {e}")
+
+
+def settings_from_args(args, client=None):
+    """The StudySettings of the command line's options (the compartmental-only ones applied per model by
+    _run_cli_studies)."""
+    return StudySettings(iterations=args.iterations, folds=args.folds, epochs=args.epochs, out=args.out,
+                         seed=args.seed, subset=args.subset, device=args.device, init_points=args.init_points,
+                         retrain=not args.no_retrain, retrain_subset=args.retrain_subset,
+                         test_subset=args.test_subset, data_root=args.data_root, q=args.q, cluster=client,
+                         flip_prob=args.flip_prob, start=None if args.no_reference else "reference",
+                         verbose=0 if args.quiet else 1)
+
+
+def _run_cli_studies(args):
+    client = own = None
+    workers = args.workers if args.workers is not None else (1 if gpu_count() and args.scheduler is None else 0)
+    try:
+        if args.scheduler is not None or workers > 0:
+            client, own = start_client(args.scheduler, workers=workers or None, threads=args.threads,
+                                       verbose=0 if args.quiet else 1)
+    except ClusterError as e:
+        raise StudyError(str(e)) from None
+    try:
+        settings = settings_from_args(args, client)
+        for model in args.model:
+            comp = model == "compartmental"
+            own_settings = dataclasses.replace(settings, max_phase=args.max_phase if comp else None,
+                                               fixed={"batch_size": args.batch_size} if comp and args.batch_size
+                                               else None)
+            for dataset in args.dataset:
+                run_study(model, dataset, own_settings)
+    finally:
+        if own is not None:
+            client.close()
+            own.close()
+
+
+if __name__ == "__main__":
+    main()
