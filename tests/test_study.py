@@ -370,7 +370,8 @@ def test_peak_memory_records_the_process_peak_on_the_cpu():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with peak_memory("cpu") as mem:
         block = torch.ones(64, 2**20 // 4)  # 64 MiB
-    assert mem["mem_kind"] == "cpu_maxrss" and mem["peak_mem_mb"] >= max(before, 64)
+    # peak_mem_mb is rounded to 0.1 MiB: compare within that rounding
+    assert mem["mem_kind"] == "cpu_maxrss" and mem["peak_mem_mb"] >= max(before, 64) - 0.05
     del block
     with peak_memory(None) as again:  # the lifetime peak never decreases
         pass
