@@ -9,7 +9,10 @@ network has its own `--compartmental-iterations`, `--compartmental-subset` and `
 examples for it to learn: it needs several thousand updates before it leaves chance), a fixed
 `--compartmental-batch-size`, a test phase of `--test-phase` steps (250 in the paper) and its searched phase lengths
 capped at `--max-phase` time steps (still searched, in [20, max_phase]); its option flags are drawn from the paper's
-configuration with `--flip-prob`. The best of each study is retrained on a stratified `--retrain-subset` (not the
+configuration with `--flip-prob`. By default (`--compartmental-search numbers`) its structure is held at the
+paper's (flags, time step, phases, one hidden layer of 500) and only its numbers are searched (rates, conductances,
+time constants, reversal potentials, lambda_max), so that each round's `--compartmental-q` candidates train with
+their folds as one population (`fit_population`); `--compartmental-search all` searches the whole space. The best of each study is retrained on a stratified `--retrain-subset` (not the
 full split) and scored on a stratified `--test-subset` of the test split. Evaluations run `--q` at a time on a local
 Dask cluster of `--workers` processes (`--workers 0`: in this process). Prints each study's wall time, the total,
 and the results table.
@@ -19,6 +22,7 @@ oversubscribed the cores and made a small MLP cross-validation 16x slower (15.8 
 """
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -42,15 +46,15 @@ def main(argv=None):
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--subset", type=int, default=1000, help="training examples cross-validated (MLP, CNN)")
-    p.add_argument("--compartmental-iterations", type=int, default=4)
-    p.add_argument("--compartmental-subset", type=int, default=8000, help="2 folds: 4,000 train, 4,000 test")
-    p.add_argument("--compartmental-epochs", type=int, default=3)
+    p.add_argument("--compartmental-iterations", type=int, default=3)
+    p.add_argument("--compartmental-subset", type=int, default=10000, help="2 folds: 5,000 train, 5,000 test")
+    p.add_argument("--compartmental-epochs", type=int, default=4)
     p.add_argument("--test-phase", type=int, default=100, help="compartmental test phase, time steps (paper: 250)")
     p.add_argument("--flip-prob", type=float, default=None, help="compartmental flag flips (default: the study's)")
     p.add_argument("--compartmental-batch-size", type=int, default=16, help="fixed (not searched) batch size")
     p.add_argument("--max-phase", type=int, default=60, help="cap of the compartmental phase lengths (time steps)")
     p.add_argument("--retrain-subset", type=int, default=2000, help="examples the best is retrained on (MLP, CNN)")
-    p.add_argument("--compartmental-retrain-subset", type=int, default=4000)
+    p.add_argument("--compartmental-retrain-subset", type=int, default=5000)
     p.add_argument("--test-subset", type=int, default=500, help="test examples scoring the retrained best")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -58,9 +62,16 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="delete --out first")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared 2-core machine two "
                                                           "threads oversubscribe and run many times slower)")
-    p.add_argument("--workers", type=int, default=2, help="local Dask workers (0: evaluate in this process)")
-    p.add_argument("--q", type=int, default=None, help="evaluations per round (default: one per worker)")
+    p.add_argument("--workers", type=int, default=0, help="local Dask workers (0: evaluate in this process; on this "
+                                                          "CPU a cluster was slower, see README)")
+    p.add_argument("--q", type=int, default=None, help="MLP/CNN evaluations per round (default: one per worker)")
+    p.add_argument("--compartmental-q", type=int, default=3, help="compartmental evaluations per round: with the "
+                   "structure held they train, with their folds, as one population")
     p.add_argument("--quiet", action="store_true", help="no progress line per evaluation")
+    p.add_argument("--compartmental-search", choices=("numbers", "all"), default="numbers",
+                   help="numbers: the paper's structure held (flags, time step, phases, layers), its rates, "
+                        "conductances and time constants searched, a round's candidates trained as one population; "
+                        "all: the whole space (the structure drawn too)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +93,8 @@ def main(argv=None):
     compartmental = dataclasses.replace(
         settings, iterations=args.compartmental_iterations, epochs=args.compartmental_epochs,
         subset=args.compartmental_subset, retrain_subset=args.compartmental_retrain_subset, max_phase=args.max_phase,
-        fixed={"batch_size": args.compartmental_batch_size, "l_f_phase_test": args.test_phase})
+        q=args.compartmental_q, fixed={"batch_size": args.compartmental_batch_size, "l_f_phase_test": args.test_phase},
+        hold="structure" if args.compartmental_search == "numbers" else None)
     try:
         for model in args.models:
             for dataset in args.datasets:
@@ -105,8 +117,9 @@ def main(argv=None):
     print(f"\nreduced study: {args.iterations} iterations, {args.folds} folds, {args.epochs} epochs, subset "
           f"{args.subset} (compartmental: {args.compartmental_iterations} iterations, {args.compartmental_epochs} "
           f"epochs, subset {args.compartmental_subset}, batch {args.compartmental_batch_size}, phases <= "
-          f"{args.max_phase} steps, test phase {args.test_phase}); workers {args.workers}, q {args.q or 'auto'}; "
-          f"wall time {total:.0f} s ({total / 60:.1f} min)")
+          f"{args.max_phase} steps, test phase {args.test_phase}, search {args.compartmental_search}, q "
+          f"{args.compartmental_q}); workers {args.workers}, q {args.q or 'auto'}, torch threads {args.threads}; "
+          f"wall time {total:.0f} s ({total / 60:.1f} min), load average at the end {os.getloadavg()[0]:.1f}")
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 90,
                            "display.float_format", "{:.3f}".format):
         print(table.drop(columns="best_params").to_string(index=False))

@@ -54,3 +54,19 @@ def test_check_hyperparameters_names_the_invalid_cnn_block():
     assert check_hyperparameters("cnn", good, (1, 28, 28)) is None
     reason = check_hyperparameters("cnn", dict(good, channels=(8,) * 5, kernel_sizes=(3,) * 5), (1, 28, 28))
     assert reason and "block 5" in reason
+
+
+def test_held_structure_is_the_papers_and_leaves_the_numbers_searched():
+    from utils.spaces import STRUCTURE, held_params, reference_params
+    held = held_params("compartmental", "structure", batch_size=16)
+    full = make_space("compartmental")
+    assert set(held) == set(STRUCTURE) and held == {k: reference_params("compartmental", full, 16)[k] for k in held}
+    assert held["n_layers"] == 1 and held["units_1"] == 500 and held["l_f_phase"] == 50
+    space = make_space("compartmental", held=held)
+    assert set(space) == set(full) - set(STRUCTURE)
+    assert {"lambda_max", "tau_s", "g_B", "log10_f_eta_hidden", "log10_f_eta_out"} <= set(space)
+    assert held_params("mlp", ["batch_size"]) == {"batch_size": reference_params("mlp", make_space("mlp"))["batch_size"]}
+    with pytest.raises(ValueError, match="compartmental"):
+        held_params("mlp", "structure")
+    with pytest.raises(ValueError, match="not parameters"):
+        held_params("compartmental", ["no_such_parameter"])

@@ -331,3 +331,24 @@ def test_config_json_is_strict_json(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(load_results(study)) == 2
+
+
+def test_compartmental_study_holding_the_structure_trains_each_round_as_one_population(tmp_path):
+    """hold="structure": every candidate has the paper's structure (so a round's candidates form one population
+    group) and differs only in its numbers; the held values are in config.json."""
+    from utils.cluster import structure_key
+    seen = []
+
+    def fake(hp):
+        seen.append(hp)
+        return [0.5, 0.5]
+
+    res = run_study("compartmental", tiny_dataset(), iterations=5, folds=2, epochs=1, out=tmp_path, init_points=3,
+                    evaluate=fake, retrain=False, fixed={"batch_size": 16}, hold="structure", q=3, verbose=0)
+    assert len(seen) == 5 and len({structure_key("compartmental", {**hp, "batch_size": 16}) for hp in seen}) == 1
+    assert len({hp["lambda_max"] for hp in seen}) == 5            # the numbers are searched
+    assert all(hp["n_hidden"] == (500,) and hp["use_spiking_feedback"] for hp in seen)
+    jobs = [(i, {**hp, "batch_size": 16}) for i, hp in enumerate(seen[:3])]
+    assert [len(g) for g in groups("compartmental", jobs, None)] == [3]   # the first round: one population
+    config = json.loads((res["study_dir"] / "config.json").read_text())
+    assert config["held"]["units_1"] == 500 and "units_1" not in config["space"]

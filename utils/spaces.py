@@ -130,16 +130,41 @@ def start_point(model, space, start, batch_size=None):
     return start
 
 
-def make_space(model, max_phase=None):
-    """The search space of `model` (a copy of SPACES[model]); max_phase caps the compartmental phase lengths (reduced
-    runs only: the phases are still searched, within [lower bound, max_phase])."""
+# the compartmental network's structure: what the members of one population must share (utils.compartmental.
+# fit_population); held at the paper's values (hold="structure"), a study searches only its numbers and each
+# round of q candidates trains, with their folds, as one population
+STRUCTURE = (*COMPARTMENTAL_FLAGS, "dt", "l_f_phase", "l_t_phase", "integration_frac", "n_layers",
+             *(f"units_{i}" for i in range(1, MAX_LAYERS + 1)))
+
+
+def held_params(model, hold, max_phase=None, batch_size=None):
+    """The space parameters a study holds at the reference configuration (reference_params), removed from its search:
+    hold = None (none), "structure" (the compartmental STRUCTURE) or a list of parameter names."""
+    if not hold:
+        return {}
+    names = STRUCTURE if hold == "structure" else tuple(hold)
+    if hold == "structure" and split_model(model)[0] != "compartmental":
+        raise ValueError("hold='structure' applies to the compartmental model; give parameter names for the others")
+    full = make_space(model, max_phase)
+    unknown = sorted(set(names) - set(full))
+    if unknown:
+        raise ValueError(f"hold: {unknown} are not parameters of the {model} search space ({', '.join(full)})")
+    ref = reference_params(model, full, batch_size)
+    return {k: ref[k] for k in names}
+
+
+def make_space(model, max_phase=None, held=()):
+    """The search space of `model` (a copy of SPACES[model]) without the `held` parameters; max_phase caps the
+    compartmental phase lengths (reduced runs only: the phases are still searched, within [lower bound, max_phase])."""
     if split_model(model)[0] not in SPACES:   # "mlp-fa" ...: the kind's space
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)} and {', '.join(rule_models())}")
-    space = dict(SPACES[split_model(model)[0]])
+    space = {k: v for k, v in SPACES[split_model(model)[0]].items() if k not in held}
     if max_phase is not None:
         if model != "compartmental":
             raise ValueError("max_phase only applies to the compartmental model")
         for key in ("l_f_phase", "l_t_phase"):
+            if key not in space:
+                continue
             lo, hi, typ = space[key]
             if max_phase < lo:
                 raise ValueError(f"max_phase={max_phase} is below the lower bound {lo} of {key}")

@@ -57,8 +57,8 @@ from utils.evaluation import estimator_accepts, retrain_task, seed_kw
 from utils.io import append_jsonl, dumps, library_versions, write_json
 from utils.propose import flag_sampler, make_optimizer, propose, register
 from utils.rules import rule_models, split_model
-from utils.spaces import (COMPARTMENTAL_FLAGS, FLIP_PROB, SPACES, check_hyperparameters, make_space,
-                          reference_params, start_point, to_hyperparameters)
+from utils.spaces import (COMPARTMENTAL_FLAGS, FLIP_PROB, SPACES, check_hyperparameters, held_params,
+                          make_space, reference_params, start_point, to_hyperparameters)
 from utils.study_log import (StudyError, best_record, check_config, load_done, load_results, log_records,
                              study_lock, summarize)
 
@@ -79,6 +79,9 @@ class StudySettings:
     fixed: dict | None = None            # extra make_classifier arguments of every evaluation (e.g. {"batch_size": 20}
     #                                      for the compartmental network)
     max_phase: int | None = None         # cap of the compartmental phase lengths in the space (reduced runs)
+    hold: str | tuple | None = None      # space parameters held at the reference, not searched: "structure" (the
+    #                                      compartmental network's, spaces.STRUCTURE: a round of q candidates then
+    #                                      trains as one population) or parameter names
     retrain: bool = True                 # afterwards fit the best on the training split, score it on the test split
     #                                      -> best.json
     retrain_subset: int | None = None    # ... on a stratified subset of this many training examples (None: all)
@@ -115,6 +118,7 @@ class _Run:
     ds: Dataset
     study_dir: Path
     space: dict
+    held: dict           # parameters held at the reference (settings.hold), merged into every point of `space`
     in_shape: tuple
     chance: float
     dev: object          # the torch.device of this process's data
@@ -146,8 +150,9 @@ def run_study(model, dataset, settings=None, **overrides):
         X, y = stratified_subset(X, y, int(S.subset), seed=S.seed)
     dev = get_device(S.device) if S.device is not None else X.device
     n_classes, in_shape = len(ds.classes), tuple(int(d) for d in X.shape[1:])
-    space = make_space(model, S.max_phase)
     fixed = dict(S.fixed or {})
+    held = held_params(model, S.hold, S.max_phase, fixed.get("batch_size"))
+    space = make_space(model, S.max_phase, held)
     S = dataclasses.replace(S, fixed=fixed, start=start_point(model, space, S.start, fixed.get("batch_size")),
                             flip_prob=S.flip_prob if model == "compartmental" else None)
 
@@ -156,6 +161,8 @@ def run_study(model, dataset, settings=None, **overrides):
     config = dict(model=model, dataset=S.name, folds=S.folds, epochs=S.epochs, seed=S.seed, subset=S.subset,
                   n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=S.init_points,
                   fixed=S.fixed, max_phase=S.max_phase, space=space, start=S.start, flip_prob=S.flip_prob)
+    if held:                                 # (absent when nothing is held: older studies resume unchanged)
+        config["held"] = held
     client, own_cluster = connect(S.cluster, S.verbose)
     try:
         with study_lock(study_dir):
@@ -170,7 +177,8 @@ def run_study(model, dataset, settings=None, **overrides):
                        token=f"{study_dir}:{len(y)}", device=device)
             executor = (Local((X, y), ctx, S.evaluate) if client is None
                         else Distributed(client, (X, y), ctx, S.evaluate))
-            run = _Run(model, S, ds, study_dir, space, in_shape, 1.0 / n_classes, dev, base, accepts, executor)
+            run = _Run(model, S, ds, study_dir, space, held, in_shape, 1.0 / n_classes, dev, base, accepts,
+                       executor)
             try:
                 records = _run_rounds(run)
                 test_acc, best = None, best_record(records)
@@ -207,10 +215,14 @@ def _run_rounds(run):
     sample = None
     if S.flip_prob is not None:
         ref = reference_params(model, run.space)
-        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in COMPARTMENTAL_FLAGS}, S.flip_prob)
+        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in COMPARTMENTAL_FLAGS if f in run.space},
+                              S.flip_prob)
+
+    def hyperparameters(params):
+        return to_hyperparameters(model, {**run.held, **params})
 
     def check(params):
-        return check_hyperparameters(model, to_hyperparameters(model, params), run.in_shape)
+        return check_hyperparameters(model, hyperparameters(params), run.in_shape)
 
     records, done = load_done(log_path)
     registered = set()
@@ -234,8 +246,9 @@ def _run_rounds(run):
         for it, (params, source, rejected, invalid) in enumerate(picked, start=first):
             if it in done:
                 continue
-            hp = to_hyperparameters(model, params)
-            meta[it] = (params, source, rejected, invalid, hp)
+            hp = hyperparameters(params)
+            invalid_hp = None if invalid is None else hyperparameters(invalid[0])
+            meta[it] = (params, source, rejected, invalid, hp, invalid_hp)
             jobs.append((it, {**run.base, **seed_kw(run.accepts, S.seed + it), **hp, **S.fixed}))
         for _, results in run.executor.run(groups(model, jobs, S.evaluate)):
             for it, result in results:
@@ -315,6 +328,10 @@ def main(argv=None):
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds per evaluation")
     p.add_argument("--out", default="logs", help="studies go to OUT/<model>_<dataset>/")
     p.add_argument("--seed", type=int, default=0, help="seed of the optimizer, folds and models")
+    p.add_argument("--hold", nargs="+", default=None, metavar="PARAM",
+                   help="search-space parameters held at the reference configuration instead of searched; "
+                        "'structure': the compartmental network's flags, time step, phases and layers, so that each "
+                        "round's candidates train as one population (compartmental studies only)")
     p.add_argument("--subset", type=int, default=None, help="cross-validate on a stratified subset of the training "
                                                             "split")
     p.add_argument("--init-points", type=int, default=5, help="random configurations before the GP proposes")
@@ -383,7 +400,9 @@ def _run_cli_studies(args):
         settings = settings_from_args(args, client)
         for model in args.model:
             comp = model == "compartmental"
+            hold = None if not args.hold else "structure" if args.hold == ["structure"] else tuple(args.hold)
             own_settings = dataclasses.replace(settings, max_phase=args.max_phase if comp else None,
+                                               hold=hold if comp or hold != "structure" else None,
                                                fixed={"batch_size": args.batch_size} if comp and args.batch_size
                                                else None)
             for dataset in args.dataset:

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from utils.io import dumps, write_bytes, write_jsonl
-from utils.spaces import SPACES, to_hyperparameters
+from utils.spaces import SPACES
 
 try:
     import fcntl
@@ -120,13 +120,14 @@ def load_done(log_path):
 
 def log_records(model, it, first, size, seed, meta, result):
     """The log lines of a finished evaluation `it` of the round (first, size): its invalid predecessor (if any) and
-    its record. meta: (params, source, rejected, invalid, hyperparameters) of its proposal; result: run_evaluation's."""
-    params, source, rejected, invalid, hp = meta
+    its record. meta: (params, source, rejected, invalid, hyperparameters, the invalid one's hyperparameters) of its
+    proposal; result: run_evaluation's."""
+    params, source, rejected, invalid, hp, invalid_hp = meta
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
     new = []
     if invalid is not None:  # logged with the evaluation that replaced it (one write: both lines or none)
         new.append(dict(iteration=it, status="invalid", target=None, fold_scores=None, params=invalid[0],
-                        hyperparameters=to_hyperparameters(model, invalid[0]), seed=None, time_s=0.0,
+                        hyperparameters=invalid_hp, seed=None, time_s=0.0,
                         peak_mem_mb=None, mem_kind=None, source="bo", rejected=0, reason=invalid[1], round=first,
                         round_size=size, finished=stamp))
     new.append(dict(iteration=it, status=result["status"], target=result["target"],
