@@ -135,7 +135,7 @@ def population_one(P, B, device, threads, n_batches):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    from utils.compartmental import _train
+    from utils.compartmental_population import _train
     _train(members, [(X[p * B:(p + 1) * B], y[p * B:(p + 1) * B]) for p in range(P)], [1] * P)   # warm-up
     sync()
     n = B * n_batches

@@ -108,7 +108,7 @@ def test_spiking_engine_matches_reference_in_distribution(flags):
               lambda_max=1.0, seed=0, **flags)
     clf = CompartmentalClassifier(**kw).initialize(N_IN, np.arange(N_CLASSES))
     pop = engine.Population([clf], 400, states=[clf._fresh_state(400)], bind=False)
-    from utils.compartmental import _uniforms
+    from utils.compartmental_population import _uniforms
     ours = pop.phase(x.unsqueeze(0), np.array([30]), None, 10, _uniforms([clf], [x], [30], pop))
     net = R.Network(clf.config())
     net.reset(400)
@@ -562,7 +562,7 @@ def test_string_labels_and_numpy_input():
 def test_population_larger_than_memory_trains_in_chunks(monkeypatch):
     """P is limited by the estimate made before the run: with room for 2 members, 3 train as chunks of 2 and 1,
     and each still equals its lone run."""
-    import utils.compartmental as cm
+    import utils.compartmental_population as cm
     ests, data = _population_case("float64", dict(use_spiking_feedback=False, use_spiking_feedforward=False))
     lone = [clone(e).fit(*d) for e, d in zip(ests, data)]
     per = cm.member_bytes(clone(ests[0]).initialize(N_IN, np.arange(N_CLASSES)), 8)

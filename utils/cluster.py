@@ -23,7 +23,7 @@ from concurrent.futures import CancelledError
 import numpy as np
 import torch
 
-from utils.compartmental import POPULATION_SHARED
+from utils.compartmental_population import POPULATION_SHARED
 from utils.data import get_device
 from utils.evaluation import run_evaluation
 from utils.spaces import make_estimator

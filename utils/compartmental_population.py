@@ -1,0 +1,311 @@
+"""Many compartmental networks of one structure trained side by side, each exactly as it would train alone.
+
+    from utils.compartmental_population import fit_population   # also importable from utils.compartmental
+    fit_population([clf_a, clf_b, clf_c], [(Xa, ya), (Xb, yb), (Xc, yc)])   # three networks in one simulation
+
+The estimator (utils/compartmental.py) trains through this module too, as a population of one: `_train` runs the
+members' schedules in lockstep (each its own epochs of random permutations cut into batches, its own hook calls),
+`_step` one batch (a forward and a target phase of utils.compartmental_engine.Population, then the local updates),
+`_uniforms` the random numbers of a phase, drawn per member in a lone run's order. `member_bytes` estimates a
+member's memory before the run, so that a population larger than memory trains in chunks instead of failing.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from utils import compartmental_reference as R
+from utils.compartmental_engine import SEGMENT, Population, segments
+from utils.errors import TrainingDiverged
+
+POPULATION_SHARED = ("n_hidden", "batch_size", "dt", "mem", "l_f_phase", "l_t_phase", "l_f_phase_test",
+                     "integration_time", "init", "rate_psp", "device", "dtype") + R.FLAGS   # what a population shares
+
+
+def _as_numpy(y):
+    return y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+
+
+def _n_features(X):
+    return int(np.prod(torch.as_tensor(X).shape[1:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# populations: many networks of one structure trained side by side
+
+
+def fit_population(estimators, datasets, on_error="raise"):
+    """Fit P CompartmentalClassifiers on P training sets [(X_p, y_p)] in one batched simulation; returns the fitted
+    estimators, each equal to what estimators[p].fit(X_p, y_p) alone gives (to the last bit on the CPU; in
+    distribution on a GPU). They must share the structure (POPULATION_SHARED) and may differ in every number (rates,
+    lambda_max, conductances, tau_s, tau_L, seed, max_epochs, lr decay) and in their data (lengths too).
+    on_error="raise": a member that diverges raises TrainingDiverged; "skip": it is dropped, its error kept in
+    estimator.fit_error_, and the others go on."""
+    estimators, datasets = list(estimators), list(datasets)
+    _check_population(estimators, datasets)
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f'on_error={on_error!r} is invalid: use "raise" or "skip"')
+    for est, (X, y) in zip(estimators, datasets):
+        est._start(X, np.unique(_as_numpy(y)))
+        est.fit_error_ = None
+    per_member = member_bytes(estimators[0], max(min(estimators[0].batch_size, len(X)) for X, _ in datasets))
+    size = max(1, int(0.8 * _free_bytes(estimators[0].device_) // per_member))   # members that fit at once
+    for i in range(0, len(estimators), size):   # independent members: training them in chunks changes nothing
+        _train(estimators[i:i + size], datasets[i:i + size], [est.max_epochs for est in estimators[i:i + size]],
+               on_error)
+    return estimators
+
+
+def member_bytes(est, B):
+    """An estimate (from above) of the memory one member of a population takes while training at state batch B,
+    made before the run: random numbers and signal buffers for a phase, segment potentials, weights and their
+    updates, input events."""
+    n, T = est.n_, est.l_f_phase + est.l_t_phase + 40               # + Wald extra steps, generously
+    neurons = sum(n[1:])
+    weights = sum(a * b for a, b in zip(n[:-1], n[1:])) + neurons * n[-1]
+    values = (T * B * neurons                                       # uniforms of a phase
+              + 2 * (est.mem + 2 * SEGMENT) * B * neurons           # signal buffers (spikes and rates)
+              + 4 * SEGMENT * B * neurons                           # potentials, rates, counts of a segment
+              + 5 * weights                                         # W, Y, their updates, W^T for the input
+              + 2 * SEGMENT * B * n[0])                             # input events (index, value) and uniforms
+    return int(1.5 * values * (8 if est.dtype == "float64" else 4)) + 8 * SEGMENT * B * n[0] * 4
+
+
+def _free_bytes(device):
+    """Memory free for a population: the GPU's free memory, or the machine's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2 ** 30
+
+
+def _check_population(estimators, datasets):
+    """Raise ValueError naming what makes (estimators, datasets) no population."""
+    if not estimators:
+        raise ValueError("fit_population needs at least one estimator")
+    if len(estimators) != len(datasets):
+        raise ValueError(f"fit_population got {len(estimators)} estimators but {len(datasets)} training sets; "
+                         "give one (X, y) per estimator")
+    for p, est in enumerate(estimators):
+        if not callable(getattr(est, "_fresh_state", None)):   # (duck-typed: this module cannot import the class)
+            raise ValueError(f"member {p} is a {type(est).__name__}, not a CompartmentalClassifier")
+    first = estimators[0].get_params()
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v   # noqa: E731
+    for p, est in enumerate(estimators[1:], 1):
+        params = est.get_params()
+        for name in POPULATION_SHARED:
+            if norm(first[name]) != norm(params[name]):
+                raise ValueError(f"member {p} has {name}={params[name]!r} but member 0 has {first[name]!r}: the "
+                                 "members of a population share their structure (layer sizes, batch size, phases, "
+                                 "flags, dtype, device); train different structures as separate populations")
+    for p, data in enumerate(datasets):
+        if not isinstance(data, (tuple, list)) or len(data) != 2:
+            raise ValueError(f"training set {p} must be a pair (X, y)")
+        X, y = data
+        if len(X) == 0:
+            raise ValueError(f"training set {p} is empty; give every member at least one example")
+        if len(X) != len(y):
+            raise ValueError(f"training set {p} has {len(X)} inputs but {len(y)} labels")
+    if len({_n_features(X) for X, _ in datasets}) > 1:
+        raise ValueError("the training sets have different numbers of features; a population shares its input size")
+
+
+def _uniforms(members, xs, T, pop):
+    """The phase's uniform numbers per segment (engine.segments): [(input (Ts, nnz), [per layer (P, Ts, B, n) or
+    None])], or None in rate mode. On the CPU each member draws its own from its NumPy generator, the input's then
+    each spiking layer's for its whole phase, as a lone run does; elsewhere all at once from the first member's torch
+    generator. Steps past a member's phase and empty slots get 0 (no spikes)."""
+    m0 = members[0]
+    spiking = [("spike" in layer) for layer in pop.sig]
+    if not m0.use_spiking_feedforward and not any(spiking):
+        return None
+    starts, lens = segments(T)
+    dev, dty, B = pop.dev, pop.dty, pop.B
+    nnz = [int((x != 0).sum()) for x in xs]
+    segs = [(torch.empty(Ts, sum(nnz), device=dev, dtype=dty),
+             [torch.empty(len(members), Ts, B, n, device=dev, dtype=dty) if sp else None
+              for sp, n in zip(spiking, m0.n_[1:])]) for Ts in lens]
+    if dev.type != "cpu":
+        for u_in, u_layer in segs:
+            for u in [u_in] + u_layer:
+                if u is not None:
+                    u.uniform_(generator=m0.gen_)
+        return segs
+    np_dty = np.float32 if m0.dtype == "float32" else np.float64
+    cols = np.concatenate([[0], np.cumsum(nnz)])
+
+    def draw(q):                                             # member q's numbers, in a lone run's order
+        mb, Tq, Bq = members[q], int(T[q]), xs[q].shape[0]
+        u_in = [u[0][:, cols[q]:cols[q + 1]] for u in segs]
+        if m0.use_spiking_feedforward:                       # the input's for the whole phase, then ...
+            full = torch.from_numpy(mb.rng_np_.random((Tq, nnz[q]), dtype=np_dty))
+            for s, u in zip(starts, u_in):
+                r = max(0, min(u.shape[0], Tq - s))
+                u[:r] = full[s:s + r]
+                u[r:] = 0
+        else:
+            for u in u_in:
+                u.zero_()
+        for m, sp in enumerate(spiking):                     # ... each spiking layer's, segment after segment
+            if not sp:
+                continue
+            for s, (_, u_layer) in zip(starts, segs):
+                u = u_layer[m][q]                            # (Ts, B, n), contiguous: drawn into in place
+                r = max(0, min(u.shape[0], Tq - s))
+                if Bq == B:
+                    mb.rng_np_.random(out=u[:r].numpy(), dtype=np_dty)
+                else:
+                    u[:r, :Bq] = torch.from_numpy(mb.rng_np_.random((r, Bq, u.shape[2]), dtype=np_dty))
+                    u[:r, Bq:] = 0
+                u[r:] = 0
+    if len(members) == 1:
+        draw(0)
+    else:                                                    # NumPy fills without the GIL: members in parallel
+        with ThreadPoolExecutor(max(1, min(len(members), torch.get_num_threads()))) as pool:
+            list(pool.map(draw, range(len(members))))
+    return segs
+
+
+def _train(members, datasets, epochs, on_error="raise"):
+    """Train the members side by side for epochs[p] passes over their data, batch after batch in lockstep; each
+    member's batches, random numbers, updates and hook calls are those of a lone run."""
+    m0 = members[0]
+    Xs = [mb._to_tensor(X) for mb, (X, _) in zip(members, datasets)]
+    ys = []
+    for mb, (_, y) in zip(members, datasets):
+        y_np = _as_numpy(y)
+        pos = np.clip(np.searchsorted(mb.classes_, y_np), 0, len(mb.classes_) - 1)
+        if not np.array_equal(mb.classes_[pos], y_np):
+            raise ValueError("y contains labels that are not in classes_; pass all classes to the first partial_fit")
+        ys.append(torch.as_tensor(pos, device=mb.device_))
+    B_state = max([min(m0.batch_size, len(X)) for X in Xs] +
+                  [mb.state_["C"][0].shape[0] for mb in members if mb.state_ is not None])
+    for mb in members:                                       # a fresh state, or the old one widened with rest slots
+        old, mb.state_ = mb.state_, mb._fresh_state(B_state)
+        if old is not None:
+            k = old["C"][0].shape[0]
+            for m in range(mb.M_):
+                mb.state_["C"][m][:k] = old["C"][m]
+                for kind in old["sig"][m]:
+                    mb.state_["sig"][m][kind][:, :k] = old["sig"][m][kind]
+            mb.state_["hist"] = old["hist"]
+    runs = [_Run(mb, X, y, ep) for mb, X, y, ep in zip(members, Xs, ys, epochs)]
+    pop = Population(members, B_state)
+    bar = None
+    if any(mb.verbose for mb in members):
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(r.total for r in runs), desc="compartmental", unit="ex", leave=False)
+    try:
+        while True:
+            batches = [r.next_batch() for r in runs]
+            if any(b is None for b in batches):              # members that are done leave the population
+                keep = [q for q, b in enumerate(batches) if b is not None]
+                pop.weights_back(keep)
+                runs, batches = [runs[q] for q in keep], [batches[q] for q in keep]
+                if not runs:
+                    break
+            diverged = _step(pop, runs, batches)
+            if bar is not None:
+                bar.update(sum(len(b) for b in batches))
+            for q in diverged:
+                err = TrainingDiverged(f"weights or potentials became NaN/inf after {runs[q].mb.examples_seen_} "
+                                       f"examples (f_etas={runs[q].mb.f_etas_}); lower the learning rates")
+                if on_error == "raise":
+                    pop.weights_back()
+                    raise err
+                runs[q].mb.fit_error_ = err
+                runs[q].done = True
+            for r in runs:
+                r.after_batch()
+    finally:
+        if bar is not None:
+            bar.close()
+    return members
+
+
+class _Run:
+    """One member's schedule (epochs of random permutations cut into batches), counters and hook calls."""
+
+    def __init__(self, mb, X, y, epochs):
+        self.mb, self.X, self.y, self.n = mb, X, y, len(X)
+        self.total = epochs * self.n
+        self.remaining, self.done = epochs, False
+        self.order, self.pos, self.seen0 = None, self.n, mb.examples_seen_
+        self.last = None                                     # the last batch's loss, accuracy and angles
+        if mb.hook is not None:
+            mb.hook(mb, dict(epoch=mb.epochs_done_, examples_seen=0, n_train=self.n,
+                             train_loss=float("nan"), train_acc=float("nan")))
+
+    def next_batch(self):
+        """The next batch's example indices, or None when done (a new permutation at each epoch's start)."""
+        if self.done:
+            return None
+        if self.pos >= self.n:
+            if self.order is not None:
+                self.mb.epochs_done_ += 1
+                self.remaining -= 1
+            if self.remaining <= 0:
+                return None
+            self.order, self.pos = torch.randperm(self.n, generator=self.mb.gen_cpu_).to(self.mb.device_), 0
+        idx = self.order[self.pos:self.pos + self.mb.batch_size]
+        self.pos += len(idx)
+        return idx
+
+    def record(self, out, idx, angles):
+        """Training loss and accuracy of the batch from its forward-phase output potentials, for the hook as they
+        are: averaging over batches is the hook's job (utils.logger.TrainingLogger's)."""
+        y = self.y[idx]
+        self.last = dict(loss=float(torch.nn.functional.cross_entropy(out, y)),
+                         acc=float((out.argmax(1) == y).float().mean()), angles=angles)
+        self.before = self.mb.examples_seen_ - self.seen0
+        self.mb.examples_seen_ += len(idx)
+
+    def after_batch(self):
+        mb, last = self.mb, self.last
+        after, k = mb.examples_seen_ - self.seen0, mb.hook_every
+        if mb.hook is not None and last is not None and (k is None or after // k > self.before // k):
+            info = dict(epoch=mb.epochs_done_, examples_seen=after, n_train=self.n,
+                        train_loss=last["loss"], train_acc=last["acc"])
+            if mb.record_backprop_angle and last["angles"] is not None:
+                info["bp_angle"] = dict(last["angles"])
+            mb.hook(mb, info)
+
+
+def _step(pop, runs, batches):
+    """One batch of every member: forward and target phases, updates, records. Returns members that diverged."""
+    members, P, B = pop.members, pop.P, pop.B
+    m0, n = members[0], members[0].n_
+    dev, dty = pop.dev, pop.dty
+    x = torch.zeros(P, B, n[0], device=dev, dtype=dty)
+    target = torch.zeros(P, B, n[-1], device=dev, dtype=dty)
+    w_ex = torch.zeros(P, B, device=dev, dtype=dty)
+    xs, Tf, Tt = [], [], []
+    for q, (r, idx) in enumerate(zip(runs, batches)):
+        k = len(idx)
+        x[q, :k] = r.X[idx]
+        target[q, :k] = torch.nn.functional.one_hot(r.y[idx], n[-1]).to(dty)
+        w_ex[q, :k] = 1.0 / k
+        xs.append(r.X[idx])
+        f_len, t_len = m0.l_f_phase, m0.l_t_phase
+        if m0.extra_steps:                                   # random phase lengths (authors: + int(Wald(2, 1)))
+            f_len += int(r.mb.rng_np_.wald(2.0, 1.0))
+            t_len += int(r.mb.rng_np_.wald(2.0, 1.0))
+        Tf.append(f_len)
+        Tt.append(t_len)
+    active = w_ex > 0
+    saved = pop.save_slots() if not bool(active.all()) else None
+    it = m0.integration_time
+    f = pop.phase(x, np.array(Tf), None, it, _uniforms(members, xs, Tf, pop))
+    t = pop.phase(x, np.array(Tt), target, it, _uniforms(members, xs, Tt, pop))
+    if saved is not None:
+        pop.restore_slots(saved, active)
+    angles = pop.update(f, t, w_ex, [r.mb.lr_factor() for r in runs])
+    out = f["C"][-1]
+    finite = torch.isfinite(torch.stack([sum(w.sum((1, 2)) for w in pop.W), sum(v.sum(1) for v in pop.b),
+                                         out.sum((1, 2))])).all(0).tolist()
+    for q, (r, idx) in enumerate(zip(runs, batches)):
+        r.record(out[q, :len(idx)], idx, None if angles is None else angles[q])
+    return [q for q in range(P) if not finite[q]]
