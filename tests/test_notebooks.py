@@ -45,3 +45,16 @@ def test_notebook_runs_in_quick_mode(notebook, tmp_path, monkeypatch):
             assert any("image/png" in o.get("data", {}) for o in cell.outputs), f"no figure shown: {cell.source}"
     text = "".join(o.get("text", "") for c in code for o in c.outputs)
     assert "LoggerOverheadWarning" not in text, text
+
+
+def test_notebooks_are_one_template_that_loads_each_dataset_once():
+    """Both notebooks run the same code cells (only DATASETS differs): one cell loads the datasets, every later
+    step is handed them (tests/test_workspace.py: the steps load nothing again)."""
+    import nbformat
+
+    def code(notebook):
+        nb = nbformat.read(REPO / notebook, as_version=4)
+        return [c.source for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
+    mnist, cifar = code("workspace_mnist.ipynb"), code("workspace_cifar.ipynb")
+    assert mnist == cifar
+    assert sum(src.count("load_dataset(") for src in mnist) == 1

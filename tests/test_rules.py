@@ -229,10 +229,12 @@ def test_every_rule_learns_a_separable_problem(kind):
 def test_workspace_trains_and_studies_every_rule_and_draws_their_angles(mnist_root, tmp_path):
     from utils import plot_study
     from utils.runs import concat_runs
+    from utils.data import load_dataset
     from utils.workspace import rule_study, settings, train_rules
     S = dict(settings(True), n_train=200, n_valid=100, epochs=1, max_valid=50, bo_iterations=2, bo_folds=2,
              bo_subset=100, bo_init_points=1, bo_retrain_subset=100, bo_test_subset=100, bo_out=str(tmp_path / "bo"))
-    logs, models = train_rules("mnist", S, root=mnist_root, device="cpu", out=tmp_path / "runs")
+    ds = load_dataset("mnist", root=mnist_root, device="cpu")
+    logs, models = train_rules(ds, S, device="cpu", out=tmp_path / "runs")
     assert list(logs) == ["mlp-backprop", "mlp-fa", "mlp-dfa", "mlp-sign"]
     table = concat_runs([tmp_path / "runs" / f"mnist_{k}" for k in logs])
     a = angles(table)
@@ -241,5 +243,5 @@ def test_workspace_trains_and_studies_every_rule_and_draws_their_angles(mnist_ro
     fig = plot_study.plot_rule_angles(table, path=tmp_path / "angles.png")
     assert (tmp_path / "angles.png").stat().st_size > 0
     assert len(fig.axes[0].get_lines()) == 5   # four rules x one hidden layer, and the 90 degree line
-    summary = rule_study(["mnist"], S, root=mnist_root, device="cpu", verbose=0)
+    summary = rule_study([ds], S, device="cpu", verbose=0)
     assert list(summary["model"]) == ["mlp-fa", "mlp-dfa", "mlp-sign"] and (summary["n_evals"] == 2).all()

@@ -67,16 +67,15 @@ def test_quick_compartmental_study_is_the_papers_network_alone(monkeypatch, mnis
         assert settings.name == "mnist" and len(dataset.y_train) == 60000  # loaded once, handed over as a Dataset
         return {"summary": pd.DataFrame([{"model": kind, "dataset": settings.name}])}
     monkeypatch.setattr(workspace, "run_study", fake_run_study)
-    monkeypatch.setattr(workspace, "_dataset", lambda name, root=None, device=None: load_dataset(
-        name, root=mnist_root, device="cpu"))
-    workspace.study(["mnist"], workspace.settings(True))
+    data = {"mnist": load_dataset("mnist", root=mnist_root, device="cpu")}
+    workspace.study(data, workspace.settings(True))
     quick = dict(calls)
     assert quick["compartmental"].iterations == 1 and quick["compartmental"].start == "reference"
     assert quick["compartmental"].max_phase == 30
     assert quick["compartmental"].fixed == {"batch_size": 16, "l_f_phase_test": 100}
     assert quick["mlp"].iterations == 3 and quick["mlp"].fixed is None
     calls.clear()
-    workspace.study(["mnist"], workspace.settings(False))
+    workspace.study(data, workspace.settings(False))
     full = dict(calls)
     assert full["compartmental"].iterations == 50 and full["compartmental"].fixed == {"batch_size": 16}
     assert full["compartmental"].max_phase is None and full["compartmental"].subset is None
@@ -102,3 +101,45 @@ def test_one_iteration_study_evaluates_only_the_reference(tmp_path):
     assert len(seen) == 1 and list(out["evals"]["source"]) == ["start"]
     ref = reference_params("compartmental", make_space("compartmental", 30), 16)
     assert out["evals"]["params"].iloc[0] == ref and seen[0]["n_hidden"] == (500,)
+
+
+@pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")
+def test_a_notebooks_steps_load_each_dataset_once(monkeypatch, mnist_root, tmp_path):
+    """The notebook loads each dataset once (one cell) and hands the Dataset to every step: training, test
+    accuracies, the rules and both studies load nothing again; the loggers handed back give the table of their
+    saved runs without reading them."""
+    import utils.data
+    import utils.study
+    from utils.runs import concat_runs
+    loads, studied = [], []
+    real_load = utils.data.load_dataset
+
+    def counting_load(name, *args, **kw):
+        loads.append(name)
+        return real_load(name, *args, **kw)
+
+    def fake_run_study(kind, dataset, settings):
+        studied.append((kind, settings.name, dataset))
+        return {"summary": pd.DataFrame([{"model": kind, "dataset": settings.name}])}
+    monkeypatch.setattr(utils.data, "load_dataset", counting_load)
+    monkeypatch.setattr(utils.study, "load_dataset", counting_load)   # a study given a name would load it there
+    monkeypatch.setattr(workspace, "run_study", fake_run_study)
+    S = dict(workspace.settings("tiny"), n_train=100, n_valid=50, epochs=1, max_valid=20, n_test=50)
+    data = {"mnist": utils.data.load_dataset("mnist", root=mnist_root, device="cpu")}  # the notebook's data cell
+    ds = data["mnist"]
+    assert ds.name == "mnist"
+    logs, models = workspace.train_models(ds, S, kinds=("mlp", "cnn"), device="cpu", out=tmp_path / "runs")
+    assert list(workspace.test_accuracies(models, ds, S)["dataset"]) == ["mnist", "mnist"]
+    rule_logs, _ = workspace.train_rules(ds, S, device="cpu", out=tmp_path / "runs")
+    summary = workspace.study(data, S, kinds=("mlp",), device="cpu")
+    workspace.rule_study(data, S, summary, device="cpu")
+    assert loads == ["mnist"]
+    assert [k for k, _, _ in studied] == ["mlp", "mlp-fa", "mlp-dfa", "mlp-sign"]
+    assert all(name == "mnist" and d is ds for _, name, d in studied)
+    for runs in (logs, rule_logs):
+        table = concat_runs(runs.values())
+        assert list(table["model"].unique()) == list(runs) and set(table["dataset"]) == {"mnist"}
+        from_disk = concat_runs([tmp_path / "runs" / f"mnist_{k}" for k in runs])
+        pd.testing.assert_frame_equal(table, from_disk, check_dtype=False)
+    with pytest.raises(TypeError, match="Dataset"):
+        workspace.train_models("mnist", S)  # a name is not loaded here: the notebook loads once

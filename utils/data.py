@@ -41,6 +41,7 @@ class Dataset(NamedTuple):
     X_test: torch.Tensor
     y_test: torch.Tensor
     classes: list
+    name: str = "custom"  # "mnist", "fashion", "cifar10" from load_dataset: names run folders and study rows
 
 
 class DataError(RuntimeError):
@@ -252,4 +253,4 @@ def load_dataset(name, root=None, device=None, normalize=False, download=True):
         std = out[0].std(dim=(0, 2, 3), keepdim=True)
         out[0] = (out[0] - mean) / std
         out[2] = (out[2] - mean) / std
-    return Dataset(*out, classes)
+    return Dataset(*out, classes, name)

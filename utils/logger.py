@@ -404,4 +404,5 @@ class TrainingLogger(Callback):
                          "n_valid": None if self._valid_subset() is None else len(self._valid_subset()[1]),
                          "n_records": len(self.records_), "logger_time_s": self.logger_time_}
         cfg["versions"] = library_versions(self.device_)
+        self.config_ = cfg  # what config.json holds: utils.runs.concat_runs takes the logger as it takes the folder
         return save_run(run_dir, self.to_frame().assign(run=cfg["run"]), cfg)

@@ -200,13 +200,16 @@ def scale_x(values):
 def plot_samples(X, y, classes, per_class=4, title=None, path=None, seed=0):
     """A grid of sample images: one column per class (titled with its name), `per_class` examples in each.
 
-    X: N x C x H x W (tensor or array) in [0, 1] or normalized (each image is then rescaled to [0, 1] for display);
-    C = 1 (grey) or 3 (colour). y: N labels. classes: the class names, indexed by label.
+    X: N x C x H x W (tensor on any device, or array) in [0, 1] or normalized (each image is then rescaled to [0, 1]
+    for display); C = 1 (grey) or 3 (colour); only the images shown are copied to the CPU. y: N labels. classes: the
+    class names, indexed by label.
     """
-    X = X.detach().cpu().numpy() if hasattr(X, "detach") else np.asarray(X)
-    y = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
+    def numpy(a):
+        return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+    X = X if hasattr(X, "detach") else np.asarray(X)
+    y = numpy(y)
     if X.ndim != 4 or X.shape[1] not in (1, 3):
-        raise ValueError(f"X must be N x C x H x W with C = 1 or 3, got shape {X.shape}")
+        raise ValueError(f"X must be N x C x H x W with C = 1 or 3, got shape {tuple(X.shape)}")
     classes = list(classes)
     rng = np.random.default_rng(seed)
     labels = [c for c in range(len(classes)) if np.any(y == c)]
@@ -226,7 +229,7 @@ def plot_samples(X, y, classes, per_class=4, title=None, path=None, seed=0):
                 if i >= len(pick):
                     ax.axis("off")
                     continue
-                img = X[pick[i]].astype(np.float64)
+                img = numpy(X[int(pick[i])]).astype(np.float64)
                 lo, hi = img.min(), img.max()
                 if lo < 0 or hi > 1:  # normalized input: rescale for display
                     img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)

@@ -3,6 +3,7 @@
     from utils.runs import load_run, concat_runs, curves, weights, angles
     config, df = load_run("runs/mlp-mnist-s0")                        # config.json, records.csv
     table = concat_runs(["runs/mlp-mnist-s0", "runs/cnn-mnist-s0"])   # + model, dataset, seed columns
+    table = concat_runs([log_mlp, log_cnn])                           # the same from the loggers in memory
     curves(table), weights(table), angles(table)                     # one row per record / weight rows / angle rows
 
 A run folder holds config.json (the run's configuration, the logger's settings and the library versions; strict
@@ -63,29 +64,44 @@ def load_run(run_dir):
 
 
 def _run_dirs(run_dirs):
-    if isinstance(run_dirs, (str, Path)):
-        root = Path(run_dirs)
-        if (root / "config.json").exists():
-            return [root]
-        found = sorted(p.parent for p in root.glob("*/config.json"))
-        if not found:
-            raise FileNotFoundError(f"no saved run in {root} or its sub-folders")
-        return found
-    return [Path(p) for p in run_dirs]
+    root = Path(run_dirs)
+    if (root / "config.json").exists():
+        return [root]
+    found = sorted(p.parent for p in root.glob("*/config.json"))
+    if not found:
+        raise FileNotFoundError(f"no saved run in {root} or its sub-folders")
+    return found
 
 
-def concat_runs(run_dirs, columns=("model", "dataset", "seed")):
-    """One tidy table of several saved runs: their records with run + the configs' `columns` in front.
+def _runs(runs):
+    """(config, frame, default run name) of each run: folders read from disk; a logger's frame with the config
+    its `save` wrote (`config_`; none when it was never saved); a frame as it is, without a config."""
+    if isinstance(runs, (str, Path)):
+        runs = _run_dirs(runs)
+    elif isinstance(runs, pd.DataFrame) or hasattr(runs, "to_frame"):
+        runs = [runs]
+    for run in runs:
+        if isinstance(run, (str, Path)):
+            yield (*load_run(run), Path(run).name)
+        else:
+            yield getattr(run, "config_", {}), as_frame(run).copy(), None
 
-    `run_dirs`: a list of run folders, or one folder (a run, or a parent whose sub-folders are runs). The model
-    column falls back to the config's "kind" when it has no "model".
+
+def concat_runs(runs, columns=("model", "dataset", "seed")):
+    """One tidy table of several runs: their records with run + the configs' `columns` in front.
+
+    `runs`: a list of run folders, or one folder (a run, or a parent whose sub-folders are runs), read from disk;
+    or TrainingLoggers in memory (saved ones: the same table as from their folders) and frames (a column they
+    already have is kept), also mixed in one list. The model column falls back to the config's "kind" when it has
+    no "model".
     """
     frames = []
-    for d in _run_dirs(run_dirs):
-        config, df = load_run(d)
-        df = df.copy()
-        df["run"] = str(config.get("run", d.name))
+    for config, df, default in _runs(runs):
+        if "run" in config or default is not None:
+            df["run"] = str(config.get("run", default))
         for i, c in enumerate(columns):
+            if c in df.columns:
+                continue
             v = config.get(c)
             if v is None and c == "model":
                 v = config.get("kind")

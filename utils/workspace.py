@@ -1,23 +1,26 @@
 """The notebooks' steps: each function here is the work of one notebook cell, so the notebooks stay thin.
 
+    from utils.data import load_dataset
     from utils.workspace import settings, train_models, test_accuracies, study, results_table
     S = settings(quick=True)                          # sizes of everything: subsets, epochs, study iterations
-    logs, models = train_models("mnist", S, device=None, seed=0)   # MLP, CNN, compartmental, each with the logger
-    summary = study(["mnist"], S)                     # Bayesian optimization (resumes / loads finished studies)
+    ds = load_dataset("mnist", device=None)           # loaded once, passed to every step (ds.name: "mnist")
+    logs, models = train_models(ds, S, device=None, seed=0)   # MLP, CNN, compartmental, each with the logger
+    test_accuracies(models, ds, S)                    # on the official test split
+    summary = study({"mnist": ds}, S)                 # Bayesian optimization (resumes / loads finished studies)
     results_table(summary)                            # this project's numbers beside the seed study's and the paper's
 
 Quick mode (subsets, few epochs, few study iterations; see QUICK below) runs a notebook in minutes on a 2-core CPU;
 full mode is the study as specified (50 iterations, 10 epochs, 3 folds), for a GPU.
 """
 import dataclasses
-import functools
 import os
+from collections.abc import Mapping
 import time
 
 import pandas as pd
 
 from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
-from utils.data import load_dataset, stratified_subset
+from utils.data import Dataset, stratified_subset
 from utils.study import StudySettings, run_study
 from utils.train import KINDS, train_logged
 
@@ -105,10 +108,19 @@ def use_figures_dir(S, figures=None):
     return set_figures_dir(figures or os.environ.get("BIODL_FIGURES") or S["figures"])
 
 
-@functools.lru_cache(maxsize=2)
-def _dataset(name, root=None, device=None):
-    """load_dataset, kept for the next cells: a notebook's steps use the same one or two datasets several times."""
-    return load_dataset(name, root=root, device=device)
+def _checked(ds):
+    """`ds` when it is a utils.data.Dataset (its name names the run folders), else a TypeError: the steps take the
+    dataset the notebook loaded once (load_dataset), never a name to load again."""
+    if not isinstance(ds, Dataset):
+        raise TypeError(f"expected a utils.data.Dataset (load_dataset(name, ...)), got {type(ds).__name__}")
+    return ds
+
+
+def _named(datasets):
+    """(name, Dataset) pairs of a {name: Dataset} dict or a list of Datasets (named by their name field)."""
+    if isinstance(datasets, Mapping):
+        return [(name, _checked(ds)) for name, ds in datasets.items()]
+    return [(ds.name, ds) for ds in map(_checked, datasets)]
 
 
 def _split(ds, n_train, n_valid, seed):
@@ -123,9 +135,10 @@ def _split(ds, n_train, n_valid, seed):
     return X, y, ds.X_train[valid], ds.y_train[valid]
 
 
-def train_models(dataset, S, kinds=KINDS, root=None, device=None, seed=0, out="runs"):
-    """Train each kind on `dataset` with the logger; runs saved to out/<dataset>_<kind>. Returns (logs, models)."""
-    ds = _dataset(dataset, root, device)
+def train_models(ds, S, kinds=KINDS, device=None, seed=0, out="runs"):
+    """Train each kind on the Dataset `ds` with the logger; runs saved to out/<ds.name>_<kind>. Returns (logs,
+    models), each keyed by kind."""
+    dataset = _checked(ds).name
     X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
     logs, models = {}, {}
     for kind in kinds:
@@ -147,17 +160,17 @@ def train_models(dataset, S, kinds=KINDS, root=None, device=None, seed=0, out="r
     return logs, models
 
 
-def test_accuracies(models, dataset, S, root=None, device=None, seed=0):
-    """Test accuracy (%) of each trained model on the official test split (a stratified subset in quick mode)."""
-    ds = _dataset(dataset, root, device)
-    X, y = ds.X_test, ds.y_test
+def test_accuracies(models, ds, S, seed=0):
+    """Test accuracy (%) of each trained model on the Dataset's official test split (a stratified subset in quick
+    mode)."""
+    X, y = _checked(ds).X_test, ds.y_test
     if S["n_test"]:
         X, y = stratified_subset(X, y, S["n_test"], seed=seed)
     rows = []
     for kind, clf in models.items():
         t = time.perf_counter()
         acc = 100 * clf.score(X, y)
-        rows.append(dict(model=kind, dataset=dataset, test_acc=round(acc, 2), n_test=len(y),
+        rows.append(dict(model=kind, dataset=ds.name, test_acc=round(acc, 2), n_test=len(y),
                          test_seconds=round(time.perf_counter() - t, 1)))
     return pd.DataFrame(rows)
 
@@ -177,14 +190,15 @@ def _study_settings(kind, S, **common):
     return dataclasses.replace(StudySettings(out=S["bo_out"], **kw), **common)
 
 
-def study(datasets, S, kinds=KINDS, root=None, device=None, seed=0, verbose=1):
-    """Run (or resume, or just load when finished) the Bayesian optimization of each kind on each dataset; returns
-    the summary table of utils.study_log.summarize for these studies."""
+def study(datasets, S, kinds=KINDS, device=None, seed=0, verbose=1):
+    """Run (or resume, or just load when finished) the Bayesian optimization of each kind on each dataset
+    (`datasets`: {name: Dataset}, or a list of Datasets); returns the summary table of utils.study_log.summarize
+    for these studies."""
     results = []
-    for dataset in datasets:
+    for name, ds in _named(datasets):
         for kind in kinds:
-            settings = _study_settings(kind, S, name=dataset, seed=seed, device=device, verbose=verbose)
-            results.append(run_study(kind, _dataset(dataset, root, device), settings)["summary"])
+            settings = _study_settings(kind, S, name=name, seed=seed, device=device, verbose=verbose)
+            results.append(run_study(kind, ds, settings)["summary"])
     return pd.concat(results, ignore_index=True)
 
 
@@ -214,12 +228,12 @@ def reference_columns(summary):
 RULE_KINDS = {True: ("mlp",), "tiny": ("mlp",), False: ("mlp", "cnn")}
 
 
-def train_rules(dataset, S, root=None, device=None, seed=0, out="runs"):
-    """Each network of RULE_KINDS under every rule (same architecture, seed and data as train_models), with the
-    logger; runs saved to out/<dataset>_<model> ("mlp-backprop", "mlp-fa", "mlp-dfa", "mlp-sign", ...). Returns (logs,
-    models) keyed by those model names."""
+def train_rules(ds, S, device=None, seed=0, out="runs"):
+    """Each network of RULE_KINDS under every rule (same architecture, seed and data as train_models) on the
+    Dataset `ds`, with the logger; runs saved to out/<ds.name>_<model> ("mlp-backprop", "mlp-fa", "mlp-dfa",
+    "mlp-sign", ...). Returns (logs, models) keyed by those model names."""
     from utils.rules import RULES
-    ds = load_dataset(dataset, root=root, device=device)
+    dataset = _checked(ds).name
     X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
     logs, models = {}, {}
     for kind in RULE_KINDS[S["quick"]]:
@@ -233,10 +247,11 @@ def train_rules(dataset, S, root=None, device=None, seed=0, out="runs"):
     return logs, models
 
 
-def rule_study(datasets, S, summary=None, root=None, device=None, seed=0, verbose=1):
-    """The study (`study`) of each network of RULE_KINDS under FA, DFA and sign symmetry ("mlp-fa", ...), appended
-    to `summary` (the other models' table) for the comparison figure and the results table."""
+def rule_study(datasets, S, summary=None, device=None, seed=0, verbose=1):
+    """The study (`study`) of each network of RULE_KINDS under FA, DFA and sign symmetry ("mlp-fa", ...) on
+    `datasets` (as in `study`), appended to `summary` (the other models' table) for the comparison figure and the
+    results table."""
     from utils.rules import rule_models
-    rules = study(datasets, S, kinds=rule_models(RULE_KINDS[S["quick"]]), root=root, device=device, seed=seed,
+    rules = study(datasets, S, kinds=rule_models(RULE_KINDS[S["quick"]]), device=device, seed=seed,
                   verbose=verbose)
     return rules if summary is None else pd.concat([summary, rules], ignore_index=True)
