@@ -43,11 +43,14 @@ from skorch.callbacks import Callback
 
 from utils.data import stratified_indices
 from utils.io import library_versions
+from utils.rules import hidden_angles
 from utils.runs import curves, records_frame, save_run
 
 OVERHEAD_WARNING = 0.15  # warn once per log when the logger's time exceeds this fraction of the training time
 #                          (not counting the first record's validation, which carries one-time costs: compilation)
 OVERHEAD_MIN_SECONDS = 1.0  # ... and this many seconds: less is not worth a warning, whatever the fraction (toy runs)
+ANGLE_EXAMPLES = 32  # a rule's angle to backprop: on this many examples of the last training batch (two extra
+#                      passes each record; on a whole batch of 100 they cost a small MLP as much as 5 batches)
 
 
 class LoggerOverheadWarning(UserWarning):
@@ -212,13 +215,12 @@ class TrainingLogger(Callback):
         return {n: p for n, p in net.module_.named_parameters() if p.ndim >= 2}
 
     def _skorch_angles(self, net):
-        """Each hidden layer's angle between the net's rule and backprop on the last training batch (None: no
-        batch with labels, or a module without utils.rules layers)."""
-        from utils.rules import hidden_angles
+        """Each hidden layer's angle between the net's rule and backprop on the first ANGLE_EXAMPLES examples of the
+        last training batch (None: no batch with labels, or a module without utils.rules layers)."""
         Xb, yb = self.batch_ or (None, None)
         if yb is None or not isinstance(Xb, torch.Tensor):
             return None
-        Xb, yb = Xb.to(net.device), torch.as_tensor(yb).to(net.device)
+        Xb, yb = Xb[:ANGLE_EXAMPLES].to(net.device), torch.as_tensor(yb)[:ANGLE_EXAMPLES].to(net.device)
         return hidden_angles(net.module_, Xb, yb, net.criterion_, skip_backprop=True) or None
 
     @staticmethod
