@@ -574,3 +574,36 @@ def test_population_larger_than_memory_trains_in_chunks(monkeypatch):
     assert chunks == [2, 1]
     for a, b in zip(lone, pop):
         torch.testing.assert_close(b.W_[0], a.W_[0], rtol=0, atol=1e-10)
+
+
+def test_backprop_angle_is_the_angle_to_autograds_gradient():
+    """The Fig. 7A diagnostic against autograd: in the mean-field network (C_h = k_B (W_h psp + b_h), the next
+    layer's PSP = lambda_max sigmoid(C_h), C_out = k_D (W_out psp + b_out)) with the loss
+    L = sum_b w_b / 2 |lambda_t - lambda_max sigmoid(C_out)|^2, the update the diagnostic calls backprop's is dL/dW_h,
+    so an update equal to autograd's gradient is at 0 degrees and any other at its angle to that gradient."""
+    import types
+    torch.manual_seed(0)
+    P, B, n = 1, 3, [6, 5, 4, 3]
+    k_B, k_D, lmax = 0.7, 0.8, 0.2
+    W = [torch.randn(P, n[m + 1], n[m], dtype=torch.float64, requires_grad=True) for m in range(3)]
+    b = [torch.randn(P, 1, n[m + 1], dtype=torch.float64) for m in range(3)]
+    psp0 = torch.rand(P, B, n[0], dtype=torch.float64)
+    lam_t = torch.rand(P, B, n[3], dtype=torch.float64) * lmax
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64).view(1, B, 1)
+    psp, C = [psp0], []
+    for m in range(3):                                        # the mean-field forward pass
+        C.append((k_D if m == 2 else k_B) * (torch.bmm(psp[m], W[m].transpose(1, 2)) + b[m]))
+        psp.append(lmax * torch.sigmoid(C[m]))
+    loss = (w * (lam_t - lmax * torch.sigmoid(C[2])) ** 2).sum() / 2
+    grads = torch.autograd.grad(loss, W[:2])
+    Cf = [c.detach() for c in C]
+    E_out = R.output_error(lam_t, Cf[2], k_D, lmax)
+    net = types.SimpleNamespace(P=P, M=3, W=[x.detach() for x in W], k_B=k_B, lmax=lmax)
+    f = {"psp_in": [x.detach() for x in psp[:3]]}
+    exact = engine.Population._bp_angles(net, [None, None, E_out], [grads[0], grads[1]], Cf, f, w)[0]
+    assert exact["hidden1"] == pytest.approx(0.0, abs=1e-4) and exact["hidden2"] == pytest.approx(0.0, abs=1e-4)
+    other = [torch.randn_like(g) for g in grads]
+    got = engine.Population._bp_angles(net, [None, None, E_out], other, Cf, f, w)[0]
+    for m, g in enumerate(grads):
+        want = math.degrees(math.acos(float((other[m] * g).sum() / (other[m].norm() * g.norm()))))
+        assert got[f"hidden{m + 1}"] == pytest.approx(want, abs=1e-6)
