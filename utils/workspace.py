@@ -14,13 +14,16 @@ full mode is the study as specified (50 iterations, 10 epochs, 3 folds), for a G
 """
 import dataclasses
 import os
-from collections.abc import Mapping
 import time
+from collections.abc import Mapping
 
 import pandas as pd
+import torch
 
 from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
 from utils.data import Dataset, stratified_subset
+from utils.plotting import set_figures_dir
+from utils.rules import RULES, rule_models
 from utils.study import StudySettings, run_study
 from utils.train import KINDS, train_logged
 
@@ -104,7 +107,6 @@ def settings(quick):
 def use_figures_dir(S, figures=None):
     """Where the notebook's figures go: `figures`, else $BIODL_FIGURES, else runs/figures/ in quick mode (quick runs
     never overwrite the committed README figures) and the repository's figures/ in full mode. Returns the folder."""
-    from utils.plotting import set_figures_dir
     return set_figures_dir(figures or os.environ.get("BIODL_FIGURES") or S["figures"])
 
 
@@ -125,7 +127,6 @@ def _named(datasets):
 
 def _split(ds, n_train, n_valid, seed):
     """A random validation set held out of the training split, and (a stratified subset of) the rest for training."""
-    import torch
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(ds.y_train), generator=g).to(ds.y_train.device)
     valid, train = order[:n_valid], order[n_valid:]
@@ -232,7 +233,6 @@ def train_rules(ds, S, device=None, seed=0, out="runs"):
     """Each network of RULE_KINDS under every rule (same architecture, seed and data as train_models) on the
     Dataset `ds`, with the logger; runs saved to out/<ds.name>_<model> ("mlp-backprop", "mlp-fa", "mlp-dfa",
     "mlp-sign", ...). Returns (logs, models) keyed by those model names."""
-    from utils.rules import RULES
     dataset = _checked(ds).name
     X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
     logs, models = {}, {}
@@ -251,7 +251,6 @@ def rule_study(datasets, S, summary=None, device=None, seed=0, verbose=1):
     """The study (`study`) of each network of RULE_KINDS under FA, DFA and sign symmetry ("mlp-fa", ...) on
     `datasets` (as in `study`), appended to `summary` (the other models' table) for the comparison figure and the
     results table."""
-    from utils.rules import rule_models
     rules = study(datasets, S, kinds=rule_models(RULE_KINDS[S["quick"]]), device=device, seed=seed,
                   verbose=verbose)
     return rules if summary is None else pd.concat([summary, rules], ignore_index=True)
