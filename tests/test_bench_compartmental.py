@@ -35,11 +35,12 @@ def _fake_dataset(monkeypatch):
     """Tiny separable 4 x 4 images in place of MNIST, so the accuracy loop runs in seconds without data files."""
     import torch
     import utils.data
+    import utils.train
     g = torch.Generator().manual_seed(0)
     y = torch.arange(64) % 2
     X = (0.2 * torch.rand(64, 1, 4, 4, generator=g) + 0.6 * y.view(-1, 1, 1, 1)).float()
     ds = utils.data.Dataset(X[:48], y[:48], X[48:], y[48:], ["a", "b"])
-    monkeypatch.setattr(utils.data, "load_dataset", lambda *a, **k: ds)
+    monkeypatch.setattr(utils.train, "load_dataset", lambda *a, **k: ds)   # where the training entry point calls it
 
 
 def _run(monkeypatch, out, *extra):

@@ -17,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from skorch.history import History
 
+from utils.classifiers import CNN_DEFAULTS, MLP_DEFAULTS, make_classifier
 from utils.compartmental import CompartmentalClassifier
+from utils.data import get_device
 from utils.io import dumps, library_versions, save_torch, write_json
+from utils.models import MLP
 
 FORMAT = 1          # the layout of meta and tensors; bumped when it changes
 
@@ -33,7 +37,6 @@ def _tuples(d):
 def _device(saved, device):
     """Where a restored estimator lives: `device` when given, else where it was saved (the CPU when that was a GPU
     and there is none now)."""
-    from utils.data import get_device
     if device is not None:
         return str(get_device(device))
     if saved is not None and str(saved).startswith("cuda") and not torch.cuda.is_available():
@@ -46,8 +49,6 @@ def _device(saved, device):
 
 
 def _torch_state(clf):
-    from utils.classifiers import CNN_DEFAULTS, MLP_DEFAULTS
-    from utils.models import MLP
     kind = "mlp" if clf.module is MLP else "cnn"
     arch = MLP_DEFAULTS if kind == "mlp" else CNN_DEFAULTS
     module = {k[len("module__"):]: v for k, v in clf.get_params().items() if k.startswith("module__")}
@@ -65,9 +66,7 @@ def _torch_state(clf):
 
 
 def _restore_torch(meta, tensors, device):
-    from skorch.history import History
 
-    from utils.classifiers import make_classifier
     hp = _tuples(meta["hyperparameters"])
     hp["device"] = _device(hp["device"], device)
     clf = make_classifier(meta["kind"], **hp)

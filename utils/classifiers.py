@@ -15,9 +15,10 @@ import sys
 import numpy as np
 import torch
 from skorch import NeuralNetClassifier
-from skorch.callbacks import PrintLog, ProgressBar
+from skorch.callbacks import LRScheduler, PrintLog, ProgressBar
 
 from utils.compartmental import CompartmentalClassifier
+from utils.data import get_device
 from utils.errors import TrainingDiverged
 from utils.models import CNN, MLP
 from utils.rules import split_model
@@ -268,7 +269,6 @@ def make_classifier(kind, logger=None, **hyperparameters):
         raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for {kind!r}; valid: "
                          f"{sorted(set(arch) | set(COMMON_DEFAULTS))}")
     hp = {**COMMON_DEFAULTS, **arch, **hyperparameters}
-    from utils.data import get_device
     callbacks = list(hp.pop("callbacks", None) or [])
     if hp["verbose"] and interactive():  # tqdm bars only where someone watches them
         callbacks.append(("progress", ProgressBar(batches_per_epoch="auto" if hp["batch_size"] > 0 else 1)))
@@ -276,7 +276,6 @@ def make_classifier(kind, logger=None, **hyperparameters):
         callbacks.append(("logger", logger))
     schedule = hp.pop("lr_schedule")
     if schedule == "cosine":
-        from skorch.callbacks import LRScheduler
         callbacks.append(("lr_schedule", LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR,
                                                       T_max=int(hp["max_epochs"]))))
     elif schedule is not None:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from utils import compartmental_reference as R
 from utils.compartmental_engine import SEGMENT, Population, segments
@@ -196,7 +197,6 @@ def _train(members, datasets, epochs, on_error="raise"):
     pop = Population(members, B_state)
     bar = None
     if any(mb.verbose for mb in members):
-        from tqdm.auto import tqdm
         bar = tqdm(total=sum(r.total for r in runs), desc="compartmental", unit="ex", leave=False)
     try:
         while True:

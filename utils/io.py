@@ -4,6 +4,7 @@ An interrupted write never leaves a half-written file: everything goes to a temp
 is flushed and fsync'ed, then `os.replace`d over it. JSON here never contains bare NaN or Infinity (they become
 the strings "nan", "inf", "-inf"); numpy and torch values become plain numbers or lists.
 """
+import importlib.metadata as md
 import json
 import math
 import os
@@ -86,7 +87,6 @@ def save_torch(obj, path):
 
 def library_versions(device=None):
     """Versions of the libraries a run depends on, plus the device it ran on (and the GPU's name)."""
-    import importlib.metadata as md
     out = {"python": platform.python_version(), "platform": platform.platform()}
     for dist in ("torch", "skorch", "scikit-learn", "bayesian-optimization", "numpy", "pandas"):
         try:

@@ -23,14 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
 
 from utils.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint  # noqa: F401
 from utils.classifiers import (CNN_DEFAULTS, COMMON_DEFAULTS, KINDS, MLP_DEFAULTS, DeviceBatches,  # noqa: F401
                                PlainPrintLog, TorchClassifier, as_inputs, as_labels, check_common_hyperparameters,
                                interactive, make_classifier)
 from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier, batch_f_etas, fit_population
+from utils.data import Dataset, get_device, load_dataset, stratified_subset
 from utils.errors import TrainingDiverged
 from utils.io import jsonable, library_versions, write_json
+from utils.logger import TrainingLogger
 
 DATASETS = ("mnist", "fashion", "cifar10", "blobs")
 RUN_FREE = ("epochs", "test_every_epochs", "max_minutes", "threads", "device")   # may change on --resume
@@ -49,8 +53,6 @@ def cross_validate_many(estimators, X, y, folds=3, seed=0):
     """Per-fold test accuracies (estimators x folds array) of fresh clones of each estimator on the same
     StratifiedKFold(folds) splits. Compartmental estimators and their folds train side by side as one population
     (fit_population: they must share its structure)."""
-    from sklearn.base import clone
-    from sklearn.model_selection import StratifiedKFold
     y_np = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     splits = []
@@ -75,7 +77,6 @@ def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None
     records.csv) when given. `max_valid`: validation examples per record (None: the logger's default). Returns
     (estimator, logger).
     """
-    from utils.logger import TrainingLogger
     extra = {} if max_valid is None else {"max_valid": max_valid}
     logger = TrainingLogger(X_valid, y_valid, records_per_epoch=records_per_epoch, name=name or kind, **extra)
     clf = make_classifier(kind, logger=logger, **hyperparameters)
@@ -174,7 +175,6 @@ def train_epochs(clf, X, y, X_test, y_test, epochs, test_every=1, out=None, conf
 def synthetic_dataset(n_train=1000, n_test=500, device=None):
     """A separable 10-class problem shaped like 1 x 8 x 8 images (noisy copies of 10 random images), for checks
     without data files."""
-    from utils.data import Dataset, get_device
     g = torch.Generator().manual_seed(0)
     centers = torch.rand(10, 1, 8, 8, generator=g)
     y = torch.arange(n_train + n_test) % 10
@@ -303,7 +303,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from utils.data import load_dataset, stratified_subset
     t0 = time.time()
     try:
         ds = synthetic_dataset(device=args.device) if args.dataset == "blobs" else \
