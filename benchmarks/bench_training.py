@@ -11,7 +11,8 @@ interleaved (hand, skorch, hand, skorch, ...) and the median epoch time of each 
 skorch / hand loop (target <= 1.15 on the CPU at batch size 100).
 Accuracy: official test split after `--epochs` epochs (default 10), with epoch time and peak memory.
 Rules: the accuracy models trained by feedback alignment, direct feedback alignment and sign symmetry beside
-backprop (same architecture, seed, schedule and data), their epochs interleaved (backprop, fa, dfa, sign, backprop,
+backprop (same architecture, seed, batches and data; constant learning rate, backprop's unless RULE_LR gives the rule
+its own, printed with every row; FA and DFA start the output layer at zero, utils.rules), their epochs interleaved (backprop, fa, dfa, sign, backprop,
 ...) so that a change of load on the machine hits every rule alike; test accuracy on the official test split, the
 median epoch time and its ratio to backprop's. Targets: RULE_TARGETS below (points of test accuracy behind backprop;
 None: reported only) and an epoch time of at most RULE_TIME_RATIO x backprop's.
