@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from utils.logger import TrainingLogger
 from utils.runs import angles
 from utils.models import CNN, MLP
-from utils.rules import RULES, RuleConv2d, RuleLinear, angle_degrees, hidden_angles, rule_layers
+from utils.rules import RULES, ZERO_OUTPUT_RULES, RuleConv2d, RuleLinear, angle_degrees, hidden_angles, rule_layers
 from utils.train import load_checkpoint, make_classifier, save_checkpoint
 
 N_CLASSES = 4
@@ -57,14 +57,83 @@ def mlp_by_hand(net, X, y, feedback_of):
 @pytest.mark.parametrize("make", [mlp, cnn])
 def test_forward_equals_backprop_and_last_layer_update_too(make):
     X, y = data()
-    ref = make("backprop")
-    ref_grads = grads(ref, X, y)
     for rule in RULES:
         net = make(rule)
-        for a, b in zip(rule_layers(net), rule_layers(ref)):   # the same seed gives the same forward weights
-            assert torch.equal(a.weight, b.weight)
+        ref = make("backprop")
+        ref.load_state_dict(net.state_dict(), strict=False)   # the same weights (FA / DFA: their zero output layer)
+        ref_grads = grads(ref, X, y)
         assert torch.allclose(net(X), ref(X), atol=1e-6)
         assert torch.allclose(grads(net, X, y)[-1], ref_grads[-1], atol=1e-6), rule
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_same_seed_same_forward_weights_but_fa_and_dfa_start_the_output_layer_at_zero(make):
+    ref = rule_layers(make("backprop"))
+    for rule in RULES:
+        layers = rule_layers(make(rule))
+        for a, b in zip(layers[:-1], ref[:-1]):   # every hidden layer: the seed's Xavier draw under every rule
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        if rule in ZERO_OUTPUT_RULES:
+            assert not layers[-1].weight.any() and not layers[-1].bias.any()
+        else:
+            assert torch.equal(layers[-1].weight, ref[-1].weight) and layers[-1].weight.abs().sum() > 0
+        fb = [layer.feedback for layer in layers if layer.feedback is not None]
+        assert all(f.abs().sum() > 0 for f in fb) and (len(fb) > 0) == (rule in ("fa", "dfa"))
+    assert set(ZERO_OUTPUT_RULES) == {"fa", "dfa"}
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_feedback_scale_bounds_and_adam_does_not_see_it(rule):
+    """B ~ U(-a, a), a the Xavier bound of the layer (FA: W's fans; DFA: n_classes and the hidden layer's units), and
+    Adam's trajectory is the same when every B is multiplied by 10 (its per-parameter normalisation removes the
+    scale), so the feedback scale is not a knob under Adam."""
+    layers = rule_layers(mlp(rule, hidden=(60, 50)))
+    for layer in layers[1:]:
+        fan_in, fan_out = layer.weight.shape[1], layer.weight.shape[0]
+        if rule == "dfa":
+            fan_in, fan_out = layer.feedback.shape
+        a = math.sqrt(6 / (fan_in + fan_out))
+        assert layer.feedback.abs().max() <= a and layer.feedback.abs().max() > 0.8 * a
+        assert layer.feedback.std() == pytest.approx(a / math.sqrt(3), rel=0.15)
+    X, y = data(n=64)
+    nets = [mlp(rule, hidden=(60, 50)) for _ in range(2)]
+    with torch.no_grad():
+        for layer in rule_layers(nets[1]):
+            if layer.feedback is not None:
+                layer.feedback.mul_(10.0)
+    for net in nets:
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        for i in range(0, 64, 16):
+            opt.zero_grad()
+            F.cross_entropy(net(X[i:i + 16]), y[i:i + 16]).backward()
+            opt.step()
+    for a, b in zip(rule_layers(nets[0]), rule_layers(nets[1])):
+        assert torch.allclose(a.weight, b.weight, atol=1e-4)   # steps of 1e-2 each; the rest is Adam's epsilon
+    assert not torch.equal(rule_layers(nets[0])[0].weight, rule_layers(mlp(rule, hidden=(60, 50)))[0].weight)
+
+
+def test_fa_and_dfa_align_faster_from_the_zero_output_layer():
+    """From the zero output layer FA's and DFA's last hidden update comes within 90 degrees of backprop's gradient
+    within a few dozen Adam steps, well ahead of the same network started from a random (Xavier) output layer."""
+    g = torch.Generator().manual_seed(0)
+    means = 2.0 * torch.randn(N_CLASSES, 1, 6, 6, generator=g)
+    y = torch.arange(320) % N_CLASSES
+    X = means[y] + torch.randn(320, 1, 6, 6, generator=g)
+    for rule in ("fa", "dfa"):
+        got = {}
+        for start in ("zero", "xavier"):
+            net = mlp(rule, hidden=(40, 30))
+            if start == "xavier":
+                torch.manual_seed(1)
+                torch.nn.init.xavier_uniform_(rule_layers(net)[-1].weight)
+            opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+            for _ in range(2):
+                for i in range(0, 320, 16):
+                    opt.zero_grad()
+                    F.cross_entropy(net(X[i:i + 16]), y[i:i + 16]).backward()
+                    opt.step()
+            got[start] = hidden_angles(net, X, y, torch.nn.CrossEntropyLoss())["hidden2"]
+        assert got["zero"] < 75 and got["zero"] < got["xavier"] - 10, (rule, got)
 
 
 def test_backprop_by_hand_matches_autograd():
@@ -182,6 +251,7 @@ def test_angle_is_zero_for_backprop_and_matches_a_hand_computation_for_fa():
     assert torch.equal(running, cnn_bp.features[1].running_mean)   # batch-norm statistics restored
     net = mlp("fa")
     layers = rule_layers(net)
+    torch.nn.init.xavier_uniform_(layers[-1].weight)   # FA's output layer starts at zero: backprop's gradient would be 0
     fa = mlp_by_hand(net, X, y, lambda i, e, d: d @ layers[i].feedback)
     bp = mlp_by_hand(net, X, y, lambda i, e, d: d @ layers[i].weight)
     got = hidden_angles(net, X, y, loss)

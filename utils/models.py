@@ -5,14 +5,15 @@
     MLP(784, (500,), 10, rule="fa")     # the learning rule: "backprop" (default), "fa", "dfa", "sign" (utils.rules)
 
 Both take N x C x H x W images (the MLP flattens them itself) and return class logits. Weights are Xavier-uniform.
-The rule changes only the backward pass; the same seed gives the same forward weights under every rule.
+The rule changes only the backward pass; the same seed gives the same forward weights under every rule, except
+that FA and DFA start the output layer at zero (utils.rules.init_rule_).
 """
 import math
 
 import torch
 from torch import nn
 
-from utils.rules import OutputError, RuleConv2d, RuleLinear, check_rule, reset_feedback_
+from utils.rules import OutputError, RuleConv2d, RuleLinear, check_rule, init_rule_
 
 
 def _xavier_(module):
@@ -48,7 +49,7 @@ class MLP(nn.Module):
         layers.append(RuleLinear(sizes[-1], n_classes, sends_back=len(sizes) > 1, is_output=True, **kw))
         self.net = nn.Sequential(*layers)
         _xavier_(self)
-        reset_feedback_(self)
+        init_rule_(self)
 
     def forward(self, x):
         return self.net(x)
@@ -112,7 +113,7 @@ class CNN(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.classifier = RuleLinear(math.prod(shapes[-1]), n_classes, is_output=True, **kw)
         _xavier_(self)
-        reset_feedback_(self)
+        init_rule_(self)
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
