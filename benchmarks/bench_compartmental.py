@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -124,7 +125,6 @@ def speed(args):
 def population_one(P, B, device, threads, n_batches):
     """Aggregate training examples/s of P networks at batch B trained as one population (after a warm-up batch),
     in this process; JSON-ready."""
-    from utils.compartmental import fit_population
     torch.set_num_threads(threads)
     dev = torch.device(device)
     X, y, source = mnist_like(P * B * (n_batches + 1))
@@ -150,30 +150,43 @@ def population_one(P, B, device, threads, n_batches):
 
 def population(args):
     """A population of P networks at batch B beside one network at batch B and one at batch P B, each in a fresh
-    process (peak memory is per process): aggregate training examples/s, peak memory, and the ratio judged."""
+    process (peak memory is per process), the three interleaved for --repeats rounds so that a change of load hits
+    them alike: the median aggregate training examples/s, the largest peak memory, and the ratio judged."""
     P, B = args.population, args.member_batch
     print(f"Population training: paper defaults (spiking both paths, 784-500-10, 50+50 steps + Wald), batch {B} per "
-          f"network; device {args.device}, torch threads {args.threads}, load average {os.getloadavg()[0]:.1f}")
+          f"network; device {args.device}, torch threads {args.threads}, {args.batches} timed batches, "
+          f"{args.repeats} interleaved rounds, load average {os.getloadavg()[0]:.1f}")
+    configs = {"one network, batch %d" % B: (1, B), "one network, batch %d" % (P * B): (1, P * B),
+               "population of %d, batch %d each" % (P, B): (P, B)}
+    runs = {name: [] for name in configs}
+    for r in range(args.repeats):
+        for name, (p, b) in configs.items():
+            cmd = [sys.executable, __file__, "--one-population", str(p), str(b), "--device", args.device,
+                   "--threads", str(args.threads), "--batches", str(args.batches)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if out.returncode:
+                print(out.stderr)
+                raise SystemExit(f"{name} failed")
+            runs[name].append(row := json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}: {name:>32}: {row['train_ex_s']:>8.1f} ex/s, load average {row['load_avg']:.1f}",
+                  flush=True)
     rows = {}
-    for name, (p, b) in (("one network, batch %d" % B, (1, B)), ("one network, batch %d" % (P * B), (1, P * B)),
-                         ("population of %d, batch %d each" % (P, B), (P, B))):
-        cmd = [sys.executable, __file__, "--one-population", str(p), str(b), "--device", args.device,
-               "--threads", str(args.threads), "--batches", str(args.batches)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
-        if out.returncode:
-            print(out.stderr)
-            raise SystemExit(f"{name} failed")
-        rows[name] = r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:>32}: {r['train_ex_s']:>10.1f} training ex/s (aggregate), peak {r['peak_mib']:.0f} MiB, "
-              f"{r['n_train']} examples, load average {r['load_avg']:.1f}", flush=True)
+    for name, rs in runs.items():
+        rows[name] = r = dict(rs[0], train_ex_s=statistics.median(x["train_ex_s"] for x in rs),
+                              peak_mib=max(x["peak_mib"] for x in rs), rounds=[x["train_ex_s"] for x in rs])
+        print(f"{name:>32}: {r['train_ex_s']:>10.1f} training ex/s (aggregate, median of {len(rs)}), peak "
+              f"{r['peak_mib']:.0f} MiB, {r['n_train']} examples per round", flush=True)
     one, pop = rows["one network, batch %d" % B], rows["population of %d, batch %d each" % (P, B)]
     ratio = pop["train_ex_s"] / one["train_ex_s"]
+    per_round = [p_ / o_ for p_, o_ in zip(pop["rounds"], one["rounds"])]
     target = "CPU target: population of 8 at least 2.0x one network" if args.device == "cpu" else \
         "GPU target: a population of >= 64 at >= 200,000 ex/s; one network at batch 16 >= 5,000 ex/s"
-    print(f"ratio population / one network at batch {B}: {ratio:.2f}x ({target}); data: {one['data']}")
+    print(f"ratio population / one network at batch {B}: {ratio:.2f}x of the medians (rounds: "
+          f"{', '.join(f'{x:.2f}' for x in per_round)}) ({target}); data: {one['data']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(kind="population", rows=rows, ratio=ratio), indent=1))
+        Path(args.out).write_text(json.dumps(dict(kind="population", rows=rows, ratio=ratio, config=vars(args)),
+                                             indent=1))
 
 
 def cross_validation(args):
@@ -269,6 +282,7 @@ def main():
                    help="aggregate speed of P networks trained side by side, beside one network at --member-batch "
                         "and one at P times it")
     p.add_argument("--member-batch", type=int, default=16, help="--population: batch size of each network")
+    p.add_argument("--repeats", type=int, default=3, help="--population: interleaved rounds (medians judged)")
     p.add_argument("--cv", action="store_true", help="cross-validate the paper's network (batch 16) with its folds "
                    "as one population: wall time and fold accuracies (--epochs, --subset, --folds)")
     p.add_argument("--folds", type=int, default=3)

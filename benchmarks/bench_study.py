@@ -5,15 +5,17 @@
 
 Same code path as the full study (utils.study.run_study), scaled down: `--iterations` evaluations of `--folds`-fold
 cross-validation after `--epochs` epochs on a stratified `--subset` of the training split. The slow compartmental
-network has its own `--compartmental-iterations`, `--compartmental-subset` and `--compartmental-epochs` (enough
-examples for it to learn: it needs several thousand updates before it leaves chance), a fixed
+network has its own `--compartmental-iterations` and its own sizes per dataset (COMPARTMENTAL_SIZES below: enough
+examples for it to learn, as it needs several thousand updates before it leaves chance; `--compartmental-subset`,
+`--compartmental-epochs` and `--compartmental-retrain-subset` set them for every dataset), a fixed
 `--compartmental-batch-size`, a test phase of `--test-phase` steps (250 in the paper) and its searched phase lengths
 capped at `--max-phase` time steps (still searched, in [20, max_phase]); its option flags are drawn from the paper's
 configuration with `--flip-prob`. By default (`--compartmental-search numbers`) its structure is held at the
 paper's (flags, time step, phases, one hidden layer of 500) and only its numbers are searched (rates, conductances,
 time constants, reversal potentials, lambda_max), so that each round's `--compartmental-q` candidates train with
-their folds as one population (`fit_population`); `--compartmental-search all` searches the whole space. The best of each study is retrained on a stratified `--retrain-subset` (not the
-full split) and scored on a stratified `--test-subset` of the test split. Evaluations run `--q` at a time on a local
+their folds as one population (`fit_population`); `--compartmental-search all` searches the whole space. The best
+of each study is retrained on a stratified `--retrain-subset` (not the full split) and scored on a stratified
+`--test-subset` of the test split. Evaluations run `--q` at a time on a local
 Dask cluster of `--workers` processes (`--workers 0`: in this process). Prints each study's wall time, the total,
 and the results table.
 Studies are written to `--out` (default logs/bench_study, git-ignored); a rerun resumes them, `--fresh` starts over.
@@ -36,6 +38,12 @@ from utils.cluster import start_client  # noqa: E402
 from utils.study import StudySettings, run_study  # noqa: E402
 from utils.study_log import load_results, summarize  # noqa: E402
 
+# the compartmental network's sizes per dataset: (examples cross-validated in 2 folds, epochs, examples the best is
+# retrained on). MNIST's are what it needs to pass 80 % CV (the target); Fashion-MNIST's and CIFAR-10's (3,072 dense
+# inputs: about 5x MNIST's time per example) are smaller so that the whole study fits in 25 minutes on a 2-core CPU,
+# still enough for the network to leave chance. --compartmental-subset / -epochs / -retrain-subset override them.
+COMPARTMENTAL_SIZES = {"mnist": (10000, 4, 5000), "fashion": (8000, 3, 4000), "cifar10": (5000, 2, 2500)}
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,14 +55,16 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--subset", type=int, default=1000, help="training examples cross-validated (MLP, CNN)")
     p.add_argument("--compartmental-iterations", type=int, default=3)
-    p.add_argument("--compartmental-subset", type=int, default=10000, help="2 folds: 5,000 train, 5,000 test")
-    p.add_argument("--compartmental-epochs", type=int, default=4)
+    p.add_argument("--compartmental-subset", type=int, default=None,
+                   help="examples cross-validated (default: COMPARTMENTAL_SIZES, e.g. MNIST 10,000: 2 folds of 5,000 "
+                        "to train and 5,000 to test)")
+    p.add_argument("--compartmental-epochs", type=int, default=None, help="default: COMPARTMENTAL_SIZES")
     p.add_argument("--test-phase", type=int, default=100, help="compartmental test phase, time steps (paper: 250)")
     p.add_argument("--flip-prob", type=float, default=None, help="compartmental flag flips (default: the study's)")
     p.add_argument("--compartmental-batch-size", type=int, default=16, help="fixed (not searched) batch size")
     p.add_argument("--max-phase", type=int, default=60, help="cap of the compartmental phase lengths (time steps)")
     p.add_argument("--retrain-subset", type=int, default=2000, help="examples the best is retrained on (MLP, CNN)")
-    p.add_argument("--compartmental-retrain-subset", type=int, default=5000)
+    p.add_argument("--compartmental-retrain-subset", type=int, default=None, help="default: COMPARTMENTAL_SIZES")
     p.add_argument("--test-subset", type=int, default=500, help="test examples scoring the retrained best")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -91,15 +101,20 @@ def main(argv=None):
     backprop = dataclasses.replace(settings, iterations=args.iterations, epochs=args.epochs, subset=args.subset,
                                    retrain_subset=args.retrain_subset)
     compartmental = dataclasses.replace(
-        settings, iterations=args.compartmental_iterations, epochs=args.compartmental_epochs,
-        subset=args.compartmental_subset, retrain_subset=args.compartmental_retrain_subset, max_phase=args.max_phase,
-        q=args.compartmental_q, fixed={"batch_size": args.compartmental_batch_size, "l_f_phase_test": args.test_phase},
+        settings, iterations=args.compartmental_iterations, max_phase=args.max_phase, q=args.compartmental_q,
+        fixed={"batch_size": args.compartmental_batch_size, "l_f_phase_test": args.test_phase},
         hold="structure" if args.compartmental_search == "numbers" else None)
+
+    def compartmental_on(dataset):   # the per-dataset sizes, unless given on the command line
+        subset, epochs, retrain = COMPARTMENTAL_SIZES.get(dataset, COMPARTMENTAL_SIZES["mnist"])
+        given = (args.compartmental_subset, args.compartmental_epochs, args.compartmental_retrain_subset)
+        subset, epochs, retrain = (g if g is not None else d for g, d in zip(given, (subset, epochs, retrain)))
+        return dataclasses.replace(compartmental, subset=subset, epochs=epochs, retrain_subset=retrain)
     try:
         for model in args.models:
             for dataset in args.datasets:
                 t = time.perf_counter()
-                run_study(model, dataset, compartmental if model == "compartmental" else backprop)
+                run_study(model, dataset, compartmental_on(dataset) if model == "compartmental" else backprop)
                 times.append(dict(model=model, dataset=dataset, wall_s=round(time.perf_counter() - t, 1)))
                 print(f"== {model} / {dataset}: {times[-1]['wall_s']:.1f} s", flush=True)
     finally:
@@ -114,9 +129,11 @@ def main(argv=None):
     trained = evals[evals.status != "invalid"].groupby(["model", "dataset"], sort=False).time_s.sum()
     table = table.merge(pd.DataFrame(times), on=["model", "dataset"], how="left")
     table["train_s"] = [round(float(trained.get((m, d), 0.0)), 1) for m, d in zip(table.model, table.dataset)]
+    sizes = {d: (compartmental_on(d).subset, compartmental_on(d).epochs, compartmental_on(d).retrain_subset)
+             for d in args.datasets}
     print(f"\nreduced study: {args.iterations} iterations, {args.folds} folds, {args.epochs} epochs, subset "
-          f"{args.subset} (compartmental: {args.compartmental_iterations} iterations, {args.compartmental_epochs} "
-          f"epochs, subset {args.compartmental_subset}, batch {args.compartmental_batch_size}, phases <= "
+          f"{args.subset} (compartmental: {args.compartmental_iterations} iterations, (subset, epochs, retrain "
+          f"subset) {sizes}, batch {args.compartmental_batch_size}, phases <= "
           f"{args.max_phase} steps, test phase {args.test_phase}, search {args.compartmental_search}, q "
           f"{args.compartmental_q}); workers {args.workers}, q {args.q or 'auto'}, torch threads {args.threads}; "
           f"wall time {total:.0f} s ({total / 60:.1f} min), load average at the end {os.getloadavg()[0]:.1f}")

@@ -178,7 +178,9 @@ def rules(args, device, out=None):
         hp = ACCURACY_MODELS[kind][name]
         if hp.get("lr_schedule"):
             raise SystemExit(f"error: {run} has an lr schedule; the interleaved epochs of --rules need a constant lr")
-        clfs, lrs = {}, {rule: RULE_LR.get((kind, name), {}).get(rule, hp["lr"]) for rule in args.rules_list}
+        own = RULE_LR.get((kind, name), {}) | args.rule_lr            # --rule-lr wins
+        lrs = {rule: own.get(rule, hp["lr"]) for rule in args.rules_list}
+        clfs = {}
         for rule in args.rules_list:
             clfs[rule] = make_classifier(kind, rule=rule, max_epochs=args.epochs, seed=args.seed, device=device,
                                          verbose=args.verbose, **(hp | {"lr": lrs[rule]}))
@@ -259,6 +261,8 @@ def main():
                    help="model:dataset pairs of --rules")
     p.add_argument("--rules-list", dest="rules_list", nargs="+", default=list(RULES), choices=RULES,
                    help="the rules of --rules (the first is the reference; default: backprop first)")
+    p.add_argument("--rule-lr", nargs="+", default=[], metavar="RULE=LR",
+                   help="--rules: a rule's learning rate instead of RULE_LR's / backprop's, e.g. fa=1e-3")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[100])
     p.add_argument("--speed-examples", type=int, default=10000, help="MNIST training examples per speed epoch")
@@ -272,6 +276,12 @@ def main():
     p.add_argument("--out", default=None, help="write the results (with this configuration) as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    try:
+        args.rule_lr = {rule: float(lr) for rule, lr in (item.split("=") for item in args.rule_lr)}
+    except ValueError:
+        p.error(f"--rule-lr takes RULE=LR pairs such as fa=1e-3, got {args.rule_lr}")
+    if set(args.rule_lr) - set(RULES):
+        p.error(f"--rule-lr: unknown rule(s) {sorted(set(args.rule_lr) - set(RULES))}; the rules are {RULES}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if not (args.speed or args.accuracy or args.rules or args.rule_steps):
