@@ -214,21 +214,24 @@ def _population_case(dtype, extra):
     return ests, data
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(use_spiking_feedback=False, use_spiking_feedforward=False),
-                                   dict(use_apical_conductance=True, g_A=0.05)],
-                         ids=["spiking", "rates", "spiking apical"])
-def test_population_equals_lone_runs(extra):
+@pytest.mark.parametrize("dtype, extra", [("float64", dict()),
+                                          ("float64", dict(use_spiking_feedback=False, use_spiking_feedforward=False)),
+                                          ("float64", dict(use_apical_conductance=True, g_A=0.05)),
+                                          ("float32", dict())],
+                         ids=["spiking", "rates", "spiking apical", "spiking float32"])
+def test_population_equals_lone_runs(dtype, extra):
     """Three members (different rates, lambda_max, conductances, tau_s, seeds, epochs, decay; data of 22, 30 and 13
     examples, so smaller last batches and random phase lengths) trained as one population equal three lone fits:
-    in spiking mode the same spikes (identical predictions), weights to float64 rounding."""
-    ests, data = _population_case("float64", extra)
+    in spiking mode the same spikes (identical predictions), weights to float64 rounding (float32, the default: the
+    same uniforms, two per 64-bit draw, and weights to float32 rounding)."""
+    ests, data = _population_case(dtype, extra)
     lone = [clone(e).fit(*d) for e, d in zip(ests, data)]
     pop = fit_population([clone(e) for e in ests], data)
     X_test = small_data(16, 5)[0]
     for a, b in zip(lone, pop):
         assert a.examples_seen_ == b.examples_seen_ and a.epochs_done_ == b.epochs_done_
         for wa, wb in zip(a.W_ + a.b_ + a.Y_, b.W_ + b.b_ + b.Y_):
-            torch.testing.assert_close(wb, wa, rtol=0, atol=1e-10)
+            torch.testing.assert_close(wb, wa, rtol=0, atol=1e-10 if dtype == "float64" else 1e-5)
         if "use_spiking_feedforward" not in extra:
             np.testing.assert_array_equal(b.decision_function(X_test), a.decision_function(X_test))
     assert not torch.equal(pop[0].W_[0], pop[1].W_[0])
@@ -607,3 +610,16 @@ def test_backprop_angle_is_the_angle_to_autograds_gradient():
     for m, g in enumerate(grads):
         want = math.degrees(math.acos(float((other[m] * g).sum() / (other[m].norm() * g.norm()))))
         assert got[f"hidden{m + 1}"] == pytest.approx(want, abs=1e-6)
+
+
+def test_float32_uniforms_lie_on_the_2_to_the_minus_24_grid_and_follow_the_seed():
+    from utils.compartmental_population import _fill_uniform
+    a = _fill_uniform(np.random.default_rng(5), np.empty((40, 16, 50), np.float32))
+    b = _fill_uniform(np.random.default_rng(5), np.empty(40 * 16 * 50, np.float32))
+    assert np.array_equal(a.reshape(-1), b)                                  # the same numbers from the same seed
+    assert a.min() >= 0 and a.max() < 1
+    assert np.array_equal(a * 2 ** 24, np.floor(a * 2 ** 24))              # 24-bit grid, like NumPy's float32 draws
+    assert abs(a.mean() - 0.5) < 0.01 and abs(a.std() - 12 ** -0.5) < 0.01   # uniform: mean 1/2, sd 1/sqrt(12)
+    assert abs(np.corrcoef(a.reshape(-1)[:-1], a.reshape(-1)[1:])[0, 1]) < 0.02   # neighbours (two halves) independent
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _fill_uniform(np.random.default_rng(0), np.empty((4, 6), np.float32)[:, ::2])
