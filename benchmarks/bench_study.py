@@ -15,9 +15,11 @@ paper's (flags, time step, phases, one hidden layer of 500) and only its numbers
 time constants, reversal potentials, lambda_max), so that each round's `--compartmental-q` candidates train with
 their folds as one population (`fit_population`); `--compartmental-search all` searches the whole space. The best
 of each study is retrained on a stratified `--retrain-subset` (not the full split) and scored on a stratified
-`--test-subset` of the test split. Evaluations run `--q` at a time on a local
-Dask cluster of `--workers` processes (`--workers 0`: in this process). Prints each study's wall time, the total,
-and the results table.
+`--test-subset` of the test split. The nine studies run `--parallel` at a time (default 2, one per core here), each
+in a worker process of a local Dask cluster, the compartmental ones first (CIFAR-10's, the longest, at once); with
+`--parallel 1` they run one after the other in this process, and their evaluations `--q` at a time on a local Dask
+cluster of `--workers` processes (`--workers 0`: in this process). Prints each study's wall time, the total, and the
+results table.
 Studies are written to `--out` (default logs/bench_study, git-ignored); a rerun resumes them, `--fresh` starts over.
 torch runs single-threaded by default (`--threads`): on the shared 2-core machine two threads per process
 oversubscribed the cores and made a small MLP cross-validation 16x slower (15.8 s against 0.96 s).
