@@ -352,3 +352,19 @@ def test_compartmental_study_holding_the_structure_trains_each_round_as_one_popu
     assert [len(g) for g in groups("compartmental", jobs, None)] == [3]   # the first round: one population
     config = json.loads((res["study_dir"] / "config.json").read_text())
     assert config["held"]["units_1"] == 500 and "units_1" not in config["space"]
+
+
+def test_started_cluster_workers_keep_glibc_malloc_trimming(monkeypatch):
+    """Dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_=65536 (freed memory returned at once: page faults
+    at every large allocation); the clusters utils.cluster starts leave it unset, and keep one torch thread."""
+    from utils.cluster import USER_MALLOC_TRIM, start_client
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")   # as a Dask cluster started earlier here leaves it
+    client, cluster = start_client(workers=1, threads=1, dashboard=None)
+    try:
+        env = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
+    finally:
+        client.close()
+        cluster.close()
+    (worker_env,) = env.values()
+    assert worker_env["MALLOC_TRIM_THRESHOLD_"] == USER_MALLOC_TRIM   # unset (unless the user set it)
+    assert worker_env["OMP_NUM_THREADS"] == "1"

@@ -40,8 +40,11 @@ CONNECT_TIMEOUT = "20s"  # to reach a --scheduler
 # environment of the worker processes of a cluster started here: Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes
 # glibc return freed memory at once, and the simulation's many large temporary arrays then page-fault again on every
 # allocation (measured: 136,000 page faults/s and a third of the CPU time in the kernel for a compartmental study in a
-# worker, which ran more than twice as long as in the study's own process); None unsets it (glibc's default)
+# worker, which ran more than twice as long as in the study's own process); None unsets it (glibc's default). A
+# nanny also writes its variables into its own process's os.environ, where later workers would inherit them: unset
+# there too before a cluster starts, unless the user had set it
 NANNY_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+USER_MALLOC_TRIM = os.environ.get("MALLOC_TRIM_THRESHOLD_")   # the user's own setting (kept), if any
 
 
 class ClusterError(RuntimeError):
@@ -70,6 +73,8 @@ def start_client(scheduler=None, workers=None, threads=None, dashboard=DASHBOARD
     n_gpu = gpu_count()
     kw = dict(dashboard_address=dashboard if dashboard else None,
               silence_logs=logging.WARNING if verbose > 1 else logging.ERROR)
+    if USER_MALLOC_TRIM is None:   # a Dask nanny started earlier in this process left Dask's value in os.environ
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     with dask.config.set(NANNY_ENVIRON):
         return _local_client(n_gpu, workers, threads, kw, verbose)
 
