@@ -173,7 +173,7 @@ def _uniforms(members, xs, T, pop):
 def _fill_uniform(rng, out):
     """Fill the contiguous NumPy array `out` with uniforms in [0, 1) from the generator rng and return it. float64:
     NumPy's own draws. float32: two numbers from each 64-bit draw of rng's bit generator, the top 24 bits of each
-    32-bit half times 2^-24 (the same grid as NumPy's float32 draws, whose per-number calls cost about twice as much)."""
+    32-bit half times 2^-24 (NumPy's float32 grid; its own float32 draws cost 1.5x as much here: 4.19 / 2.75 ns)."""
     if not out.flags.c_contiguous:
         raise ValueError("_fill_uniform needs a C-contiguous array (a copy would not be filled)")
     if out.dtype != np.float32:
