@@ -11,8 +11,8 @@ interleaved (hand, skorch, hand, skorch, ...) and the median epoch time of each 
 skorch / hand loop (target <= 1.15 on the CPU at batch size 100).
 Accuracy: official test split after `--epochs` epochs (default 10), with epoch time and peak memory.
 Rules: the accuracy models trained by feedback alignment, direct feedback alignment and sign symmetry beside
-backprop (same architecture, seed, batches and data; constant learning rate, backprop's unless RULE_LR gives the rule
-its own, printed with every row; FA and DFA start the output layer at zero, utils.rules), their epochs interleaved (backprop, fa, dfa, sign, backprop,
+backprop (same architecture, seed, batches, data and learning-rate schedule (`--lr-schedule`); the rate is backprop's
+unless RULE_LR gives the rule its own, printed with every row; FA and DFA start the output layer at zero, utils.rules), their epochs interleaved (backprop, fa, dfa, sign, backprop,
 ...) so that a change of load on the machine hits every rule alike; test accuracy on the official test split, the
 median epoch time and its ratio to backprop's. Targets: RULE_TARGETS below (points of test accuracy behind backprop;
 None: reported only) and an epoch time of at most RULE_TIME_RATIO x backprop's.
@@ -179,9 +179,9 @@ def rules(args, device, out=None):
         if args.rules_train:  # a stratified training subset (a slow machine); the test split stays whole
             ds = ds._replace(**dict(zip(("X_train", "y_train"),
                                         stratified_subset(ds.X_train, ds.y_train, args.rules_train, seed=0))))
-        hp = ACCURACY_MODELS[kind][name]
-        if hp.get("lr_schedule"):
-            raise SystemExit(f"error: {run} has an lr schedule; the interleaved epochs of --rules need a constant lr")
+        hp = dict(ACCURACY_MODELS[kind][name])
+        if args.lr_schedule is not None:  # the same schedule for every rule: constant, or cosine to 0 over --epochs
+            hp["lr_schedule"] = None if args.lr_schedule == "constant" else args.lr_schedule
         own = RULE_LR.get((kind, name), {}) | args.rule_lr            # --rule-lr wins
         lrs = {rule: own.get(rule, hp["lr"]) for rule in args.rules_list}
         clfs = {}
@@ -190,7 +190,8 @@ def rules(args, device, out=None):
                                          verbose=args.verbose, **(hp | {"lr": lrs[rule]}))
             _set_input_size(clfs[rule], kind, ds.X_train)
         done = len(rows)
-        print(f"{run}: learning rates {lrs} (Adam, batch {hp['batch_size']}, seed {args.seed}), the same "
+        print(f"{run}: learning rates {lrs} (Adam, batch {hp['batch_size']}, seed {args.seed}, schedule "
+              f"{hp.get('lr_schedule') or 'constant'} over {args.epochs} epochs), the same "
               f"forward initialisation except the output layer of {' and '.join(ZERO_OUTPUT_RULES)}: zero "
               f"(utils.rules.init_rule_); {len(ds.y_train)} training examples", flush=True)
         for epoch in range(1, args.epochs + 1):
@@ -267,6 +268,9 @@ def main():
                    help="the rules of --rules (the first is the reference; default: backprop first)")
     p.add_argument("--rule-lr", nargs="+", default=[], metavar="RULE=LR",
                    help="--rules: a rule's learning rate instead of RULE_LR's / backprop's, e.g. fa=1e-3")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                   help="--rules: every rule's learning-rate schedule (default: the model's in ACCURACY_MODELS); "
+                        "cosine decays each rule's rate to 0 over --epochs (partial_fit keeps the schedule's place)")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[100])
     p.add_argument("--speed-examples", type=int, default=10000, help="MNIST training examples per speed epoch")

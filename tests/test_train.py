@@ -36,6 +36,23 @@ def test_cosine_schedule_anneals_lr_to_zero(blobs):
         make_classifier("mlp", lr_schedule="step")
 
 
+def test_cosine_schedule_keeps_its_place_across_partial_fits(blobs):
+    """The rules benchmark interleaves rules one epoch at a time (partial_fit); the schedule must not restart."""
+    X, y = blobs
+
+    def net():
+        clf = make_classifier("mlp", hidden_sizes=(16,), lr=1e-2, max_epochs=3, lr_schedule="cosine", device="cpu")
+        return clf.set_params(module__in_features=64)
+
+    whole, stepped, lrs = net().fit(X[:200], y[:200]), net(), []
+    for _ in range(3):
+        stepped.partial_fit(X[:200], y[:200], epochs=1)
+        lrs.append(stepped.optimizer_.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-2 * (1 + np.cos(np.pi * e / 3)) / 2 for e in (1, 2, 3)], abs=1e-12)
+    for name, w in whole.module_.state_dict().items():
+        assert torch.equal(w, stepped.module_.state_dict()[name]), name
+
+
 def test_cross_validate_one_score_per_fold(blobs):
     X, y = blobs
     scores = cross_validate(make_classifier("mlp", hidden_sizes=(16,), lr=1e-2, max_epochs=2, device="cpu"),
