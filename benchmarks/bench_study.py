@@ -37,7 +37,7 @@ import torch
 from distributed import as_completed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.cluster import start_client  # noqa: E402
+from utils.cluster import start_client, undo_dask_malloc_trim  # noqa: E402
 from utils.study import StudySettings, run_study  # noqa: E402
 from utils.study_log import load_results, summarize  # noqa: E402
 
@@ -53,6 +53,7 @@ COMPARTMENTAL_SIZES = {"mnist": (10000, 4, 5000, 3), "fashion": (10000, 4, 5000,
 def study_task(model, dataset, settings, threads):
     """One study in a worker process (--parallel): its wall time."""
     torch.set_num_threads(threads)
+    undo_dask_malloc_trim()
     t = time.perf_counter()
     run_study(model, dataset, settings)
     return time.perf_counter() - t

@@ -16,6 +16,7 @@ Dask is imported only where it is used (start_client, Distributed), not at the t
 own process runs without it.
 """
 import contextlib
+import ctypes
 import logging
 import os
 from concurrent.futures import CancelledError
@@ -45,6 +46,28 @@ CONNECT_TIMEOUT = "20s"  # to reach a --scheduler
 # there too before a cluster starts, unless the user had set it
 NANNY_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 USER_MALLOC_TRIM = os.environ.get("MALLOC_TRIM_THRESHOLD_")   # the user's own setting (kept), if any
+DASK_MALLOC_TRIM = "65536"   # Dask's value; a worker that finds it (a hand-started `dask worker`) undoes it in-process
+
+
+def undo_dask_malloc_trim():
+    """In a worker process started with Dask's MALLOC_TRIM_THRESHOLD_ (a `dask worker` started by hand, whose nanny
+    the study cannot configure), set glibc's thresholds to what its default would grow them to (mmap 32 MiB, trim
+    64 MiB), so that large temporary arrays reuse freed memory instead of page-faulting again. Returns whether the
+    process now runs with them (False elsewhere: no such variable, or no glibc)."""
+    global _malloc_undone
+    if _malloc_undone is None and os.environ.get("MALLOC_TRIM_THRESHOLD_") == DASK_MALLOC_TRIM:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:                               # not glibc (macOS, Windows): nothing to undo
+            _malloc_undone = False
+        else:
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's malloc.h
+            done = [libc.mallopt(M_MMAP_THRESHOLD, 32 << 20), libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)]
+            _malloc_undone = done == [1, 1]   # mallopt returns 1 on success
+    return bool(_malloc_undone)
+
+
+_malloc_undone = None   # undo_dask_malloc_trim's result in this process, once it acted
 
 
 class ClusterError(RuntimeError):
@@ -165,6 +188,7 @@ def evaluate_group(jobs, data, ctx, evaluate=None):
     of utils.evaluation.run_evaluation. ctx: model, folds, seed, chance, device, token (names the data). Without
     `evaluate` (a test's fake objective, called once per job), each job is make_classifier + cross-validation, and
     a compartmental group of several jobs trains as one population (its members alone again if it fails)."""
+    undo_dask_malloc_trim()
     (X, y), dev = _device_data(ctx["token"], data, ctx["device"])
     stream = torch.cuda.stream(torch.cuda.Stream(dev)) if dev.type == "cuda" else contextlib.nullcontext()
     with stream:
