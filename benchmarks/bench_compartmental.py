@@ -189,10 +189,11 @@ def population(args):
     big = rows["one network, batch %d" % (B * P)]["train_ex_s"]
     t_one, t_big = B / one["train_ex_s"], B * P / big
     c = (t_big - t_one) / (B * P - B)
+    a = t_one - c * B
     print(f"bound: one network at batch {B * P} / at batch {B} = {big / one['train_ex_s']:.2f}x (population / batch "
-          f"{B * P}: {pop['train_ex_s'] / big:.2f}); per batch of b examples t = {1e3 * (t_one - c * B):.1f} ms fixed + "
+          f"{B * P}: {pop['train_ex_s'] / big:.2f}); per batch of b examples t = {1e3 * a:.1f} ms fixed + "
           f"{1e3 * c:.3f} ms x b, so a population of {P} reaches 2.0x only if the per-example "
-          f"{1e3 * c:.3f} ms falls below {1e3 * (P - 2) * (t_one - c * B) / (B * P):.3f} ms")
+          f"{1e3 * c:.3f} ms falls below {1e3 * (P - 2) * a / (B * P):.3f} ms")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(dict(kind="population", rows=rows, ratio=ratio, config=vars(args)),

@@ -68,7 +68,7 @@ RULE_LR = {  # (model, dataset) -> {rule: its Adam learning rate where it differ
     # 2.5e-4 46.89, 1.25e-4 47.24 %; at 1.25e-4 it trails by 0.32 points after 10 epochs.
     ("mlp", "cifar10"): {"fa": 1.25e-4},
 }
-RULE_SCHEDULE = {  # (model, dataset) -> every rule's learning-rate schedule in --rules where it differs from the model's
+RULE_SCHEDULE = {  # (model, dataset) -> every rule's lr schedule in --rules where it differs from the model's
     # the CIFAR-10 CNN at a constant 1e-3: sign symmetry fell from 75.58 to 74.63 % in the 10th epoch (3.27 behind
     # backprop's 77.90 %); with every rate decayed to 0 over the 10 epochs (cosine) it ends 1.77 behind (79.64 vs 81.41)
     ("cnn", "cifar10"): "cosine",
