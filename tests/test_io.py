@@ -35,3 +35,12 @@ def test_save_torch_weights_only(tmp_path):
 def test_library_versions_names_torch_and_device():
     v = io.library_versions("cpu")
     assert v["torch"].startswith(torch.__version__.split("+")[0]) and v["device"] == "cpu"
+
+
+def test_provenance_names_commit_machine_and_command():
+    from utils.io import provenance
+    p = provenance(["-m", "utils.results", "--piece", "mlp:mnist"])
+    assert p["command"] == "python -m utils.results --piece mlp:mnist"
+    assert p["commit"] is None or len(p["commit"]) == 40
+    assert p["machine"]["cores"] >= 1 and p["versions"]["torch"]
+    json.dumps(p, allow_nan=False)

@@ -1,4 +1,5 @@
-"""Small file helpers every module uses: atomic writes, JSON that is always valid JSON, library versions.
+"""Small file helpers every module uses: atomic writes, JSON that is always valid JSON, library versions and the
+provenance a committed result carries (commit, versions, machine, command).
 
 An interrupted write never leaves a half-written file: everything goes to a temporary file beside the target,
 is flushed and fsync'ed, then `os.replace`d over it. JSON here never contains bare NaN or Infinity (they become
@@ -9,6 +10,10 @@ import json
 import math
 import os
 import platform
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +103,45 @@ def library_versions(device=None):
     if dev.startswith("cuda") and torch.cuda.is_available():
         out["device_name"] = torch.cuda.get_device_name(torch.device(dev))
     return out
+
+
+def git_commit(cwd=None):
+    """(commit hash, True when the work tree has uncommitted changes to tracked files); (None, None) outside git."""
+    cwd = cwd or Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None, None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+        return head.stdout.strip(), dirty
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def machine():
+    """The machine a run ran on: processor, core count, memory, and the GPU's name when torch sees one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        out["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def provenance(argv=None, device=None):
+    """What a committed result must carry besides its configuration: the commit (and whether the tree was
+    dirty), library versions, the machine, the command that reproduces it and when it started."""
+    commit, dirty = git_commit()
+    argv = sys.argv if argv is None else argv
+    command = "python " + " ".join(shlex.quote(a) for a in argv) if argv else None
+    return {"commit": commit, "dirty": dirty, "versions": library_versions(device), "machine": machine(),
+            "command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
