@@ -1,0 +1,199 @@
+"""The committed results of real runs: single trainings on whole splits, recorded with everything that made them.
+
+    python -m utils.results list                              # every piece: done, started or left, its estimate
+    python -m utils.results run mnist/mlp mnist/cnn           # train those pieces, write results/single/*.json
+    python -m utils.results run --all --max-minutes 110       # the pieces left, in order, within a time budget
+    python -m utils.results figures                           # README's figures from the committed records
+
+A piece is one training of one model on one dataset's whole training split, less `n_valid` held-out validation
+examples that the logger validates on `records_per_epoch` times an epoch, tested on the whole test split
+(`test_every` epochs and after the last). Its record, results/single/DATASET_MODEL.json, holds the piece's
+configuration, `utils.io.provenance()` (commit, versions, machine, command), the logger's records (learning
+curves, weight norms and changes, angles to backprop), the per-epoch training record of `utils.train.train_epochs`,
+the test accuracy and the wall time. It is rewritten after every epoch with finished=false, so a stopped piece
+shows how far it got; a piece that did not finish starts afresh when run again (pieces are sized to under an hour
+of one core here). Checkpoints and datasets are never written under results/.
+"""
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.compartmental import batch_f_etas
+from utils.data import load_dataset
+from utils.io import jsonable, provenance, write_json
+from utils.logger import TrainingLogger
+from utils.train import make_classifier, train_epochs
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One single training on a whole split: what it trains and how it is logged and tested."""
+    dataset: str            # "mnist", "fashion" or "cifar10"
+    model: str              # a make_classifier kind: "mlp", "cnn", "compartmental", "mlp-fa", ...
+    hyperparameters: dict   # make_classifier's keyword arguments (the reference configuration), max_epochs aside
+    epochs: int = 10        # passes over the training examples
+    n_valid: int = 5000     # held out of the training split (seed 0) for the logger's validation records
+    records_per_epoch: int = 10   # logger records per epoch
+    max_valid: int = 1000   # validation examples per record (a fixed stratified subset of the held-out ones)
+    test_every: int = 1     # test on the whole test split after every this many epochs and after the last
+    seed: int = 0           # weights, batch order, feedback matrices, spikes
+    minutes: float = 30.0   # the expected wall time on one core here (planning only: `list`, --max-minutes)
+
+    @property
+    def name(self):
+        return f"{self.dataset}/{self.model}"
+
+    def path(self, root=None):
+        return Path(root or RESULTS) / "single" / f"{self.dataset}_{self.model}.json"
+
+
+# the reference configurations (README's accuracy table; benchmarks/bench_training.py ACCURACY_MODELS and RULE_LR)
+_MLP = {"mnist": dict(hidden_sizes=(1000, 1000), lr=1e-3, batch_size=100),
+        "fashion": dict(hidden_sizes=(1000, 1000), lr=1e-3, batch_size=100),
+        "cifar10": dict(hidden_sizes=(1024, 512), lr=5e-4, batch_size=100)}
+_CNN = {"mnist": dict(channels=(32, 64, 128), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100,
+                      lr_schedule="cosine"),
+        "fashion": dict(channels=(32, 64, 128), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100,
+                        lr_schedule="cosine"),
+        "cifar10": dict(channels=(64, 128, 256), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100,
+                        lr_schedule="cosine")}
+_RULE_LR = {("mnist", "fa"): 3e-4, ("mnist", "dfa"): 3e-4, ("fashion", "fa"): 3e-4, ("fashion", "dfa"): 3e-4,
+            ("cifar10", "fa"): 1.25e-4}
+_COMPARTMENTAL = dict(n_hidden=(500,), batch_size=16, f_etas=batch_f_etas(16), record_backprop_angle=True)
+_MINUTES = {("mnist", "mlp"): 9, ("fashion", "mlp"): 9, ("cifar10", "mlp"): 12, ("mnist", "cnn"): 15,
+            ("fashion", "cnn"): 15, ("cifar10", "cnn"): 48, ("mnist", "compartmental"): 15,
+            ("fashion", "compartmental"): 18, ("cifar10", "compartmental"): 40}
+
+
+def _pieces():
+    out = []
+    for ds in ("mnist", "fashion", "cifar10"):   # the three models first, dataset by dataset
+        out.append(Piece(ds, "mlp", _MLP[ds], minutes=_MINUTES[ds, "mlp"]))
+        out.append(Piece(ds, "cnn", _CNN[ds], minutes=_MINUTES[ds, "cnn"]))
+    for ds in ("mnist", "fashion", "cifar10"):   # the rules on the MLP (two hidden layers: FA and DFA differ)
+        for rule in ("fa", "dfa", "sign"):
+            hp = dict(_MLP[ds], lr=_RULE_LR.get((ds, rule), _MLP[ds]["lr"]))
+            out.append(Piece(ds, f"mlp-{rule}", hp, minutes=_MINUTES[ds, "mlp"]))
+    for ds in ("mnist", "fashion", "cifar10"):   # the paper's network, at least 5 epochs
+        cifar = ds == "cifar10"
+        out.append(Piece(ds, "compartmental", _COMPARTMENTAL, epochs=5, max_valid=300,
+                         test_every=5 if cifar else 1, minutes=_MINUTES[ds, "compartmental"]))
+    return {p.name: p for p in out}
+
+
+PIECES = _pieces()
+
+
+def load_record(piece, root=None):
+    """The committed record of `piece` (a Piece or its name) under `root` (default results/), or None when it has
+    not run."""
+    path = (PIECES[piece] if isinstance(piece, str) else piece).path(root)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def piece_config(piece, n_train, n_test):
+    return jsonable(dict(dataset=piece.dataset, model=piece.model, epochs=piece.epochs, n_train=n_train,
+                         n_valid=piece.n_valid, n_test=n_test, records_per_epoch=piece.records_per_epoch,
+                         max_valid=piece.max_valid, test_every=piece.test_every, seed=piece.seed,
+                         hyperparameters=piece.hyperparameters))
+
+
+def _held_out(ds, n_valid, seed):
+    """(X, y, X_valid, y_valid): `n_valid` random training examples held out (seed), the rest to train on."""
+    order = torch.randperm(len(ds.y_train), generator=torch.Generator().manual_seed(seed)).to(ds.y_train.device)
+    valid, train = order[:n_valid], order[n_valid:]
+    return ds.X_train[train], ds.y_train[train], ds.X_train[valid], ds.y_train[valid]
+
+
+def run_piece(piece, ds, root=None, prov=None, log=print):
+    """Train `piece` on the Dataset `ds` (its whole splits) and write its record under `root` after every epoch;
+    returns it. `prov`: the provenance to record (default: utils.io.provenance() now)."""
+    X, y, Xv, yv = _held_out(ds, piece.n_valid, piece.seed)
+    logger = TrainingLogger(Xv, yv, records_per_epoch=piece.records_per_epoch, max_valid=piece.max_valid,
+                            name=piece.model)
+    clf = make_classifier(piece.model, logger=logger, max_epochs=piece.epochs, seed=piece.seed, verbose=0,
+                          **piece.hyperparameters)
+    config = piece_config(piece, len(y), len(ds.y_test))
+    record = dict(piece=piece.name, config=config, provenance=prov or provenance(), finished=False)
+    path = piece.path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def save(line):
+        log(f"{piece.name}: {line}")
+        record.update(records=logger.records_, wall_s=time.perf_counter() - t0)
+        write_json(path, record)
+
+    classes = np.arange(len(ds.classes)) if piece.model == "compartmental" else None
+    _, train = train_epochs(clf, X, y, ds.X_test, ds.y_test, piece.epochs, test_every=piece.test_every,
+                            config=config, classes=classes, log=save)
+    record.update(training=train, test_accuracy=train["test_accuracy"], finished=train["finished"],
+                  records=logger.records_, wall_s=time.perf_counter() - t0)
+    write_json(path, record)
+    return record
+
+
+def status(piece, root=None):
+    """"done", "started" (a record with finished=false: it stopped) or "left"."""
+    rec = load_record(piece, root)
+    return "left" if rec is None else "done" if rec.get("finished") else "started"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m utils.results", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every piece with its state and expected minutes")
+    run = sub.add_parser("run", help="train pieces (whole splits) and write their records")
+    run.add_argument("pieces", nargs="*", help=f"piece names ({', '.join(list(PIECES)[:3])}, ...)")
+    run.add_argument("--all", action="store_true", help="every piece not done, in the listed order")
+    run.add_argument("--only", nargs="+", default=None, help="with --all: only pieces whose model is one of these")
+    run.add_argument("--max-minutes", type=float, default=None,
+                     help="with --all: start no piece whose expected minutes would pass this budget")
+    run.add_argument("--redo", action="store_true", help="run named pieces again even when done")
+    run.add_argument("--data-root", default=None, help="folder holding the datasets (default: $BIODL_DATA)")
+    run.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
+    args = p.parse_args(argv)
+    if args.command == "list":
+        for name, piece in PIECES.items():
+            rec = load_record(piece)
+            acc = "" if not rec or rec.get("test_accuracy") is None else f"  test {100 * rec['test_accuracy']:.2f} %"
+            print(f"{name:24s} {status(piece):8s} ~{piece.minutes:.0f} min{acc}")
+        return 0
+    unknown = [n for n in args.pieces if n not in PIECES]
+    if unknown:
+        p.error(f"unknown piece(s) {unknown}; `python -m utils.results list` names them")
+    todo = [PIECES[n] for n in args.pieces if args.redo or status(n) != "done"]
+    if args.all:
+        todo += [q for q in PIECES.values() if status(q) != "done" and q not in todo
+                 and (args.only is None or q.model in args.only)]
+    torch.set_num_threads(args.threads)
+    datasets, spent = {}, 0.0
+    prov = provenance()   # once: the code that runs is the code of this start, whatever HEAD does meanwhile
+    for piece in todo:
+        if args.max_minutes is not None and spent + piece.minutes > args.max_minutes:
+            print(f"{piece.name}: not started (~{piece.minutes:.0f} min would pass --max-minutes "
+                  f"{args.max_minutes:g}); run the same command again", flush=True)
+            continue
+        if piece.dataset not in datasets:
+            datasets[piece.dataset] = load_dataset(piece.dataset, root=args.data_root, device="cpu")
+        t = time.perf_counter()
+        command = f"python -m utils.results run {piece.name} --threads {args.threads}"
+        rec = run_piece(piece, datasets[piece.dataset], prov=dict(prov, command=command),
+                        log=lambda line: print(line, flush=True))
+        spent += (time.perf_counter() - t) / 60
+        print(f"{piece.name}: test accuracy {100 * rec['test_accuracy']:.2f} % in {rec['wall_s']:.0f} s; "
+              f"{piece.path()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
