@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from utils import plotting, workspace
+from utils import plotting, results, workspace
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def test_quick_figures_never_go_to_the_committed_figures(figures_dir, tmp_path):
     quick, full = workspace.settings(True), workspace.settings(False)
     assert workspace.use_figures_dir(quick) == Path("runs/figures")
     assert plotting.figure_path("mnist_samples.png") == Path("runs/figures/mnist_samples.png")
-    assert workspace.use_figures_dir(full) == plotting.REPO_FIGURES  # full mode redraws the README figures
+    assert workspace.use_figures_dir(full) == Path("runs/figures")  # README's figures: python -m utils.results only
     assert workspace.use_figures_dir(quick, tmp_path / "mine") == tmp_path / "mine"  # the notebook's FIGURES
     figures_dir.setenv("BIODL_FIGURES", str(tmp_path / "env"))
     assert workspace.use_figures_dir(quick) == tmp_path / "env"
@@ -40,20 +40,53 @@ def test_quick_mode_from_the_parameter_or_the_environment(monkeypatch):
     assert workspace.quick_mode(False) == "tiny" and workspace.quick_mode(True) is True
     monkeypatch.setenv("WORKSPACE_QUICK", "0")
     assert workspace.quick_mode(False) is False
+    for spelling in ("true", "TRUE", "yes", " 1", "on", "Quick"):
+        monkeypatch.setenv("WORKSPACE_QUICK", spelling)
+        assert workspace.quick_mode(False) is True, spelling
+    monkeypatch.setenv("WORKSPACE_QUICK", "TINY")
+    assert workspace.quick_mode(False) == "tiny"
+
+
+@pytest.mark.parametrize("value", ["banana", "2", "quick mode", "y"])
+def test_an_unknown_quick_mode_is_refused_with_the_valid_values(monkeypatch, value):
+    """WORKSPACE_QUICK=banana used to select full mode silently (days of CPU)."""
+    monkeypatch.setenv("WORKSPACE_QUICK", value)
+    with pytest.raises(ValueError, match=r"WORKSPACE_QUICK=.* is not a mode; valid: .*'1'.*'tiny'"):
+        workspace.quick_mode(False)
+
+
+def test_rerun_trains_all_in_quick_mode_and_only_the_named_steps_otherwise():
+    assert workspace.settings(True)["rerun"] == workspace.settings("tiny")["rerun"] == set(workspace.STEPS)
+    assert workspace.settings(False)["rerun"] == set()
+    assert workspace.settings(False, "all")["rerun"] == set(workspace.STEPS)
+    assert workspace.settings(False, ["rules"])["rerun"] == {"rules"}
+    assert workspace.settings(False, "study")["rerun"] == {"study"}
+    assert workspace.settings(False)["bo_out"].endswith("results/study")   # the committed studies, read only
+    assert workspace.settings(False, "study")["bo_out"] == workspace.FULL["bo_out"]
+    with pytest.raises(ValueError, match="RERUN='everything': valid are None"):
+        workspace.settings(False, "everything")
 
 
 @pytest.mark.parametrize("mode", [True, "tiny"])
 def test_quick_sizes_are_capped(mode):
+    """Quick mode stays minutes on a 2-core CPU by design (its learning floors: benchmarks/bench_quick.py)."""
     S = workspace.settings(mode)
-    assert S["n_train"] <= 2000 and S["compartmental_n_train"] <= S["n_train"] and S["n_test"] <= 500
-    assert S["epochs"] <= 2 and S["compartmental_epochs"] == 1 and S["bo_epochs"] == 1
-    assert S["compartmental_test_steps"] <= 100 and S["bo_max_phase"] <= 30
+    assert S["n_train"] <= 20000 and S["compartmental_n_train"] <= S["n_train"] and S["n_test"] <= 2000
+    assert S["mlp_epochs"] <= 4 and S["epochs"] <= 2 and S["compartmental_epochs"] == 1 and S["bo_epochs"] == 1
+    assert (S["compartmental_test_steps"] or 250) <= 250 and S["bo_max_phase"] <= 30
     for kind in ("mlp", "cnn", "compartmental"):
         st = workspace._study_settings(kind, S)
-        assert st.iterations <= 3 and st.subset <= 300 and st.retrain_subset <= 500
+        assert st.iterations <= 3 and st.subset <= 4000 and st.retrain_subset <= 4000
         assert st.test_subset <= 200 and st.folds == 2 and st.out == S["bo_out"]
     assert workspace._study_settings("compartmental", S).iterations == 1
     assert S["bo_out"] != workspace.FULL["bo_out"] and S["figures"] == "runs/figures"
+
+
+def test_full_mode_retrains_the_committed_reference_configurations():
+    S = workspace.settings(False, "all")
+    assert workspace.model_hyperparameters("cnn", "cifar10", S) == results.PIECES["cifar10/cnn"].hyperparameters
+    assert workspace.model_hyperparameters("mlp-fa", "mnist", S)["lr"] == 3e-4
+    assert workspace.model_hyperparameters("mlp", "mnist", workspace.settings(True)) == workspace.MODELS["mlp"]
 
 
 def test_quick_compartmental_study_is_the_papers_network_alone(monkeypatch, mnist_root):
@@ -72,10 +105,11 @@ def test_quick_compartmental_study_is_the_papers_network_alone(monkeypatch, mnis
     quick = dict(calls)
     assert quick["compartmental"].iterations == 1 and quick["compartmental"].start == "reference"
     assert quick["compartmental"].max_phase == 30
-    assert quick["compartmental"].fixed == {"batch_size": 16, "l_f_phase_test": 100}
+    assert quick["compartmental"].fixed == {"batch_size": 16}   # the paper's 250-step test phase
+    assert quick["compartmental"].subset == 4000
     assert quick["mlp"].iterations == 3 and quick["mlp"].fixed is None
     calls.clear()
-    workspace.study(data, workspace.settings(False))
+    workspace.study(data, workspace.settings(False, "study"))
     full = dict(calls)
     assert full["compartmental"].iterations == 50 and full["compartmental"].fixed == {"batch_size": 16}
     assert full["compartmental"].max_phase is None and full["compartmental"].subset is None

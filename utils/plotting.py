@@ -245,38 +245,53 @@ def plot_samples(X, y, classes, per_class=4, title=None, path=None, seed=0):
     return saved(fig, path)
 
 
-def plot_learning_curves(logs, by="run", x="examples_seen", title=None, path=None):
+def plot_learning_curves(logs, by="run", x="examples_seen", col=None, title=None, path=None):
     """Training (dashed) and validation (solid) accuracy and loss against examples seen; one colour per `by`
-    value (runs, or e.g. "model" after concat_runs: several runs of a group are drawn as mean +- std band)."""
+    value (runs, or e.g. "model" after concat_runs: several runs of a group are drawn as mean +- std band).
+    Without `col`: accuracy and loss side by side. With `col` (e.g. "dataset"): one column per value, accuracy
+    above and loss below (the seed's layout)."""
     df = log_table(logs)
-    check_columns(df, [by, x, "train_acc", "valid_acc", "train_loss", "valid_loss"], "plot_learning_curves")
-    df = curves(df)
+    check_columns(df, [by, x, "train_acc", "valid_acc", "train_loss", "valid_loss"] + ([col] if col else []),
+                  "plot_learning_curves")
+    df = curves(df) if col is None else pd.concat([curves(g) for _, g in df.groupby(col, sort=False)])
     scale, xlabel = scale_x(df[x].to_numpy(dtype=float))
+    columns = [None] if col is None else list(pd.unique(df[col]))
     with style():
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(2 * PANEL[0], PANEL[1]))
+        if col is None:
+            fig, axes = plt.subplots(1, 2, figsize=(2 * PANEL[0], PANEL[1]), squeeze=False)
+            panels = [(axes[0, 0], axes[0, 1], df, None)]
+        else:
+            fig, axes = plt.subplots(2, len(columns), figsize=(PANEL[0] * len(columns), 2 * PANEL[1]),
+                                     squeeze=False, sharex="col")
+            panels = [(axes[0, j], axes[1, j], df[df[col] == c], c) for j, c in enumerate(columns)]
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for k, group in enumerate(pd.unique(df[by])):
-            color = colors[k % len(colors)]
-            sub = df[df[by] == group]
-            for col, ax, factor in (("acc", ax_acc, 100.0), ("loss", ax_loss, 1.0)):
-                for split, ls in (("train", "--"), ("valid", "-")):
-                    band = mean_band(sub, by, x, f"{split}_{col}")
-                    if band.empty:
-                        continue
-                    xs, m, s = band[x] / scale, band["mean"] * factor, band["std"] * factor
-                    which = "training" if split == "train" else "validation"
-                    ax.plot(xs, m, ls=ls, color=color, label=f"{group} ({which})")
-                    if band["n"].max() > 1:
-                        ax.fill_between(xs, m - s, m + s, color=color, alpha=0.15, linewidth=0)
-        ax_acc.set_xlabel(xlabel)
-        ax_acc.set_ylabel(ACC_PCT)
-        ax_acc.set_title("accuracy")
-        ax_loss.set_xlabel(xlabel)
-        ax_loss.set_ylabel("cross-entropy loss (nats)")
-        ax_loss.set_title("loss")
+        groups = list(pd.unique(df[by]))
+        for ax_acc, ax_loss, part, name in panels:
+            for k, group in enumerate(groups):
+                color = colors[k % len(colors)]
+                sub = part[part[by] == group]
+                for metric, ax, factor in (("acc", ax_acc, 100.0), ("loss", ax_loss, 1.0)):
+                    for split, ls in (("train", "--"), ("valid", "-")):
+                        band = mean_band(sub, by, x, f"{split}_{metric}")
+                        if band.empty:
+                            continue
+                        xs, m, s = band[x] / scale, band["mean"] * factor, band["std"] * factor
+                        which = "training" if split == "train" else "validation"
+                        ax.plot(xs, m, ls=ls, color=color, label=f"{group} ({which})")
+                        if band["n"].max() > 1:
+                            ax.fill_between(xs, m - s, m + s, color=color, alpha=0.15, linewidth=0)
+            ax_acc.set_ylabel(ACC_PCT)
+            ax_loss.set_ylabel("cross-entropy loss (nats)")
+            ax_loss.set_xlabel(xlabel)
+            if col is None:
+                ax_acc.set_xlabel(xlabel)
+                ax_acc.set_title("accuracy")
+                ax_loss.set_title("loss")
+            else:
+                ax_acc.set_title(str(name))
         if title:
             fig.suptitle(title)
-        _legend_below(fig, [ax_acc], ncol=2)  # a run's training and validation lines side by side
+        _legend_below(fig, [ax for ax, _, _, _ in panels], ncol=2 if col is None else 2 * min(3, len(groups)))
     return saved(fig, path)
 
 

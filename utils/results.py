@@ -21,13 +21,18 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 
 from utils.compartmental import batch_f_etas
 from utils.data import load_dataset
 from utils.io import jsonable, provenance, write_json
 from utils.logger import TrainingLogger
+from utils.plot_study import plot_rule_angles
+from utils.plotting import plot_bp_angle, plot_learning_curves, plot_weight_dynamics
+from utils.runs import records_frame
 from utils.train import make_classifier, train_epochs
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -141,6 +146,100 @@ def run_piece(piece, ds, root=None, prov=None, log=print):
     return record
 
 
+def _number(v):
+    """A logged value back from strict JSON ("nan" strings: utils.io.jsonable) to a float."""
+    return float(v) if isinstance(v, str) else v
+
+
+def frame(record):
+    """The logger's long table (utils.runs.records_frame) of one piece's record, with model and dataset columns;
+    the run column is "dataset/model", unique across pieces."""
+    records = [dict({k: _number(v) if k in ("train_loss", "train_acc", "valid_loss", "valid_acc") else v
+                     for k, v in r.items()},
+                    layers={n: tuple(map(_number, v)) for n, v in r["layers"].items()},
+                    bp_angle={n: _number(v) for n, v in r["bp_angle"].items()}) for r in record["records"]]
+    cfg = record["config"]
+    return records_frame(records, run=record["piece"]).assign(model=cfg["model"], dataset=cfg["dataset"])
+
+
+def table(names, root=None):
+    """(long table of the finished pieces among `names`, [their record files, relative to `root`]); pieces not
+    finished are left out."""
+    frames, files = [], []
+    for name in names:
+        rec = load_record(name, root)
+        if rec is not None and rec.get("finished"):
+            frames.append(frame(rec))
+            files.append(str(PIECES[name].path(root).relative_to(Path(root or RESULTS))))
+    return (pd.concat(frames, ignore_index=True) if frames else None), files
+
+
+DATASETS = ("mnist", "fashion", "cifar10")
+MODELS = ("mlp", "cnn", "compartmental")
+RULE_MODELS = ("mlp", "mlp-fa", "mlp-dfa", "mlp-sign")
+
+
+def _models_curves(df, path):
+    return plot_learning_curves(df, by="model", col="dataset", path=path,
+                                title="MLP, CNN and the compartmental network, whole training splits")
+
+
+def _rules_curves(df, path):
+    return plot_learning_curves(df.assign(model=df["model"].replace({"mlp": "mlp (backprop)"})), by="model",
+                                col="dataset", path=path, title="the MLP under each learning rule")
+
+
+def _weights(df, path):
+    return plot_weight_dynamics(df, by="model", path=path, title=f"weight dynamics, {df['dataset'].iloc[0]}")
+
+
+def _angle(df, path):
+    return plot_bp_angle(df, by="dataset", path=path,
+                         title="the compartmental network's hidden update against backprop's (the paper's Fig. 7A)")
+
+
+def _rule_angles(df, path):
+    return plot_rule_angles(df[df["model"] != "mlp"], by="dataset", line="model", path=path,
+                            title="each rule's hidden-layer updates against backprop's")
+
+
+# figure -> (the pieces it draws, the function that draws their table); `figures` writes results/manifest.json
+FIGURES = {
+    "results_learning_curves": ([f"{d}/{m}" for d in DATASETS for m in MODELS], _models_curves),
+    **{f"results_weight_dynamics_{d}": ([f"{d}/{m}" for m in MODELS], _weights) for d in DATASETS},
+    "results_bp_angle": ([f"{d}/compartmental" for d in DATASETS], _angle),
+    "results_rules_curves": ([f"{d}/{m}" for d in DATASETS for m in RULE_MODELS], _rules_curves),
+    "results_rules_angles": ([f"{d}/{m}" for d in DATASETS for m in RULE_MODELS], _rule_angles),
+}
+
+
+def draw_figures(root=None, figures_dir=None, names=None, log=print):
+    """Draw every figure of FIGURES (or `names`) from the finished pieces' records under `root` into `figures_dir`
+    (default: the repository's figures/); a figure with no finished piece is skipped. Returns the manifest
+    {figure file: {"files": [records, relative to root], "missing": [pieces], "command": ...}}, also written to root/manifest.json when drawing into the
+    repository's figures/."""
+    out = Path(figures_dir) if figures_dir else RESULTS.parent / "figures"
+    manifest = {}
+    for name in names or FIGURES:
+        pieces, draw = FIGURES[name]
+        df, files = table(pieces, root)
+        if df is None:
+            log(f"{name}: skipped, none of its pieces has finished")
+            continue
+        path = out / f"{name}.png"
+        try:
+            plt.close(draw(df, str(path)))
+        except ValueError as e:   # e.g. no angle rows yet: only backprop's pieces have finished
+            log(f"{name}: skipped, {e}")
+            continue
+        manifest[f"figures/{name}.png"] = dict(files=files, missing=[p for p in pieces if status(p, root) != "done"],
+                                               command="python -m utils.results figures")
+        log(f"{path}: {len(files)} of {len(pieces)} pieces")
+    if figures_dir is None:
+        write_json(Path(root or RESULTS) / "manifest.json", manifest)
+    return manifest
+
+
 def status(piece, root=None):
     """"done", "started" (a record with finished=false: it stopped) or "left"."""
     rec = load_record(piece, root)
@@ -152,6 +251,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m utils.results", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every piece with its state and expected minutes")
+    fig = sub.add_parser("figures", help="draw README's figures from the finished pieces (figures/, manifest)")
+    fig.add_argument("--out", default=None, help="folder for the PNGs (default: the repository's figures/)")
     run = sub.add_parser("run", help="train pieces (whole splits) and write their records")
     run.add_argument("pieces", nargs="*", help=f"piece names ({', '.join(list(PIECES)[:3])}, ...)")
     run.add_argument("--all", action="store_true", help="every piece not done, in the listed order")
@@ -167,6 +268,9 @@ def main(argv=None):
             rec = load_record(piece)
             acc = "" if not rec or rec.get("test_accuracy") is None else f"  test {100 * rec['test_accuracy']:.2f} %"
             print(f"{name:24s} {status(piece):8s} ~{piece.minutes:.0f} min{acc}")
+        return 0
+    if args.command == "figures":
+        draw_figures(figures_dir=args.out)
         return 0
     unknown = [n for n in args.pieces if n not in PIECES]
     if unknown:
