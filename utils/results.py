@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils.compartmental import batch_f_etas
+from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
 from utils.data import load_dataset
 from utils.io import jsonable, provenance, write_json
 from utils.logger import TrainingLogger
@@ -36,6 +36,14 @@ from utils.runs import records_frame
 from utils.train import make_classifier, train_epochs
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+# reference numbers (accuracy, %): the seed study's best 3-fold cross-validated accuracy per row (its committed
+# logs, logs/bo_logs_*.json) and the paper's MNIST test accuracy after 60 epochs, 1 hidden layer
+SEED_STUDY = {("mlp", "mnist"): 96.8, ("mlp", "fashion"): 87.3, ("mlp", "cifar10"): 45.3,
+              ("cnn", "mnist"): 99.0, ("cnn", "fashion"): 90.9, ("cnn", "cifar10"): 53.1,
+              ("compartmental", "mnist"): 93.0, ("compartmental", "fashion"): 86.5,
+              ("compartmental", "cifar10"): 37.1}
+PAPER = {("compartmental", "mnist"): round(100 - PAPER_TEST_ERROR[1], 1)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +248,23 @@ def draw_figures(root=None, figures_dir=None, names=None, log=print):
     return manifest
 
 
+def single_table(root=None):
+    """README's table of the single trainings: one markdown row per finished piece (test accuracy on the whole test
+    split, epochs, wall time, the record) beside the seed study's best CV accuracy and the paper's test accuracy."""
+    lines = ["| model | dataset | test accuracy % | epochs | wall time | seed study best CV % | paper % | record |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, piece in PIECES.items():
+        rec = load_record(name, root)
+        if rec is None or not rec.get("finished"):
+            continue
+        kind = piece.model.partition("-")[0]
+        ref = SEED_STUDY.get((piece.model, piece.dataset), "")
+        lines.append(f"| {piece.model} | {piece.dataset} | **{100 * rec['test_accuracy']:.2f}** | {piece.epochs} | "
+                     f"{rec['wall_s'] / 60:.0f} min | {ref} | {PAPER.get((kind, piece.dataset), '')} | "
+                     f"`{piece.path(root).relative_to(Path(root or RESULTS).parent)}` |")
+    return "\n".join(lines)
+
+
 def status(piece, root=None):
     """"done", "started" (a record with finished=false: it stopped) or "left"."""
     rec = load_record(piece, root)
@@ -253,6 +278,7 @@ def main(argv=None):
     sub.add_parser("list", help="every piece with its state and expected minutes")
     fig = sub.add_parser("figures", help="draw README's figures from the finished pieces (figures/, manifest)")
     fig.add_argument("--out", default=None, help="folder for the PNGs (default: the repository's figures/)")
+    sub.add_parser("table", help="README's table of the finished pieces (markdown)")
     run = sub.add_parser("run", help="train pieces (whole splits) and write their records")
     run.add_argument("pieces", nargs="*", help=f"piece names ({', '.join(list(PIECES)[:3])}, ...)")
     run.add_argument("--all", action="store_true", help="every piece not done, in the listed order")
@@ -268,6 +294,9 @@ def main(argv=None):
             rec = load_record(piece)
             acc = "" if not rec or rec.get("test_accuracy") is None else f"  test {100 * rec['test_accuracy']:.2f} %"
             print(f"{name:24s} {status(piece):8s} ~{piece.minutes:.0f} min{acc}")
+        return 0
+    if args.command == "table":
+        print(single_table())
         return 0
     if args.command == "figures":
         draw_figures(figures_dir=args.out)

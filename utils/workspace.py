@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from utils import results
-from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
+from utils.compartmental import batch_f_etas
 from utils.data import Dataset, stratified_subset
 from utils.plotting import set_figures_dir
 from utils.rules import RULES, rule_models, split_model
@@ -32,14 +32,7 @@ from utils.train import KINDS, train_logged
 
 # ----------------------------------------------------------------------------------------------------------------
 # reference numbers (accuracy, %)
-SEED_STUDY = {  # the seed study's best 3-fold cross-validated accuracies
-    ("mlp", "mnist"): 96.8, ("mlp", "fashion"): 87.3, ("mlp", "cifar10"): 45.3,
-    ("cnn", "mnist"): 99.0, ("cnn", "fashion"): 90.9, ("cnn", "cifar10"): 53.1,
-    ("compartmental", "fashion"): 84.8, ("compartmental", "cifar10"): 34.0,
-}
-PAPER = {  # Guerguiev et al. 2017, MNIST test accuracy after 60 epochs, 1 hidden layer (utils.compartmental)
-    ("compartmental", "mnist"): round(100 - PAPER_TEST_ERROR[1], 1),
-}
+SEED_STUDY, PAPER = results.SEED_STUDY, results.PAPER   # the seed study's best CV and the paper's test accuracy
 
 # ----------------------------------------------------------------------------------------------------------------
 # the small models of quick mode, per kind (full mode trains utils.results' reference configurations per dataset)
