@@ -354,3 +354,62 @@ def test_redirected_command_line_output_is_plain(mnist_root, capsys):
     main(["--model", "mlp", "--dataset", "mnist", "--dry-run", "--data-root", str(mnist_root), "--device", "cpu"])
     out, err = capsys.readouterr()  # captured: not a terminal
     assert "train_loss" in out and "\x1b[" not in out + err and "\r" not in out + err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runs that cannot fit are refused before training (issue 27: 6)
+
+
+@pytest.fixture
+def memory_of(monkeypatch):
+    """Pretend the device has this many bytes free (utils.memory.available_bytes), whatever the machine has."""
+    import utils.memory
+    def set_free(n):
+        monkeypatch.setattr(utils.memory, "available_bytes", lambda device=None: n)
+    return set_free
+
+
+def test_an_mlp_too_wide_is_refused_before_training_with_the_widest_that_fits(blobs, memory_of):
+    import re
+    from utils.errors import InsufficientMemory
+    X, y = blobs
+    memory_of(2 ** 31)
+    clf = make_classifier("mlp", hidden_sizes=(2_000_000,), max_epochs=1, device="cpu")
+    with pytest.raises(InsufficientMemory, match=r"an MLP with hidden_sizes \(2000000,\) .* at batch 100 needs about "
+                                                 r".* GiB but 2.0 GiB is available on cpu; the largest that fits: "
+                                                 r"--n-hidden \d+") as e:
+        clf.fit(X, y)
+    assert not clf.initialized_   # refused before the network was built
+    widest = int(re.search(r"--n-hidden (\d+)", str(e.value)).group(1))
+    arch = dict(in_features=64, n_classes=10, rule="backprop")
+    assert clf._training_bytes({**arch, "hidden_sizes": (widest,)}, 100) <= 0.9 * 2 ** 31 < \
+        clf._training_bytes({**arch, "hidden_sizes": (widest + 1,)}, 100)
+
+
+def test_a_cnn_batch_too_large_is_refused_with_the_largest_batch_that_fits(blobs, memory_of):
+    from utils.errors import InsufficientMemory
+    X, y = blobs
+    memory_of(2 ** 20)
+    with pytest.raises(InsufficientMemory, match=r"a CNN with channels \(32, 64\) on inputs \(1, 8, 8\) at batch 600 "
+                                                 r".*the largest that fits: --batch-size \d+ \(batch_size=\d+\)"):
+        make_classifier("cnn", batch_size=20000, max_epochs=1, device="cpu").fit(X, y)   # 600 examples: batch 600
+
+
+def test_the_footprint_counts_every_parameter_and_feedback_value():
+    from utils.models import CNN, MLP
+    for rule in ("backprop", "fa", "dfa", "sign"):
+        for cls, args in ((MLP, (64, (30, 20), 10)), (CNN, ((3, 16, 16), (8, 16), (5, 3), 1, (2, 1), 10))):
+            net = cls(*args, rule=rule)
+            params, feedback, activations = cls.footprint(*args, rule=rule)
+            assert params == sum(p.numel() for p in net.parameters()) and activations > 0
+            weights = sum(b.numel() for n, b in net.named_buffers() if n.endswith("feedback"))
+            assert weights <= feedback <= 1.1 * weights   # FA's count takes the biases too
+
+
+def test_command_line_refuses_a_run_that_cannot_fit_in_one_line(memory_of, tmp_path, capsys):
+    memory_of(2 ** 31)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "mlp", "--dataset", "blobs", "--n-hidden", "2000000", "--device", "cpu",
+              "--out", str(tmp_path / "r.json")])
+    assert str(e.value.code).startswith("error: training an MLP") and "--n-hidden" in str(e.value.code)
+    assert "\n" not in str(e.value.code) and "Traceback" not in capsys.readouterr().err

@@ -51,6 +51,14 @@ def _per_block(value, n_blocks, name):
     return values
 
 
+def _feedback(layers, rule, n_classes):
+    """Values of the fixed feedback matrices of `layers` ((weights, inputs, outputs) each) under `rule`: FA one of
+    each weight's shape, DFA one n_classes x inputs per layer after the first (utils.rules)."""
+    if rule == "fa":
+        return sum(w for w, _, _ in layers[1:])
+    return sum(n_classes * a for _, a, _ in layers[1:]) if rule == "dfa" else 0
+
+
 class MLP(nn.Module):
     """Linear + ReLU layers of `hidden_sizes`, then a linear read-out to `n_classes` logits, learning by `rule`."""
 
@@ -72,6 +80,17 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+    @staticmethod
+    def footprint(in_features, hidden_sizes=(500,), n_classes=10, rule="backprop"):
+        """(parameters, fixed feedback values, activation values per example of a training step) of
+        MLP(in_features, hidden_sizes, n_classes, rule), counted without building it. The activations: those kept
+        for the backward pass and two gradients of the widest layer's size in flight."""
+        sizes = [int(in_features)] + whole_numbers(hidden_sizes, "hidden_sizes") + [int(n_classes)]
+        layers = [(a * b + b, a, b) for a, b in zip(sizes[:-1], sizes[1:])]   # (weights, inputs, outputs)
+        kept = sizes[0] + sum(2 * b for b in sizes[1:-1]) + sizes[-1]          # input, linear and ReLU outputs, logits
+        kept += 2 * max(sizes[1:])
+        return sum(w for w, _, _ in layers), _feedback(layers, rule, n_classes), kept
 
 
 def cnn_feature_shape(in_shape, channels, kernel_sizes, stride=1, padding=1):
@@ -137,3 +156,22 @@ class CNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
+
+    @staticmethod
+    def footprint(in_shape, channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, n_classes=10,
+                  rule="backprop"):
+        """(parameters, fixed feedback values, activation values per example of a training step) of
+        CNN(in_shape, channels, ...), counted without building it. The activations: those kept for the backward
+        pass and two gradients of the widest layer's size in flight."""
+        shapes = cnn_feature_shape(in_shape, channels, kernel_sizes, stride, padding)
+        ks, ss, ps = (_per_block(v, len(shapes), nm) for v, nm in ((kernel_sizes, "kernel_sizes"), (stride, "stride"),
+                                                                   (padding, "padding")))
+        block_in, layers, kept = tuple(int(v) for v in in_shape), [], math.prod(in_shape)
+        for (c, h, w), k, s, p in zip(shapes, ks, ss, ps):
+            conv = c * math.prod((d + 2 * p - k) // s + 1 for d in block_in[1:])
+            layers.append((block_in[0] * c * k * k + 3 * c, math.prod(block_in), conv))   # conv and batch norm
+            kept += 3 * conv + 3 * c * h * w      # conv, batch norm and ReLU outputs; pooled output and its indices
+            block_in = (c, h, w)
+        layers.append((math.prod(block_in) * n_classes + n_classes, math.prod(block_in), n_classes))
+        kept += n_classes + 2 * max(b for _, _, b in layers)
+        return sum(w for w, _, _ in layers), _feedback(layers, rule, n_classes), kept

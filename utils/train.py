@@ -32,7 +32,7 @@ from utils.classifiers import (CNN_DEFAULTS, COMMON_DEFAULTS, KINDS, MLP_DEFAULT
                                interactive, make_classifier)
 from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier, batch_f_etas, fit_population
 from utils.data import Dataset, get_device, load_dataset, stratified_subset
-from utils.errors import TrainingDiverged
+from utils.errors import InsufficientMemory, TrainingDiverged
 from utils.io import jsonable, library_versions, write_json
 from utils.logger import TrainingLogger
 
@@ -341,7 +341,7 @@ def main(argv=None):
                                    config=config, resume=args.resume, max_minutes=args.max_minutes,
                                    classes=np.arange(len(ds.classes)) if comp else None,
                                    log=lambda line: print(line, flush=True))
-    except (ValueError, TrainingDiverged) as e:
+    except (ValueError, TrainingDiverged, InsufficientMemory) as e:
         sys.exit(f"error: {e}")
     acc = record["test_accuracy"]
     print(f"test accuracy {100 * acc:.2f} % on {len(y_test)} examples after {len(record['epochs'])} epochs "
