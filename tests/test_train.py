@@ -413,3 +413,48 @@ def test_command_line_refuses_a_run_that_cannot_fit_in_one_line(memory_of, tmp_p
               "--out", str(tmp_path / "r.json")])
     assert str(e.value.code).startswith("error: training an MLP") and "--n-hidden" in str(e.value.code)
     assert "\n" not in str(e.value.code) and "Traceback" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the files of a run: damaged checkpoints, unwritable folders, two runs on one --out (issue 27: 12, 13, 14)
+
+BLOBS_RUN = ["--model", "mlp", "--dataset", "blobs", "--n-hidden", "8", "--epochs", "1", "--subset", "100",
+             "--test-subset", "50", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_resume_from_a_damaged_checkpoint_names_it_and_how_to_start_afresh(damage, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    main(BLOBS_RUN + ["--out", str(out)])
+    ckpt = out.with_suffix(".ckpt.pt")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes({"garbage": b"not a checkpoint " * 50, "truncated": data[:len(data) // 2], "empty": b""}[damage])
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--out", str(out), "--epochs", "2", "--resume"])
+    message = str(e.value.code)
+    assert message.startswith(f"error: --resume: {ckpt} cannot be read as a checkpoint") and "\n" not in message
+    assert "delete it, or leave out --resume, to start afresh" in message and "weights_only" not in message
+    assert ("empty" in message) == (damage == "empty") and "Traceback" not in capsys.readouterr().err
+
+
+def test_loading_a_damaged_saved_model_names_the_file(tmp_path):
+    from utils.checkpoint import CheckpointError
+    (tmp_path / "m.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match=r"m\.pt cannot be read as a checkpoint: it is truncated or corrupt"):
+        load_checkpoint("m", directory=tmp_path)
+
+
+@pytest.mark.parametrize("model, extra", [("mlp", ["--n-hidden", "8"]), ("cnn", []), ("compartmental", ["--n-hidden", "8"])])
+def test_command_line_shows_a_progress_bar_per_epoch_unless_quiet(model, extra, monkeypatch, tmp_path, capsys):
+    import utils.classifiers
+    import utils.train
+    for module in (utils.classifiers, utils.train):   # as at a terminal
+        monkeypatch.setattr(module, "interactive", lambda: True)
+    argv = ["--model", model, "--dataset", "blobs", "--epochs", "2", "--subset", "100", "--test-subset", "50",
+            "--batch-size", "25", "--device", "cpu", "--out", str(tmp_path / "r.json"), *extra]
+    main(argv)
+    err = capsys.readouterr().err
+    assert ("/4 [" in err and "it/s" in err) or "ex/s" in err   # tqdm's bar: of 4 batches (skorch) or of examples
+    main(argv + ["--quiet", "--out", str(tmp_path / "q.json")])
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "ex/s" not in err and "\r" not in err

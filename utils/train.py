@@ -26,7 +26,8 @@ import torch
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 
-from utils.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint  # noqa: F401
+from utils.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint,  # noqa: F401
+                              write_checkpoint)
 from utils.classifiers import (CNN_DEFAULTS, COMMON_DEFAULTS, KINDS, MLP_DEFAULTS, DeviceBatches,  # noqa: F401
                                PlainPrintLog, TorchClassifier, as_inputs, as_labels, check_common_hyperparameters,
                                interactive, make_classifier)
@@ -114,7 +115,10 @@ def train_epochs(clf, X, y, X_test, y_test, epochs, test_every=1, out=None, conf
     record = dict(kind="train", config=jsonable(config or {}), versions=library_versions(X.device), epochs=[],
                   curve=[], finished=False, wall_s=0.0, train_s=0.0, test_accuracy=None)
     if resume and ckpt is not None and ckpt.exists():
-        saved, meta = read_checkpoint(ckpt, device=X.device)
+        try:
+            saved, meta = read_checkpoint(ckpt, device=X.device)
+        except CheckpointError as e:
+            raise ResumeError(f"--resume: {e}; delete it, or leave out --resume, to start afresh") from None
         same = lambda c: {k: v for k, v in c.items() if k not in RUN_FREE}   # noqa: E731
         if same(meta["config"]) != same(record["config"]):
             raise ResumeError(f"--resume: {ckpt} was saved with a different configuration:\n  {meta['config']}\n"
@@ -279,6 +283,8 @@ def parser():
                    help="stop at the first test after this many minutes of wall time (--resume goes on)")
     p.add_argument("--save", default=None, help="checkpoint name: writes models/NAME.pt and models/NAME.json")
     p.add_argument("--dry-run", action="store_true", help="1 epoch on 1,000 examples: checks that everything runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar per epoch on stderr when "
+                   "it is a terminal)")
     return p
 
 
@@ -318,7 +324,7 @@ def main(argv=None):
         X_test, y_test = stratified_subset(X_test, y_test, test_subset, seed=args.seed)
 
     hp = {"max_epochs": epochs, "seed": args.seed, "device": args.device, "batch_size": batch_size,
-          "verbose": int(interactive())}   # progress bars only where someone watches them
+          "verbose": int(interactive() and not args.quiet)}   # progress bars only where someone watches them
     if comp:
         decay = round(args.lr_decay_epochs * len(y)) if args.lr_decay_epochs else None
         model = dict(n_hidden=n_hidden, f_etas=f_etas, lr_decay_examples=decay)
