@@ -458,3 +458,121 @@ def test_command_line_shows_a_progress_bar_per_epoch_unless_quiet(model, extra, 
     main(argv + ["--quiet", "--out", str(tmp_path / "q.json")])
     err = capsys.readouterr().err
     assert "it/s" not in err and "ex/s" not in err and "\r" not in err
+
+
+def test_a_damaged_config_json_is_named(tmp_path):
+    from utils.runs import load_run
+    from utils.study_log import check_config
+    (tmp_path / "config.json").write_text('{"model": "mlp",')
+    (tmp_path / "records.csv").write_text("record\n0\n")
+    for read in (lambda: check_config(tmp_path, {}), lambda: load_run(tmp_path)):
+        with pytest.raises(ValueError, match=r"config\.json is damaged: no valid JSON at line 1 column 17"):
+            read()
+
+
+def test_command_line_refuses_an_out_it_cannot_write_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # --save writes into ./models
+    (tmp_path / "file").write_text("not a folder")
+    absent = ["--data-root", str(tmp_path / "absent")]   # loading would fail: the refusal must come first
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--dataset", "mnist", "--out", str(tmp_path / "file" / "run.json"), *absent])
+    assert str(e.value.code) == (f"error: --out: cannot write into {tmp_path / 'file'} ({tmp_path / 'file'} is a "
+                                 f"file, not a folder); choose a folder this user can write")
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--dataset", "mnist", "--save", "file/m", *absent])   # models/file/ ... is fine: a folder
+    assert "data root" in str(e.value.code) and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_command_line_refuses_a_read_only_out_before_training(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--out", str(tmp_path / "ro" / "run.json")])
+    assert "cannot write into" in str(e.value.code) and "Permission denied" in str(e.value.code)
+
+
+@pytest.mark.parametrize("name", ["../../x", "ABSOLUTE/x", "", "a/../../x"])
+def test_save_names_stay_inside_models(name, tmp_path, capsys, monkeypatch):
+    (tmp_path / "w" / "d").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "w" / "d")   # even a name that escaped models/ would stay in tmp_path
+    name = name.replace("ABSOLUTE", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--out", str(tmp_path / "r.json"), "--save", name])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--save: checkpoint name" in err and "inside models/" in err
+    assert not (tmp_path / "r.json").exists()   # refused before training
+    from utils.checkpoint import save_checkpoint
+    with pytest.raises(ValueError, match="must stay inside"):
+        save_checkpoint(make_classifier("mlp"), name, directory=tmp_path / "models")
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    from utils.io import file_lock
+    out = tmp_path / "run.json"
+    with file_lock(tmp_path / "run.lock", RuntimeError):   # as a run in another process holds it
+        with pytest.raises(SystemExit) as e:
+            main(BLOBS_RUN + ["--out", str(out)])
+    assert str(e.value.code).startswith(f"error: {out} is in use by another run (pid ")
+    assert "use another --out" in str(e.value.code) and not out.exists()
+    (tmp_path / "run.lock").write_text("pid 999999 on elsewhere, since 2026-01-01T00:00:00\n")   # its holder died
+    assert 0 <= main(BLOBS_RUN + ["--out", str(out)]) <= 1 and out.exists()
+
+
+def test_command_line_trains_and_records_the_whole_architecture(tmp_path):
+    import json
+    from utils.checkpoint import read_checkpoint
+    out = tmp_path / "cnn.json"
+    argv = ["--model", "cnn-sign", "--dataset", "blobs", "--channels", "4", "8", "--kernel-sizes", "3",
+            "--lr-schedule", "cosine", "--normalize", "--subset", "100", "--test-subset", "50", "--batch-size", "25",
+            "--lr", "0.01", "--device", "cpu", "--quiet", "--out", str(out)]
+    main(argv + ["--epochs", "2"])
+    config = json.loads(out.read_text())["config"]
+    assert {k: config[k] for k in ("model", "rule", "channels", "kernel_sizes", "stride", "padding", "lr",
+                                   "lr_schedule", "normalize")} == \
+        dict(model="cnn", rule="sign", channels=[4, 8], kernel_sizes=[3, 3], stride=1, padding=1, lr=0.01,
+             lr_schedule="cosine", normalize=True)
+    clf, meta = read_checkpoint(out.with_suffix(".ckpt.pt"))
+    assert clf.module_.rule == "sign" and clf.optimizer_.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+    main(argv + ["--epochs", "4", "--resume"])   # more epochs: the cosine now ends at the 4th
+    clf, meta = read_checkpoint(out.with_suffix(".ckpt.pt"))
+    assert len(meta["extra"]["record"]["epochs"]) == 4
+    assert clf.optimizer_.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "mlp-fa", "--rule", "dfa"], "give the rule once"),
+    (["--model", "mlp", "--channels", "8"], "--channels applies to the cnn only"),
+    (["--model", "compartmental", "--lr-schedule", "cosine"], "--lr-schedule applies to the mlp and the cnn"),
+    (["--model", "compartmental", "--rule", "fa"], "--rule applies to the MLP and the CNN"),
+    (["--model", "cnn", "--channels", "8", "16", "--kernel-sizes", "3", "5", "7"], "one per block"),
+])
+def test_command_line_refuses_options_that_do_not_apply(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--dataset", "blobs"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_readmes_cnn_rows_are_command_lines(dataset):
+    """README's CNN rows are the accuracy benchmark's models: the command line must express each."""
+    import benchmarks.bench_training as bench
+    from utils.train import _model, _usage, parser
+    want = bench.ACCURACY_MODELS["cnn"][dataset]
+    argv = ["--model", "cnn", "--dataset", dataset, "--channels", *map(str, want["channels"]), "--kernel-sizes",
+            "3", "--lr", str(want["lr"]), "--batch-size", str(want["batch_size"]), "--normalize",
+            "--lr-schedule", want.get("lr_schedule") or "constant"]
+    p = parser()
+    args = p.parse_args(argv)
+    batch_size, model = _model(p, args, *_usage(p, args))
+    assert batch_size == want["batch_size"] and args.normalize   # the benchmark normalizes its inputs
+    expected = {**{k: v for k, v in want.items() if k != "batch_size"}, "lr_schedule": want.get("lr_schedule")
+                or "constant"}
+    assert {k: model[k] for k in expected} == expected
+
+
+def test_constant_is_a_schedule_name_as_on_the_command_lines():
+    from utils.classifiers import LR_SCHEDULES
+    assert LR_SCHEDULES == ("constant", "cosine")   # utils.train's and the rules benchmark's --lr-schedule
+    clf = make_classifier("mlp", lr_schedule="constant")
+    assert not any(name == "lr_schedule" for name, _ in clf.callbacks or [])

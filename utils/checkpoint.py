@@ -176,22 +176,29 @@ def _read(path):
     return meta, tensors
 
 
+def checkpoint_path(name, directory="models"):
+    """directory/name.pt; ValueError when the name is empty, absolute or leads out of `directory` (..)."""
+    if not str(name).strip() or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"checkpoint name {str(name)!r}: give a name such as mnist_cnn; it names {directory}/NAME.pt "
+                         f"and NAME.json, which must stay inside {directory}/")
+    return Path(directory) / f"{name}.pt"
+
+
 def save_checkpoint(estimator, name, directory="models", config=None):
     """Save `estimator` to directory/name.pt (tensors) and its configuration to directory/name.json; returns the .pt
-    path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.pt"
+    path. `name` must stay inside `directory` (checkpoint_path)."""
+    path = checkpoint_path(name, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = write_checkpoint(path, estimator, config=config)
     meta.pop("state", None)   # the history and counters stay in the .pt
-    write_json(directory / f"{name}.json", meta)
+    write_json(path.with_suffix(".json"), meta)
     return path
 
 
 def load_checkpoint(name, directory="models", device=None):
     """The estimator saved by save_checkpoint, rebuilt from its JSON and tensors, on `device` (None: where it was
     saved, the CPU when that was a GPU and there is none)."""
-    path = Path(directory) / f"{name}.pt"
+    path = checkpoint_path(name, directory)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint {path}; saved ones: "
                                 f"{sorted(p.stem for p in Path(directory).glob('*.pt')) or 'none'}")

@@ -35,8 +35,9 @@ COMMON_DEFAULTS = dict(
     seed=0,           # weights and batch order
     device=None,      # None: the GPU when there is one, else the CPU
     verbose=0,        # 0: silent; 1: a progress bar and skorch's epoch table
-    lr_schedule=None, # None: constant lr; "cosine": cosine annealing from lr to 0 over max_epochs (per epoch)
+    lr_schedule=None, # None or "constant": constant lr; "cosine": cosine annealing from lr to 0 over max_epochs
 )
+LR_SCHEDULES = ("constant", "cosine")   # lr_schedule's names (None is "constant")
 MLP_DEFAULTS = dict(hidden_sizes=(500,), rule="backprop")  # rule: "backprop", "fa", "dfa", "sign" (utils.rules)
 CNN_DEFAULTS = dict(channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, rule="backprop")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes of skorch's epoch table, dropped when stdout is not a terminal
@@ -320,8 +321,9 @@ def make_classifier(kind, logger=None, **hyperparameters):
     if schedule == "cosine":
         callbacks.append(("lr_schedule", LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR,
                                                       T_max=int(hp["max_epochs"]))))
-    elif schedule is not None:
-        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: None (constant) or 'cosine'")
+    elif schedule not in (None, "constant"):
+        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: {', '.join(map(repr, LR_SCHEDULES))} (None is "
+                         f"'constant')")
     module_params = {f"module__{k}": tuple(v) if isinstance(v, list) else v for k, v in hp.items() if k in arch}
     return TorchClassifier(
         MLP if kind == "mlp" else CNN,

@@ -264,9 +264,12 @@ def load_dataset(name, root=None, device=None, normalize=False, download=True):
         X, y = arrays[split]
         X = torch.from_numpy(np.ascontiguousarray(X)).to(device).float().div_(255.0)
         out += [X, torch.from_numpy(y).to(device)]
-    if normalize:
-        mean = out[0].mean(dim=(0, 2, 3), keepdim=True)
-        std = out[0].std(dim=(0, 2, 3), keepdim=True)
-        out[0] = (out[0] - mean) / std
-        out[2] = (out[2] - mean) / std
-    return Dataset(*out, classes, name)
+    ds = Dataset(*out, classes, name)
+    return standardized(ds) if normalize else ds
+
+
+def standardized(ds):
+    """`ds` with every input channel at zero mean and unit variance, by the training split's statistics."""
+    mean = ds.X_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = ds.X_train.std(dim=(0, 2, 3), keepdim=True)
+    return ds._replace(X_train=(ds.X_train - mean) / std, X_test=(ds.X_test - mean) / std)
