@@ -576,3 +576,13 @@ def test_constant_is_a_schedule_name_as_on_the_command_lines():
     assert LR_SCHEDULES == ("constant", "cosine")   # utils.train's and the rules benchmark's --lr-schedule
     clf = make_classifier("mlp", lr_schedule="constant")
     assert not any(name == "lr_schedule" for name, _ in clf.callbacks or [])
+
+
+def test_make_classifier_takes_an_int_hidden_size_and_refuses_fractional_channels(blobs, tmp_path):
+    X, y = blobs
+    clf = make_classifier("mlp", hidden_sizes=10, max_epochs=1, device="cpu").fit(X, y)
+    assert clf.module_.net[1].out_features == 10
+    save_checkpoint(clf, "int", directory=tmp_path)
+    assert load_checkpoint("int", directory=tmp_path).module_.net[1].out_features == 10
+    with pytest.raises(ValueError, match=r"channels=\(2.5,\): 2.5 is not a whole number"):
+        make_classifier("cnn", channels=(2.5,), kernel_sizes=3, max_epochs=1, device="cpu").fit(X, y)
