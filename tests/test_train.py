@@ -586,3 +586,36 @@ def test_make_classifier_takes_an_int_hidden_size_and_refuses_fractional_channel
     assert load_checkpoint("int", directory=tmp_path).module_.net[1].out_features == 10
     with pytest.raises(ValueError, match=r"channels=\(2.5,\): 2.5 is not a whole number"):
         make_classifier("cnn", channels=(2.5,), kernel_sizes=3, max_epochs=1, device="cpu").fit(X, y)
+
+
+def test_a_run_killed_while_holding_the_lock_does_not_block_the_next(tmp_path):
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "run.json"
+    holder = subprocess.Popen(   # another process takes the run's lock, then is killed without a chance to clean up
+        [sys.executable, "-c", "import sys, time\nfrom utils.io import file_lock\nwith file_lock(sys.argv[1], "
+         "RuntimeError):\n    print('held', flush=True)\n    time.sleep(600)", str(tmp_path / "run.lock")],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as e:
+            main(BLOBS_RUN + ["--out", str(out)])
+        assert f"in use by another run (pid {holder.pid} on" in str(e.value.code)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "run.lock").exists() and 0 <= main(BLOBS_RUN + ["--out", str(out)]) <= 1
+
+
+def test_command_line_refuses_an_unwritable_out_before_training_also_as_root(tmp_path, monkeypatch):
+    import errno
+    import utils.io
+
+    def refuse(dir=None, **kw):   # what a read-only folder answers a user who is not root
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/.write-probe-x")
+    monkeypatch.setattr(utils.io.tempfile, "mkstemp", refuse)
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--out", str(tmp_path / "ro" / "run.json")])
+    assert str(e.value.code) == (f"error: --out: cannot write into {tmp_path / 'ro'} (Permission denied); choose a "
+                                 f"folder this user can write")

@@ -4,6 +4,8 @@
     python -m utils.train --model compartmental --batch-size 16 --epochs 60 --test-every-epochs 10   # the paper's
     python -m utils.train ... --resume                # after an interruption: same arguments, from the last checkpoint
     python -m utils.train --model mlp --dataset blobs --epochs 3          # a tiny separable problem, no data files
+    python -m utils.train --model cnn --channels 32 64 128 --kernel-sizes 3 --lr-schedule cosine --normalize
+    python -m utils.train --model mlp-fa --n-hidden 1000 1000 --quiet    # feedback alignment (or --rule fa), no bar
 
     from utils.train import make_classifier, cross_validate, train_epochs
     clf = make_classifier("mlp", hidden_sizes=(500,), lr=1e-3, batch_size=100, max_epochs=10, seed=0)
@@ -13,7 +15,9 @@ A run (train_epochs) trains epoch by epoch, tests on the official test split eve
 the end, and after every epoch writes its record (runs/NAME.json: configuration, library versions, per-epoch
 training time and loss, test errors, wall time) and a checkpoint (runs/NAME.ckpt.pt, utils.checkpoint: weights,
 optimizer, data order, record), both atomically, so --resume loses at most one epoch and continues the data order
-as if never interrupted. Estimators: utils.classifiers; checkpoints: utils.checkpoint (both re-exported here).
+as if never interrupted. A run holds runs/NAME.lock while it trains (a second run on the same --out is refused);
+an --out or --save it could not write, and a run that would not fit in memory, are refused before training.
+Estimators: utils.classifiers; checkpoints: utils.checkpoint (both re-exported here).
 """
 import argparse
 import contextlib
