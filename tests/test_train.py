@@ -444,7 +444,8 @@ def test_loading_a_damaged_saved_model_names_the_file(tmp_path):
         load_checkpoint("m", directory=tmp_path)
 
 
-@pytest.mark.parametrize("model, extra", [("mlp", ["--n-hidden", "8"]), ("cnn", []), ("compartmental", ["--n-hidden", "8"])])
+@pytest.mark.parametrize("model, extra", [("mlp", ["--n-hidden", "8"]), ("cnn", []),
+                                          ("compartmental", ["--n-hidden", "8"])])
 def test_command_line_shows_a_progress_bar_per_epoch_unless_quiet(model, extra, monkeypatch, tmp_path, capsys):
     import utils.classifiers
     import utils.train
@@ -545,6 +546,7 @@ def test_command_line_trains_and_records_the_whole_architecture(tmp_path):
     (["--model", "mlp", "--channels", "8"], "--channels applies to the cnn only"),
     (["--model", "compartmental", "--lr-schedule", "cosine"], "--lr-schedule applies to the mlp and the cnn"),
     (["--model", "compartmental", "--rule", "fa"], "--rule applies to the MLP and the CNN"),
+    (["--model", "compartmental", "--normalize"], "--normalize applies to the mlp and the cnn"),
     (["--model", "cnn", "--channels", "8", "16", "--kernel-sizes", "3", "5", "7"], "one per block"),
 ])
 def test_command_line_refuses_options_that_do_not_apply(argv, message, capsys):

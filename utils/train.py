@@ -295,9 +295,9 @@ def _architecture_options(p):
     p.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
                    help="MLP and CNN: the learning rate constant, or decayed to 0 over --epochs on a cosine (default: "
                         "constant)")
-    p.add_argument("--normalize", action="store_true",
-                   help="standardize every input channel by the training split's mean and deviation (default: "
-                        "pixels in [0, 1])")
+    p.add_argument("--normalize", action="store_true", default=None,
+                   help="MLP and CNN: standardize every input channel by the training split's mean and deviation "
+                        "(default: pixels in [0, 1], which the compartmental network takes as rates)")
     p.add_argument("--f-etas", type=_positive(float), nargs="+", default=None,
                    help="compartmental: forward rates, one per hidden layer and one for the output (default: the "
                         "paper's, scaled for the batch size: utils.compartmental.batch_f_etas)")
@@ -366,7 +366,8 @@ def _usage(p, args):
     if comp and args.lr is not None:  # it has per-layer rates, no lr
         p.error("--lr does not apply to the compartmental network (it has per-layer rates, f_etas)")
     only = {"f_etas": ("compartmental",), "lr_decay_epochs": ("compartmental",), "lr_schedule": ("mlp", "cnn"),
-            "channels": ("cnn",), "kernel_sizes": ("cnn",), "n_hidden": ("mlp", "compartmental")}
+            "normalize": ("mlp", "cnn"), "channels": ("cnn",), "kernel_sizes": ("cnn",),
+            "n_hidden": ("mlp", "compartmental")}
     for option, kinds in only.items():
         if getattr(args, option) is not None and kind not in kinds:
             p.error(f"--{option.replace('_', '-')} applies to the {' and the '.join(kinds)} only")
@@ -412,7 +413,7 @@ def _data(args):
     """(X, y, X_test, y_test, classes) as the command line asks: dataset, --dry-run, subsets, --normalize."""
     try:
         ds = synthetic_dataset(device=args.device) if args.dataset == "blobs" else \
-            load_dataset(args.dataset, root=args.data_root, device=args.device, normalize=args.normalize)
+            load_dataset(args.dataset, root=args.data_root, device=args.device, normalize=bool(args.normalize))
     except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if args.normalize and args.dataset == "blobs":
@@ -451,7 +452,7 @@ def main(argv=None):
     config = dict(model=kind, dataset=args.dataset, n_train=len(y), n_test=len(y_test), epochs=epochs,
                   test_every_epochs=args.test_every_epochs, batch_size=batch_size, seed=args.seed,
                   **{k: v for k, v in model.items() if k != "lr_decay_examples"},
-                  **({"lr_decay_epochs": args.lr_decay_epochs} if comp else {}), normalize=args.normalize,
+                  **({"lr_decay_epochs": args.lr_decay_epochs} if comp else {}), normalize=bool(args.normalize),
                   threads=torch.get_num_threads(), device=str(X.device))
     hp = {"max_epochs": epochs, "seed": args.seed, "device": args.device, "batch_size": batch_size,
           "verbose": int(interactive() and not args.quiet)}   # progress bars only where someone watches them
