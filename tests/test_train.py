@@ -621,3 +621,22 @@ def test_command_line_refuses_an_unwritable_out_before_training_also_as_root(tmp
         main(BLOBS_RUN + ["--out", str(tmp_path / "ro" / "run.json")])
     assert str(e.value.code) == (f"error: --out: cannot write into {tmp_path / 'ro'} (Permission denied); choose a "
                                  f"folder this user can write")
+
+
+def test_resume_takes_a_checkpoint_older_than_the_architecture_options(tmp_path, capsys):
+    import json
+    from utils.io import dumps
+    out = tmp_path / "cnn.json"
+    argv = ["--model", "cnn", "--dataset", "blobs", "--subset", "100", "--test-subset", "50", "--batch-size", "25",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    main(argv + ["--epochs", "1"])
+    ckpt = out.with_suffix(".ckpt.pt")
+    saved = torch.load(ckpt, weights_only=True)
+    meta = json.loads(saved["meta"])
+    for key in ("rule", "lr_schedule", "normalize", "channels", "kernel_sizes", "stride", "padding"):
+        del meta["config"][key]   # as utils.train wrote it before these options
+    torch.save({**saved, "meta": dumps(meta)}, ckpt)
+    main(argv + ["--epochs", "2", "--resume"])
+    assert "resuming" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="different configuration"):   # another architecture is another run
+        main(argv + ["--epochs", "3", "--resume", "--channels", "4", "8"])
