@@ -167,7 +167,9 @@ def _resume(ckpt, record, epochs, X, log):
 
 
 def _train_epochs(clf, data, epochs, test_every, out, config, resume, options):
-    (X, y, X_test, y_test), (max_minutes, classes, log) = data, options.values()
+    """train_epochs under its lock: `data` is (X, y, X_test, y_test), `options` max_minutes, classes and log."""
+    X, y, X_test, y_test = data
+    max_minutes, classes, log = (options[k] for k in ("max_minutes", "classes", "log"))
     ckpt = out.with_suffix(".ckpt.pt") if out is not None else None
     record = dict(kind="train", config=jsonable(config or {}), versions=library_versions(X.device), epochs=[],
                   curve=[], finished=False, wall_s=0.0, train_s=0.0, test_accuracy=None)
