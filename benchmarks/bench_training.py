@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.classifiers import LR_SCHEDULES  # noqa: E402
 from utils.data import get_device, load_dataset, stratified_subset  # noqa: E402
 from utils.rules import ZERO_OUTPUT_RULES  # noqa: E402
 from utils.train import make_classifier  # noqa: E402
@@ -187,8 +188,8 @@ def rules(args, device, out=None):
                                         stratified_subset(ds.X_train, ds.y_train, args.rules_train, seed=0))))
         hp = dict(ACCURACY_MODELS[kind][name])
         schedule = args.lr_schedule or RULE_SCHEDULE.get((kind, name))   # the same for every rule; --lr-schedule wins
-        if schedule is not None:  # constant, or cosine to 0 over --epochs
-            hp["lr_schedule"] = None if schedule == "constant" else schedule
+        if schedule is not None:  # constant, or cosine to 0 over --epochs (make_classifier's LR_SCHEDULES)
+            hp["lr_schedule"] = schedule
         own = RULE_LR.get((kind, name), {}) | args.rule_lr            # --rule-lr wins
         lrs = {rule: own.get(rule, hp["lr"]) for rule in args.rules_list}
         clfs = {}
@@ -275,7 +276,7 @@ def main():
                    help="the rules of --rules (the first is the reference; default: backprop first)")
     p.add_argument("--rule-lr", nargs="+", default=[], metavar="RULE=LR",
                    help="--rules: a rule's learning rate instead of RULE_LR's / backprop's, e.g. fa=1e-3")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="--rules: every rule's learning-rate schedule (default: RULE_SCHEDULE's, else the model's); "
                         "cosine decays each rule's rate to 0 over --epochs (partial_fit keeps the schedule's place)")
     p.add_argument("--device", default=None)

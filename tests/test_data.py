@@ -154,3 +154,27 @@ def test_missing_files_error_names_the_command_line_option_and_gz(tmp_path):
         load_dataset("fashion", root=tmp_path, download=False)
     msg = str(e.value)
     assert "--data-root" in msg and "NAME.gz" in msg
+
+
+@pytest.mark.parametrize("payload, cause", [
+    (b"\x80\x04\x8e" + (2 ** 62).to_bytes(8, "little"), "MemoryError"),      # claims 4 EiB of bytes
+    (b"\x80\x04\x8e" + (2 ** 63 + 5).to_bytes(8, "little"), "OverflowError"),  # beyond any size
+    (b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.", "os.system"),   # would run a command
+    (b"\x80\x02K\x05.", "TypeError"),                                          # a number, no dict
+], ids=["huge", "overflow", "code", "no-dict"])
+def test_crafted_cifar_pickle_is_named_not_raised_or_run(tmp_path, payload, cause):
+    from utils.data import read_cifar_batch
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(payload)
+    with pytest.raises(DataError, match=f"data_batch_1.*{cause}.*delete the folder"):
+        read_cifar_batch(path, 10000)
+
+
+def test_empty_data_root_is_refused(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)   # were "" taken as the current folder, a download would land here, not in the tree
+    with pytest.raises(DataError, match="data root is empty"):
+        load_dataset("mnist", root="")
+    from utils.train import main
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "mlp", "--data-root", "", "--dry-run", "--device", "cpu"])
+    assert "data root is empty" in str(e.value.code) and "Traceback" not in capsys.readouterr().err

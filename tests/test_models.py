@@ -40,3 +40,21 @@ def test_invalid_cnn_raises_naming_block(args, block):
         cnn_feature_shape(*args)
     with pytest.raises(ValueError, match=block):
         CNN(*args, n_classes=10)
+
+
+def test_an_int_hidden_size_is_one_layer():
+    assert MLP(64, 10, 10).net[1].out_features == 10   # as (10,); scikit-learn's MLP reads an int the same way
+
+
+@pytest.mark.parametrize("kw, match", [(dict(channels=(2.5,), kernel_sizes=3), "channels=.*2.5 is not a whole"),
+                                       (dict(channels=(8,), kernel_sizes=(3.5,)), "kernel_sizes=.*3.5"),
+                                       (dict(channels="8", kernel_sizes=3), "channels=.*not a whole"),
+                                       (dict(channels=None, kernel_sizes=3), "channels=None")])
+def test_cnn_refuses_sizes_that_are_no_whole_numbers(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CNN((1, 8, 8), **kw)
+
+
+def test_mlp_refuses_fractional_hidden_sizes():
+    with pytest.raises(ValueError, match="hidden_sizes=.*7.5 is not a whole"):
+        MLP(64, (7.5,), 10)

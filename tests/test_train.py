@@ -354,3 +354,289 @@ def test_redirected_command_line_output_is_plain(mnist_root, capsys):
     main(["--model", "mlp", "--dataset", "mnist", "--dry-run", "--data-root", str(mnist_root), "--device", "cpu"])
     out, err = capsys.readouterr()  # captured: not a terminal
     assert "train_loss" in out and "\x1b[" not in out + err and "\r" not in out + err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runs that cannot fit are refused before training (issue 27: 6)
+
+
+@pytest.fixture
+def memory_of(monkeypatch):
+    """Pretend the device has this many bytes free (utils.memory.available_bytes), whatever the machine has."""
+    import utils.memory
+    def set_free(n):
+        monkeypatch.setattr(utils.memory, "available_bytes", lambda device=None: n)
+    return set_free
+
+
+def test_an_mlp_too_wide_is_refused_before_training_with_the_widest_that_fits(blobs, memory_of):
+    import re
+    from utils.errors import InsufficientMemory
+    X, y = blobs
+    memory_of(2 ** 31)
+    clf = make_classifier("mlp", hidden_sizes=(2_000_000,), max_epochs=1, device="cpu")
+    with pytest.raises(InsufficientMemory, match=r"an MLP with hidden_sizes \(2000000,\) .* at batch 100 needs about "
+                                                 r".* GiB but 2.0 GiB is available on cpu; the largest that fits: "
+                                                 r"--n-hidden \d+") as e:
+        clf.fit(X, y)
+    assert not clf.initialized_   # refused before the network was built
+    widest = int(re.search(r"--n-hidden (\d+)", str(e.value)).group(1))
+    arch = dict(in_features=64, n_classes=10, rule="backprop")
+    assert clf._training_bytes({**arch, "hidden_sizes": (widest,)}, 100) <= 0.9 * 2 ** 31 < \
+        clf._training_bytes({**arch, "hidden_sizes": (widest + 1,)}, 100)
+
+
+def test_a_cnn_batch_too_large_is_refused_with_the_largest_batch_that_fits(blobs, memory_of):
+    from utils.errors import InsufficientMemory
+    X, y = blobs
+    memory_of(2 ** 20)
+    with pytest.raises(InsufficientMemory, match=r"a CNN with channels \(32, 64\) on inputs \(1, 8, 8\) at batch 600 "
+                                                 r".*the largest that fits: --batch-size \d+ \(batch_size=\d+\)"):
+        make_classifier("cnn", batch_size=20000, max_epochs=1, device="cpu").fit(X, y)   # 600 examples: batch 600
+
+
+def test_the_footprint_counts_every_parameter_and_feedback_value():
+    from utils.models import CNN, MLP
+    for rule in ("backprop", "fa", "dfa", "sign"):
+        for cls, args in ((MLP, (64, (30, 20), 10)), (CNN, ((3, 16, 16), (8, 16), (5, 3), 1, (2, 1), 10))):
+            net = cls(*args, rule=rule)
+            params, feedback, activations = cls.footprint(*args, rule=rule)
+            assert params == sum(p.numel() for p in net.parameters()) and activations > 0
+            weights = sum(b.numel() for n, b in net.named_buffers() if n.endswith("feedback"))
+            assert weights <= feedback <= 1.1 * weights   # FA's count takes the biases too
+
+
+def test_command_line_refuses_a_run_that_cannot_fit_in_one_line(memory_of, tmp_path, capsys):
+    memory_of(2 ** 31)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "mlp", "--dataset", "blobs", "--n-hidden", "2000000", "--device", "cpu",
+              "--out", str(tmp_path / "r.json")])
+    assert str(e.value.code).startswith("error: training an MLP") and "--n-hidden" in str(e.value.code)
+    assert "\n" not in str(e.value.code) and "Traceback" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the files of a run: damaged checkpoints, unwritable folders, two runs on one --out (issue 27: 12, 13, 14)
+
+BLOBS_RUN = ["--model", "mlp", "--dataset", "blobs", "--n-hidden", "8", "--epochs", "1", "--subset", "100",
+             "--test-subset", "50", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_resume_from_a_damaged_checkpoint_names_it_and_how_to_start_afresh(damage, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    main(BLOBS_RUN + ["--out", str(out)])
+    ckpt = out.with_suffix(".ckpt.pt")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes({"garbage": b"not a checkpoint " * 50, "truncated": data[:len(data) // 2], "empty": b""}[damage])
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--out", str(out), "--epochs", "2", "--resume"])
+    message = str(e.value.code)
+    assert message.startswith(f"error: --resume: {ckpt} cannot be read as a checkpoint") and "\n" not in message
+    assert "delete it, or leave out --resume, to start afresh" in message and "weights_only" not in message
+    assert ("empty" in message) == (damage == "empty") and "Traceback" not in capsys.readouterr().err
+
+
+def test_loading_a_damaged_saved_model_names_the_file(tmp_path):
+    from utils.checkpoint import CheckpointError
+    (tmp_path / "m.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match=r"m\.pt cannot be read as a checkpoint: it is truncated or corrupt"):
+        load_checkpoint("m", directory=tmp_path)
+
+
+@pytest.mark.parametrize("model, extra", [("mlp", ["--n-hidden", "8"]), ("cnn", []),
+                                          ("compartmental", ["--n-hidden", "8"])])
+def test_command_line_shows_a_progress_bar_per_epoch_unless_quiet(model, extra, monkeypatch, tmp_path, capsys):
+    import utils.classifiers
+    import utils.train
+    for module in (utils.classifiers, utils.train):   # as at a terminal
+        monkeypatch.setattr(module, "interactive", lambda: True)
+    argv = ["--model", model, "--dataset", "blobs", "--epochs", "2", "--subset", "100", "--test-subset", "50",
+            "--batch-size", "25", "--device", "cpu", "--out", str(tmp_path / "r.json"), *extra]
+    main(argv)
+    err = capsys.readouterr().err
+    assert ("/4 [" in err and "it/s" in err) or "ex/s" in err   # tqdm's bar: of 4 batches (skorch) or of examples
+    main(argv + ["--quiet", "--out", str(tmp_path / "q.json")])
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "ex/s" not in err and "\r" not in err
+
+
+def test_a_damaged_config_json_is_named(tmp_path):
+    from utils.runs import load_run
+    from utils.study_log import check_config
+    (tmp_path / "config.json").write_text('{"model": "mlp",')
+    (tmp_path / "records.csv").write_text("record\n0\n")
+    for read in (lambda: check_config(tmp_path, {}), lambda: load_run(tmp_path)):
+        with pytest.raises(ValueError, match=r"config\.json is damaged: no valid JSON at line 1 column 17"):
+            read()
+
+
+def test_command_line_refuses_an_out_it_cannot_write_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # --save writes into ./models
+    (tmp_path / "file").write_text("not a folder")
+    absent = ["--data-root", str(tmp_path / "absent")]   # loading would fail: the refusal must come first
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--dataset", "mnist", "--out", str(tmp_path / "file" / "run.json"), *absent])
+    assert str(e.value.code) == (f"error: --out: cannot write into {tmp_path / 'file'} ({tmp_path / 'file'} is a "
+                                 f"file, not a folder); choose a folder this user can write")
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--dataset", "mnist", "--save", "file/m", *absent])   # models/file/ ... is fine: a folder
+    assert "data root" in str(e.value.code) and "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_command_line_refuses_a_read_only_out_before_training(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--out", str(tmp_path / "ro" / "run.json")])
+    assert "cannot write into" in str(e.value.code) and "Permission denied" in str(e.value.code)
+
+
+@pytest.mark.parametrize("name", ["../../x", "ABSOLUTE/x", "", "a/../../x"])
+def test_save_names_stay_inside_models(name, tmp_path, capsys, monkeypatch):
+    (tmp_path / "w" / "d").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "w" / "d")   # even a name that escaped models/ would stay in tmp_path
+    name = name.replace("ABSOLUTE", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--out", str(tmp_path / "r.json"), "--save", name])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--save: checkpoint name" in err and "inside models/" in err
+    assert not (tmp_path / "r.json").exists()   # refused before training
+    from utils.checkpoint import save_checkpoint
+    with pytest.raises(ValueError, match="must stay inside"):
+        save_checkpoint(make_classifier("mlp"), name, directory=tmp_path / "models")
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    from utils.io import file_lock
+    out = tmp_path / "run.json"
+    with file_lock(tmp_path / "run.lock", RuntimeError):   # as a run in another process holds it
+        with pytest.raises(SystemExit) as e:
+            main(BLOBS_RUN + ["--out", str(out)])
+    assert str(e.value.code).startswith(f"error: {out} is in use by another run (pid ")
+    assert "use another --out" in str(e.value.code) and not out.exists()
+    (tmp_path / "run.lock").write_text("pid 999999 on elsewhere, since 2026-01-01T00:00:00\n")   # its holder died
+    assert 0 <= main(BLOBS_RUN + ["--out", str(out)]) <= 1 and out.exists()
+
+
+def test_command_line_trains_and_records_the_whole_architecture(tmp_path):
+    import json
+    from utils.checkpoint import read_checkpoint
+    out = tmp_path / "cnn.json"
+    argv = ["--model", "cnn-sign", "--dataset", "blobs", "--channels", "4", "8", "--kernel-sizes", "3",
+            "--lr-schedule", "cosine", "--normalize", "--subset", "100", "--test-subset", "50", "--batch-size", "25",
+            "--lr", "0.01", "--device", "cpu", "--quiet", "--out", str(out)]
+    main(argv + ["--epochs", "2"])
+    config = json.loads(out.read_text())["config"]
+    assert {k: config[k] for k in ("model", "rule", "channels", "kernel_sizes", "stride", "padding", "lr",
+                                   "lr_schedule", "normalize")} == \
+        dict(model="cnn", rule="sign", channels=[4, 8], kernel_sizes=[3, 3], stride=1, padding=1, lr=0.01,
+             lr_schedule="cosine", normalize=True)
+    clf, meta = read_checkpoint(out.with_suffix(".ckpt.pt"))
+    assert clf.module_.rule == "sign" and clf.optimizer_.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+    main(argv + ["--epochs", "4", "--resume"])   # more epochs: the cosine now ends at the 4th
+    clf, meta = read_checkpoint(out.with_suffix(".ckpt.pt"))
+    assert len(meta["extra"]["record"]["epochs"]) == 4
+    assert clf.optimizer_.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "mlp-fa", "--rule", "dfa"], "give the rule once"),
+    (["--model", "mlp", "--channels", "8"], "--channels applies to the cnn only"),
+    (["--model", "compartmental", "--lr-schedule", "cosine"], "--lr-schedule applies to the mlp and the cnn"),
+    (["--model", "compartmental", "--rule", "fa"], "--rule applies to the MLP and the CNN"),
+    (["--model", "compartmental", "--normalize"], "--normalize applies to the mlp and the cnn"),
+    (["--model", "cnn", "--channels", "8", "16", "--kernel-sizes", "3", "5", "7"], "one per block"),
+])
+def test_command_line_refuses_options_that_do_not_apply(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--dataset", "blobs"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_readmes_cnn_rows_are_command_lines(dataset):
+    """README's CNN rows are the accuracy benchmark's models: the command line must express each."""
+    import benchmarks.bench_training as bench
+    from utils.train import _model, _usage, parser
+    want = bench.ACCURACY_MODELS["cnn"][dataset]
+    argv = ["--model", "cnn", "--dataset", dataset, "--channels", *map(str, want["channels"]), "--kernel-sizes",
+            "3", "--lr", str(want["lr"]), "--batch-size", str(want["batch_size"]), "--normalize",
+            "--lr-schedule", want.get("lr_schedule") or "constant"]
+    p = parser()
+    args = p.parse_args(argv)
+    batch_size, model = _model(p, args, *_usage(p, args))
+    assert batch_size == want["batch_size"] and args.normalize   # the benchmark normalizes its inputs
+    expected = {**{k: v for k, v in want.items() if k != "batch_size"}, "lr_schedule": want.get("lr_schedule")
+                or "constant"}
+    assert {k: model[k] for k in expected} == expected
+
+
+def test_constant_is_a_schedule_name_as_on_the_command_lines():
+    from utils.classifiers import LR_SCHEDULES
+    assert LR_SCHEDULES == ("constant", "cosine")   # utils.train's and the rules benchmark's --lr-schedule
+    clf = make_classifier("mlp", lr_schedule="constant")
+    assert not any(name == "lr_schedule" for name, _ in clf.callbacks or [])
+
+
+def test_make_classifier_takes_an_int_hidden_size_and_refuses_fractional_channels(blobs, tmp_path):
+    X, y = blobs
+    clf = make_classifier("mlp", hidden_sizes=10, max_epochs=1, device="cpu").fit(X, y)
+    assert clf.module_.net[1].out_features == 10
+    save_checkpoint(clf, "int", directory=tmp_path)
+    assert load_checkpoint("int", directory=tmp_path).module_.net[1].out_features == 10
+    with pytest.raises(ValueError, match=r"channels=\(2.5,\): 2.5 is not a whole number"):
+        make_classifier("cnn", channels=(2.5,), kernel_sizes=3, max_epochs=1, device="cpu").fit(X, y)
+
+
+def test_a_run_killed_while_holding_the_lock_does_not_block_the_next(tmp_path):
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "run.json"
+    holder = subprocess.Popen(   # another process takes the run's lock, then is killed without a chance to clean up
+        [sys.executable, "-c", "import sys, time\nfrom utils.io import file_lock\nwith file_lock(sys.argv[1], "
+         "RuntimeError):\n    print('held', flush=True)\n    time.sleep(600)", str(tmp_path / "run.lock")],
+        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as e:
+            main(BLOBS_RUN + ["--out", str(out)])
+        assert f"in use by another run (pid {holder.pid} on" in str(e.value.code)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "run.lock").exists() and 0 <= main(BLOBS_RUN + ["--out", str(out)]) <= 1
+
+
+def test_command_line_refuses_an_unwritable_out_before_training_also_as_root(tmp_path, monkeypatch):
+    import errno
+    import utils.io
+
+    def refuse(dir=None, **kw):   # what a read-only folder answers a user who is not root
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/.write-probe-x")
+    monkeypatch.setattr(utils.io.tempfile, "mkstemp", refuse)
+    with pytest.raises(SystemExit) as e:
+        main(BLOBS_RUN + ["--out", str(tmp_path / "ro" / "run.json")])
+    assert str(e.value.code) == (f"error: --out: cannot write into {tmp_path / 'ro'} (Permission denied); choose a "
+                                 f"folder this user can write")
+
+
+def test_resume_takes_a_checkpoint_older_than_the_architecture_options(tmp_path, capsys):
+    import json
+    from utils.io import dumps
+    out = tmp_path / "cnn.json"
+    argv = ["--model", "cnn", "--dataset", "blobs", "--subset", "100", "--test-subset", "50", "--batch-size", "25",
+            "--device", "cpu", "--quiet", "--out", str(out)]
+    main(argv + ["--epochs", "1"])
+    ckpt = out.with_suffix(".ckpt.pt")
+    saved = torch.load(ckpt, weights_only=True)
+    meta = json.loads(saved["meta"])
+    for key in ("rule", "lr_schedule", "normalize", "channels", "kernel_sizes", "stride", "padding"):
+        del meta["config"][key]   # as utils.train wrote it before these options
+    torch.save({**saved, "meta": dumps(meta)}, ckpt)
+    main(argv + ["--epochs", "2", "--resume"])
+    assert "resuming" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="different configuration"):   # another architecture is another run
+        main(argv + ["--epochs", "3", "--resume", "--channels", "4", "8"])

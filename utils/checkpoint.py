@@ -28,6 +28,9 @@ from utils.models import MLP
 FORMAT = 1          # the layout of meta and tensors; bumped when it changes
 
 
+class CheckpointError(ValueError):
+    """A file that cannot be read as a checkpoint (empty, truncated, corrupt, or something else); names the file."""
+
 
 def _tuples(d):
     """JSON lists back to the tuples the estimators take."""
@@ -150,31 +153,52 @@ def write_checkpoint(path, estimator, config=None, extra=None):
 def read_checkpoint(path, device=None):
     """(estimator, meta) from a .pt file written by write_checkpoint; `device`: where the estimator goes (None:
     where it was saved, the CPU when that was a GPU and there is none)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    meta = json.loads(saved["meta"])
+    meta, tensors = _read(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is no checkpoint of this version (format {meta.get('format')!r}, expected "
                          f"{FORMAT}); checkpoints of the old pickled format cannot be read")
     restore = _restore_compartmental if meta["kind"] == "compartmental" else _restore_torch
-    return restore(meta, saved["tensors"], device), meta
+    return restore(meta, tensors, device), meta
+
+
+def _read(path):
+    """(meta, tensors) of the .pt file `path`; CheckpointError naming it when it is empty, truncated or corrupt."""
+    path = Path(path)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        meta, tensors = json.loads(saved["meta"]), saved["tensors"]
+        meta["kind"]
+    except (FileNotFoundError, PermissionError, IsADirectoryError):   # the system's message names the file
+        raise
+    except Exception as e:   # torch and json fail on damaged files in many ways (EOFError, KeyError, ...)
+        what = "empty" if path.stat().st_size == 0 else "truncated or corrupt, or no checkpoint of this workspace"
+        raise CheckpointError(f"{path} cannot be read as a checkpoint: it is {what} ({type(e).__name__})") from None
+    return meta, tensors
+
+
+def checkpoint_path(name, directory="models"):
+    """directory/name.pt; ValueError when the name is empty, absolute or leads out of `directory` (..)."""
+    if not str(name).strip() or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"checkpoint name {str(name)!r}: give a name such as mnist_cnn; it names {directory}/NAME.pt "
+                         f"and NAME.json, which must stay inside {directory}/")
+    return Path(directory) / f"{name}.pt"
 
 
 def save_checkpoint(estimator, name, directory="models", config=None):
     """Save `estimator` to directory/name.pt (tensors) and its configuration to directory/name.json; returns the .pt
-    path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.pt"
+    path. `name` must stay inside `directory` (checkpoint_path)."""
+    path = checkpoint_path(name, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = write_checkpoint(path, estimator, config=config)
     meta.pop("state", None)   # the history and counters stay in the .pt
-    write_json(directory / f"{name}.json", meta)
+    write_json(path.with_suffix(".json"), meta)
     return path
 
 
 def load_checkpoint(name, directory="models", device=None):
     """The estimator saved by save_checkpoint, rebuilt from its JSON and tensors, on `device` (None: where it was
     saved, the CPU when that was a GPU and there is none)."""
-    path = Path(directory) / f"{name}.pt"
+    path = checkpoint_path(name, directory)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint {path}; saved ones: "
                                 f"{sorted(p.stem for p in Path(directory).glob('*.pt')) or 'none'}")

@@ -17,10 +17,11 @@ import torch
 from skorch import NeuralNetClassifier
 from skorch.callbacks import LRScheduler, PrintLog, ProgressBar
 
+import utils.memory as memory
 from utils.compartmental import CompartmentalClassifier
 from utils.data import get_device
 from utils.errors import TrainingDiverged
-from utils.models import CNN, MLP
+from utils.models import CNN, MLP, whole_numbers
 from utils.rules import split_model
 
 KINDS = ("mlp", "cnn", "compartmental")
@@ -34,8 +35,9 @@ COMMON_DEFAULTS = dict(
     seed=0,           # weights and batch order
     device=None,      # None: the GPU when there is one, else the CPU
     verbose=0,        # 0: silent; 1: a progress bar and skorch's epoch table
-    lr_schedule=None, # None: constant lr; "cosine": cosine annealing from lr to 0 over max_epochs (per epoch)
+    lr_schedule=None, # None or "constant": constant lr; "cosine": cosine annealing from lr to 0 over max_epochs
 )
+LR_SCHEDULES = ("constant", "cosine")   # lr_schedule's names (None is "constant")
 MLP_DEFAULTS = dict(hidden_sizes=(500,), rule="backprop")  # rule: "backprop", "fa", "dfa", "sign" (utils.rules)
 CNN_DEFAULTS = dict(channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, rule="backprop")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes of skorch's epoch table, dropped when stdout is not a terminal
@@ -191,7 +193,39 @@ class TorchClassifier(NeuralNetClassifier):
             if changed:
                 self.set_params(**changed)
             self.in_shape_ = shape
+            self._check_fits(len(X))
         return X, y
+
+    def _training_bytes(self, arch, batch):
+        """Bytes (float32) a training step of the network `arch` (the module's keyword arguments) takes at `batch`:
+        weights, their gradients, Adam's two moments and its step's temporaries (one more copy), the fixed feedback,
+        and the step's activations (the module's footprint)."""
+        params, feedback, activations = self.module.footprint(**arch)
+        return 4 * (5 * params + feedback + batch * activations)
+
+    def _check_fits(self, n):
+        """InsufficientMemory (utils.memory.check_fits) before a fresh network is built when training it on n
+        examples would not fit, naming the largest batch size that fits or, when none does, the largest widths."""
+        arch = {k[len("module__"):]: v for k, v in vars(self).items() if k.startswith("module__")}
+        batch = n if self.batch_size == -1 else min(self.batch_size, n)
+        need, budget = self._training_bytes(arch, batch), memory.HEADROOM * memory.available_bytes(self.device)
+        if need <= budget:
+            return
+        width = "hidden_sizes" if self.module is MLP else "channels"
+        shape = f"{width} {tuple(whole_numbers(arch[width], width))} on inputs {self.in_shape_}"
+        what = f"training {'an MLP' if self.module is MLP else 'a CNN'} with {shape} at batch {batch}"
+        fits = lambda arch, b: self._training_bytes(arch, b) <= budget   # noqa: E731
+        if fits(arch, 1):
+            b = _largest(lambda b: fits(arch, b), batch)
+            largest = f"--batch-size {b} (batch_size={b})"
+        else:
+            sizes = whole_numbers(arch[width], width)
+            scaled = lambda x: tuple(max(1, h * x // max(sizes)) for h in sizes)   # noqa: E731
+            x = _largest(lambda x: fits({**arch, width: scaled(x)}, batch), max(sizes))
+            cli = "--n-hidden" if self.module is MLP else "--channels"
+            largest = (f"{cli} {' '.join(map(str, scaled(x)))} ({width}={scaled(x)})" if x else
+                       "none at this input size")
+        memory.check_fits(need, what, largest=largest, device=self.device)
 
     def fit(self, X, y=None, **fit_params):
         """Fit a fresh network on X (images or feature rows: tensors or numpy arrays, see as_inputs) and integer
@@ -237,6 +271,15 @@ class TorchClassifier(NeuralNetClassifier):
                                    f"lower the learning rate")
 
 
+def _largest(fits, top):
+    """The largest x in 1..top with fits(x) (fits falls as x grows); 0 when none."""
+    lo, hi = 0, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 def make_classifier(kind, logger=None, **hyperparameters):
     """The one place that builds estimators: kind "mlp", "cnn" or "compartmental", with keyword hyperparameters.
 
@@ -278,8 +321,9 @@ def make_classifier(kind, logger=None, **hyperparameters):
     if schedule == "cosine":
         callbacks.append(("lr_schedule", LRScheduler(policy=torch.optim.lr_scheduler.CosineAnnealingLR,
                                                       T_max=int(hp["max_epochs"]))))
-    elif schedule is not None:
-        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: None (constant) or 'cosine'")
+    elif schedule not in (None, "constant"):
+        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: {', '.join(map(repr, LR_SCHEDULES))} (None is "
+                         f"'constant')")
     module_params = {f"module__{k}": tuple(v) if isinstance(v, list) else v for k, v in hp.items() if k in arch}
     return TorchClassifier(
         MLP if kind == "mlp" else CNN,

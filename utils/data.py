@@ -53,7 +53,11 @@ class DataError(RuntimeError):
 
 
 def data_root(root=None):
-    """The data root: the argument, else $BIODL_DATA, else ./data."""
+    """The data root: the argument, else $BIODL_DATA, else ./data. An empty root (argument) is a DataError, never
+    taken as the current folder."""
+    if root is not None and not str(root).strip():
+        raise DataError("the data root is empty (--data-root \"\" / root=\"\"); give the folder that holds the "
+                        "datasets, or leave it out to use $BIODL_DATA, else ./data")
     return Path(root if root is not None else os.environ.get("BIODL_DATA") or "data").expanduser()
 
 
@@ -127,15 +131,27 @@ def read_idx(path, expected_shape):
     return np.frombuffer(bytearray(body), dtype=np.uint8).reshape(shape)  # bytearray: writable for torch
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds NumPy arrays and plain containers only: a crafted pickle cannot call anything else."""
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
 def read_cifar_batch(path, n_expected):
-    """One CIFAR-10 python pickle batch -> (uint8 N x 3 x 32 x 32, int64 N), checked by content, not by md5."""
+    """One CIFAR-10 python pickle batch -> (uint8 N x 3 x 32 x 32, int64 N), checked by content, not by md5. Any
+    failure to read or unpickle it (truncated, crafted, foreign) is a DataError naming the file."""
     fix = "the file is truncated or corrupt; delete the folder and load again to re-download it"
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
+            d = _ArraysOnly(f, encoding="latin1").load()
         data, labels = np.asarray(d["data"]), np.asarray(d["labels"], dtype=np.int64)
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"cannot read CIFAR-10 batch {path}: {type(e).__name__}: {e} ({fix})") from None
+    except Exception as e:  # a crafted pickle can raise almost anything (OverflowError, MemoryError, ...)
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {type(e).__name__}: {str(e)[:200]} ({fix})") from None
     if data.dtype != np.uint8 or data.shape != (n_expected, 3072) or labels.shape != (n_expected,):
         raise DataError(f"{path}: data {data.dtype} {data.shape}, labels {labels.shape}; expected uint8 "
                         f"({n_expected}, 3072) and ({n_expected},) ({fix})")
@@ -248,9 +264,12 @@ def load_dataset(name, root=None, device=None, normalize=False, download=True):
         X, y = arrays[split]
         X = torch.from_numpy(np.ascontiguousarray(X)).to(device).float().div_(255.0)
         out += [X, torch.from_numpy(y).to(device)]
-    if normalize:
-        mean = out[0].mean(dim=(0, 2, 3), keepdim=True)
-        std = out[0].std(dim=(0, 2, 3), keepdim=True)
-        out[0] = (out[0] - mean) / std
-        out[2] = (out[2] - mean) / std
-    return Dataset(*out, classes, name)
+    ds = Dataset(*out, classes, name)
+    return standardized(ds) if normalize else ds
+
+
+def standardized(ds):
+    """`ds` with every input channel at zero mean and unit variance, by the training split's statistics."""
+    mean = ds.X_train.mean(dim=(0, 2, 3), keepdim=True)
+    std = ds.X_train.std(dim=(0, 2, 3), keepdim=True)
+    return ds._replace(X_train=(ds.X_train - mean) / std, X_test=(ds.X_test - mean) / std)

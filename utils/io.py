@@ -5,19 +5,27 @@ An interrupted write never leaves a half-written file: everything goes to a temp
 is flushed and fsync'ed, then `os.replace`d over it. JSON here never contains bare NaN or Infinity (they become
 the strings "nan", "inf", "-inf"); numpy and torch values become plain numbers or lists.
 """
+import contextlib
 import importlib.metadata as md
 import json
 import math
 import os
 import platform
 import shlex
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: file_lock locks nothing
+    fcntl = None
 
 
 def jsonable(obj):
@@ -80,6 +88,56 @@ def append_jsonl(path, *records):
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_json(path):
+    """The JSON in `path`; ValueError naming the file and the place when it is no valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        json_error = isinstance(e, json.JSONDecodeError)
+        where = f" at line {e.lineno} column {e.colno} ({e.msg})" if json_error else f" ({e.reason})"
+        raise ValueError(f"{path} is damaged: no valid JSON{where}; restore it, or move it (or its folder) away to "
+                         f"start afresh") from None
+
+
+def writable_folder(folder):
+    """Create `folder` when missing and prove it writable by creating and removing a probe file in it; returns it.
+    OSError (the system's, naming the path) when it cannot be: a read-only folder, a file on the path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    os.close(fd)
+    os.unlink(probe)
+    return folder
+
+
+@contextlib.contextmanager
+def file_lock(path, refusal):
+    """Hold an exclusive lock (flock) on the file `path` while the block runs, writing its holder (pid, host, start)
+    into it; when another process holds it, raise refusal(holder text). The kernel drops the lock when its process
+    ends, however it ends, so a killed run never blocks the next. (No lock where fcntl is missing: Windows.)"""
+    if fcntl is None:
+        yield
+        return
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process"
+        f.close()
+        raise refusal(holder) from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def save_torch(obj, path):

@@ -9,6 +9,7 @@ The rule changes only the backward pass; the same seed gives the same forward we
 that FA and DFA start the output layer at zero (utils.rules.init_rule_).
 """
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -23,13 +24,39 @@ def _xavier_(module):
             nn.init.zeros_(m.bias)
 
 
+def _is_whole(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and float(v).is_integer()
+
+
+def whole_numbers(value, name):
+    """An int (one entry) or a sequence of whole numbers -> a list of ints; ValueError naming `name` for anything
+    else (2.5 is never truncated to 2)."""
+    try:
+        values = [value] if _is_whole(value) else list(value)
+    except TypeError:
+        raise ValueError(f"{name}={value!r}: give a whole number or a sequence of them, e.g. (32, 64)") from None
+    bad = [v for v in values if not _is_whole(v)]
+    if bad:
+        raise ValueError(f"{name}={value!r}: {bad[0]!r} is not a whole number; give whole numbers, e.g. (32, 64)")
+    return [int(v) for v in values]
+
+
 def _per_block(value, n_blocks, name):
-    """An int (same for every block) or one value per block -> a list of n_blocks ints."""
-    values = [value] * n_blocks if isinstance(value, int) else list(value)
+    """A whole number (same for every block) or one per block -> a list of n_blocks ints."""
+    values = whole_numbers(value, name)
+    values = values * n_blocks if _is_whole(value) else values
     if len(values) != n_blocks:
         raise ValueError(f"{name} has {len(values)} entries but there are {n_blocks} convolution blocks; "
                          f"give one int for all blocks or one per block")
-    return [int(v) for v in values]
+    return values
+
+
+def _feedback(layers, rule, n_classes):
+    """Values of the fixed feedback matrices of `layers` ((weights, inputs, outputs) each) under `rule`: FA one of
+    each weight's shape, DFA one n_classes x inputs per layer after the first (utils.rules)."""
+    if rule == "fa":
+        return sum(w for w, _, _ in layers[1:])
+    return sum(n_classes * a for _, a, _ in layers[1:]) if rule == "dfa" else 0
 
 
 class MLP(nn.Module):
@@ -37,10 +64,10 @@ class MLP(nn.Module):
 
     def __init__(self, in_features, hidden_sizes=(500,), n_classes=10, rule="backprop"):
         super().__init__()
-        sizes = [int(in_features)] + [int(h) for h in hidden_sizes]
+        sizes = [int(in_features)] + whole_numbers(hidden_sizes, "hidden_sizes")   # 10 is one layer, (10,)
         if min(sizes) < 1 or n_classes < 2:
             raise ValueError(f"MLP sizes must be positive and n_classes >= 2; got in_features={in_features}, "
-                             f"hidden_sizes={tuple(hidden_sizes)}, n_classes={n_classes}")
+                             f"hidden_sizes={tuple(sizes[1:])}, n_classes={n_classes}")
         self.rule, self.output_error = check_rule(rule), OutputError()
         kw = dict(rule=rule, n_classes=n_classes, shared=self.output_error)
         layers = [nn.Flatten()]
@@ -54,6 +81,17 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.net(x)
 
+    @staticmethod
+    def footprint(in_features, hidden_sizes=(500,), n_classes=10, rule="backprop"):
+        """(parameters, fixed feedback values, activation values per example of a training step) of
+        MLP(in_features, hidden_sizes, n_classes, rule), counted without building it. The activations: those kept
+        for the backward pass and two gradients of the widest layer's size in flight."""
+        sizes = [int(in_features)] + whole_numbers(hidden_sizes, "hidden_sizes") + [int(n_classes)]
+        layers = [(a * b + b, a, b) for a, b in zip(sizes[:-1], sizes[1:])]   # (weights, inputs, outputs)
+        kept = sizes[0] + sum(2 * b for b in sizes[1:-1]) + sizes[-1]          # input, linear and ReLU outputs, logits
+        kept += 2 * max(sizes[1:])
+        return sum(w for w, _, _ in layers), _feedback(layers, rule, n_classes), kept
+
 
 def cnn_feature_shape(in_shape, channels, kernel_sizes, stride=1, padding=1):
     """(C, H, W) after each block Conv2d(k, stride, padding) -> MaxPool2d(2); ValueError at the first invalid block.
@@ -62,6 +100,7 @@ def cnn_feature_shape(in_shape, channels, kernel_sizes, stride=1, padding=1):
     multiple of the stride (the convolution would silently drop border pixels).
     """
     c, h, w = (int(v) for v in in_shape)
+    channels = whole_numbers(channels, "channels")
     n = len(channels)
     if n == 0:
         raise ValueError("the CNN needs at least one convolution block (channels is empty)")
@@ -117,3 +156,22 @@ class CNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
+
+    @staticmethod
+    def footprint(in_shape, channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, n_classes=10,
+                  rule="backprop"):
+        """(parameters, fixed feedback values, activation values per example of a training step) of
+        CNN(in_shape, channels, ...), counted without building it. The activations: those kept for the backward
+        pass and two gradients of the widest layer's size in flight."""
+        shapes = cnn_feature_shape(in_shape, channels, kernel_sizes, stride, padding)
+        ks, ss, ps = (_per_block(v, len(shapes), nm) for v, nm in ((kernel_sizes, "kernel_sizes"), (stride, "stride"),
+                                                                   (padding, "padding")))
+        block_in, layers, kept = tuple(int(v) for v in in_shape), [], math.prod(in_shape)
+        for (c, h, w), k, s, p in zip(shapes, ks, ss, ps):
+            conv = c * math.prod((d + 2 * p - k) // s + 1 for d in block_in[1:])
+            layers.append((block_in[0] * c * k * k + 3 * c, math.prod(block_in), conv))   # conv and batch norm
+            kept += 3 * conv + 3 * c * h * w      # conv, batch norm and ReLU outputs; pooled output and its indices
+            block_in = (c, h, w)
+        layers.append((math.prod(block_in) * n_classes + n_classes, math.prod(block_in), n_classes))
+        kept += n_classes + 2 * max(b for _, _, b in layers)
+        return sum(w for w, _, _ in layers), _feedback(layers, rule, n_classes), kept

@@ -12,12 +12,11 @@ JSON) and records.csv, the logger's long table: one row per record and weight ma
 weight columns NaN (LAYER_COLUMNS). Each table function takes such a frame or anything with a `to_frame()` method
 (a TrainingLogger).
 """
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from utils.io import write_bytes, write_json
+from utils.io import read_json, write_bytes, write_json
 
 RECORD_COLUMNS = ["record", "epoch", "examples_seen", "wall_time", "train_time", "logger_time",
                   "train_loss", "train_acc", "valid_loss", "valid_acc"]
@@ -58,7 +57,7 @@ def load_run(run_dir):
     cfg_path, rec_path = run_dir / "config.json", run_dir / "records.csv"
     if not cfg_path.exists() or not rec_path.exists():
         raise FileNotFoundError(f"{run_dir} is not a saved run (needs config.json and records.csv)")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path)
     df = pd.read_csv(rec_path, dtype={"run": str, "layer": str})
     return config, df
 

@@ -17,23 +17,16 @@ iteration and the size of its round), population (candidates trained together), 
 
 load_results and summarize read the studies, also while they run (`python -m utils.study --summary`).
 """
-import contextlib
 import json
 import os
-import socket
 import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from utils.io import dumps, write_bytes, write_jsonl
+from utils.io import dumps, file_lock, read_json, write_bytes, write_jsonl
 from utils.spaces import SPACES
-
-try:
-    import fcntl
-except ImportError:  # Windows: study_lock locks nothing
-    fcntl = None
 
 AT_CHANCE = 1.5      # summarize's frac_chance: evaluations scoring below AT_CHANCE x chance (15 % on 10 classes)
 FAILURES = ("diverged", "oom", "error", "killed")
@@ -157,7 +150,7 @@ def check_config(study_dir, config):
             raise ValueError(f"{study_dir} holds evaluations but no config.json, so the settings they were made with "
                              f"are unknown; move {study_dir} away or use another --out")
         return
-    old = json.loads(config_path.read_text())
+    old = read_json(config_path)
     new = json.loads(dumps(config))
     diff = {k: (old.get(k), v) for k, v in new.items()
             if old.get(k) != v and (k in old or v is not None)}  # keys newer than the study: only if set
@@ -166,32 +159,12 @@ def check_config(study_dir, config):
                          f"or move it away")
 
 
-@contextlib.contextmanager
 def study_lock(study_dir):
-    """Hold an exclusive lock on the study folder (its file `lock`) while the block runs; a second process on the
-    same folder is refused with a StudyError naming the holder. (No lock where fcntl is missing: Windows.)"""
-    if fcntl is None:
-        yield
-        return
-    f = open(Path(study_dir) / "lock", "a+", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "a process"
-        f.close()
-        raise StudyError(f"{study_dir} is in use by another study ({holder}); two processes on one study would "
-                         f"write every evaluation twice. Wait for it to finish or stop it, or use another "
-                         f"--out") from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        f.flush()
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
+    """Hold an exclusive lock on the study folder (its file `lock`, utils.io.file_lock) while the block runs; a second
+    process on the same folder is refused with a StudyError naming the holder; a dead one's lock is gone."""
+    return file_lock(Path(study_dir) / "lock", lambda holder: StudyError(
+        f"{study_dir} is in use by another study ({holder}); two processes on one study would write every "
+        f"evaluation twice. Wait for it to finish or stop it, or use another --out"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,7 +186,7 @@ def load_results(out_dir):
     study runs (nothing is written; a bad line is skipped with a warning)."""
     rows = []
     for d in _study_dirs(out_dir):
-        config = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
+        config = read_json(d / "config.json") if (d / "config.json").exists() else {}
         model, dataset = config.get("model"), config.get("dataset")
         if model is None:
             model, _, dataset = d.name.partition("_")

@@ -4,6 +4,8 @@
     python -m utils.train --model compartmental --batch-size 16 --epochs 60 --test-every-epochs 10   # the paper's
     python -m utils.train ... --resume                # after an interruption: same arguments, from the last checkpoint
     python -m utils.train --model mlp --dataset blobs --epochs 3          # a tiny separable problem, no data files
+    python -m utils.train --model cnn --channels 32 64 128 --kernel-sizes 3 --lr-schedule cosine --normalize
+    python -m utils.train --model mlp-fa --n-hidden 1000 1000 --quiet    # feedback alignment (or --rule fa), no bar
 
     from utils.train import make_classifier, cross_validate, train_epochs
     clf = make_classifier("mlp", hidden_sizes=(500,), lr=1e-3, batch_size=100, max_epochs=10, seed=0)
@@ -13,9 +15,12 @@ A run (train_epochs) trains epoch by epoch, tests on the official test split eve
 the end, and after every epoch writes its record (runs/NAME.json: configuration, library versions, per-epoch
 training time and loss, test errors, wall time) and a checkpoint (runs/NAME.ckpt.pt, utils.checkpoint: weights,
 optimizer, data order, record), both atomically, so --resume loses at most one epoch and continues the data order
-as if never interrupted. Estimators: utils.classifiers; checkpoints: utils.checkpoint (both re-exported here).
+as if never interrupted. A run holds runs/NAME.lock while it trains (a second run on the same --out is refused);
+an --out or --save it could not write, and a run that would not fit in memory, are refused before training.
+Estimators: utils.classifiers; checkpoints: utils.checkpoint (both re-exported here).
 """
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -26,15 +31,17 @@ import torch
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 
-from utils.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, write_checkpoint  # noqa: F401
-from utils.classifiers import (CNN_DEFAULTS, COMMON_DEFAULTS, KINDS, MLP_DEFAULTS, DeviceBatches,  # noqa: F401
-                               PlainPrintLog, TorchClassifier, as_inputs, as_labels, check_common_hyperparameters,
-                               interactive, make_classifier)
+from utils.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, read_checkpoint,  # noqa: F401
+                              save_checkpoint, write_checkpoint)
+from utils.classifiers import (CNN_DEFAULTS, COMMON_DEFAULTS, KINDS, LR_SCHEDULES, MLP_DEFAULTS,  # noqa: F401
+                               DeviceBatches, PlainPrintLog, TorchClassifier, as_inputs, as_labels,
+                               check_common_hyperparameters, interactive, make_classifier)
 from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier, batch_f_etas, fit_population
-from utils.data import Dataset, get_device, load_dataset, stratified_subset
-from utils.errors import TrainingDiverged
-from utils.io import jsonable, library_versions, write_json
+from utils.data import Dataset, get_device, load_dataset, standardized, stratified_subset
+from utils.errors import InsufficientMemory, TrainingDiverged
+from utils.io import file_lock, jsonable, library_versions, writable_folder, write_json
 from utils.logger import TrainingLogger
+from utils.rules import RULES, rule_models, split_model
 
 DATASETS = ("mnist", "fashion", "cifar10", "blobs")
 RUN_FREE = ("epochs", "test_every_epochs", "max_minutes", "threads", "device")   # may change on --resume
@@ -97,7 +104,11 @@ def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None
 
 
 class ResumeError(ValueError):
-    """--resume found a checkpoint of another run."""
+    """--resume found a checkpoint of another run, or one it cannot read."""
+
+
+class RunInUse(RuntimeError):
+    """Another process is training into the same --out."""
 
 
 def train_epochs(clf, X, y, X_test, y_test, epochs, test_every=1, out=None, config=None, resume=False,
@@ -105,26 +116,65 @@ def train_epochs(clf, X, y, X_test, y_test, epochs, test_every=1, out=None, conf
     """Train `clf` (from make_classifier, not yet fitted) epoch by epoch up to `epochs`; returns (clf, record).
 
     The test split is scored after every `test_every`-th epoch and the last. With `out` (a .json path) the record
-    is written there and the checkpoint to out.ckpt.pt after every epoch (atomically); `resume` continues from that
+    is written there and the checkpoint to out.ckpt.pt after every epoch (atomically), while the run holds the lock
+    out.lock (RunInUse when another process holds it; a dead one's is gone); `resume` continues from that
     checkpoint (ResumeError when it holds another `config`, RUN_FREE keys aside). `max_minutes`: stop at the first
     test after this much wall time (the record says finished=False; --resume goes on). `classes`: every label
     (compartmental; default: those in y)."""
     out = Path(out) if out is not None else None
+    with _run_lock(out):
+        return _train_epochs(clf, (X, y, X_test, y_test), epochs, test_every, out, config, resume,
+                             dict(max_minutes=max_minutes, classes=classes, log=log))
+
+
+def _run_lock(out):
+    """The lock of the run whose record is `out` (out.lock beside it; nothing without `out`)."""
+    if out is None:
+        return contextlib.nullcontext()
+    return file_lock(writable_folder(out.parent) / (out.stem + ".lock"), lambda holder: RunInUse(
+        f"{out} is in use by another run ({holder}); two runs on one --out would overwrite each other's record and "
+        f"checkpoint. Wait for it to finish or stop it, or use another --out"))
+
+
+ADDED_DEFAULTS = jsonable(dict(rule="backprop", lr_schedule="constant", normalize=False, stride=1, padding=1,
+                               channels=CNN_DEFAULTS["channels"], kernel_sizes=CNN_DEFAULTS["kernel_sizes"]))
+
+
+def same_run(old, new):
+    """Whether configurations `old` (a checkpoint's) and `new` describe the same run: equal but for RUN_FREE keys,
+    and keys `old` predates (ADDED_DEFAULTS) at their defaults."""
+    old, new = ({k: v for k, v in c.items() if k not in RUN_FREE} for c in (old, new))
+    added = {k: new.pop(k) for k in set(new) - set(old) if k in ADDED_DEFAULTS}
+    return old == new and all(ADDED_DEFAULTS[k] == v for k, v in added.items())
+
+
+def _resume(ckpt, record, epochs, X, log):
+    """(the estimator, the record) saved in `ckpt` to go on from; ResumeError when it is another run's or damaged."""
+    try:
+        clf, meta = read_checkpoint(ckpt, device=X.device)
+    except CheckpointError as e:
+        raise ResumeError(f"--resume: {e}; delete it, or leave out --resume, to start afresh") from None
+    if not same_run(meta["config"], record["config"]):
+        raise ResumeError(f"--resume: {ckpt} was saved with a different configuration:\n  {meta['config']}\n"
+                          f"rerun with the same arguments, or without --resume (or another --out) to start afresh")
+    versions = record["versions"]
+    record = {**meta["extra"]["record"], "config": record["config"]}
+    record["finished"] = len(record["epochs"]) >= epochs
+    record.pop("stopped", None)
+    record.setdefault("resumed", []).append(dict(after_epoch=len(record["epochs"]), versions=versions))
+    log(f"resuming from {ckpt} after epoch {len(record['epochs'])}")
+    return clf, record
+
+
+def _train_epochs(clf, data, epochs, test_every, out, config, resume, options):
+    """train_epochs under its lock: `data` is (X, y, X_test, y_test), `options` max_minutes, classes and log."""
+    X, y, X_test, y_test = data
+    max_minutes, classes, log = (options[k] for k in ("max_minutes", "classes", "log"))
     ckpt = out.with_suffix(".ckpt.pt") if out is not None else None
     record = dict(kind="train", config=jsonable(config or {}), versions=library_versions(X.device), epochs=[],
                   curve=[], finished=False, wall_s=0.0, train_s=0.0, test_accuracy=None)
     if resume and ckpt is not None and ckpt.exists():
-        saved, meta = read_checkpoint(ckpt, device=X.device)
-        same = lambda c: {k: v for k, v in c.items() if k not in RUN_FREE}   # noqa: E731
-        if same(meta["config"]) != same(record["config"]):
-            raise ResumeError(f"--resume: {ckpt} was saved with a different configuration:\n  {meta['config']}\n"
-                              f"rerun with the same arguments, or without --resume (or another --out) to start afresh")
-        clf, versions = saved, record["versions"]
-        record = {**meta["extra"]["record"], "config": record["config"]}
-        record["finished"] = len(record["epochs"]) >= epochs
-        record.pop("stopped", None)
-        record.setdefault("resumed", []).append(dict(after_epoch=len(record["epochs"]), versions=versions))
-        log(f"resuming from {ckpt} after epoch {len(record['epochs'])}")
+        clf, record = _resume(ckpt, record, epochs, X, log)
     elif resume:
         log(f"--resume: no checkpoint {ckpt} yet, starting afresh")
     compartmental = isinstance(clf, CompartmentalClassifier)
@@ -132,6 +182,8 @@ def train_epochs(clf, X, y, X_test, y_test, epochs, test_every=1, out=None, conf
         classes = np.unique(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
     if not compartmental:
         clf.set_params(max_epochs=epochs, callbacks__print_log=None)   # one line per epoch below instead
+        if any(name == "lr_schedule" for name, _ in clf.callbacks or []):   # cosine to 0 at `epochs`, also resumed
+            clf.set_params(callbacks__lr_schedule__T_max=epochs)
         if clf.initialized_:   # a restored net: its callbacks again, without the epoch table
             clf.initialize_callbacks()
     t0 = time.perf_counter() - record["wall_s"]
@@ -232,6 +284,30 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _architecture_options(p):
+    """The options of the networks' structure and learning rates (each applies to some kinds only, _usage)."""
+    p.add_argument("--n-hidden", type=_positive(int), nargs="+", default=None,
+                   help="hidden layer sizes of the MLP or the compartmental network (default: 500)")
+    p.add_argument("--channels", type=_positive(int), nargs="+", default=None,
+                   help=f"CNN: channels of each convolution block (default: "
+                        f"{' '.join(map(str, CNN_DEFAULTS['channels']))})")
+    p.add_argument("--kernel-sizes", type=_positive(int), nargs="+", default=None,
+                   help=f"CNN: kernel size of each block, or one for all (default: {CNN_DEFAULTS['kernel_sizes'][0]}; "
+                        f"padding {CNN_DEFAULTS['padding']}, stride {CNN_DEFAULTS['stride']})")
+    p.add_argument("--lr-schedule", default=None, choices=LR_SCHEDULES,
+                   help="MLP and CNN: the learning rate constant, or decayed to 0 over --epochs on a cosine (default: "
+                        "constant)")
+    p.add_argument("--normalize", action="store_true", default=None,
+                   help="MLP and CNN: standardize every input channel by the training split's mean and deviation "
+                        "(default: pixels in [0, 1], which the compartmental network takes as rates)")
+    p.add_argument("--f-etas", type=_positive(float), nargs="+", default=None,
+                   help="compartmental: forward rates, one per hidden layer and one for the output (default: the "
+                        "paper's, scaled for the batch size: utils.compartmental.batch_f_etas)")
+    p.add_argument("--lr-decay-epochs", type=_positive(float), default=None,
+                   help="compartmental: cosine decay of every rate to 0 over this many epochs (default: constant, "
+                        "the paper)")
+
+
 def parser():
     """The command line of `python -m utils.train` (every option with its help and default)."""
     bs = COMMON_DEFAULTS["batch_size"]
@@ -242,7 +318,10 @@ def parser():
                     "split; a JSON record and a checkpoint after every epoch (--out), --resume after an interruption.",
         epilog="The Bayesian optimization study has its own command, python -m utils.study; the notebooks load "
                "the finished full studies from logs/full.")
-    p.add_argument("--model", default="cnn", choices=KINDS, help="the model kind")
+    p.add_argument("--model", default="cnn", choices=KINDS + tuple(rule_models()),
+                   help="the model kind; mlp-fa, cnn-sign, ...: the MLP or CNN learning by that rule")
+    p.add_argument("--rule", default=None, choices=RULES,
+                   help="the learning rule of the MLP or CNN (utils.rules; default: backprop)")
     p.add_argument("--dataset", default="mnist", choices=DATASETS,
                    help="the dataset (blobs: a tiny separable synthetic problem, no data files)")
     p.add_argument("--epochs", type=_positive(int), default=10, help="passes over the training data")
@@ -254,14 +333,7 @@ def parser():
     p.add_argument("--lr", type=_positive(float), default=None,
                    help=f"Adam learning rate of the MLP and CNN (default: {COMMON_DEFAULTS['lr']}); the "
                         f"compartmental network has per-layer rates instead")
-    p.add_argument("--n-hidden", type=_positive(int), nargs="+", default=None,
-                   help="hidden layer sizes of the MLP or the compartmental network (default: 500)")
-    p.add_argument("--f-etas", type=_positive(float), nargs="+", default=None,
-                   help="compartmental: forward rates, one per hidden layer and one for the output (default: the "
-                        "paper's, scaled for the batch size: utils.compartmental.batch_f_etas)")
-    p.add_argument("--lr-decay-epochs", type=_positive(float), default=None,
-                   help="compartmental: cosine decay of every rate to 0 over this many epochs (default: constant, "
-                        "the paper)")
+    _architecture_options(p)
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights, batch order and subsets")
     p.add_argument("--data-root", default=None,
                    help="folder holding the datasets (default: $BIODL_DATA, else ./data)")
@@ -271,82 +343,135 @@ def parser():
                    help="train on a stratified subset of this many examples (default: the whole training split)")
     p.add_argument("--test-subset", type=_positive(int), default=None,
                    help="test on a stratified subset of this many examples (default: the whole test split)")
-    p.add_argument("--out", default=None, help="the run's JSON record, with its checkpoint beside it (.ckpt.pt) "
-                   "(default: runs/MODEL_DATASET_bBATCH_sSEED.json; none for --dry-run)")
+    p.add_argument("--out", default=None, help="the run's JSON record, with its checkpoint (.ckpt.pt) and its lock "
+                   "(.lock: one run at a time) beside it (default: runs/MODEL_DATASET_bBATCH_sSEED.json; none for "
+                   "--dry-run)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out (same arguments; "
                    "--epochs may grow); without it a run starts afresh")
     p.add_argument("--max-minutes", type=_positive(float), default=None,
                    help="stop at the first test after this many minutes of wall time (--resume goes on)")
-    p.add_argument("--save", default=None, help="checkpoint name: writes models/NAME.pt and models/NAME.json")
+    p.add_argument("--save", default=None, help="checkpoint name: writes models/NAME.pt and models/NAME.json "
+                   "(NAME stays inside models/)")
     p.add_argument("--dry-run", action="store_true", help="1 epoch on 1,000 examples: checks that everything runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: a bar per epoch on stderr when "
+                   "it is a terminal)")
     return p
+
+
+def _usage(p, args):
+    """p.error for options that do not apply to the model; returns (kind, rule)."""
+    kind, rule = split_model(args.model)
+    if args.rule is not None and rule is not None and args.rule != rule:
+        p.error(f"--model {args.model} learns by {rule}, --rule says {args.rule}: give the rule once")
+    rule = args.rule or rule or "backprop"
+    comp = kind == "compartmental"
+    if comp and args.lr is not None:  # it has per-layer rates, no lr
+        p.error("--lr does not apply to the compartmental network (it has per-layer rates, f_etas)")
+    only = {"f_etas": ("compartmental",), "lr_decay_epochs": ("compartmental",), "lr_schedule": ("mlp", "cnn"),
+            "normalize": ("mlp", "cnn"), "channels": ("cnn",), "kernel_sizes": ("cnn",),
+            "n_hidden": ("mlp", "compartmental")}
+    for option, kinds in only.items():
+        if getattr(args, option) is not None and kind not in kinds:
+            p.error(f"--{option.replace('_', '-')} applies to the {' and the '.join(kinds)} only")
+    if comp and rule != "backprop":
+        p.error("--rule applies to the MLP and the CNN (the compartmental network has its own learning)")
+    return kind, rule
+
+
+def _model(p, args, kind, rule):
+    """(batch size, make_classifier's architecture and rates) from the command line."""
+    if kind == "compartmental":
+        batch_size = args.batch_size or CompartmentalClassifier().batch_size
+        n_hidden = tuple(args.n_hidden or (500,))
+        try:
+            f_etas = tuple(args.f_etas) if args.f_etas else default_f_etas(n_hidden, batch_size)
+        except ValueError as e:
+            p.error(str(e))
+        return batch_size, dict(n_hidden=n_hidden, f_etas=f_etas)
+    model = dict(lr=args.lr or COMMON_DEFAULTS["lr"], rule=rule, lr_schedule=args.lr_schedule or "constant")
+    if kind == "mlp":
+        model["hidden_sizes"] = tuple(args.n_hidden or MLP_DEFAULTS["hidden_sizes"])
+    else:
+        channels = tuple(args.channels or CNN_DEFAULTS["channels"])
+        kernels = tuple(args.kernel_sizes or CNN_DEFAULTS["kernel_sizes"][:1])
+        if len(kernels) not in (1, len(channels)):
+            p.error(f"--kernel-sizes: give one for all {len(channels)} blocks or one per block, not {len(kernels)}")
+        model.update(channels=channels, kernel_sizes=kernels * (len(channels) // len(kernels)),
+                     stride=CNN_DEFAULTS["stride"], padding=CNN_DEFAULTS["padding"])
+    return args.batch_size or COMMON_DEFAULTS["batch_size"], model
+
+
+def _writable(folder, option):
+    """Exit with one error line unless `folder` can be created and written (utils.io.writable_folder)."""
+    try:
+        writable_folder(folder)
+    except OSError as e:
+        file = next((q for q in (folder, *folder.parents) if q.exists() and not q.is_dir()), None)
+        why = f"{file} is a file, not a folder" if file else e.strerror or str(e)
+        sys.exit(f"error: {option}: cannot write into {folder} ({why}); choose a folder this user can write")
+
+
+def _data(args):
+    """(X, y, X_test, y_test, classes) as the command line asks: dataset, --dry-run, subsets, --normalize."""
+    try:
+        ds = synthetic_dataset(device=args.device) if args.dataset == "blobs" else \
+            load_dataset(args.dataset, root=args.data_root, device=args.device, normalize=bool(args.normalize))
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    if args.normalize and args.dataset == "blobs":
+        ds = standardized(ds)
+    X, y, X_test, y_test = ds.X_train, ds.y_train, ds.X_test, ds.y_test
+    subset, test_subset = (1000, 200) if args.dry_run else (args.subset, args.test_subset)
+    if subset and subset < len(y):
+        X, y = stratified_subset(X, y, subset, seed=args.seed)
+    if test_subset and test_subset < len(y_test):
+        X_test, y_test = stratified_subset(X_test, y_test, test_subset, seed=args.seed)
+    return X, y, X_test, y_test, ds.classes
 
 
 def main(argv=None):
     """Parse the command line, train, print the test accuracy per test and at the end; returns the last one."""
     p = parser()
     args = p.parse_args(argv)
-    comp = args.model == "compartmental"
-    if comp and args.lr is not None:  # it has per-layer rates, no lr
-        p.error("--lr does not apply to the compartmental network (it has per-layer rates, f_etas)")
-    for option in ("f_etas", "lr_decay_epochs"):
-        if not comp and getattr(args, option) is not None:
-            p.error(f"--{option.replace('_', '-')} applies to the compartmental network only")
-    if args.model == "cnn" and args.n_hidden is not None:
-        p.error("--n-hidden applies to the MLP and the compartmental network (the CNN has channels)")
-    batch_size = args.batch_size or (CompartmentalClassifier().batch_size if comp else COMMON_DEFAULTS["batch_size"])
-    n_hidden = tuple(args.n_hidden or (500,))
+    kind, rule = _usage(p, args)
+    batch_size, model = _model(p, args, kind, rule)
+    comp, epochs = kind == "compartmental", 1 if args.dry_run else args.epochs
+    name = kind if rule == "backprop" else f"{kind}-{rule}"
+    out = args.out or (None if args.dry_run else f"runs/{name}_{args.dataset}_b{batch_size}_s{args.seed}.json")
     try:
-        f_etas = tuple(args.f_etas) if args.f_etas else default_f_etas(n_hidden, batch_size) if comp else None
+        saved = checkpoint_path(args.save) if args.save is not None else None
     except ValueError as e:
-        p.error(str(e))
+        p.error(f"--save: {e}")
+    for path, option in ((out, "--out"), (saved, "--save")):   # before loading or training anything
+        if path is not None:
+            _writable(Path(path).parent, option)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     t0 = time.time()
-    try:
-        ds = synthetic_dataset(device=args.device) if args.dataset == "blobs" else \
-            load_dataset(args.dataset, root=args.data_root, device=args.device)
-    except (ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    X, y, X_test, y_test = ds.X_train, ds.y_train, ds.X_test, ds.y_test
-    subset, test_subset = (1000, 200) if args.dry_run else (args.subset, args.test_subset)
-    epochs = 1 if args.dry_run else args.epochs
-    if subset and subset < len(y):
-        X, y = stratified_subset(X, y, subset, seed=args.seed)
-    if test_subset and test_subset < len(y_test):
-        X_test, y_test = stratified_subset(X_test, y_test, test_subset, seed=args.seed)
-
-    hp = {"max_epochs": epochs, "seed": args.seed, "device": args.device, "batch_size": batch_size,
-          "verbose": int(interactive())}   # progress bars only where someone watches them
+    X, y, X_test, y_test, classes = _data(args)
     if comp:
-        decay = round(args.lr_decay_epochs * len(y)) if args.lr_decay_epochs else None
-        model = dict(n_hidden=n_hidden, f_etas=f_etas, lr_decay_examples=decay)
-    else:
-        model = {"lr": args.lr or COMMON_DEFAULTS["lr"], **({"hidden_sizes": n_hidden} if args.model == "mlp" else {})}
-    config = dict(model=args.model, dataset=args.dataset, n_train=len(y), n_test=len(y_test), epochs=epochs,
+        model["lr_decay_examples"] = round(args.lr_decay_epochs * len(y)) if args.lr_decay_epochs else None
+    config = dict(model=kind, dataset=args.dataset, n_train=len(y), n_test=len(y_test), epochs=epochs,
                   test_every_epochs=args.test_every_epochs, batch_size=batch_size, seed=args.seed,
                   **{k: v for k, v in model.items() if k != "lr_decay_examples"},
-                  **({"lr_decay_epochs": args.lr_decay_epochs} if comp else {}),
+                  **({"lr_decay_epochs": args.lr_decay_epochs} if comp else {}), normalize=bool(args.normalize),
                   threads=torch.get_num_threads(), device=str(X.device))
-    out = args.out or (None if args.dry_run else
-                       f"runs/{args.model}_{args.dataset}_b{batch_size}_s{args.seed}.json")
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    print(f"{args.model} on {args.dataset}: {len(y)} training examples, {epochs} epoch{'s' * (epochs != 1)}, "
-          f"device {X.device}" + (f", f_etas {f_etas}" if comp else ""), flush=True)
+    hp = {"max_epochs": epochs, "seed": args.seed, "device": args.device, "batch_size": batch_size,
+          "verbose": int(interactive() and not args.quiet)}   # progress bars only where someone watches them
+    print(f"{name} on {args.dataset}: {len(y)} training examples, {epochs} epoch{'s' * (epochs != 1)}, "
+          f"device {X.device}" + (f", f_etas {model['f_etas']}" if comp else ""), flush=True)
     try:
-        clf = make_classifier(args.model, **hp, **model)
+        clf = make_classifier(kind, **hp, **model)
         clf, record = train_epochs(clf, X, y, X_test, y_test, epochs, test_every=args.test_every_epochs, out=out,
                                    config=config, resume=args.resume, max_minutes=args.max_minutes,
-                                   classes=np.arange(len(ds.classes)) if comp else None,
+                                   classes=np.arange(len(classes)) if comp else None,
                                    log=lambda line: print(line, flush=True))
-    except (ValueError, TrainingDiverged) as e:
+    except (ValueError, TrainingDiverged, InsufficientMemory, RunInUse) as e:
         sys.exit(f"error: {e}")
     acc = record["test_accuracy"]
     print(f"test accuracy {100 * acc:.2f} % on {len(y_test)} examples after {len(record['epochs'])} epochs "
           f"(training {record['train_s']:.1f} s, total {time.time() - t0:.1f} s)" + (f"; record {out}" if out else ""))
-    if args.save:
+    if saved is not None:
         print("saved", save_checkpoint(clf, args.save, config={**config, "test_accuracy": acc}))
     return acc
 
