@@ -1,6 +1,7 @@
 """What a study protocol costs on this machine: per-evaluation time of each row, from small probes, extrapolated.
 
-    BIODL_DATA=/path/to/datasets nice -n 10 python benchmarks/bench_protocol.py --models mlp cnn --datasets mnist
+    BIODL_DATA=/path/to/datasets nice -n 10 python benchmarks/bench_protocol.py          # the 12 rows of issue 30
+    BIODL_DATA=... python benchmarks/bench_protocol.py --models mlp cnn --datasets mnist  # some of them
     BIODL_DATA=... python benchmarks/bench_protocol.py --protocol seed --models mlp --datasets mnist --examples 40000
 
 For each row (model, dataset) it trains the row's reference configuration (utils.spaces.reference, the study's
@@ -38,6 +39,8 @@ from utils.spaces import (STRUCTURE, check_hyperparameters, make_estimator, make
 from utils.study import protocol_sizes  # noqa: E402
 
 BUDGET_CORE_HOURS = 16.0   # what the cpu protocol must fit in (issue 30), the baseline of the printed ratio
+ROWS = [(m, d) for m in ("mlp", "cnn", "compartmental") for d in ("mnist", "fashion", "cifar10")] + \
+    [(m, "mnist") for m in ("mlp-fa", "mlp-dfa", "mlp-sign")]   # the nine seed rows and the rule rows (issue 30)
 
 
 def probe_configs(model, draws, seed, hold, in_shape):
@@ -99,8 +102,8 @@ def probe_row(model, dataset, ds, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--protocol", default="cpu")
-    p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
-    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion", "cifar10"])
+    p.add_argument("--models", nargs="+", default=None, help="only these models' rows (default: every row, ROWS)")
+    p.add_argument("--datasets", nargs="+", default=None, help="only these datasets' rows")
     p.add_argument("--draws", type=int, default=3, help="random configurations per row besides the reference")
     p.add_argument("--examples", type=int, default=2000, help="training examples of each probe (one epoch)")
     p.add_argument("--test-examples", type=int, default=1000, help="scored examples of each probe")
@@ -110,9 +113,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t0, total = time.perf_counter(), 0.0
     print(f"load average at the start {os.getloadavg()[0]:.1f}", flush=True)
-    for dataset in args.datasets:
+    rows = [(m, d) for m, d in ROWS if (args.models is None or m in args.models)
+            and (args.datasets is None or d in args.datasets)]
+    rows += [(m, d) for m in args.models or () for d in args.datasets or () if (m, d) not in rows]
+    for dataset in dict.fromkeys(d for _, d in rows):
         ds = load_dataset(dataset, device="cpu")
-        for model in args.models:
+        for model in [m for m, d in rows if d == dataset]:
             total += probe_row(model, dataset, ds, args)
     hours = total / 3600
     print(f"\n{args.protocol} protocol, rows probed: {hours:.2f} core-hours (estimate) against the budget of "

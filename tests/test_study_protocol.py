@@ -290,3 +290,36 @@ def test_the_study_figure_draws_from_a_small_log(tmp_path):
     assert (tmp_path / "study.png").stat().st_size > 20_000
     plot_main([str(tmp_path / "logs"), "--path", str(tmp_path / "again.png")])
     assert (tmp_path / "again.png").stat().st_size > 20_000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# issue 30: the committed study logs (results/study/, once the lead commits the protocol's runs)
+
+COMMITTED = utils.study.Path(utils.study.__file__).resolve().parents[1] / "results" / "study"
+
+
+def check_study_logs(folder):
+    """Every study under `folder` parses with summarize; a finished row (best.json) has the evaluations its config
+    asks for, each trained one 3 fold scores, and its provenance and wall time recorded."""
+    table = summarize(folder)
+    assert len(table), f"no study logs under {folder}"
+    for row in table.itertuples():
+        d = folder / f"{row.model}_{row.dataset}"
+        config = json.loads((d / "config.json").read_text())
+        assert config["folds"] == 3 and {"commit", "machine", "command"} <= set(config["provenance"])
+        assert all(len(r["fold_scores"]) == 3 for r in read(d) if r["status"] == "ok")
+        if (d / "best.json").exists():
+            assert row.n_evals >= config["iterations"] and row.wall_s > 0 and row.test_acc == row.test_acc
+    return table
+
+
+@pytest.mark.skipif(not COMMITTED.is_dir(), reason="no committed study logs under results/study/ yet")
+def test_committed_study_logs_parse_with_three_fold_scores():
+    check_study_logs(COMMITTED)
+
+
+def test_the_committed_logs_check_holds_on_a_small_protocol_study(tmp_path):
+    for model in ("mlp", "mlp-fa"):
+        run_study(model, tiny_dataset(), protocol_settings("cpu", model, "mnist", out=tmp_path, iterations=2,
+                                                           init_points=1, name="mnist", verbose=0), epochs=1)
+    assert list(check_study_logs(tmp_path).model) == ["mlp", "mlp-fa"]

@@ -165,10 +165,10 @@ PROTOCOLS = {
     "cpu": {
         ("mlp", "mnist"): Protocol(subset=30_000, epochs=4, iterations=50),
         ("mlp", "fashion"): Protocol(subset=30_000, epochs=4, iterations=50),
-        ("mlp", "cifar10"): Protocol(subset=45_000, epochs=5, iterations=50),
+        ("mlp", "cifar10"): Protocol(subset=None, epochs=6, iterations=50),
         ("cnn", "mnist"): Protocol(subset=30_000, epochs=2, iterations=50),
         ("cnn", "fashion"): Protocol(subset=30_000, epochs=2, iterations=50),
-        ("cnn", "cifar10"): Protocol(subset=30_000, epochs=3, iterations=50),
+        ("cnn", "cifar10"): Protocol(subset=30_000, epochs=2, iterations=50),
         ("compartmental", "mnist"): Protocol(subset=15_000, epochs=2, iterations=50, test_phase=100, batch_size=16,
                                              hold="structure"),
         ("compartmental", "fashion"): Protocol(subset=15_000, epochs=2, iterations=30, test_phase=100,
@@ -226,8 +226,8 @@ def run_study(model, dataset, settings=None, **overrides):
     settings.iterations trained evaluations in all (resumes from <out>/<model>_<name>/ when it exists: the ones
     already logged are not redone). `settings`: a StudySettings (default: StudySettings(); protocol_settings(...)
     for a named protocol), `overrides` replace its fields (run_study("mlp", "mnist", iterations=5)). dataset: a
-    name of utils.data.DATASETS, or a utils.data.Dataset. Sizes that cannot work and an --out that cannot be
-    written are refused before any data is loaded or trained (ValueError, StudyError). Returns dict(study_dir,
+    name of utils.data.DATASETS, or a utils.data.Dataset. An `out` that cannot be written is refused before the
+    data is loaded (StudyError), sizes the data cannot serve before anything trains (ValueError). Returns dict(study_dir,
     evals (DataFrame), summary (one-row DataFrame), best (record), test_acc, complete (False when settings.deadline
     stopped it: run it again to resume), wall_s)."""
     t0 = time.time()
