@@ -111,7 +111,7 @@ class Refuses(BaseEstimator, ClassifierMixin):
         self.max_epochs, self.seed, self.device, self.verbose = max_epochs, seed, device, verbose
 
     def fit(self, X, y):
-        if max(self.hidden_sizes) > 100:
+        if max(self.hidden_sizes) > 100 or len(y) > 100:   # the whole training split (120) does not fit either
             raise InsufficientMemory(f"an MLP {self.hidden_sizes} needs about 80.0 GiB but 17.6 GiB is available "
                                      f"on cpu; the largest that fits: --n-hidden 100")
         self.classes_ = torch.unique(y)
@@ -145,6 +145,9 @@ def test_a_refusal_for_memory_is_scored_oom_and_the_study_goes_on(tmp_path, monk
             assert "the largest that fits" in r["reason"]
     row = res["summary"].iloc[0]
     assert row.n_failed == sum(r["status"] == "oom" for r in recs) and row.n_evals == 6
+    best = json.loads((res["study_dir"] / "best.json").read_text())   # the retraining refused too: recorded
+    assert best["status"] == "oom" and best["test_acc"] is None and "InsufficientMemory" in best["reason"]
+    assert res["test_acc"] is None and row.test_acc != row.test_acc   # NaN in the table
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,10 +250,14 @@ def test_max_minutes_stops_after_the_running_evaluation_and_the_same_command_res
 
 def test_protocol_on_the_command_line_sets_each_rows_sizes(tmp_path, mnist_root):
     """--protocol cpu with a size given beside it: the given one wins, the others are the row's."""
-    main(["--protocol", "cpu", "--data-root", str(mnist_root), "--subset", "60", "--iterations", "1",
-          "--epochs", "1", "--out", str(tmp_path), "--quiet", "--no-retrain"])
+    main(["--protocol", "cpu", "--data-root", str(mnist_root), "--subset", "30", "--iterations", "1",
+          "--epochs", "1", "--out", str(tmp_path), "--quiet", "--no-retrain", "--model", "mlp", "compartmental"])
     config = json.loads((tmp_path / "mlp_mnist" / "config.json").read_text())
-    assert (config["protocol"], config["folds"], config["subset"], config["epochs"]) == ("cpu", 3, 60, 1)
+    assert (config["protocol"], config["folds"], config["subset"], config["epochs"]) == ("cpu", 3, 30, 1)
+    comp = json.loads((tmp_path / "compartmental_mnist" / "config.json").read_text())
+    P = PROTOCOLS["cpu"][("compartmental", "mnist")]
+    assert comp["fixed"] == {"batch_size": P.batch_size, "l_f_phase_test": P.test_phase} and "held" in comp
+    assert len(read(tmp_path / "compartmental_mnist")[0]["fold_scores"]) == 3
     run = subprocess.run([sys.executable, "-m", "utils.study", "--protocol", "gpu"], capture_output=True,
                          text=True, cwd=utils.study.Path(utils.study.__file__).parents[1], timeout=300)
     assert run.returncode == 2 and "invalid choice: 'gpu'" in run.stderr
