@@ -173,7 +173,7 @@ PROTOCOLS = {
                                              hold="structure"),
         ("compartmental", "fashion"): Protocol(subset=15_000, epochs=2, iterations=30, test_phase=100,
                                                batch_size=16, hold="structure"),
-        ("compartmental", "cifar10"): Protocol(subset=10_000, epochs=1, iterations=30, test_phase=100,
+        ("compartmental", "cifar10"): Protocol(subset=8_000, epochs=1, iterations=30, test_phase=100,
                                                batch_size=16, hold="structure"),
     },
 }
