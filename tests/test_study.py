@@ -334,7 +334,7 @@ def test_help_shows_defaults_and_where_the_notebooks_read(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert text.startswith("usage: python -m utils.study")
-    assert "training epochs of every evaluation (default: 10)" in " ".join(text.split())
+    assert "training epochs of every evaluation (default: 10, or the protocol's)" in " ".join(text.split())
     assert "logs/full" in text
 
 

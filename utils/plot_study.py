@@ -2,12 +2,16 @@
 
 Same style and saving rules as utils/plotting.py (`path`: a PNG under figures/, see plotting.figure_path).
 
-    from utils.plot_study import plot_comparison, plot_bo_trace, plot_rule_angles
+    from utils.plot_study import plot_comparison, plot_bo_trace, plot_rule_angles, plot_study
     plot_comparison(results, path="comparison")           # model, dataset, best, worst, mean, std
     plot_bo_trace(trace, path="bo_trace")                 # iteration, target, status (+ model, dataset)
+    plot_study(load_results("logs"), reference={("mlp", "mnist"): 0.968}, path="study")   # per dataset
     plot_rule_angles(concat_runs(run_dirs), path="rule_angles")
+
+    python -m utils.plot_study logs/cpu --path figures/study.png   # the study figure of the studies under a folder
 """
-from utils.plotting import PANEL, check_columns, log_table, mean_band, saved, scale_x, style  # first: the backend
+from utils.plotting import (PANEL, _legend_below, check_columns, figure_path, log_table, mean_band,  # first:
+                            saved, scale_x, style)  # the backend
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -15,6 +19,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 REFERENCE_LABELS = {"seed_best": "seed study's best"}  # legend names of plot_comparison's reference columns
+MODEL_ORDER = ("mlp", "mlp-fa", "mlp-dfa", "mlp-sign", "cnn", "cnn-fa", "cnn-dfa", "cnn-sign", "compartmental")
+DATASET_ORDER = ("mnist", "fashion", "cifar10")   # plot_study's columns and bars in this order (others after)
+FAILED = "diverged, oom, error, killed"   # plot_study's legend name of the failures (scored at chance)
 
 
 def plot_comparison(results, reference=None, title=None, path=None):
@@ -159,3 +166,125 @@ def plot_rule_angles(logs, by="dataset", line="model", x="examples_seen", title=
             fig.suptitle(title)
         fig.tight_layout()
     return saved(fig, path)
+
+
+def plot_study(evals, reference=None, title=None, path=None):
+    """The study figure, one column per dataset. Above: each evaluation's mean CV accuracy against its iteration
+    (points, one colour per model; failures as crosses at the chance score they count as) and the best so far
+    (a step line). Below: the distribution per model, a violin with every evaluation's point beside it and the best
+    marked. Both: chance (1 / classes) as a dashed line, `reference` (e.g. the seed study's best, {(model, dataset):
+    accuracy in [0, 1]}) as stars, the y-axis from 0 to 100 %. `evals`: utils.study_log.load_results (model,
+    dataset, iteration, status, target; n_classes for chance); invalid proposals are left out."""
+    df = pd.DataFrame(evals)
+    check_columns(df, ["model", "dataset", "iteration", "status", "target"], "plot_study")
+    df = df[df["status"] != "invalid"].copy()
+    if df.empty:
+        raise ValueError("plot_study: no trained evaluations to draw")
+    df["target"] = 100 * pd.to_numeric(df["target"], errors="coerce")
+    reference = {k: 100 * float(v) for k, v in (reference or {}).items() if v is not None}
+    datasets, models = _ordered(df["dataset"], DATASET_ORDER), _ordered(df["model"], MODEL_ORDER)
+    with style():
+        fig, axes = plt.subplots(2, len(datasets), figsize=(PANEL[0] * len(datasets), 2 * PANEL[1] + 0.6),
+                                 squeeze=False)
+        colors = {m: c for m, c in zip(models, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)}
+        for j, dataset in enumerate(datasets):
+            sub = df[df["dataset"] == dataset]
+            _trace_panel(axes[0, j], sub, models, colors, reference, dataset)
+            _distribution_panel(axes[1, j], sub, models, colors, reference, dataset)
+            for ax in axes[:, j]:
+                chance = _chance(sub)
+                if chance is not None:
+                    ax.axhline(chance, color="0.35", ls="--", lw=1, zorder=0, label="chance")
+                ax.set_ylim(0, 100)
+            axes[0, j].set_title(str(dataset))
+        axes[0, 0].set_ylabel("mean CV accuracy (%)")
+        axes[1, 0].set_ylabel("mean CV accuracy (%)")
+        if title:
+            fig.suptitle(title)
+        _legend_below(fig, axes.ravel(), ncol=6)
+    return saved(fig, path)
+
+
+def _ordered(values, order):
+    """The distinct values, those of `order` first in its order, the others as they come."""
+    seen = list(pd.unique(values))
+    return [v for v in order if v in seen] + [v for v in seen if v not in order]
+
+
+def _chance(sub):
+    n = pd.to_numeric(sub.get("n_classes", pd.Series(dtype=float)), errors="coerce").dropna()
+    return 100.0 / float(n.iloc[0]) if len(n) and n.iloc[0] > 0 else None
+
+
+def _trace_panel(ax, sub, models, colors, reference, dataset):
+    """Each evaluation against its iteration and the best so far, per model; the reference as a star at the end."""
+    right = int(sub["iteration"].max()) + 1
+    for model in models:
+        rows = sub[sub["model"] == model].sort_values("iteration")
+        if rows.empty:
+            continue
+        ok, c = rows["status"] == "ok", colors[model]
+        ax.plot(rows["iteration"][ok], rows["target"][ok], "o", color=c, ms=3.5, alpha=0.55, mew=0)
+        ax.plot(rows["iteration"][~ok], rows["target"][~ok], "x", color=c, ms=5, alpha=0.8)
+        best = rows["target"].where(ok).cummax().ffill()
+        ax.plot(rows["iteration"], best, "-", color=c, drawstyle="steps-post", label=f"{model}: best so far")
+        if (model, dataset) in reference:
+            ax.plot([right], [reference[(model, dataset)]], "*", color=c, ms=11, mec="k", mew=0.6,
+                    clip_on=False)
+    ax.set_xlabel("iteration (evaluation)")
+    ax.set_xlim(-1, right + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _distribution_panel(ax, sub, models, colors, reference, dataset):
+    """Per model: a violin of the trained evaluations (failures left out of it, drawn as crosses at chance), their
+    points jittered over it, the best as a bar, the reference as a star; the tick says how many evaluations."""
+    rng = np.random.default_rng(0)
+    present = [m for m in models if (sub["model"] == m).any()]
+    for i, model in enumerate(present):
+        rows, c = sub[sub["model"] == model], colors[model]
+        ok = (rows["status"] == "ok").to_numpy()
+        values = rows["target"][ok].dropna().to_numpy(dtype=float)
+        if len(values) > 1 and np.ptp(values) > 0:
+            body = ax.violinplot([values], positions=[i], widths=0.7, showextrema=False)["bodies"][0]
+            body.set_facecolor(c)
+            body.set_alpha(0.3)
+        jitter = rng.uniform(-0.12, 0.12, len(rows))
+        ax.plot(i + jitter[ok], rows["target"][ok], "o", color=c, ms=3.5, alpha=0.75, mew=0)
+        ax.plot(i + jitter[~ok], rows["target"][~ok], "x", color=c, ms=5, alpha=0.8)
+        if ok.any():
+            ax.plot([i - 0.3, i + 0.3], [rows["target"][ok].max()] * 2, "-", color="k", lw=1.5)
+        if (model, dataset) in reference:
+            ax.plot([i + 0.38], [reference[(model, dataset)]], "*", color=c, ms=11, mec="k", mew=0.6)
+    ax.set_xticks(range(len(present)))
+    ax.set_xticklabels([f"{m}\n({(sub['model'] == m).sum()} evaluations)" for m in present],
+                       rotation=20 if len(present) > 3 else 0)
+    ax.set_xlim(-0.6, len(present) - 0.4)
+    ax.grid(axis="x", visible=False)
+    ax.plot([], [], "-", color="k", lw=1.5, label="best of a model")
+    ax.plot([], [], "o", color="0.4", ms=3.5, label="an evaluation (ok)")
+    ax.plot([], [], "x", color="0.4", ms=5, label=f"failed ({FAILED}): scored at chance")
+    if any(d == dataset for _, d in reference):
+        ax.plot([], [], "*", color="0.6", mec="k", mew=0.6, ms=11, label="seed study's best")
+
+
+def main(argv=None):
+    """python -m utils.plot_study FOLDER [--path PNG]: the study figure of the studies under FOLDER, with the seed
+    study's best (utils.workspace.SEED_STUDY) as the reference."""
+    import argparse
+
+    from utils.study_log import load_results
+    from utils.workspace import SEED_STUDY
+    p = argparse.ArgumentParser(prog="python -m utils.plot_study", description=main.__doc__.splitlines()[0])
+    p.add_argument("folder", help="a folder of studies (utils.study's --out)")
+    p.add_argument("--path", default="study", help="where the PNG goes (relative: under figures/)")
+    args = p.parse_args(argv)
+    evals = load_results(args.folder)
+    if evals.empty:
+        p.error(f"no study logs under {args.folder}")
+    plot_study(evals, reference={k: v / 100 for k, v in SEED_STUDY.items()}, path=args.path)
+    print(f"wrote {figure_path(args.path)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,8 @@ Long runs (a GPU server, inside tmux or screen; a run that is killed resumes fro
     python -m utils.study --model cnn --dataset cifar10 --iterations 50 --epochs 10 --folds 3 --out logs/
     python -m utils.study --summary --out logs/            # the table of every study under logs/ (also live)
     python -m utils.study ... --scheduler tcp://host:8786  # on a running Dask cluster (see README)
+    python -m utils.study --protocol cpu --model mlp --dataset mnist --out results/study --max-minutes 120
+                                        # a named protocol (PROTOCOLS), in pieces of 2 hours: the same command resumes
 
 (Always `python -m utils.study` from the repository root; `python -m utils.bayes_opt`, its old name, runs the same.)
 
@@ -15,6 +17,7 @@ In a notebook:
     from utils.study_log import load_results, summarize
     run_study("mlp", "mnist", StudySettings(iterations=50, folds=3, epochs=10, out="logs"))
     run_study("mlp", "mnist", iterations=50, out="logs")   # the same: keyword overrides of the settings
+    run_study("mlp", "mnist", protocol_settings("cpu", "mlp", "mnist", out="logs"))   # a named protocol's row
     summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, frac_chance, best_params, test_acc
 
 The search spaces, the reference configuration and the parameter conversion are in utils/spaces.py; the proposals
@@ -34,6 +37,12 @@ learns; `start=None` (`--no-reference`) makes it random like the other init_poin
 treated (invalid, duplicate): utils/propose.py; failures (diverged, out of memory): utils/evaluation.py; the
 compartmental flags' prior: utils/propose.py.
 
+Protocols (PROTOCOLS, beside StudySettings): named sizes per model and dataset, every evaluation of a row at one
+fidelity, the best retrained on the whole training split and tested on the whole test split when the row finishes.
+A deadline (settings.deadline, the command line's --max-minutes) stops a study between rounds; what finished is
+saved and the same call or command resumes it. Every study folder records its configuration and the provenance of
+each run (commit, versions, machine, command: utils.io.provenance) with its wall time (utils/study_log.py).
+
 Evaluation number i (the record's "iteration", 0-based) trains with seed + i, wherever it runs; the folds are fixed
 by `seed`; the proposals of the round that starts at evaluation i are made from the evaluations before i, with the
 optimizer's random state re-seeded from (seed, i): a study killed half-way through a round, resumed, proposes that
@@ -43,7 +52,9 @@ unfinished evaluations, so that it ends as the uninterrupted study would have.
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,13 +65,13 @@ from tqdm.auto import tqdm
 from utils.cluster import ClusterError, Distributed, Local, connect, gpu_count, groups, slots, start_client
 from utils.data import Dataset, get_device, load_dataset, stratified_subset
 from utils.evaluation import estimator_accepts, retrain_task, seed_kw
-from utils.io import append_jsonl, dumps, library_versions, write_json
+from utils.io import append_jsonl, dumps, library_versions, provenance, write_json
 from utils.propose import flag_sampler, make_optimizer, propose, register
 from utils.rules import rule_models, split_model
 from utils.spaces import (COMPARTMENTAL_FLAGS, FLIP_PROB, SPACES, check_hyperparameters, held_params,
                           make_space, reference_params, start_point, to_hyperparameters)
 from utils.study_log import (StudyError, best_record, check_config, load_done, load_results, log_records,
-                             study_lock, summarize)
+                             read_log, study_lock, summarize, writable_folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +113,94 @@ class StudySettings:
     #                                      probability, the GP picking among such draws; None: uniform flags and
     #                                      bayes_opt's own suggestions (the seed study)
     verbose: int = 1                     # 0: silent; 1: a progress bar per study and a line per evaluation
+    protocol: str | None = None          # the named preset (PROTOCOLS) the sizes came from, recorded in config.json
+    deadline: float | None = None        # time.time() after which no new round starts: the study stops, resumable
+    #                                      (the command line's --max-minutes; not a setting of the results)
 
     def __post_init__(self):
         if self.q is not None and (not isinstance(self.q, (int, np.integer)) or self.q < 1):
             raise ValueError(f"q={self.q!r}: give a positive number of evaluations per round")
         if self.flip_prob is not None and not 0 <= self.flip_prob <= 1:
             raise ValueError(f"flip_prob={self.flip_prob!r}: give a probability in [0, 1], or None for uniform flags")
+        fixed = self.fixed or {}
+        sizes = dict(iterations=self.iterations, epochs=self.epochs, subset=self.subset, max_phase=self.max_phase,
+                     retrain_subset=self.retrain_subset, test_subset=self.test_subset,
+                     batch_size=fixed.get("batch_size"), l_f_phase_test=fixed.get("l_f_phase_test"))
+        for name, value in sizes.items():
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"{name}={value!r} (--{name.replace('_', '-')}): give a positive whole number"
+                                 + (", or None for all" if "subset" in name else ""))
+        if not _positive_int(self.folds) or self.folds < 2:
+            raise ValueError(f"folds={self.folds!r} (--folds): cross-validation needs at least 2 folds; give 2 or more")
+        if not isinstance(self.init_points, (int, np.integer)) or self.init_points < 0:
+            raise ValueError(f"init_points={self.init_points!r} (--init-points): give 0 or more random configurations")
+
+
+def _positive_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """The sizes of one study row (model, dataset) under a named protocol of PROTOCOLS: every evaluation of the row
+    at this one fidelity, the best retrained on the whole training split and tested on the whole test split."""
+    subset: int | None      # examples cross-validated: a stratified subset of the training split (None: all);
+    #                         each fold trains on (folds - 1) / folds of them and is scored on the rest
+    epochs: int             # training epochs of every evaluation
+    iterations: int         # evaluations of the row
+    folds: int = 3          # cross-validation folds (3 in every protocol, as the seed study)
+    test_phase: int | None = None   # compartmental: l_f_phase_test, time steps per scored example (None: 250,
+    #                                 the paper's); the study's cost on CIFAR-10 is mostly this phase
+    batch_size: int | None = None   # compartmental: the fixed batch size (None: the estimator's, 1: online)
+    hold: str | None = None         # compartmental: "structure" holds the paper's structure (StudySettings.hold)
+
+
+# Named protocols: (model, dataset) -> Protocol; a rule row ("mlp-fa") takes its own entry, else its network's,
+# "*" is every row. "seed": the seed repository's protocol (RobertTLange/Bio-Plausible-DeepLearning: all examples,
+# 10 epochs, 50 evaluations, 3 folds). "cpu": sized so that the nine seed rows and mlp-fa, mlp-dfa, mlp-sign on
+# MNIST fit in 16 core-hours on a 2-core CPU (benchmarks/bench_protocol.py estimates it from probes); the
+# compartmental rows are sized for the engine of today and are the ones to enlarge when a faster engine lands.
+PROTOCOLS = {
+    "seed": {"*": Protocol(subset=None, epochs=10, iterations=50)},
+    "cpu": {
+        ("mlp", "mnist"): Protocol(subset=30_000, epochs=4, iterations=50),
+        ("mlp", "fashion"): Protocol(subset=30_000, epochs=4, iterations=50),
+        ("mlp", "cifar10"): Protocol(subset=None, epochs=6, iterations=50),
+        ("cnn", "mnist"): Protocol(subset=30_000, epochs=2, iterations=50),
+        ("cnn", "fashion"): Protocol(subset=30_000, epochs=2, iterations=50),
+        ("cnn", "cifar10"): Protocol(subset=30_000, epochs=2, iterations=50),
+        ("compartmental", "mnist"): Protocol(subset=15_000, epochs=2, iterations=50, test_phase=100, batch_size=16,
+                                             hold="structure"),
+        ("compartmental", "fashion"): Protocol(subset=15_000, epochs=2, iterations=30, test_phase=100,
+                                               batch_size=16, hold="structure"),
+        ("compartmental", "cifar10"): Protocol(subset=8_000, epochs=1, iterations=30, test_phase=100,
+                                               batch_size=16, hold="structure"),
+    },
+}
+
+
+def protocol_sizes(name, model, dataset):
+    """The Protocol of the row (model, dataset) under PROTOCOLS[name]."""
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(PROTOCOLS)}")
+    table = PROTOCOLS[name]
+    for key in ((model, dataset), (split_model(model)[0], dataset), "*"):
+        if key in table:
+            return table[key]
+    raise ValueError(f"protocol {name!r} has no sizes for {model} on {dataset}; give them with --subset, --epochs "
+                     f"and --iterations instead, or add the row to utils.study.PROTOCOLS")
+
+
+def protocol_settings(protocol, model, dataset, **overrides):
+    """The StudySettings of the row (model, dataset) under the named `protocol` (its sizes, the best retrained on
+    the whole splits), `overrides` replacing any field."""
+    P = protocol_sizes(protocol, model, dataset)
+    kw = dict(iterations=P.iterations, folds=P.folds, epochs=P.epochs, subset=P.subset, protocol=protocol,
+              retrain_subset=None, test_subset=None)
+    if split_model(model)[0] == "compartmental":
+        fixed = {k: v for k, v in (("batch_size", P.batch_size), ("l_f_phase_test", P.test_phase)) if v}
+        kw.update(fixed=fixed or None, hold=P.hold)
+    return StudySettings(**{**kw, **overrides})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,20 +224,22 @@ def run_study(model, dataset, settings=None, **overrides):
     """Tune `model` ("mlp", "cnn", "compartmental", or one under another rule: "mlp-fa", ...) on `dataset` by
     Bayesian optimization of the mean cross-validated accuracy (settings.folds folds after settings.epochs epochs);
     settings.iterations trained evaluations in all (resumes from <out>/<model>_<name>/ when it exists: the ones
-    already logged are not redone). `settings`: a StudySettings (default: StudySettings()), `overrides` replace its
-    fields (run_study("mlp", "mnist", iterations=5)). dataset: a name of utils.data.DATASETS, or a
-    utils.data.Dataset. Returns dict(study_dir, evals (DataFrame), summary (one-row DataFrame), best (record),
-    test_acc)."""
+    already logged are not redone). `settings`: a StudySettings (default: StudySettings(); protocol_settings(...)
+    for a named protocol), `overrides` replace its fields (run_study("mlp", "mnist", iterations=5)). dataset: a
+    name of utils.data.DATASETS, or a utils.data.Dataset. An `out` that cannot be written is refused before the
+    data is loaded (StudyError), sizes the data cannot serve before anything trains (ValueError). Returns dict(study_dir,
+    evals (DataFrame), summary (one-row DataFrame), best (record), test_acc, complete (False when settings.deadline
+    stopped it: run it again to resume), wall_s)."""
+    t0 = time.time()
     S = dataclasses.replace(settings or StudySettings(), **overrides)
     if split_model(model)[0] not in SPACES:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
-    if isinstance(dataset, str):
-        S, ds = dataclasses.replace(S, name=S.name or dataset), load_dataset(dataset, root=S.data_root,
-                                                                             device=S.device)
-    elif isinstance(dataset, Dataset):
-        S, ds = dataclasses.replace(S, name=S.name or "custom"), dataset
-    else:
+    if not isinstance(dataset, (str, Dataset)):
         raise TypeError(f"dataset must be a dataset name or a utils.data.Dataset, not {type(dataset).__name__}")
+    S = dataclasses.replace(S, name=S.name or (dataset if isinstance(dataset, str) else "custom"))
+    study_dir = writable_folder(Path(S.out) / f"{model}_{S.name}")
+    ds = load_dataset(dataset, root=S.data_root, device=S.device) if isinstance(dataset, str) else dataset
+    _check_data_sizes(S, ds)
     X, y = ds.X_train, ds.y_train
     if S.subset:
         X, y = stratified_subset(X, y, int(S.subset), seed=S.seed)
@@ -156,42 +251,85 @@ def run_study(model, dataset, settings=None, **overrides):
     S = dataclasses.replace(S, fixed=fixed, start=start_point(model, space, S.start, fixed.get("batch_size")),
                             flip_prob=S.flip_prob if model == "compartmental" else None)
 
-    study_dir = Path(S.out) / f"{model}_{S.name}"
-    study_dir.mkdir(parents=True, exist_ok=True)
     config = dict(model=model, dataset=S.name, folds=S.folds, epochs=S.epochs, seed=S.seed, subset=S.subset,
                   n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=S.init_points,
                   fixed=S.fixed, max_phase=S.max_phase, space=space, start=S.start, flip_prob=S.flip_prob)
     if held:                                 # (absent when nothing is held: older studies resume unchanged)
         config["held"] = held
+    if S.protocol:
+        config["protocol"] = S.protocol
+    prov = provenance(device=dev)
     client, own_cluster = connect(S.cluster, S.verbose)
     try:
         with study_lock(study_dir):
             check_config(study_dir, config)
             S = dataclasses.replace(S, q=S.q or (1 if client is None else slots(client)))
             write_json(study_dir / "config.json", {**config, "iterations": S.iterations, "q": S.q,
-                                                   "versions": library_versions(dev)})
-            accepts = estimator_accepts(model)
-            device = str(dev) if client is None else S.device
-            base = {k: v for k, v in dict(max_epochs=S.epochs, device=device, verbose=0).items() if k in accepts}
-            ctx = dict(model=model, folds=S.folds, seed=S.seed, chance=1.0 / n_classes,
-                       token=f"{study_dir}:{len(y)}", device=device)
-            executor = (Local((X, y), ctx, S.evaluate) if client is None
-                        else Distributed(client, (X, y), ctx, S.evaluate))
-            run = _Run(model, S, ds, study_dir, space, held, in_shape, 1.0 / n_classes, dev, base, accepts,
-                       executor)
+                                                   "retrain_subset": S.retrain_subset, "test_subset": S.test_subset,
+                                                   "versions": library_versions(dev), "provenance": prov})
+            run = _make_run(model, S, ds, study_dir, space, held, (X, y), dev, client)
+            n_before = len(load_done(study_dir / "evals.jsonl")[1])
             try:
                 records = _run_rounds(run)
-                test_acc, best = None, best_record(records)
-                if S.retrain and best is not None:
-                    test_acc = _retrain(run, best, len({r["iteration"] for r in records if r["status"] != "invalid"}))
+                n_evals = len({r["iteration"] for r in records if r["status"] != "invalid"})
+                test_acc, best, complete = None, best_record(records), n_evals >= S.iterations
+                if S.retrain and best is not None and complete and not _past(S.deadline):
+                    test_acc = _retrain(run, best, n_evals, prov)
             finally:
-                executor.close()
+                run.executor.close()
+                _log_invocation(study_dir, prov, t0, n_before, study_dir / "evals.jsonl", S.iterations)
     finally:
         if own_cluster is not None:
             client.close()
             own_cluster.close()
     evals = load_results(study_dir)
-    return dict(study_dir=study_dir, evals=evals, summary=summarize(evals), best=best, test_acc=test_acc)
+    return dict(study_dir=study_dir, evals=evals, summary=summarize(evals), best=best, test_acc=test_acc,
+                complete=complete, wall_s=round(time.time() - t0, 1))
+
+
+def _check_data_sizes(S, ds):
+    """Refuse sizes the data cannot serve: fewer examples than folds x classes (a fold without some class), a
+    retraining or test subset without every class."""
+    n_classes, n_train = len(ds.classes), len(ds.y_train)
+    need = S.folds * n_classes
+    have = min(S.subset or n_train, n_train)
+    if have < need:
+        given = f"subset={S.subset} (--subset {S.subset})" if S.subset else f"the {n_train} training examples"
+        raise ValueError(f"{given}: {S.folds}-fold cross-validation of {n_classes} classes needs at least {need} "
+                         f"examples (folds x classes, each class in every fold); give --subset {need} or more"
+                         + (f", or leave it out to use all {n_train}" if S.subset else ""))
+    for name, value in (("retrain_subset", S.retrain_subset), ("test_subset", S.test_subset)):
+        if value is not None and value < n_classes:
+            raise ValueError(f"{name}={value} (--{name.replace('_', '-')} {value}): give at least {n_classes} "
+                             f"(one example of each class), or leave it out to use the whole split")
+
+
+def _make_run(model, S, ds, study_dir, space, held, data, dev, client):
+    """The _Run of a study: the base arguments of every evaluation and the executor where they run."""
+    X, y = data
+    n_classes = len(ds.classes)
+    accepts = estimator_accepts(model)
+    device = str(dev) if client is None else S.device
+    base = {k: v for k, v in dict(max_epochs=S.epochs, device=device, verbose=0).items() if k in accepts}
+    ctx = dict(model=model, folds=S.folds, seed=S.seed, chance=1.0 / n_classes, token=f"{study_dir}:{len(y)}",
+               device=device)
+    executor = Local((X, y), ctx, S.evaluate) if client is None else Distributed(client, (X, y), ctx, S.evaluate)
+    in_shape = tuple(int(d) for d in X.shape[1:])
+    return _Run(model, S, ds, study_dir, space, held, in_shape, 1.0 / n_classes, dev, base, accepts, executor)
+
+
+def _past(deadline):
+    return deadline is not None and time.time() >= deadline
+
+
+def _log_invocation(study_dir, prov, t0, n_before, log_path, iterations):
+    """One line of invocations.jsonl per run of the study (a resumed study has several): its provenance, wall time
+    and the evaluations logged before and after."""
+    n_after = len({r["iteration"] for r in read_log(log_path, repair=False) if r["status"] != "invalid"}) \
+        if log_path.exists() else 0
+    append_jsonl(study_dir / "invocations.jsonl", dict(provenance=prov, wall_s=round(time.time() - t0, 1),
+                                                       evals_before=n_before, evals_after=n_after,
+                                                       complete=n_after >= iterations))
 
 
 def _next_round(done, iterations, q):
@@ -238,7 +376,7 @@ def _run_rounds(run):
                leave=False, mininterval=0)
     if S.verbose and done:
         bar.write(f"{tag} resuming {run.study_dir}: {len(done)} evaluations done", file=sys.stdout)
-    while len(done) < S.iterations:
+    while len(done) < S.iterations and not _past(S.deadline):
         first, size = _next_round(done, S.iterations, S.q)
         register_below(first)
         picked = propose(optimizer, rng, S.seed, first, S.init_points, check, S.start, size=size, sample=sample)
@@ -278,7 +416,7 @@ def _progress(bar, tag, result, done, source):
               f"({source})", file=sys.stdout)
 
 
-def _retrain(run, best, n_evals):
+def _retrain(run, best, n_evals, prov):
     """Fit the best configuration on the training split, score it on the test split, write best.json."""
     S, ds = run.settings, run.ds
     path = run.study_dir / "best.json"
@@ -304,7 +442,9 @@ def _retrain(run, best, n_evals):
                           hyperparameters=best["hyperparameters"], params=best["params"], test_acc=test_acc,
                           status=result["status"], reason=result["reason"], n_train=len(y), n_test=len(yt),
                           retrain_subset=S.retrain_subset, test_subset=S.test_subset, time_s=result["time_s"],
-                          peak_mem_mb=result["peak_mem_mb"], mem_kind=result["mem_kind"]))
+                          peak_mem_mb=result["peak_mem_mb"], mem_kind=result["mem_kind"],
+                          study=dict(protocol=S.protocol, folds=S.folds, epochs=S.epochs, subset=S.subset,
+                                     fixed=S.fixed, seed=S.seed), provenance=prov))
     return test_acc
 
 
@@ -312,34 +452,46 @@ def _retrain(run, best, n_evals):
 # command line
 
 
-def main(argv=None):
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where its help does not already say it and there is one to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser():
     p = argparse.ArgumentParser(prog="python -m utils.study",
                                 description="Bayesian optimization of a model's hyperparameters with k-fold "
                                             "cross-validation; resumes from --out when started again.",
                                 epilog="The notebooks read finished full studies from logs/full: run the full study "
-                                       "with --out logs/full (README, 'The full replication').",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                       "with --out logs/full (README, 'The full replication'). --protocol cpu: "
+                                       "the study sized for a 2-core CPU, in pieces of --max-minutes.",
+                                formatter_class=_Help)
     p.add_argument("--model", nargs="+", default=["mlp"], choices=(*SPACES, *rule_models()),
                    help="models to tune (mlp-fa, cnn-sign, ...: the MLP or CNN under another learning rule)")
     p.add_argument("--dataset", nargs="+", default=["mnist"], choices=("mnist", "fashion", "cifar10"),
                    help="datasets, one study per model and dataset")
-    p.add_argument("--iterations", type=int, default=50, help="trained evaluations per study")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs of every evaluation")
-    p.add_argument("--folds", type=int, default=3, help="cross-validation folds per evaluation")
+    p.add_argument("--protocol", default=None, choices=tuple(PROTOCOLS),
+                   help="named sizes per model and dataset (utils.study.PROTOCOLS): 'seed', the seed study's (all "
+                        "examples, 10 epochs, 50 evaluations, 3 folds); 'cpu', sized for a 2-core CPU. The best is "
+                        "retrained on the whole training split and tested on the whole test split; size options "
+                        "given beside it override its sizes")
+    _add_size_options(p)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop starting evaluations after this many "
+                   "minutes: the running one finishes and is saved; run the same command again to resume")
     p.add_argument("--out", default="logs", help="studies go to OUT/<model>_<dataset>/")
     p.add_argument("--seed", type=int, default=0, help="seed of the optimizer, folds and models")
     p.add_argument("--hold", nargs="+", default=None, metavar="PARAM",
                    help="search-space parameters held at the reference configuration instead of searched; "
                         "'structure': the compartmental network's flags, time step, phases and layers, so that each "
                         "round's candidates train as one population (compartmental studies only)")
-    p.add_argument("--subset", type=int, default=None, help="cross-validate on a stratified subset of the training "
-                                                            "split")
     p.add_argument("--init-points", type=int, default=5, help="random configurations before the GP proposes")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--data-root", default=None, help="default: $BIODL_DATA, else ./data")
-    p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (compartmental; the backprop "
-                                                                "nets search theirs)")
-    p.add_argument("--max-phase", type=int, default=None, help="cap the compartmental phase lengths (reduced runs)")
     p.add_argument("--flip-prob", type=float, default=FLIP_PROB, help="compartmental: probability of flipping each "
                    "option flag of the paper's configuration in random draws (0.5: uniform, as the seed study)")
     p.add_argument("--q", type=int, default=None, help="evaluations per round, run side by side (default: 1 in "
@@ -350,44 +502,93 @@ def main(argv=None):
                    "(0: evaluate in this process; default: one worker per GPU when there are GPUs, else 0)")
     p.add_argument("--threads", type=int, default=None, help="evaluations at once per local worker (default: "
                    "1 per CPU worker, 2 per GPU worker)")
-    p.add_argument("--no-retrain", action="store_true", help="skip retraining the best on the full training split")
-    p.add_argument("--retrain-subset", type=int, default=None)
-    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--no-retrain", action="store_true", help="skip retraining the best on the training split")
     p.add_argument("--no-reference", action="store_true", help="make the first evaluation random instead of the "
                                                                 "reference configuration (reference())")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no line per evaluation")
     p.add_argument("--summary", action="store_true", help="only print the table of the studies under --out (also "
                                                           "while they run)")
-    args = p.parse_args(argv)
-    for name in ("iterations", "epochs", "q", "workers", "threads"):
+    return p
+
+
+def _add_size_options(p):
+    """The options that size a study (each given one overrides the protocol's size)."""
+    p.add_argument("--iterations", type=int, default=None, help="trained evaluations per study (default: 50, or "
+                                                                 "the protocol's)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs of every evaluation (default: 10, or "
+                                                             "the protocol's)")
+    p.add_argument("--folds", type=int, default=None, help="cross-validation folds per evaluation (default: 3)")
+    p.add_argument("--subset", type=int, default=None, help="cross-validate on a stratified subset of this many "
+                   "training examples (default: all, or the protocol's; at least folds x classes)")
+    p.add_argument("--batch-size", type=int, default=None, help="fixed batch size (compartmental; the backprop "
+                                                                "nets search theirs; default: 1, or the protocol's)")
+    p.add_argument("--test-phase", type=int, default=None, help="compartmental: time steps per scored example "
+                   "(l_f_phase_test; default: the paper's 250, or the protocol's)")
+    p.add_argument("--max-phase", type=int, default=None, help="cap the compartmental phase lengths (reduced runs; "
+                   "default: none)")
+    p.add_argument("--retrain-subset", type=int, default=None, help="retrain the best on a stratified subset of "
+                   "this many training examples (default: the whole training split)")
+    p.add_argument("--test-subset", type=int, default=None, help="test the retrained best on a stratified subset "
+                   "of this many test examples (default: the whole test split)")
+
+
+POSITIVE = ("iterations", "epochs", "subset", "retrain_subset", "test_subset", "batch_size", "test_phase",
+            "max_phase", "q", "threads", "max_minutes")   # size options that must be > 0 when given
+NON_NEGATIVE = ("workers", "init_points")
+
+
+def _check_args(p, args):
+    """Refuse impossible sizes before anything is loaded, naming the option and what to give instead."""
+    for name in POSITIVE + NON_NEGATIVE:
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "workers" else 1):
-            p.error(f"--{name} {value}: give a positive number" + (" (or 0)" if name == "workers" else ""))
-    if args.folds < 2:
+        low = 0 if name in NON_NEGATIVE else 1 if name != "max_minutes" else 1e-9
+        if value is not None and value < low:
+            option = "--" + name.replace("_", "-")
+            p.error(f"{option} {value}: give a positive number" + (" (or 0)" if name in NON_NEGATIVE else "")
+                    + (" or leave it out for all" if "subset" in name else ""))
+    if args.folds is not None and args.folds < 2:
         p.error(f"--folds {args.folds}: cross-validation needs at least 2 folds")
     if not 0 <= args.flip_prob <= 1:
         p.error(f"--flip-prob {args.flip_prob}: give a probability in [0, 1]")
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check_args(p, args)
     try:
         if not args.summary:
-            _run_cli_studies(args)
+            writable_folder(args.out)
+            _run_cli_studies(args, argv)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
             print(summarize(args.out))
     except (ValueError, StudyError) as e:
         sys.exit(f"error: {e}")
 
 
-def settings_from_args(args, client=None):
-    """The StudySettings of the command line's options (the compartmental-only ones applied per model by
-    _run_cli_studies)."""
-    return StudySettings(iterations=args.iterations, folds=args.folds, epochs=args.epochs, out=args.out,
-                         seed=args.seed, subset=args.subset, device=args.device, init_points=args.init_points,
+def settings_from_args(args, client=None, model="mlp", dataset="mnist"):
+    """The StudySettings of the command line's options for the row (model, dataset): the protocol's sizes (or
+    StudySettings' defaults), replaced by the size options given."""
+    comp = split_model(model)[0] == "compartmental"
+    P = protocol_sizes(args.protocol, model, dataset) if args.protocol else Protocol(None, 10, 50)
+    pick = lambda given, preset: preset if given is None else given   # noqa: E731
+    fixed = {k: v for k, v in (("batch_size", pick(args.batch_size, P.batch_size)),
+                                ("l_f_phase_test", pick(args.test_phase, P.test_phase))) if v and comp}
+    hold = None if not args.hold else "structure" if args.hold == ["structure"] else tuple(args.hold)
+    hold = pick(hold, P.hold if comp else None)
+    return StudySettings(iterations=pick(args.iterations, P.iterations), folds=pick(args.folds, P.folds),
+                         epochs=pick(args.epochs, P.epochs), out=args.out, seed=args.seed,
+                         subset=pick(args.subset, P.subset), device=args.device, init_points=args.init_points,
                          retrain=not args.no_retrain, retrain_subset=args.retrain_subset,
                          test_subset=args.test_subset, data_root=args.data_root, q=args.q, cluster=client,
                          flip_prob=args.flip_prob, start=None if args.no_reference else "reference",
-                         verbose=0 if args.quiet else 1)
+                         verbose=0 if args.quiet else 1, protocol=args.protocol,
+                         max_phase=args.max_phase if comp else None,
+                         hold=hold if comp or hold != "structure" else None, fixed=fixed or None,
+                         deadline=None if args.max_minutes is None else time.time() + 60 * args.max_minutes)
 
 
-def _run_cli_studies(args):
+def _run_cli_studies(args, argv=None):
     client = own = None
     workers = args.workers if args.workers is not None else (1 if gpu_count() and args.scheduler is None else 0)
     try:
@@ -397,20 +598,26 @@ def _run_cli_studies(args):
     except ClusterError as e:
         raise StudyError(str(e)) from None
     try:
-        settings = settings_from_args(args, client)
+        deadline = settings_from_args(args).deadline
         for model in args.model:
-            comp = model == "compartmental"
-            hold = None if not args.hold else "structure" if args.hold == ["structure"] else tuple(args.hold)
-            own_settings = dataclasses.replace(settings, max_phase=args.max_phase if comp else None,
-                                               hold=hold if comp or hold != "structure" else None,
-                                               fixed={"batch_size": args.batch_size} if comp and args.batch_size
-                                               else None)
             for dataset in args.dataset:
-                run_study(model, dataset, own_settings)
+                settings = dataclasses.replace(settings_from_args(args, client, model, dataset), deadline=deadline)
+                res = run_study(model, dataset, settings) if not _past(deadline) else None
+                if res is None or not res["complete"]:
+                    _say_how_to_resume(args, argv, model, dataset, res)
+                    return
     finally:
         if own is not None:
             client.close()
             own.close()
+
+
+def _say_how_to_resume(args, argv, model, dataset, res):
+    where = "" if res is None else f" ({int(res['summary'].n_evals.iloc[0]) if len(res['summary']) else 0} " \
+                                   f"evaluations logged in {res['study_dir']})"
+    command = "python -m utils.study " + shlex.join(sys.argv[1:] if argv is None else argv)
+    print(f"stopped after --max-minutes {args.max_minutes:g} at {model}/{dataset}{where}; everything finished is "
+          f"saved. Resume with the same command: {command}", flush=True)
 
 
 if __name__ == "__main__":

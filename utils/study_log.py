@@ -6,7 +6,10 @@
                            from which a resumed study rebuilds its optimizer (there is no other state file)
     evals.jsonl.rejected   bad lines found in evals.jsonl (not UTF-8, not JSON, keys missing), set aside on resume
     lock                   held (flock) by the process running the study: a second one on the folder is refused
-    best.json              the best configuration retrained on the full training split, with its test accuracy
+    best.json              the best configuration retrained on the full training split, with its test accuracy,
+                           the study's sizes and the provenance (utils.io.provenance) of the run that made it
+    invocations.jsonl      one line per run of the study (a resumed one has several): provenance (commit, versions,
+                           machine, command, start), wall_s, evaluations logged before and after, complete
 
 A record of evals.jsonl: iteration, status ("ok", "diverged", "oom", "error", "killed", "invalid"), target (the
 objective: mean fold accuracy, chance for failures, null for invalid), fold_scores, params (the optimizer's),
@@ -26,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from utils.io import dumps, file_lock, read_json, write_bytes, write_jsonl
+from utils.io import writable_folder as io_writable_folder
 from utils.spaces import SPACES
 
 AT_CHANCE = 1.5      # summarize's frac_chance: evaluations scoring below AT_CHANCE x chance (15 % on 10 classes)
@@ -41,10 +45,10 @@ class StudyError(RuntimeError):
 # the log
 
 
-def read_log(path, repair=True):
+def read_log(path, repair=True, keys=LOG_KEYS):
     """The finished records of a JSON-lines log. A last line without its newline is a write cut short by a kill: it is
     dropped (and, with repair=True, cut off the file). Any other bad line (not UTF-8, not JSON, a record without
-    the LOG_KEYS) is reported by a warning naming its line number and, with repair=True, moved out of the log to
+    `keys`, the LOG_KEYS of evals.jsonl) is reported by a warning naming its line number and, with repair=True, moved out of the log to
     <name>.rejected beside it, so that the study goes on from the good lines."""
     path = Path(path)
     if not path.exists():
@@ -60,7 +64,7 @@ def read_log(path, repair=True):
     for i, line in enumerate(data[:end].splitlines(keepends=True), start=1):
         if not line.strip():
             continue
-        problem = _bad_line(line)
+        problem = _bad_line(line, keys)
         if problem:
             bad.append((i, line, problem))
         else:
@@ -79,7 +83,7 @@ def read_log(path, repair=True):
     return records
 
 
-def _bad_line(line):
+def _bad_line(line, keys=LOG_KEYS):
     """None for a good log line (bytes), else what is wrong with it."""
     try:
         record = json.loads(line.decode("utf-8"))
@@ -89,7 +93,7 @@ def _bad_line(line):
         return f"not valid JSON ({e})"
     if not isinstance(record, dict):
         return "not a JSON object"
-    missing = [k for k in LOG_KEYS if k not in record]
+    missing = [k for k in keys if k not in record]
     return f"a record without {', '.join(missing)}" if missing else None
 
 
@@ -159,6 +163,22 @@ def check_config(study_dir, config):
                          f"or move it away")
 
 
+def writable_folder(path, option="--out"):
+    """`path` as a folder that exists (created with its parents when missing) and where files can be written, else
+    a StudyError naming the problem and the fix: checked before any data is loaded or trained."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise StudyError(f"{option} {path}: {p} is a file, not a folder; give {option} a folder (it is created "
+                             f"when missing)")
+    try:
+        io_writable_folder(path)
+    except OSError as e:
+        raise StudyError(f"{option} {path}: cannot write there ({e.strerror or e}); give {option} a folder you can "
+                         f"write to") from None
+    return path
+
+
 def study_lock(study_dir):
     """Hold an exclusive lock on the study folder (its file `lock`, utils.io.file_lock) while the block runs; a second
     process on the same folder is refused with a StudyError naming the holder; a dead one's lock is gone."""
@@ -182,7 +202,8 @@ def load_results(out_dir):
     """Every logged evaluation under `out_dir` (a folder of studies, or one study folder) as a DataFrame: model,
     dataset, iteration, status, target (the objective; chance for failures and invalid proposals), fold_scores, time_s,
     peak_mem_mb, seed, source, reason, params, hyperparameters, test_acc (of the retrained best; NaN if none),
-    n_classes (from config.json), and round, round_size, population where the log has them. Readable while the
+    n_classes (from config.json), wall_s (the study's wall time over all its runs, invocations.jsonl), and round,
+    round_size, population where the log has them. Readable while the
     study runs (nothing is written; a bad line is skipped with a warning)."""
     rows = []
     for d in _study_dirs(out_dir):
@@ -194,10 +215,12 @@ def load_results(out_dir):
         records = read_log(d / "evals.jsonl", repair=False)
         stale = best.get("n_evals") != sum(r["status"] != "invalid" for r in records)
         test_acc = float("nan") if stale or best.get("test_acc") is None else best["test_acc"]
+        wall = sum(float(i.get("wall_s", 0)) for i in read_log(d / "invocations.jsonl", repair=False,
+                                                                                keys=("wall_s",)))
         rows += [{"model": model, "dataset": dataset, **r, "test_acc": test_acc,
-                  "n_classes": config.get("n_classes", float("nan"))} for r in records]
+                  "n_classes": config.get("n_classes", float("nan")), "wall_s": wall} for r in records]
     columns = ["model", "dataset", "iteration", "status", "target", "fold_scores", "time_s", "peak_mem_mb", "seed",
-               "source", "reason", "params", "hyperparameters", "test_acc", "n_classes"]
+               "source", "reason", "params", "hyperparameters", "test_acc", "n_classes", "wall_s"]
     df = pd.DataFrame(rows)
     return df.reindex(columns=columns + [c for c in df.columns if c not in columns])
 
@@ -207,11 +230,11 @@ def summarize(results, include_failures=True):
     over the trained evaluations (failures count at chance unless include_failures=False; invalid proposals never
     count), n_evals, n_failed, n_invalid, frac_chance (the fraction of trained evaluations, failures included, that
     scored below AT_CHANCE x chance: networks that did not learn), best_params (hyperparameters of the best) and
-    test_acc (the best retrained on the full training split; NaN when not retrained). `results`: a folder (see
-    load_results) or its DataFrame."""
+    test_acc (the best retrained on the full training split; NaN when not retrained) and wall_s (the study's wall
+    time, all its runs; NaN when unknown). `results`: a folder (see load_results) or its DataFrame."""
     df = results if isinstance(results, pd.DataFrame) else load_results(results)
     columns = ["model", "dataset", "best", "worst", "mean", "std", "n_evals", "n_failed", "n_invalid", "frac_chance",
-               "best_params", "test_acc"]
+               "best_params", "test_acc", "wall_s"]
     rows = []
     for (model, dataset), g in df.groupby(["model", "dataset"], sort=False):
         scored = g[g.status == "ok"] if not include_failures else g[g.status != "invalid"]
@@ -225,7 +248,8 @@ def summarize(results, include_failures=True):
                          mean=scored.target.mean(), std=scored.target.std(), n_evals=int((g.status != "invalid").sum()),
                          n_failed=int(g.status.isin(FAILURES).sum()), n_invalid=int((g.status == "invalid").sum()),
                          frac_chance=frac_chance, best_params=None if best_row is None else best_row.hyperparameters,
-                         test_acc=g.test_acc.iloc[0] if "test_acc" in g else float("nan")))
+                         test_acc=g.test_acc.iloc[0] if "test_acc" in g else float("nan"),
+                         wall_s=g.wall_s.iloc[0] if "wall_s" in g else float("nan")))
     table = pd.DataFrame(rows, columns=columns)
     order = {m: i for i, m in enumerate(SPACES)}
     dorder = {d: i for i, d in enumerate(("mnist", "fashion", "cifar10"))}
