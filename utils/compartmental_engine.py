@@ -236,7 +236,7 @@ class Population:
             t, K = np.arange(Ts), self._kband_np(Ts)
             Hs, ds = [], []
             for q, m in enumerate(self.members):
-                dec, coef, _ = m._soma_filter(layer, target)
+                dec, coef, _, _ = m._soma_filter(layer, target)
                 D = np.where(t[:, None] >= t[None, :], float(dec) ** np.maximum(t[:, None] - t[None, :], 0), 0.0)
                 Hs.append(coef * D @ K[q])
                 ds.append(np.stack([D.sum(1), float(dec) ** (t + 1)], 1))
@@ -416,7 +416,7 @@ class Population:
             H, d = self._hmat(Ts, m, out and target is not None)
             no = self.n[m + 1]
             C = torch.bmm(H, U.reshape(P, rows, B * no))      # (P, Ts, B n)
-            _, coef, c_I, _ = self._soma(m, target is not None)
+            _, coef, _, c_I = self._soma(m, target is not None)
             const = coef * self.b[m].unsqueeze(1).expand(P, B, no)
             if out and target is not None:                    # teaching current g_E E_E + g_I E_I (Eq. 7)
                 const = const + c_I * I0
@@ -430,12 +430,11 @@ class Population:
         return C_seg
 
     def _soma(self, m, target):
-        """Per-member (dec, coef, c_I, dt g_A) of layer m's soma (_soma_filter, plus the apical conductance's step
-        for hidden layers) as (P, 1, 1) tensors, cached."""
+        """Per-member (dec, k_B, k_A, k_I) of layer m's soma (the reference's soma_coefficients) as (P, 1, 1)
+        tensors, cached."""
         key = ("soma", m, target)
         if key not in self.cache:
-            vals = [mb._soma_filter(m, target) + (0.0 if m == self.M - 1 else self.dt * mb.g_A,)
-                    for mb in self.members]
+            vals = [mb._soma_filter(m, target) for mb in self.members]
             self.cache[key] = tuple(self._col([v[k] for v in vals]) for k in range(4))
         return self.cache[key]
 
@@ -457,7 +456,7 @@ class Population:
             r = mem + t
             for m in range(M):
                 out = m == M - 1
-                dec, gB, c_I, gA = consts[m]
+                dec, gB, gA, c_I = consts[m]
                 basal = Bin[:, t] if m == 0 else torch.baddbmm(self.b[m].unsqueeze(1), psp(m - 1, self.ffk, r, "ff"), Wt[m])
                 C = self.C[m] * dec + basal * gB
                 if not out:

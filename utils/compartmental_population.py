@@ -18,14 +18,55 @@ from tqdm.auto import tqdm
 
 from utils import compartmental_reference as R
 from utils.compartmental_engine import SEGMENT, Population, segments
+from utils import memory
 from utils.errors import TrainingDiverged
 
 POPULATION_SHARED = ("n_hidden", "batch_size", "dt", "mem", "l_f_phase", "l_t_phase", "l_f_phase_test",
                      "integration_time", "init", "rate_psp", "device", "dtype") + R.FLAGS   # what a population shares
 
 
+WEIGHT_BOUND = 1e3    # |W|, |b| beyond this: diverged (the paper's initial weights are below 0.2, trained ones below 10)
+SATURATED = 20.0      # |mean C| beyond this pins lambda at 0 or lambda_max (sigmoid within 2e-9 of 0 or 1)
+
+
 def _as_numpy(y):
     return y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+
+
+def as_labels(y):
+    """y as a 1-d NumPy array of labels, one per example (a column (N, 1) is read as N labels)."""
+    y = _as_numpy(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"y has shape {y.shape}; give one class label per example, shape (N,) (or a column (N, 1))")
+    return y
+
+
+def as_pixels(X):
+    """X as an (N, features) tensor of pixel intensities in [0, 1]: the workspace's one input rule (uint8 and other
+    non-float input through utils.classifiers.as_inputs, the MLP's and CNN's: uint8 pixels / 255); floats keep their
+    precision. ValueError naming the problem for a wrong shape, NaN or inf, or values outside [0, 1]. N may be 0."""
+    if not isinstance(X, torch.Tensor):
+        X = np.asarray(X)
+        X = torch.from_numpy(np.ascontiguousarray(X)) if X.dtype.kind in "biuf" else X
+    if isinstance(X, torch.Tensor) and X.dim() >= 2 and len(X) == 0:
+        return X.reshape(0, int(np.prod(X.shape[1:]))).double()
+    if not isinstance(X, torch.Tensor) or not X.is_floating_point():
+        from utils.classifiers import as_inputs             # (a lazy import: utils.classifiers imports this package)
+        X = as_inputs(X)
+    if X.dim() < 2:
+        raise ValueError(f"X must have one row per example (N x features or N x C x H x W); got shape "
+                         f"{tuple(X.shape)}")
+    X = X.reshape(X.shape[0], -1)
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError("X contains NaN or infinite values; the network needs pixel intensities in [0, 1]")
+    lo, hi = float(X.min()), float(X.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"X holds values in [{lo:g}, {hi:g}], outside [0, 1]: the compartmental network reads pixels "
+                         f"as firing rates (lambda_max x pixel); scale the images to [0, 1] (uint8 pixels are "
+                         f"divided by 255 for you)")
+    return X
 
 
 def _n_features(X):
@@ -42,13 +83,16 @@ def fit_population(estimators, datasets, on_error="raise"):
     distribution on a GPU). They must share the structure (POPULATION_SHARED) and may differ in every number (rates,
     lambda_max, conductances, tau_s, tau_L, seed, max_epochs, lr decay) and in their data (lengths too).
     on_error="raise": a member that diverges raises TrainingDiverged; "skip": it is dropped, its error kept in
-    estimator.fit_error_, and the others go on."""
+    estimator.fit_error_, and the others go on. Every member gets the classes of all the training sets (one output
+    neuron each, also for a class its own data lack). A member that cannot fit in memory raises InsufficientMemory
+    before anything trains."""
     estimators, datasets = list(estimators), list(datasets)
     _check_population(estimators, datasets)
     if on_error not in ("raise", "skip"):
         raise ValueError(f'on_error={on_error!r} is invalid: use "raise" or "skip"')
+    classes = np.unique(np.concatenate([as_labels(y) for _, y in datasets]))
     for est, (X, y) in zip(estimators, datasets):
-        est._start(X, np.unique(_as_numpy(y)))
+        est._start(X, classes)
         est.fit_error_ = None
     per_member = member_bytes(estimators[0], max(min(estimators[0].batch_size, len(X)) for X, _ in datasets))
     size = max(1, int(0.8 * _free_bytes(estimators[0].device_) // per_member))   # members that fit at once
@@ -58,11 +102,11 @@ def fit_population(estimators, datasets, on_error="raise"):
     return estimators
 
 
-def member_bytes(est, B):
+def member_bytes(est, B, n=None):
     """An estimate (from above) of the memory one member of a population takes while training at state batch B,
     made before the run: random numbers and signal buffers for a phase, segment potentials, weights and their
-    updates, input events."""
-    n, T = est.n_, est.l_f_phase + est.l_t_phase + 40               # + Wald extra steps, generously
+    updates, input events. n: the layer sizes (default: the member's)."""
+    n, T = n or est.n_, est.l_f_phase + est.l_t_phase + 40      # + Wald extra steps, generously
     neurons = sum(n[1:])
     weights = sum(a * b for a, b in zip(n[:-1], n[1:])) + neurons * n[-1]
     values = (T * B * neurons                                       # uniforms of a phase
@@ -73,14 +117,36 @@ def member_bytes(est, B):
     return int(1.5 * values * (8 if est.dtype == "float64" else 4)) + 8 * SEGMENT * B * n[0] * 4
 
 
+def _largest(fits, hi):
+    """The largest k in [1, hi] with fits(k) (fits is monotone), or 0 when not even 1 fits."""
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def check_member_fits(est, B):
+    """Raise utils.errors.InsufficientMemory (utils.memory.check_fits) when one member at state batch B does not fit,
+    naming the largest batch size, or else the largest hidden size, that does."""
+    room = memory.HEADROOM * memory.available_bytes(est.device_)
+    need = member_bytes(est, B)
+    if need <= room:
+        return
+    hidden = est.n_[1:-1]
+    b_max = _largest(lambda b: member_bytes(est, b) <= room, B)
+    if b_max:
+        largest = f"batch_size={b_max} (--batch-size {b_max})"
+    else:
+        h = _largest(lambda k: member_bytes(est, 1, (est.n_[0],) + (k,) * len(hidden) + (est.n_[-1],)) <= room,
+                     max(hidden))
+        largest = f"n_hidden={(h,) * len(hidden)} at batch_size=1" if h else None
+    memory.check_fits(need, f"a compartmental network {est.n_} at batch {B}", largest=largest, device=est.device_)
+
+
 def _free_bytes(device):
-    """Memory free for a population: the GPU's free memory, or the machine's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2 ** 30
+    """Memory free for a population (utils.memory.available_bytes)."""
+    return memory.available_bytes(device)
 
 
 def _check_population(estimators, datasets):
@@ -106,6 +172,7 @@ def _check_population(estimators, datasets):
         if not isinstance(data, (tuple, list)) or len(data) != 2:
             raise ValueError(f"training set {p} must be a pair (X, y)")
         X, y = data
+        y = as_labels(y)
         if len(X) == 0:
             raise ValueError(f"training set {p} is empty; give every member at least one example")
         if len(X) != len(y):
@@ -193,7 +260,7 @@ def _train(members, datasets, epochs, on_error="raise"):
     Xs = [mb._to_tensor(X) for mb, (X, _) in zip(members, datasets)]
     ys = []
     for mb, (_, y) in zip(members, datasets):
-        y_np = _as_numpy(y)
+        y_np = as_labels(y)
         pos = np.clip(np.searchsorted(mb.classes_, y_np), 0, len(mb.classes_) - 1)
         if not np.array_equal(mb.classes_[pos], y_np):
             raise ValueError("y contains labels that are not in classes_; pass all classes to the first partial_fit")
@@ -209,6 +276,7 @@ def _train(members, datasets, epochs, on_error="raise"):
                 for kind in old["sig"][m]:
                     mb.state_["sig"][m][kind][:, :k] = old["sig"][m][kind]
             mb.state_["hist"] = old["hist"]
+    check_member_fits(m0, B_state)                           # before anything trains
     runs = [_Run(mb, X, y, ep) for mb, X, y, ep in zip(members, Xs, ys, epochs)]
     pop = Population(members, B_state)
     bar = None
@@ -226,13 +294,16 @@ def _train(members, datasets, epochs, on_error="raise"):
             diverged = _step(pop, runs, batches)
             if bar is not None:
                 bar.update(sum(len(b) for b in batches))
-            for q in diverged:
-                err = TrainingDiverged(f"weights or potentials became NaN/inf after {runs[q].mb.examples_seen_} "
-                                       f"examples (f_etas={runs[q].mb.f_etas_}); lower the learning rates")
+            for q, why in diverged:
+                mb = runs[q].mb
+                err = TrainingDiverged(f"{why} after {mb.examples_seen_} examples (f_etas={mb.f_etas_}"
+                                       + (f", b_etas={mb.b_etas_}" if mb.update_feedback_weights else "")
+                                       + "); lower the learning rates (the paper's, scaled for the batch: "
+                                         "utils.compartmental.batch_f_etas)")
                 if on_error == "raise":
                     pop.weights_back()
                     raise err
-                runs[q].mb.fit_error_ = err
+                mb.fit_error_ = err
                 runs[q].done = True
             for r in runs:
                 r.after_batch()
@@ -320,8 +391,25 @@ def _step(pop, runs, batches):
         pop.restore_slots(saved, active)
     angles = pop.update(f, t, w_ex, [r.mb.lr_factor() for r in runs])
     out = f["C"][-1]
-    finite = torch.isfinite(torch.stack([sum(w.sum((1, 2)) for w in pop.W), sum(v.sum(1) for v in pop.b),
-                                         out.sum((1, 2))])).all(0).tolist()
     for q, (r, idx) in enumerate(zip(runs, batches)):
         r.record(out[q, :len(idx)], idx, None if angles is None else angles[q])
-    return [q for q in range(P) if not finite[q]]
+    return _diverged(pop, f["C"], active)
+
+
+def _diverged(pop, Cf, active):
+    """[(member, why)] of the members whose weights or potentials are NaN/inf, whose weights passed WEIGHT_BOUND, or
+    whose every hidden neuron fires at 0 or lambda_max in every example of the batch (window means of C, Cf)."""
+    big = torch.stack([w.abs().amax((1, 2)) for w in pop.W] + [v.abs().amax(1) for v in pop.b]).amax(0)
+    finite = torch.isfinite(big) & torch.isfinite(Cf[-1]).flatten(1).all(1)
+    a = active.unsqueeze(-1)
+    pinned = torch.stack([((c.abs() > SATURATED) | ~a).flatten(1).all(1) for c in Cf[:-1]]).all(0) \
+        if len(Cf) > 1 else torch.zeros_like(finite)
+    out = []
+    for q, (fin, b, pin) in enumerate(zip(finite.tolist(), big.tolist(), pinned.tolist())):
+        if not fin:
+            out.append((q, "weights or potentials became NaN/inf"))
+        elif b > WEIGHT_BOUND:
+            out.append((q, f"weights reached {b:.3g} (beyond {WEIGHT_BOUND:g}, far outside the paper's range)"))
+        elif pin:
+            out.append((q, f"every hidden rate is pinned at 0 or lambda_max (|mean C| > {SATURATED:g})"))
+    return out
