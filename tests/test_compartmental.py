@@ -113,8 +113,8 @@ def test_spiking_engine_matches_reference_in_distribution(flags):
               lambda_max=1.0, seed=0, **flags)
     clf = CompartmentalClassifier(**kw).initialize(N_IN, np.arange(N_CLASSES))
     pop = engine.Population([clf], 400, states=[clf._fresh_state(400)], bind=False)
-    from utils.compartmental_population import _uniforms
-    ours = pop.phase(x.unsqueeze(0), np.array([30]), None, 10, _uniforms([clf], [x], [30], pop))
+    from utils.compartmental_population import phase_keys
+    ours = pop.phase(x.unsqueeze(0), np.array([30]), None, 10, phase_keys([clf], [torch.arange(400)], [0], "test", "cpu"))
     net = R.Network(clf.config())
     net.reset(400)
     ref = net.phase(x, 30)
@@ -379,41 +379,6 @@ def test_spiking_partial_last_batch(extra):
         assert torch.isfinite(a.W_[m]).all() and torch.equal(a.W_[m], b.W_[m])
 
 
-@pytest.mark.parametrize("lam", [0.02, 0.2, 1.5])
-def test_poisson_counts_have_the_expected_mean_and_variance(lam):
-    n = 400_000
-    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    counts = engine.poisson(torch.full((n,), lam, dtype=torch.float64), u)
-    se = math.sqrt(lam / n)
-    assert abs(counts.mean().item() - lam) < 5 * se
-    assert abs(counts.var().item() - lam) < 0.02 * lam + 10 * se
-    assert (counts == counts.round()).all() and counts.min() >= 0
-    for k in range(4):   # the distribution itself, P(N = k)
-        pk = math.exp(-lam) * lam ** k / math.factorial(k)
-        assert abs((counts == k).double().mean().item() - pk) < 5 * math.sqrt(pk * (1 - pk) / n) + 1e-6
-
-
-@pytest.mark.parametrize("from_potential", [True, False])
-def test_fused_spike_sampler_matches_eager(monkeypatch, from_potential):
-    """The fused sampler's logic (6 dense inverse-CDF thresholds, exact tail beyond; run here uncompiled, so the test
-    needs no C++ compiler) gives the same counts as the eager sampler from the same uniforms, for per-member
-    lambda_max tensors too."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 40, 30, 60, generator=g, dtype=torch.float64) * 3 if from_potential else \
-        torch.rand(1, 30 * 60, generator=g, dtype=torch.float64) * 1.5
-    u = torch.rand(2, 40, 30, 60, generator=g, dtype=torch.float64)
-    u = u if from_potential else u.view(80, 30 * 60)
-    lmax = torch.tensor([1.5, 1.2], dtype=torch.float64).view(2, 1, 1, 1) if from_potential else None
-    monkeypatch.setattr(engine, "FUSE_MIN", 1)
-    monkeypatch.setitem(engine._fused, "cpu", engine._spike_counts)   # the fused path, uncompiled
-    lam_f, n_f = engine.spikes(x, u, lmax, from_potential)
-    monkeypatch.setattr(engine, "FUSE", False)
-    lam_e, n_e = engine.spikes(x, u, lmax, from_potential)
-    torch.testing.assert_close(lam_f.expand_as(u), lam_e.expand_as(u), rtol=0, atol=1e-15)
-    assert n_f.max() > engine.FUSE_K                                  # the tail was needed
-    assert torch.equal(n_f, n_e)
-
-
 def test_truncated_kernel_weights():
     clf = CompartmentalClassifier(**{**SMALL, "mem": 6, "dt": 0.5}).initialize(N_IN, np.arange(N_CLASSES))
     t = np.arange(1, 7) * 0.5
@@ -431,11 +396,13 @@ def test_truncated_kernel_weights():
     np.testing.assert_allclose(out[:6, 2], 2 * expected, rtol=1e-10)
     np.testing.assert_allclose(out[6:], 0, atol=1e-15)
     assert np.all(out[:, 1] == 0)
-    # the engine's banded matrix holds the same weights
+    # the engine's exact recurrence gives the same impulse response, then exactly nothing (after mem steps)
     pop = engine.Population([clf], 1, states=[clf._fresh_state(1)], bind=False)
-    K = pop._kband(4)[0].numpy()
-    assert K.shape == (4, 10)
-    np.testing.assert_allclose(K[3, 9::-1][:6], expected)
+    U = torch.zeros(1, 6 + 12, 1, 3, dtype=torch.float64)
+    U[0, 6, 0] = torch.tensor([1.0, 0.0, 2.0])
+    steps, scale = pop._psp_steps(0, U, 12, 0)
+    rec = np.array([(v * scale)[0, 0].numpy() for v in steps])
+    np.testing.assert_allclose(rec, out, rtol=1e-10, atol=1e-15)
     # the authors' rate transmission: the rate itself
     cfg = R.Config(mem=6, use_spiking_feedforward=False, rate_psp="rate")
     np.testing.assert_array_equal(R.kappa(cfg, "ff"), [1, 0, 0, 0, 0, 0])
@@ -617,19 +584,6 @@ def test_backprop_angle_is_the_angle_to_autograds_gradient():
         assert got[f"hidden{m + 1}"] == pytest.approx(want, abs=1e-6)
 
 
-def test_float32_uniforms_lie_on_the_2_to_the_minus_24_grid_and_follow_the_seed():
-    from utils.compartmental_population import _fill_uniform
-    a = _fill_uniform(np.random.default_rng(5), np.empty((40, 16, 50), np.float32))
-    b = _fill_uniform(np.random.default_rng(5), np.empty(40 * 16 * 50, np.float32))
-    assert np.array_equal(a.reshape(-1), b)                                  # the same numbers from the same seed
-    assert a.min() >= 0 and a.max() < 1
-    assert np.array_equal(a * 2 ** 24, np.floor(a * 2 ** 24))              # 24-bit grid, like NumPy's float32 draws
-    assert abs(a.mean() - 0.5) < 0.01 and abs(a.std() - 12 ** -0.5) < 0.01   # uniform: mean 1/2, sd 1/sqrt(12)
-    assert abs(np.corrcoef(a.reshape(-1)[:-1], a.reshape(-1)[1:])[0, 1]) < 0.02   # neighbours (two halves) independent
-    with pytest.raises(ValueError, match="C-contiguous"):
-        _fill_uniform(np.random.default_rng(0), np.empty((4, 6), np.float32)[:, ::2])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the defects issue: fidelity to the authors' formulas, memory, divergence, input
 
@@ -774,3 +728,17 @@ def test_batch_f_etas_scale_by_the_batch_that_trains():
     assert batch_f_etas(16, (0.21, 0.21), n_examples=5) == pytest.approx((0.21 * 10, 0.42))
     assert batch_f_etas(16, (0.21, 0.21), n_examples=500) == batch_f_etas(16)
     assert batch_f_etas(16, (0.21, 0.21), n_examples=1) == (0.21, 0.21)
+
+
+def test_rate_feedforward_with_spiking_feedback_passes_the_input_rates():
+    """Feedforward rates with spiking feedback: the hidden somas see the input rates (they were silenced: the input
+    was sampled from zero uniforms); without apical drive the hidden C is deterministic and equals the reference's."""
+    x = small_data(3, seed=1)[0]
+    clf = CompartmentalClassifier(**{**SMALL, "use_spiking_feedback": True}, n_hidden=(9,), seed=0)
+    clf.initialize(N_IN, np.arange(N_CLASSES))
+    pop = engine.Population([clf], 3, states=[clf._fresh_state(3)], bind=False)
+    from utils.compartmental_population import phase_keys
+    ours = pop.phase(x.unsqueeze(0), np.array([8]), None, 4, phase_keys([clf], [torch.arange(3)], [0], "test", "cpu"))
+    net = R.Network(clf.config())
+    net.reset(3)
+    torch.testing.assert_close(ours["C"][0][0], net.phase(x, 8)["C"][0], rtol=0, atol=1e-10)

@@ -101,7 +101,7 @@ def _compartmental_state(est):
                          examples_seen=est.examples_seen_, epochs_done=est.epochs_done_,
                          rng_np=est.rng_np_.bit_generator.state, device_type=est.device_.type)
     tensors = dict(weights={f"{name}{m + 1}": t for name, attr in _SLOTS for m, t in enumerate(getattr(est, attr))},
-                   generators=dict(cpu=est.gen_cpu_.get_state(), device=est.gen_.get_state()))
+                   generators=dict(cpu=est.gen_cpu_.get_state()))
     if est.Y_mask_ is not None:
         tensors["masks"] = list(est.Y_mask_)
     if est.state_ is not None:
@@ -122,8 +122,6 @@ def _restore_compartmental(meta, tensors, device):
     est.seed_, est.examples_seen_, est.epochs_done_ = state["seed"], state["examples_seen"], state["epochs_done"]
     est.rng_np_.bit_generator.state = state["rng_np"]
     est.gen_cpu_.set_state(tensors["generators"]["cpu"].cpu())
-    if state["device_type"] == est.device_.type:       # a GPU's generator state does not fit the CPU's, nor back
-        est.gen_.set_state(tensors["generators"]["device"].cpu())
     to = dict(device=est.device_, dtype=est.dtype_)
     if "masks" in tensors:
         est.Y_mask_ = [m.to(**to) for m in tensors["masks"]]

@@ -47,7 +47,8 @@ Deliberate differences from the authors' code, each with the option that gives t
 * noisy symmetric weights without broadcast: the authors add one scalar N(0, 0.05) to the whole transposed matrix
   (a draw without a size); here every entry gets its own N(0, 0.05) noise, as in their broadcast branch and as the
   flag's description ("noisy weights") reads.
-* randomness: spike counts come from this project's own generators (inverse CDF of one uniform number each), so a
+* randomness: spike counts come from counter-based random numbers (utils/compartmental_random.py: inverse CDF of one
+  uniform each, a pure function of seed, epoch, phase, example position, step, layer and neuron), so a
   run matches the authors' in distribution, not spike for spike; start both from the same weights with set_weights.
 
 Batches and learning rates: averaging a batch's updates leaves the paper's rates far too small for the hidden
@@ -65,7 +66,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from utils import compartmental_reference as R
 from utils.compartmental_engine import Population
 from utils.compartmental_population import (  # noqa: F401  (re-exported: fit_population, POPULATION_SHARED)
-    POPULATION_SHARED, _as_numpy, _n_features, _train, _uniforms, as_labels, as_pixels, fit_population)  # noqa: F401
+    POPULATION_SHARED, _as_numpy, _n_features, phase_keys, _train, as_labels, as_pixels, fit_population)  # noqa: F401
 
 PAPER_F_ETAS = {1: (0.21, 0.21), 2: (0.23, 0.23, 0.12)}  # the paper's learning rates for 1 and 2 hidden layers
 PAPER_TEST_ERROR = {1: 4.1, 2: 3.2}   # the paper's MNIST test error (%) after 60 epochs, 1 and 2 hidden layers
@@ -201,9 +202,8 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         self.device_ = torch.device(self.device) if self.device is not None else torch.device(device)
         self.dtype_ = getattr(torch, self.dtype)
         self.seed_ = int(self.seed) if self.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
-        self.rng_np_ = np.random.default_rng(self.seed_)                            # extra steps, CPU spikes
+        self.rng_np_ = np.random.default_rng(self.seed_)                            # extra steps (Wald)
         self.gen_cpu_ = torch.Generator().manual_seed(self.seed_ % 2**63)           # weights, order, noise
-        self.gen_ = torch.Generator(device=self.device_).manual_seed(self.seed_ % 2**63 + 1)   # spikes off the CPU
         self.f_etas_ = tuple(float(e) for e in (self.f_etas if self.f_etas is not None
                                                  else PAPER_F_ETAS.get(self.M_ - 1, (0.21,) * self.M_)))
         self.b_etas_ = tuple(float(e) for e in self.b_etas) if self.b_etas is not None else (0.0,) * (self.M_ - 1)
@@ -300,7 +300,8 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         for i in range(0, X.shape[0], chunk):
             xb = X[i:i + chunk]
             pop = Population([self], xb.shape[0], states=[self._fresh_state(xb.shape[0])], bind=False)
-            res = pop.phase(xb.unsqueeze(0), np.array([T]), None, window, _uniforms([self], [xb], [T], pop))
+            keys = phase_keys([self], [torch.arange(i, i + xb.shape[0])], [0], "test", self.device_)
+            res = pop.phase(xb.unsqueeze(0), np.array([T]), None, window, keys)
             outs.append(res["C"][-1][0].cpu())
         return torch.cat(outs).double().numpy() if outs else np.zeros((0, len(self.classes_)))
 

@@ -12,107 +12,25 @@ How it is fast (see utils/compartmental.py's docstring for the model):
   projected by one `embedding_bag` over the active inputs only (about 20 of 784 per step on MNIST).
 * layer by layer, whenever the apical compartment does not drive the soma: a layer then depends only on the layer
   below up to the same step, and its soma is a linear filter of U = W S (the projected signal of the layer below):
-  C(t) = dec C(t-1) + coef (K U + b)(t) [+ c_I I0], so C of all Ts steps of a segment is one batched matrix product
-  H U (H = coef D K, D[t, s] = dec^(t-s), K the banded kernel matrix, both per member) plus the constant and initial
-  terms. With apical conductance the layers are stepped together, one time step at a time.
+  U of all a segment's steps is one product, then the truncated kernel's exact two-exponential recurrence (Eq. 2)
+  and the soma's (the reference's soma_coefficients) run step by step, element-wise, and the layer's spikes of the
+  whole segment are drawn at once. With apical conductance the layers are stepped together, one time step at a time.
+* every sum over time (window means, PSP means) is taken step after step in time order and every product has the
+  same shapes whatever the population, so a member's numbers do not depend on its population or on the segments.
 * window means of linear quantities (PSPs, A = Y PSP_fb + c) are taken once per segment from the stored signals.
 * members of different phase lengths run max_p T_p steps; each member's window means use only its own window, and its
   state for the next phase is gathered at its own last step (the extra steps are discarded).
-* random numbers: on the CPU each member draws its uniforms from its own NumPy generator in the order a lone run does
-  (per phase: the input's, then each spiking layer's, for the whole phase), so a member's spikes equal a lone run's
-  to the last bit; on other devices all members draw from one torch generator (equal in distribution).
+* random numbers: counter-based (utils/compartmental_random.py): each spike's uniform is a pure function of the
+  member's phase key, the example's position, the time step, the layer and the neuron, computed inside the sampling
+  kernel, so a member's spikes do not depend on the population, the batch or the device.
 """
-import math
-import os
-
 import numpy as np
 import torch
 
+from utils import compartmental_random as rnd
 from utils import compartmental_reference as R
 
 SEGMENT = 64          # time steps simulated (and whose input spikes are projected) in one go
-FUSE = os.environ.get("BIODL_COMPILE", "1") != "0"   # sample spikes with one torch.compile'd kernel (eager fallback;
-#                       BIODL_COMPILE=0 turns it off, e.g. for quick tests)
-FUSE_MIN = 2 ** 16    # ... from this many neuron-steps on (smaller ones stay eager)
-FUSE_K = 6            # thresholds tested densely by the fused kernel (P(N >= 6) < 1e-7 at rate 0.2; exact tail after)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Poisson spike counts by inverse CDF of one uniform number each
-
-
-def _spike_counts(x, u, lmax, from_potential: bool):
-    """Rates lambda = lambda_max sigmoid(x) (or x itself) and Poisson counts by inverse CDF of u, the first FUSE_K
-    thresholds sum_{j<k} e^-lambda lambda^j / j! tested in one element-wise pass; also the largest count."""
-    lam = torch.sigmoid(x) * lmax if from_potential else x
-    term = torch.exp(-lam)
-    cdf = term
-    n = (u > cdf).to(u.dtype)
-    for k in range(1, FUSE_K):
-        term = term * lam / k
-        cdf = cdf + term
-        n = n + (u > cdf).to(u.dtype)
-    return lam, n, n.amax()
-
-
-_fused = {}   # device type -> compiled _spike_counts, or None where compiling failed
-
-
-def poisson_tail(flat, lam, u, idx, k):
-    """Counts flat[idx] known to be >= k: add one while u > F(k; l), F(k; l) = e^-l sum_{j<=k} l^j / j!."""
-    if not idx.numel():
-        return
-    l = lam[idx]
-    v = u[idx] * torch.exp(l)
-    term = l ** k / math.factorial(k)
-    s = sum(l ** j / math.factorial(j) for j in range(k + 1))
-    while True:
-        hit = v > s
-        if not bool(hit.any()) or k > 200:
-            break
-        idx, v, l, term, s = idx[hit], v[hit], l[hit], term[hit], s[hit]
-        flat[idx] += 1
-        k += 1
-        term = term * l / k
-        s = s + term
-
-
-def poisson(lam, u):
-    """Exact Poisson(lam) counts by inverse CDF of the uniforms u (same shape): N >= k iff u > F(k-1; lam). The first
-    two thresholds are tested densely, the further ones only where the second was passed."""
-    F = torch.exp(-lam)
-    out = (u > F).to(lam.dtype)                          # N >= 1: u > e^-lam
-    F = F + F * lam
-    second = u > F                                       # N >= 2: u > e^-lam (1 + lam)
-    out += second
-    poisson_tail(out.view(-1), lam.reshape(-1), u.reshape(-1), second.view(-1).nonzero().squeeze(1), 2)
-    return out
-
-
-def spikes(x, u, lmax, from_potential):
-    """(lambda, Poisson counts) for potentials x (lambda = lmax sigmoid(x)) or rates x, with uniforms u; the fused
-    kernel for large tensors when torch.compile works here, else eager ops."""
-    kind = x.device.type
-    if FUSE and u.numel() >= FUSE_MIN and _fused.get(kind, 0) is not None:
-        try:
-            if kind not in _fused:
-                _fused[kind] = torch.compile(_spike_counts, dynamic=True)
-            # flat contiguous arguments (and lambda_max a number where the members share it): one compiled kernel
-            # per use, whatever the shapes, strides and population size
-            if isinstance(lmax, torch.Tensor):
-                lmax = float(lmax.view(-1)[0]) if bool((lmax == lmax.view(-1)[0]).all()) else \
-                    lmax.expand_as(x).reshape(-1)
-            lam, n, top = _fused[kind](x.expand_as(u).reshape(-1), u.reshape(-1), lmax, from_potential)
-            lam, n = lam.view(u.shape), n.view(u.shape)
-        except Exception:                                # no compiler / backend: stay eager from now on
-            _fused[kind] = None
-        else:
-            if top >= FUSE_K:                            # the rare counts >= FUSE_K: exact series from there
-                flat = n.view(-1)
-                poisson_tail(flat, lam.reshape(-1), u.reshape(-1), (flat >= FUSE_K).nonzero().squeeze(1), FUSE_K)
-            return lam, n
-    lam = torch.sigmoid(x) * lmax if from_potential else x
-    return lam, poisson(lam.expand_as(u).contiguous(), u)
 
 
 def segments(T):
@@ -158,6 +76,7 @@ class Population:
         ms, M = self.members, self.M
         self.P = len(ms)
         self.lmax = self._col([m.lambda_max for m in ms])
+        self.lmax_shared = float(ms[0].lambda_max) if len({m.lambda_max for m in ms}) == 1 else None
         self.k_B = self._col([m.k_B_ for m in ms])
         self.k_D = self._col([m.k_D_ for m in ms])
         self.E_E = self._col([m.E_E for m in ms])
@@ -178,6 +97,7 @@ class Population:
         self.kappa = {"ff": np.stack([m.kappa_ff_ for m in ms]),           # (P, mem), kappa[k]: k steps ago,
                       "fb": np.stack([m.kappa_fb_ for m in ms])}           # per path (Eq. 2)
         self.cache, self.version, self.buf = {}, 0, None
+        self.ab = [None] * M                               # the PSP recurrences' a, b per layer within a phase
         if self.bind:
             self._point_members()
 
@@ -228,36 +148,6 @@ class Population:
     def _tensor(self, a):
         return torch.tensor(np.asarray(a), device=self.dev, dtype=self.dty)
 
-    def _hmat(self, Ts, layer, target):
-        """H = coef D K (P x Ts x (mem + Ts)) and d = [D 1, dec^(t+1)] (P x Ts x 2) of a layer's soma over a segment:
-        C = H U + d [coef b + c_I I0, C(-1)] (Eqs. 1, 6, 7 as a linear filter of the projected input U = W S)."""
-        key = ("H", Ts, layer, target)
-        if key not in self.cache:
-            t, K = np.arange(Ts), self._kband_np(Ts)
-            Hs, ds = [], []
-            for q, m in enumerate(self.members):
-                dec, coef, _, _ = m._soma_filter(layer, target)
-                D = np.where(t[:, None] >= t[None, :], float(dec) ** np.maximum(t[:, None] - t[None, :], 0), 0.0)
-                Hs.append(coef * D @ K[q])
-                ds.append(np.stack([D.sum(1), float(dec) ** (t + 1)], 1))
-            self.cache[key] = (self._tensor(np.stack(Hs)), self._tensor(np.stack(ds)))
-        return self.cache[key]
-
-    def _kband_np(self, Ts):
-        """(P, Ts, mem + Ts) banded kernel matrices K[t, mem + t - k] = kappa[k] of the feedforward path (numpy):
-        PSP drive = K @ U over a segment."""
-        t, K = np.arange(Ts), np.zeros((self.P, Ts, self.mem + Ts))
-        for j in range(self.mem):
-            K[:, t, self.mem + t - j] = self.kappa["ff"][:, j:j + 1]
-        return K
-
-    def _kband(self, Ts):
-        """_kband_np as a tensor, cached."""
-        key = ("K", Ts)
-        if key not in self.cache:
-            self.cache[key] = self._tensor(self._kband_np(Ts))
-        return self.cache[key]
-
     def _row_weights(self, rows, t_abs, lo, hi, window, path):
         """(P, rows): the weight of each buffer row (step tau = row - mem + t_abs) in a member's mean PSP over the
         times [lo_p, hi_p]: (1/window) sum_{t' in [lo_p, hi_p], 0 <= t' - tau < mem} kappa_p[t' - tau]. Rows of
@@ -275,84 +165,111 @@ class Population:
 
     # -- one phase ------------------------------------------------------------------------------------------------
 
-    def phase(self, x, T, target, window, unif):
+    def phase(self, x, T, target, window, keys, record=True):
         """Simulate the members' phases of T[p] steps (numpy ints) from the state, inputs x (P, B, n_in) in [0, 1];
         target (P, B, n_out) one-hot or None (forward phase); window: steps averaged at the end of each member's phase;
-        unif: per segment (see segments), (input uniforms (Ts, nnz), [per layer (P, Ts, B, n) or None]), or None
-        (rate mode).
+        keys: (P, B) int64 example keys of the phase (compartmental_random.example_keys), or None (no spikes);
+        record=False (testing): only the output's window mean of C is kept (no PSP, A or hidden means).
         Returns the window means C, A (hidden), lam (output, target phase), psp_fb and psp_in per layer."""
         M, mem, n, P, B = self.M, self.mem, self.n, self.P, self.B
-        dev, dty, sig = self.dev, self.dty, self.sig
+        dev, dty = self.dev, self.dty
         T = np.asarray(T)
         starts, lens = segments(T)
         A_step = self.flags["use_conductances"] and self.flags["use_apical_conductance"] and \
             any(m.g_A != 0 for m in self.members)
         z = lambda *s: torch.zeros(*s, device=dev, dtype=dty)  # noqa: E731
-        x_idx = x.nonzero(as_tuple=True)                     # active inputs, member-major (p, b, i)
-        rates = x[x_idx] * self.lmax.view(-1)[x_idx[0]]       # input rates lambda_max * pixel
-        ex = x_idx[0] * B + x_idx[1]                          # example index p B + b
+        inp = self._input_events(x)
         I0 = None if target is None else target * self.E_E + (1.0 - target) * self.E_I   # g_E E_E + g_I E_I
         w0 = T - window                                       # first step of each member's averaging window
-        Csum = [z(P, B, n[m + 1]) for m in range(M)]
-        lam_sum = z(P, B, n[-1])
-        fb_mean = [z(P, B, n[self.fb_source(m) + 1]) for m in range(M - 1)]
-        in_mean = [z(P * B * n[0])] + [z(P, B, n[m]) for m in range(1, M)]
+        means = dict(C=[z(P, B, n[m + 1]) for m in range(M)], lam=z(P, B, n[-1]),
+                     psp_fb=[z(P, B, n[self.fb_source(m) + 1]) for m in range(M - 1)],
+                     psp_in=[z(P * B * n[0])] + [z(P, B, n[m]) for m in range(1, M)])
         buf = self._buffers(mem + max(lens))
-        for layer, hist in zip(buf, sig):                     # rows [0, mem): the last mem steps
+        for layer, hist in zip(buf, self.sig):                # rows [0, mem): the last mem steps
             for k, v in layer.items():
                 v[:, :mem] = hist[k]
-        W0 = self._W0t()                                      # (p, i) rows: every member's W^T
         Wt = [w.transpose(1, 2) for w in self.W]
         Yt = [y.transpose(1, 2) for y in self.Y]
-        for k, (s, Ts) in enumerate(zip(starts, lens)):
-            rows = mem + Ts
-            wwin = self._tensor(((np.arange(s, s + Ts)[None, :] >= w0[:, None])
-                                 & (np.arange(s, s + Ts)[None, :] < T[:, None])) / window).unsqueeze(1)   # (P, 1, Ts)
-            # -- input layer: events of the history rows [0, mem) and of Ts new rows; U(t) = W S(t), all rows at once
-            ht, hx, hi, hv = self.hist
-            if unif is not None:                              # spikes: Poisson counts of the input rates
-                _, counts = spikes(rates.view(1, -1), unif[k][0], None, False)
-                t_new, j = counts.nonzero(as_tuple=True)
-                nv = counts[t_new, j]
-            else:                                             # rates: every active input at every step
-                t_new = torch.arange(Ts, device=dev).repeat_interleave(rates.numel())
-                j = torch.arange(rates.numel(), device=dev).repeat(Ts)
-                nv = rates[j]
-            et, ee = torch.cat([ht, t_new + mem]), torch.cat([hx, ex[j]])
-            ei, ev = torch.cat([hi, x_idx[2][j]]), torch.cat([hv, nv])
-            p_ev = ee // B
-            bag = (p_ev * rows + et) * B + ee % B             # (member, row, example): one member's W at a time
-            order = torch.argsort(bag, stable=True)
-            counts_bag = torch.bincount(bag, minlength=P * rows * B)
-            U0 = torch.nn.functional.embedding_bag((p_ev * n[0] + ei)[order], W0, counts_bag.cumsum(0) - counts_bag,
-                                                   mode="sum", per_sample_weights=ev[order])
-            U0 = U0.view(P, rows, B, n[1])
-            w_in = self._row_weights(rows, s, w0, T - 1, window, "ff")   # mean input PSP over the window (Eq. 12)
-            in_mean[0].index_add_(0, ee * n[0] + ei, ev * w_in[p_ev, et])
-            if s != starts[-1]:                               # the last mem rows become the history
-                keep = et >= Ts
-                self.hist = (et[keep] - Ts, ee[keep], ei[keep], ev[keep])
-            else:                                             # each member keeps its own last mem rows (below)
-                self.hist = (et, ee, ei, ev)
-            seg_unif = unif[k][1] if unif is not None else [None] * M
-            if not A_step:
-                C_last = self._segment_layers(U0, Ts, s, buf, Wt, seg_unif, I0, wwin, Csum, lam_sum, target)
-            else:
-                C_last = self._segment_steps(U0, Ts, s, buf, Wt, Yt, seg_unif, I0, wwin, Csum, lam_sum, target)
-            # -- window means of the PSPs from this segment's rows (feedback: as of the step before)
-            w_fb = self._row_weights(rows, s, w0 - 1, T - 2, window, "fb") if M > 1 else None
-            for m in range(M - 1):
-                src = buf[self.fb_source(m)][self.fbk][:, :rows]
-                fb_mean[m] += torch.bmm(w_fb.unsqueeze(1), src.reshape(P, rows, -1)).view_as(fb_mean[m])
-            for m in range(1, M):
-                src = buf[m - 1][self.ffk][:, :rows]
-                in_mean[m] += torch.bmm(w_in.unsqueeze(1), src.reshape(P, rows, -1)).view_as(in_mean[m])
+        for s, Ts in zip(starts, lens):
+            t_abs = np.arange(s, s + Ts)
+            win = ((t_abs[None, :] >= w0[:, None]) & (t_abs[None, :] < T[:, None])) / window      # (P, Ts)
+            wsteps = [(t, self._tensor(win[:, t]).view(P, 1, 1)) for t in range(Ts) if win[:, t].any()]
+            base = None if keys is None else rnd.step_keys(keys, s, Ts)   # (P, Ts, B) keys of the segment's steps
+            w_in = self._row_weights(mem + Ts, s, w0, T - 1, window, "ff") if record else None
+            U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], last=s == starts[-1])
+            args = (U0, Ts, s, buf, Wt, base, I0, wsteps, means["C"], means["lam"], target, record)
+            C_last = self._segment_layers(*args) if not A_step else self._segment_steps(*args[:5], Yt, *args[5:])
+            if record:                                        # window means of the PSPs from this segment's rows
+                self._psp_means(buf, Ts, s, w0, T, window, w_in, means)
             if s != starts[-1]:
                 for layer in buf:
                     for v in layer.values():
                         v[:, :mem] = v[:, Ts:Ts + mem].clone()
-        # -- each member's state as of its own last step T_p - 1 (its extra steps are discarded)
-        s, q = starts[-1], torch.arange(P, device=dev)
+        self._keep_state(C_last, buf, T, starts[-1])
+        means["A"] = [torch.bmm(means["psp_fb"][m], Yt[m]) for m in range(M - 1)]   # A is linear in the PSP
+        if self.flags["use_feedback_bias"]:
+            means["A"] = [a + c.unsqueeze(1) for a, c in zip(means["A"], self.c)]
+        means["psp_in"][0] = means["psp_in"][0].view(P, B, n[0])
+        return means
+
+    def _input_events(self, x):
+        """The active inputs of x (P, B, n_in): (member-major index (p, b, i), rates lambda_max x pixel, example
+        index p B + b, the inputs' random-number counters)."""
+        x_idx = x.nonzero(as_tuple=True)
+        rates = x[x_idx] * self.lmax.view(-1)[x_idx[0]]
+        return x_idx, rates, x_idx[0] * self.B + x_idx[1], rnd.neuron_offsets(0, x_idx[2])
+
+    def _input_segment(self, inp, s, Ts, base, w_in, in_mean, last):
+        """The input layer over a segment: its events (the history rows [0, mem), then Ts new rows of Poisson counts
+        or rates) projected as U(t) = W S(t) for every row by one embedding_bag over the active inputs; adds the
+        window mean of the input PSP (weights w_in per row) into in_mean; keeps the history's events."""
+        (x_idx, rates, ex, in_offs), (P, B, mem, n, dev) = inp, (self.P, self.B, self.mem, self.n, self.dev)
+        rows = mem + Ts
+        ht, hx, hi, hv = self.hist
+        if self.flags["use_spiking_feedforward"]:             # spikes: Poisson counts of the input rates
+            base_in = base.transpose(0, 1).reshape(Ts, P * B)[:, ex]  # (Ts, nnz): each input's example's keys
+            _, counts = rnd.spike_counts(rates.view(1, -1), base_in, in_offs, 1.0, False)
+            t_new, j = counts.nonzero(as_tuple=True)
+            nv = counts[t_new, j]
+        else:                                                 # rates: every active input at every step
+            t_new = torch.arange(Ts, device=dev).repeat_interleave(rates.numel())
+            j = torch.arange(rates.numel(), device=dev).repeat(Ts)
+            nv = rates[j]
+        et, ee = torch.cat([ht, t_new + mem]), torch.cat([hx, ex[j]])
+        ei, ev = torch.cat([hi, x_idx[2][j]]), torch.cat([hv, nv])
+        p_ev = ee // B
+        bag = (p_ev * rows + et) * B + ee % B                 # (member, row, example): one member's W at a time
+        order = torch.argsort(bag, stable=True)
+        counts_bag = torch.bincount(bag, minlength=P * rows * B)
+        U0 = torch.nn.functional.embedding_bag((p_ev * n[0] + ei)[order], self._W0t(), counts_bag.cumsum(0) -
+                                               counts_bag, mode="sum", per_sample_weights=ev[order])
+        if w_in is not None:                                  # mean input PSP over the window (Eq. 12)
+            in_mean.index_add_(0, ee * n[0] + ei, ev * w_in[p_ev, et])
+        keep = slice(None) if last else et >= Ts              # the last mem rows become the history
+        self.hist = (et, ee, ei, ev) if last else (et[keep] - Ts, ee[keep], ei[keep], ev[keep])
+        return U0.view(P, rows, B, n[1])
+
+    def _psp_means(self, buf, Ts, s, w0, T, window, w_in, means):
+        """Add this segment's rows into the window means of the feedback PSPs (as of the step before) and of the
+        hidden and output layers' input PSPs: sum over rows of weight x signal, row after row."""
+        rows, M = self.mem + Ts, self.M
+        w_fb = self._row_weights(rows, s, w0 - 1, T - 2, window, "fb") if M > 1 else None
+        for m in range(M - 1):
+            self._row_sum(means["psp_fb"][m], buf[self.fb_source(m)][self.fbk], w_fb)
+        for m in range(1, M):
+            self._row_sum(means["psp_in"][m], buf[m - 1][self.ffk], w_in)
+
+    def _row_sum(self, acc, src, w):
+        """acc (P, B, n) += sum_r w[:, r] src[:, r] over the rows r of nonzero weight, in row order."""
+        nz = (w != 0).any(0).nonzero().view(-1).tolist()
+        for r in nz:
+            acc.addcmul_(src[:, r], w[:, r].view(-1, 1, 1))
+
+    def _keep_state(self, C_last, buf, T, s):
+        """Each member's state as of its own last step T_p - 1 of the last segment (starting at s; its extra steps
+        are discarded): C, the signals' last mem rows and the input history's events."""
+        P, B, mem, dev = self.P, self.B, self.mem, self.dev
+        q = torch.arange(P, device=dev)
         last = torch.as_tensor(T - 1 - s, device=dev)
         self.C = [c[q, last] for c in C_last]
         hist_rows = torch.as_tensor(T - s, device=dev)[:, None] + torch.arange(mem, device=dev)   # (P, mem)
@@ -361,11 +278,6 @@ class Population:
         et = et - torch.as_tensor(T - s, device=dev)[ee // B]  # row of the member's history [T_p - mem, T_p)
         keep = (et >= 0) & (et < mem)
         self.hist = (et[keep], ee[keep], ei[keep], ev[keep])
-        A_mean = [torch.bmm(fb_mean[m], Yt[m]) for m in range(M - 1)]   # A is linear in the feedback PSP
-        if self.flags["use_feedback_bias"]:
-            A_mean = [a + c.unsqueeze(1) for a, c in zip(A_mean, self.c)]
-        in_mean[0] = in_mean[0].view(P, B, n[0])
-        return dict(C=Csum, A=A_mean, lam=lam_sum, psp_fb=fb_mean, psp_in=in_mean)
 
     def _buffers(self, rows):
         """Per layer and kind of signal, a (P, rows, B, n) buffer: the last mem steps, then a segment's steps."""
@@ -388,21 +300,34 @@ class Population:
     def fb_source(self, m):
         return self.M - 1 if self.flags["use_broadcast"] else m + 1
 
-    def _emit(self, m, C, u, buf, rows_slice):
-        """lambda_C = lambda_max sigmoid(C) (Eq. 4) and what layer m sends (spikes and / or rates) into its buffer."""
+    def _emit(self, m, C, base, buf, rows_slice):
+        """lambda_C = lambda_max sigmoid(C) (Eq. 4) and what layer m sends (spikes and / or rates) into its buffer;
+        C (P, ..., n) with base (P, ...) the step keys of its rows (spike counts from the keyed uniforms)."""
         layer, lmax = buf[m], self.lmax.view(-1, *[1] * (C.dim() - 1))
         if "spike" in layer:
-            lam, counts = spikes(C, u, lmax, True)
-            layer["spike"][rows_slice] = counts
+            n = C.shape[-1]
+            rows = C.reshape(-1, n)
+            lm = self._lmax_rows(C.shape[:-1])
+            lam, counts = rnd.spike_counts(rows, base.reshape(-1, 1), rnd.neuron_offsets(m + 1, n).to(C.device),
+                                           lm, True)
+            layer["spike"][rows_slice] = counts.view(C.shape)
+            lam = lam.view(C.shape)
         else:
             lam = torch.sigmoid(C) * lmax
         if "rate" in layer:
             layer["rate"][rows_slice] = lam.expand_as(C)
         return lam
 
-    def _segment_layers(self, U0, Ts, s, buf, Wt, unif, I0, wwin, Csum, lam_sum, target):
-        """Ts steps of every layer, one whole layer after the other (valid when A does not drive the soma): C of all
-        steps is H U + d [coef b + c_I I0, C(-1)] (Eqs. 1, 5, 6, 7). Returns each layer's C of the segment."""
+    def _lmax_rows(self, shape):
+        """lambda_max per row of a (P, ...) row layout: a number where the members share it, else (rows, 1)."""
+        if self.lmax_shared is not None:
+            return self.lmax_shared
+        return self.lmax.view(-1, *[1] * (len(shape) - 1)).expand(shape).reshape(-1, 1)
+
+    def _segment_layers(self, U0, Ts, s, buf, Wt, base, I0, wsteps, Csum, lam_sum, target, record=True):
+        """Ts steps of every layer, one whole layer after the other (valid when A does not drive the soma): the
+        projected input U = W S of every row, then the PSP and soma recurrences step by step (_filter, Eqs. 1, 2, 5,
+        6, 7), then the layer's spikes for the whole segment. Returns each layer's C of the segment."""
         M, mem, P, B = self.M, self.mem, self.P, self.B
         rows = mem + Ts
         C_seg = []
@@ -413,20 +338,83 @@ class Population:
             else:                                             # U = W S of the layer below, every row
                 below = buf[m - 1][self.ffk][:, :rows]
                 U = torch.bmm(below.reshape(P, rows * B, -1), Wt[m]).view(P, rows, B, -1)
-            H, d = self._hmat(Ts, m, out and target is not None)
-            no = self.n[m + 1]
-            C = torch.bmm(H, U.reshape(P, rows, B * no))      # (P, Ts, B n)
-            _, coef, _, c_I = self._soma(m, target is not None)
-            const = coef * self.b[m].unsqueeze(1).expand(P, B, no)
-            if out and target is not None:                    # teaching current g_E E_E + g_I E_I (Eq. 7)
-                const = const + c_I * I0
-            C = C.baddbmm_(d, torch.stack([const.reshape(P, -1), self.C[m].reshape(P, -1)], 1)).view(P, Ts, B, no)
-            self.C[m] = C[:, Ts - 1]
-            lam = self._emit(m, C, unif[m], buf, (slice(None), slice(mem, rows)))
-            Csum[m] += torch.bmm(wwin, C.reshape(P, Ts, -1)).view(P, B, no)
+            C = self._filter(m, U, Ts, s, I0 if out and target is not None else None)
+            lam = self._emit(m, C, base, buf, (slice(None), slice(mem, rows)))
+            if record or out:
+                self._window_sum(Csum[m], C, wsteps)
             if out and target is not None:
-                lam_sum += torch.bmm(wwin, lam.expand_as(C).reshape(P, Ts, -1)).view(P, B, no)
+                self._window_sum(lam_sum, lam.expand_as(C), wsteps)
             C_seg.append(C)
+        return C_seg
+
+    @staticmethod
+    def _window_sum(acc, V, wsteps):
+        """acc += sum_t w_t V[:, t] over the steps (t, w (P, 1, 1)) of the members' averaging windows, in time order
+        (so a member's sums do not depend on the population or the segments)."""
+        for t, w in wsteps:
+            acc.addcmul_(V[:, t], w)
+
+    def _kernel_constants(self, path):
+        """Per member (P, 1, 1): e^(-dt / tau_L), e^(-dt / tau_s), their mem-th powers and 1 / (tau_L - tau_s): the
+        truncated kernel's exact recurrence (Eq. 2); None for the identity kernel (rate_psp="rate" on a rate path)."""
+        key = ("kernel", path)
+        if key not in self.cache:
+            spiking = self.flags["use_spiking_feedforward" if path == "ff" else "use_spiking_feedback"]
+            if not spiking and self.members[0].rate_psp == "rate":
+                self.cache[key] = None
+            else:
+                ms = self.members
+                dL = [np.exp(-m.dt / m.tau_L) for m in ms]
+                ds = [np.exp(-m.dt / m.tau_s) for m in ms]
+                self.cache[key] = tuple(self._col(v) for v in (
+                    dL, ds, [d ** self.mem for d in dL], [d ** self.mem for d in ds],
+                    [1.0 / (m.tau_L - m.tau_s) for m in ms]))
+        return self.cache[key]
+
+    def _psp_steps(self, m, U, Ts, s):
+        """Layer m's input PSP over a segment from its projected input U (P, mem + Ts, B, n; rows [0, mem) the last
+        mem steps), step by step: (iterator over t of v(t), scale) with PSP(t) = scale v(t). v = a - b with a(t) =
+        e^(-dt/tau_L) (a(t-1) + U(t)) - e^(-(mem+1) dt/tau_L) U(t - mem), b likewise with tau_s, scale = 1 / (tau_L
+        - tau_s): the truncated kernel of Eq. 2 exactly. a, b start from the history at the phase's start (s = 0) and
+        carry over between segments. The identity kernel (rate_psp="rate", a rate path): v = U, scale 1."""
+        mem, ker = self.mem, self._kernel_constants("ff")
+        if ker is None:
+            return (U[:, mem + t] for t in range(Ts)), 1.0
+        dL, ds, dLm, dsm, inv = ker
+        if s == 0:                                            # a(-1), b(-1) from the last mem steps (Horner)
+            a, b = torch.zeros_like(U[:, 0]), torch.zeros_like(U[:, 0])
+            for r in range(mem):
+                a = (a + U[:, r]) * dL
+                b = (b + U[:, r]) * ds
+            self.ab[m] = (a, b)
+        Ua = U[:, mem:] - dLm.unsqueeze(1) * U[:, :Ts]
+        Ub = U[:, mem:] - dsm.unsqueeze(1) * U[:, :Ts]
+
+        def steps():
+            a, b = self.ab[m]
+            for t in range(Ts):
+                a = (a + Ua[:, t]) * dL
+                b = (b + Ub[:, t]) * ds
+                self.ab[m] = (a, b)
+                yield a - b
+        return steps(), inv
+
+    def _filter(self, m, U, Ts, s, I0):
+        """Layer m's C over a segment, step by step: C(t) = dec C(t-1) + k_B (PSP(t) + b) + k_I I0 (Eqs. 5-7, the
+        reference's soma_coefficients; I0 the teaching input: output layer, target phase), PSP from _psp_steps."""
+        P, B = self.P, self.B
+        dec, k_B, _, k_I = self._soma(m, I0 is not None)
+        const = (k_B * self.b[m].unsqueeze(1)).expand(P, B, U.shape[-1])
+        if I0 is not None:                                    # teaching current g_E E_E + g_I E_I (Eq. 7)
+            const = const + k_I * I0
+        C_seg = torch.empty(P, Ts, B, U.shape[-1], device=self.dev, dtype=self.dty)
+        C = self.C[m]
+        steps, scale = self._psp_steps(m, U, Ts, s)
+        kc = k_B * scale
+        for t, v in enumerate(steps):
+            torch.addcmul(torch.addcmul(const, v, kc), C, dec, out=C_seg[:, t])
+            C = C_seg[:, t]
+        self.C[m] = C
         return C_seg
 
     def _soma(self, m, target):
@@ -438,26 +426,27 @@ class Population:
             self.cache[key] = tuple(self._col([v[k] for v in vals]) for k in range(4))
         return self.cache[key]
 
-    def _segment_steps(self, U0, Ts, s, buf, Wt, Yt, unif, I0, wwin, Csum, lam_sum, target):
+    def _segment_steps(self, U0, Ts, s, buf, Wt, Yt, base, I0, wsteps, Csum, lam_sum, target, record=True):
         """Ts steps of all layers together, one time step after the other (apical conductance drives the soma):
-        B = W PSP + b (Eq. 5), A = Y PSP_fb (+ c) as of the step before, C += dt (-g_L C + g_B (B - C) + g_A (A - C))
-        (Eq. 6); output as in _segment_layers. PSPs are the explicit kernel sums over the buffers' last mem rows."""
+        B = W PSP + b (Eq. 5), A = Y PSP_fb (+ c) as of the step before, C = dec C + k_B B + k_A A (Eq. 6, the
+        reference's soma_coefficients); output as in _segment_layers. The input layer's PSP by _psp_steps, the others
+        as explicit kernel sums over the buffers' last mem rows."""
         M, mem, P, B = self.M, self.mem, self.P, self.B
-        rows = mem + Ts
         kap = {k: self._tensor(v[:, ::-1].copy()).unsqueeze(1) for k, v in self.kappa.items()}   # oldest row first
-        Bin = torch.bmm(self._kband(Ts), U0.reshape(P, rows, -1)).view(P, Ts, B, -1) + self.b[0].unsqueeze(1).unsqueeze(1)
+        steps0, scale0 = self._psp_steps(0, U0, Ts, s)
         C_seg = [torch.empty(P, Ts, B, self.n[m + 1], device=self.dev, dtype=self.dty) for m in range(M)]
         consts = [self._soma(m, target is not None) for m in range(M)]
 
         def psp(layer, kind, r, path):                      # PSP of the rows (r - mem, r] (Eq. 2)
             src = buf[layer][kind][:, r - mem + 1:r + 1]
             return torch.bmm(kap[path], src.reshape(P, mem, -1)).view(P, B, -1)
-        for t in range(Ts):
+        for t, v0 in enumerate(steps0):
             r = mem + t
             for m in range(M):
                 out = m == M - 1
                 dec, gB, gA, c_I = consts[m]
-                basal = Bin[:, t] if m == 0 else torch.baddbmm(self.b[m].unsqueeze(1), psp(m - 1, self.ffk, r, "ff"), Wt[m])
+                basal = v0 * scale0 + self.b[0].unsqueeze(1) if m == 0 else \
+                    torch.baddbmm(self.b[m].unsqueeze(1), psp(m - 1, self.ffk, r, "ff"), Wt[m])
                 C = self.C[m] * dec + basal * gB
                 if not out:
                     A = torch.bmm(psp(self.fb_source(m), self.fbk, r - 1, "fb"), Yt[m])
@@ -468,13 +457,12 @@ class Population:
                     C = C + I0 * c_I
                 self.C[m] = C
                 C_seg[m][:, t] = C
-                self._emit(m, C, None if unif[m] is None else unif[m][:, t], buf, (slice(None), r))
+                self._emit(m, C, None if base is None else base[:, t], buf, (slice(None), r))
         for m in range(M):
-            no = self.n[m + 1]
-            Csum[m] += torch.bmm(wwin, C_seg[m].reshape(P, Ts, -1)).view(P, B, no)
+            if record or m == M - 1:
+                self._window_sum(Csum[m], C_seg[m], wsteps)
         if target is not None:
-            lam = torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1)
-            lam_sum += torch.bmm(wwin, lam.reshape(P, Ts, -1)).view(P, B, -1)
+            self._window_sum(lam_sum, torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1), wsteps)
         return C_seg
 
     # -- learning -------------------------------------------------------------------------------------------------
@@ -495,6 +483,7 @@ class Population:
             dW = [torch.bmm((E[m] * w).transpose(1, 2), f["psp_in"][m]) for m in range(M)]
             angles = self._bp_angles(E, dW, Cf, f, w)
         lr = torch.as_tensor(lr, device=self.dev, dtype=self.dty).view(-1, 1, 1)
+        ones = torch.ones(P, 1, self.B, device=self.dev, dtype=self.dty)   # (a product: the same sum whatever P)
         if self.flags["update_feedback_weights"]:
             b_etas = self._col([mb.b_etas_ for mb in self.members]).view(P, -1)
             for m in range(M - 1):
@@ -502,7 +491,7 @@ class Population:
                 step = lr * b_etas[:, m].view(-1, 1, 1)
                 self.Y[m] -= step * torch.bmm(E_inv.transpose(1, 2), f["psp_fb"][m])
                 if self.flags["use_feedback_bias"]:
-                    self.c[m] -= step.view(-1, 1) * E_inv.sum(1)
+                    self.c[m] -= step.view(-1, 1) * torch.bmm(ones, E_inv).squeeze(1)   # batch sum, as a product
                 if self.Y_mask is not None:
                     self.Y[m] *= self.Y_mask[m]
         f_etas = self._col([mb.f_etas_ for mb in self.members]).view(P, -1)
@@ -510,7 +499,7 @@ class Population:
         for m in range(M):                                    # W -= eta P E^T PSP_in, b -= eta P E (batch means)
             step = lr * f_etas[:, m].view(-1, 1, 1) * (P_out if m == M - 1 else P_hid)
             self.W[m] -= step * (dW[m] if dW is not None else torch.bmm((E[m] * w).transpose(1, 2), f["psp_in"][m]))
-            self.b[m] -= step.view(-1, 1) * (E[m] * w).sum(1)
+            self.b[m] -= step.view(-1, 1) * torch.bmm(w.transpose(1, 2), E[m]).squeeze(1)
         self.version += 1
         if self.flags["use_symmetric_weights"]:
             for q, mb in enumerate(self.members):

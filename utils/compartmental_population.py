@@ -6,16 +6,16 @@
 The estimator (utils/compartmental.py) trains through this module too, as a population of one: `_train` runs the
 members' schedules in lockstep (each its own epochs of random permutations cut into batches, its own hook calls),
 `_step` one batch (a forward and a target phase of utils.compartmental_engine.Population, then the local updates),
-`_uniforms` the random numbers of a phase, drawn per member in a lone run's order. `member_bytes` estimates a
+`phase_keys` the counter-based random numbers' keys of a phase (utils/compartmental_random.py). `member_bytes` estimates a
 member's memory before the run, so that a population larger than memory trains in chunks instead of failing.
 """
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from utils import compartmental_random as rnd
 from utils import compartmental_reference as R
 from utils.compartmental_engine import SEGMENT, Population, segments
 from utils import memory
@@ -181,76 +181,14 @@ def _check_population(estimators, datasets):
         raise ValueError("the training sets have different numbers of features; a population shares its input size")
 
 
-def _uniforms(members, xs, T, pop):
-    """The phase's uniform numbers per segment (engine.segments): [(input (Ts, nnz), [per layer (P, Ts, B, n) or
-    None])], or None in rate mode. On the CPU each member draws its own from its NumPy generator, the input's then
-    each spiking layer's for its whole phase, as a lone run does; elsewhere all at once from the first member's torch
-    generator. Steps past a member's phase and empty slots get 0 (no spikes)."""
+def phase_keys(members, positions, epochs, phase, device):
+    """(P, B) int64 example keys of a phase (compartmental_random): member q's seed, epochs[q], the phase name and
+    each slot's position positions[q] (a (B,) int64 tensor), or None when nothing spikes."""
     m0 = members[0]
-    spiking = [("spike" in layer) for layer in pop.sig]
-    if not m0.use_spiking_feedforward and not any(spiking):
+    if not (m0.use_spiking_feedforward or m0.use_spiking_feedback):
         return None
-    starts, lens = segments(T)
-    dev, dty, B = pop.dev, pop.dty, pop.B
-    nnz = [int((x != 0).sum()) for x in xs]
-    segs = [(torch.empty(Ts, sum(nnz), device=dev, dtype=dty),
-             [torch.empty(len(members), Ts, B, n, device=dev, dtype=dty) if sp else None
-              for sp, n in zip(spiking, m0.n_[1:])]) for Ts in lens]
-    if dev.type != "cpu":
-        for u_in, u_layer in segs:
-            for u in [u_in] + u_layer:
-                if u is not None:
-                    u.uniform_(generator=m0.gen_)
-        return segs
-    np_dty = np.float32 if m0.dtype == "float32" else np.float64
-    cols = np.concatenate([[0], np.cumsum(nnz)])
-
-    def draw(q):                                             # member q's numbers, in a lone run's order
-        mb, Tq, Bq = members[q], int(T[q]), xs[q].shape[0]
-        u_in = [u[0][:, cols[q]:cols[q + 1]] for u in segs]
-        if m0.use_spiking_feedforward:                       # the input's for the whole phase, then ...
-            full = torch.from_numpy(_fill_uniform(mb.rng_np_, np.empty((Tq, nnz[q]), np_dty)))
-            for s, u in zip(starts, u_in):
-                r = max(0, min(u.shape[0], Tq - s))
-                u[:r] = full[s:s + r]
-                u[r:] = 0
-        else:
-            for u in u_in:
-                u.zero_()
-        for m, sp in enumerate(spiking):                     # ... each spiking layer's, segment after segment
-            if not sp:
-                continue
-            for s, (_, u_layer) in zip(starts, segs):
-                u = u_layer[m][q]                            # (Ts, B, n), contiguous: drawn into in place
-                r = max(0, min(u.shape[0], Tq - s))
-                if Bq == B:
-                    _fill_uniform(mb.rng_np_, u[:r].numpy())
-                else:
-                    u[:r, :Bq] = torch.from_numpy(_fill_uniform(mb.rng_np_, np.empty((r, Bq, u.shape[2]), np_dty)))
-                    u[:r, Bq:] = 0
-                u[r:] = 0
-    if len(members) == 1:
-        draw(0)
-    else:                                                    # NumPy fills without the GIL: members in parallel
-        with ThreadPoolExecutor(max(1, min(len(members), torch.get_num_threads()))) as pool:
-            list(pool.map(draw, range(len(members))))
-    return segs
-
-
-def _fill_uniform(rng, out):
-    """Fill the contiguous NumPy array `out` with uniforms in [0, 1) from the generator rng and return it. float64:
-    NumPy's own draws. float32: two numbers from each 64-bit draw of rng's bit generator, the top 24 bits of each
-    32-bit half times 2^-24 (NumPy's float32 grid; its own float32 draws cost 1.5x as much here: 4.19 / 2.75 ns)."""
-    if not out.flags.c_contiguous:
-        raise ValueError("_fill_uniform needs a C-contiguous array (a copy would not be filled)")
-    if out.dtype != np.float32:
-        return rng.random(out=out)
-    raw = rng.bit_generator.random_raw((out.size + 1) // 2).view(np.uint32)[:out.size]
-    raw >>= 8
-    flat = out.reshape(-1)
-    flat[:] = raw
-    flat *= np.float32(2.0 ** -24)
-    return out
+    keys = torch.tensor([rnd.member_key(mb.seed_, e, phase) for mb, e in zip(members, epochs)], dtype=torch.int64)
+    return rnd.example_keys(keys.view(-1, 1).to(device), torch.stack(list(positions)).to(device))
 
 
 def _train(members, datasets, epochs, on_error="raise"):
@@ -338,6 +276,7 @@ class _Run:
                 return None
             self.order, self.pos = torch.randperm(self.n, generator=self.mb.gen_cpu_).to(self.mb.device_), 0
         idx = self.order[self.pos:self.pos + self.mb.batch_size]
+        self.start, self.epoch = self.pos, self.mb.epochs_done_   # the batch's place: its spikes' keys
         self.pos += len(idx)
         return idx
 
@@ -369,13 +308,13 @@ def _step(pop, runs, batches):
     x = torch.zeros(P, B, n[0], device=dev, dtype=dty)
     target = torch.zeros(P, B, n[-1], device=dev, dtype=dty)
     w_ex = torch.zeros(P, B, device=dev, dtype=dty)
-    xs, Tf, Tt = [], [], []
+    Tf, Tt, pos = [], [], []
     for q, (r, idx) in enumerate(zip(runs, batches)):
         k = len(idx)
         x[q, :k] = r.X[idx]
         target[q, :k] = torch.nn.functional.one_hot(r.y[idx], n[-1]).to(dty)
         w_ex[q, :k] = 1.0 / k
-        xs.append(r.X[idx])
+        pos.append(torch.cat([torch.arange(r.start, r.start + k), -1 - torch.arange(B - k)]))   # empty slots: < 0
         f_len, t_len = m0.l_f_phase, m0.l_t_phase
         if m0.extra_steps:                                   # random phase lengths (authors: + int(Wald(2, 1)))
             f_len += int(r.mb.rng_np_.wald(2.0, 1.0))
@@ -384,9 +323,9 @@ def _step(pop, runs, batches):
         Tt.append(t_len)
     active = w_ex > 0
     saved = pop.save_slots() if not bool(active.all()) else None
-    it = m0.integration_time
-    f = pop.phase(x, np.array(Tf), None, it, _uniforms(members, xs, Tf, pop))
-    t = pop.phase(x, np.array(Tt), target, it, _uniforms(members, xs, Tt, pop))
+    it, epochs = m0.integration_time, [r.epoch for r in runs]
+    f = pop.phase(x, np.array(Tf), None, it, phase_keys(members, pos, epochs, "forward", dev))
+    t = pop.phase(x, np.array(Tt), target, it, phase_keys(members, pos, epochs, "target", dev))
     if saved is not None:
         pop.restore_slots(saved, active)
     angles = pop.update(f, t, w_ex, [r.mb.lr_factor() for r in runs])
