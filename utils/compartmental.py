@@ -301,7 +301,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
             xb = X[i:i + chunk]
             pop = Population([self], xb.shape[0], states=[self._fresh_state(xb.shape[0])], bind=False)
             keys = phase_keys([self], [torch.arange(i, i + xb.shape[0])], [0], "test", self.device_)
-            res = pop.phase(xb.unsqueeze(0), np.array([T]), None, window, keys)
+            res = pop.phase(xb.unsqueeze(0), np.array([T]), None, window, keys, record=False)   # the fast test path
             outs.append(res["C"][-1][0].cpu())
         return torch.cat(outs).double().numpy() if outs else np.zeros((0, len(self.classes_)))
 

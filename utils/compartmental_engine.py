@@ -12,9 +12,9 @@ How it is fast (see utils/compartmental.py's docstring for the model):
   projected by one `embedding_bag` over the active inputs only (about 20 of 784 per step on MNIST).
 * layer by layer, whenever the apical compartment does not drive the soma: a layer then depends only on the layer
   below up to the same step, and its soma is a linear filter of U = W S (the projected signal of the layer below):
-  U of all a segment's steps is one product, then the truncated kernel's exact two-exponential recurrence (Eq. 2)
-  and the soma's (the reference's soma_coefficients) run step by step, element-wise, and the layer's spikes of the
-  whole segment are drawn at once. With apical conductance the layers are stepped together, one time step at a time.
+  U of all a segment's steps is one product, the PSP the kernel's band (mem terms, Eq. 2) for all steps at once,
+  then the soma's recurrence (the reference's soma_coefficients) one element-wise step at a time, and the layer's
+  spikes of the whole segment are drawn at once. With apical conductance the layers are stepped together, one time step at a time.
 * every sum over time (window means, PSP means) is taken step after step in time order and every product has the
   same shapes whatever the population, so a member's numbers do not depend on its population or on the segments.
 * window means of linear quantities (PSPs, A = Y PSP_fb + c) are taken once per segment from the stored signals.
@@ -97,7 +97,6 @@ class Population:
         self.kappa = {"ff": np.stack([m.kappa_ff_ for m in ms]),           # (P, mem), kappa[k]: k steps ago,
                       "fb": np.stack([m.kappa_fb_ for m in ms])}           # per path (Eq. 2)
         self.cache, self.version, self.buf = {}, 0, None
-        self.ab = [None] * M                               # the PSP recurrences' a, b per layer within a phase
         if self.bind:
             self._point_members()
 
@@ -193,7 +192,8 @@ class Population:
         for s, Ts in zip(starts, lens):
             t_abs = np.arange(s, s + Ts)
             win = ((t_abs[None, :] >= w0[:, None]) & (t_abs[None, :] < T[:, None])) / window      # (P, Ts)
-            wsteps = [(t, self._tensor(win[:, t]).view(P, 1, 1)) for t in range(Ts) if win[:, t].any()]
+            win_t = self._tensor(win).T.reshape(Ts, P, 1, 1)
+            wsteps = [(t, win_t[t]) for t in np.flatnonzero(win.any(0)).tolist()]
             base = None if keys is None else rnd.step_keys(keys, s, Ts)   # (P, Ts, B) keys of the segment's steps
             w_in = self._row_weights(mem + Ts, s, w0, T - 1, window, "ff") if record else None
             U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], last=s == starts[-1])
@@ -338,7 +338,7 @@ class Population:
             else:                                             # U = W S of the layer below, every row
                 below = buf[m - 1][self.ffk][:, :rows]
                 U = torch.bmm(below.reshape(P, rows * B, -1), Wt[m]).view(P, rows, B, -1)
-            C = self._filter(m, U, Ts, s, I0 if out and target is not None else None)
+            C = self._filter(m, U, Ts, I0 if out and target is not None else None)
             lam = self._emit(m, C, base, buf, (slice(None), slice(mem, rows)))
             if record or out:
                 self._window_sum(Csum[m], C, wsteps)
@@ -354,68 +354,39 @@ class Population:
         for t, w in wsteps:
             acc.addcmul_(V[:, t], w)
 
-    def _kernel_constants(self, path):
-        """Per member (P, 1, 1): e^(-dt / tau_L), e^(-dt / tau_s), their mem-th powers and 1 / (tau_L - tau_s): the
-        truncated kernel's exact recurrence (Eq. 2); None for the identity kernel (rate_psp="rate" on a rate path)."""
-        key = ("kernel", path)
+    def _kernel(self, path):
+        """The members' truncated kernels kappa[k] (Eq. 2) of a path as (P, mem, 1, 1, 1) tensors, cached."""
+        key = ("kappa", path)
         if key not in self.cache:
-            spiking = self.flags["use_spiking_feedforward" if path == "ff" else "use_spiking_feedback"]
-            if not spiking and self.members[0].rate_psp == "rate":
-                self.cache[key] = None
-            else:
-                ms = self.members
-                dL = [np.exp(-m.dt / m.tau_L) for m in ms]
-                ds = [np.exp(-m.dt / m.tau_s) for m in ms]
-                self.cache[key] = tuple(self._col(v) for v in (
-                    dL, ds, [d ** self.mem for d in dL], [d ** self.mem for d in ds],
-                    [1.0 / (m.tau_L - m.tau_s) for m in ms]))
+            self.cache[key] = self._tensor(self.kappa[path]).view(self.P, self.mem, 1, 1, 1)
         return self.cache[key]
 
-    def _psp_steps(self, m, U, Ts, s):
-        """Layer m's input PSP over a segment from its projected input U (P, mem + Ts, B, n; rows [0, mem) the last
-        mem steps), step by step: (iterator over t of v(t), scale) with PSP(t) = scale v(t). v = a - b with a(t) =
-        e^(-dt/tau_L) (a(t-1) + U(t)) - e^(-(mem+1) dt/tau_L) U(t - mem), b likewise with tau_s, scale = 1 / (tau_L
-        - tau_s): the truncated kernel of Eq. 2 exactly. a, b start from the history at the phase's start (s = 0) and
-        carry over between segments. The identity kernel (rate_psp="rate", a rate path): v = U, scale 1."""
-        mem, ker = self.mem, self._kernel_constants("ff")
-        if ker is None:
-            return (U[:, mem + t] for t in range(Ts)), 1.0
-        dL, ds, dLm, dsm, inv = ker
-        if s == 0:                                            # a(-1), b(-1) from the last mem steps (Horner)
-            a, b = torch.zeros_like(U[:, 0]), torch.zeros_like(U[:, 0])
-            for r in range(mem):
-                a = (a + U[:, r]) * dL
-                b = (b + U[:, r]) * ds
-            self.ab[m] = (a, b)
-        Ua = U[:, mem:] - dLm.unsqueeze(1) * U[:, :Ts]
-        Ub = U[:, mem:] - dsm.unsqueeze(1) * U[:, :Ts]
+    def _psp_band(self, U, Ts):
+        """A layer's input PSP over a segment from its projected input U (P, mem + Ts, B, n; rows [0, mem) the last
+        mem steps): PSP(t) = sum_k kappa[k] U(t - k) (Eq. 2), the kernel's band only (mem terms), for all Ts steps at
+        once, term after term in a fixed order."""
+        mem, kap = self.mem, self._kernel("ff")
+        psp = U[:, mem:mem + Ts] * kap[:, 0]
+        for k in range(1, mem):
+            psp.addcmul_(U[:, mem - k:mem - k + Ts], kap[:, k])
+        return psp
 
-        def steps():
-            a, b = self.ab[m]
-            for t in range(Ts):
-                a = (a + Ua[:, t]) * dL
-                b = (b + Ub[:, t]) * ds
-                self.ab[m] = (a, b)
-                yield a - b
-        return steps(), inv
-
-    def _filter(self, m, U, Ts, s, I0):
-        """Layer m's C over a segment, step by step: C(t) = dec C(t-1) + k_B (PSP(t) + b) + k_I I0 (Eqs. 5-7, the
-        reference's soma_coefficients; I0 the teaching input: output layer, target phase), PSP from _psp_steps."""
-        P, B = self.P, self.B
+    def _filter(self, m, U, Ts, I0):
+        """Layer m's C over a segment: C(t) = dec C(t-1) + k_B (PSP(t) + b) + k_I I0 (Eqs. 5-7, the reference's
+        soma_coefficients; I0 the teaching input: output layer, target phase), PSP from _psp_band; the soma's
+        recurrence one element-wise step at a time (none for instantaneous somas, dec = 0)."""
         dec, k_B, _, k_I = self._soma(m, I0 is not None)
-        const = (k_B * self.b[m].unsqueeze(1)).expand(P, B, U.shape[-1])
+        drive = (self._psp_band(U, Ts) + self.b[m].view(self.P, 1, 1, -1)) * k_B.unsqueeze(1)
         if I0 is not None:                                    # teaching current g_E E_E + g_I E_I (Eq. 7)
-            const = const + k_I * I0
-        C_seg = torch.empty(P, Ts, B, U.shape[-1], device=self.dev, dtype=self.dty)
+            drive += (k_I * I0).unsqueeze(1)
+        if not self.flags["use_conductances"]:
+            self.C[m] = drive[:, Ts - 1]
+            return drive
         C = self.C[m]
-        steps, scale = self._psp_steps(m, U, Ts, s)
-        kc = k_B * scale
-        for t, v in enumerate(steps):
-            torch.addcmul(torch.addcmul(const, v, kc), C, dec, out=C_seg[:, t])
-            C = C_seg[:, t]
+        for t in range(Ts):
+            C = drive[:, t].addcmul_(C, dec)
         self.C[m] = C
-        return C_seg
+        return drive
 
     def _soma(self, m, target):
         """Per-member (dec, k_B, k_A, k_I) of layer m's soma (the reference's soma_coefficients) as (P, 1, 1)
@@ -429,23 +400,23 @@ class Population:
     def _segment_steps(self, U0, Ts, s, buf, Wt, Yt, base, I0, wsteps, Csum, lam_sum, target, record=True):
         """Ts steps of all layers together, one time step after the other (apical conductance drives the soma):
         B = W PSP + b (Eq. 5), A = Y PSP_fb (+ c) as of the step before, C = dec C + k_B B + k_A A (Eq. 6, the
-        reference's soma_coefficients); output as in _segment_layers. The input layer's PSP by _psp_steps, the others
+        reference's soma_coefficients); output as in _segment_layers. The input layer's PSP by _psp_band, the others
         as explicit kernel sums over the buffers' last mem rows."""
         M, mem, P, B = self.M, self.mem, self.P, self.B
         kap = {k: self._tensor(v[:, ::-1].copy()).unsqueeze(1) for k, v in self.kappa.items()}   # oldest row first
-        steps0, scale0 = self._psp_steps(0, U0, Ts, s)
+        basal0 = self._psp_band(U0, Ts) + self.b[0].view(P, 1, 1, -1)
         C_seg = [torch.empty(P, Ts, B, self.n[m + 1], device=self.dev, dtype=self.dty) for m in range(M)]
         consts = [self._soma(m, target is not None) for m in range(M)]
 
         def psp(layer, kind, r, path):                      # PSP of the rows (r - mem, r] (Eq. 2)
             src = buf[layer][kind][:, r - mem + 1:r + 1]
             return torch.bmm(kap[path], src.reshape(P, mem, -1)).view(P, B, -1)
-        for t, v0 in enumerate(steps0):
+        for t in range(Ts):
             r = mem + t
             for m in range(M):
                 out = m == M - 1
                 dec, gB, gA, c_I = consts[m]
-                basal = v0 * scale0 + self.b[0].unsqueeze(1) if m == 0 else \
+                basal = basal0[:, t] if m == 0 else \
                     torch.baddbmm(self.b[m].unsqueeze(1), psp(m - 1, self.ffk, r, "ff"), Wt[m])
                 C = self.C[m] * dec + basal * gB
                 if not out:
