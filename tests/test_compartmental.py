@@ -18,6 +18,11 @@ SMALL = dict(l_f_phase=8, l_t_phase=7, integration_time=4, mem=5, extra_steps=Fa
              use_spiking_feedback=False, use_spiking_feedforward=False)
 
 
+def lone_population(clf, B):
+    """The engine's population of the one (initialised) network clf, at rest for B examples."""
+    return engine.Population([clf.config()], [clf._weights()], [clf._fresh_state(B)], B, clf.device_, clf.dtype_)
+
+
 def small_data(n=20, seed=0):
     g = np.random.default_rng(seed)
     X = g.random((n, N_IN)) * (g.random((n, N_IN)) < 0.5)   # sparse pixels in [0, 1)
@@ -112,7 +117,7 @@ def test_spiking_engine_matches_reference_in_distribution(flags):
     kw = dict(n_hidden=(12,), l_f_phase=30, integration_time=10, mem=8, dtype="float64", extra_steps=False,
               lambda_max=1.0, seed=0, **flags)
     clf = CompartmentalClassifier(**kw).initialize(N_IN, np.arange(N_CLASSES))
-    pop = engine.Population([clf], 400, states=[clf._fresh_state(400)], bind=False)
+    pop = lone_population(clf, 400)
     from utils.compartmental_population import phase_keys
     ours = pop.phase(x.unsqueeze(0), np.array([30]), None, 10, phase_keys([clf], [torch.arange(400)], [0], "test", "cpu"))
     net = R.Network(clf.config())
@@ -138,9 +143,9 @@ def test_instantaneous_output_soma_takes_the_steady_state_in_the_target_phase():
     torch.testing.assert_close(C, expected)
     # the engine's filter gives the same: coef B + c_I I0 with I0 = g_E E_E + g_I E_I
     clf = CompartmentalClassifier(n_hidden=(3,), use_conductances=False).initialize(5, np.arange(2))
-    dec, coef, _, c_I = clf._soma_filter(1, target=True)
+    dec, coef, _, c_I = R.soma_coefficients(clf.config(), True, 1.0)
     torch.testing.assert_close(coef * B + c_I * (g_E * 8.0 + (1 - g_E) * -8.0), expected)
-    assert dec == 0.0 and clf._soma_filter(1, target=False)[1] == pytest.approx(0.6 / 0.7)
+    assert dec == 0.0 and R.soma_coefficients(clf.config(), True)[1] == pytest.approx(0.6 / 0.7)
 
 
 def test_learned_feedback_and_feedback_bias_follow_the_authors_rule():
@@ -383,21 +388,21 @@ def test_truncated_kernel_weights():
     clf = CompartmentalClassifier(**{**SMALL, "mem": 6, "dt": 0.5}).initialize(N_IN, np.arange(N_CLASSES))
     t = np.arange(1, 7) * 0.5
     expected = (np.exp(-t / 10.0) - np.exp(-t / 3.0)) / 7.0
-    np.testing.assert_allclose(clf.kappa_ff_, expected, rtol=1e-12)
+    np.testing.assert_allclose(R.kappa(clf.config(), "ff"), expected, rtol=1e-12)
     # the PSP of an impulse: kappa(dt), ..., kappa(mem dt) steps later, then exactly nothing (truncation)
     history = torch.zeros(6, 3, dtype=torch.float64)
     out = []
     for step in range(12):                     # an impulse of 1 and 2 at step 0 (newest row first)
         history = torch.cat([torch.tensor([[1.0, 0.0, 2.0]] if step == 0 else [[0.0, 0.0, 0.0]],
                                           dtype=torch.float64), history[:-1]])
-        out.append(R.psp(clf.kappa_ff_, history).numpy())
+        out.append(R.psp(R.kappa(clf.config(), "ff"), history).numpy())
     out = np.array(out)
     np.testing.assert_allclose(out[:6, 0], expected, rtol=1e-10)
     np.testing.assert_allclose(out[:6, 2], 2 * expected, rtol=1e-10)
     np.testing.assert_allclose(out[6:], 0, atol=1e-15)
     assert np.all(out[:, 1] == 0)
     # the engine's band gives the same impulse response, then exactly nothing (after mem steps)
-    pop = engine.Population([clf], 1, states=[clf._fresh_state(1)], bind=False)
+    pop = lone_population(clf, 1)
     U = torch.zeros(1, 6 + 12, 1, 3, dtype=torch.float64)
     U[0, 6, 0] = torch.tensor([1.0, 0.0, 2.0])
     np.testing.assert_allclose(pop._psp_band(U, 12)[0, :, 0].numpy(), out, rtol=1e-10, atol=1e-15)
@@ -609,7 +614,7 @@ def test_hidden_soma_without_conductances_is_k_B_B_with_g_A():
     torch.testing.assert_close(R.hidden_soma(None, B, torch.tensor([9.0, 9.0]), cfg), 0.8 * B)
     clf = CompartmentalClassifier(n_hidden=(3,), use_conductances=False, use_apical_conductance=True)
     clf.initialize(5, np.arange(2))
-    assert clf._soma_filter(0, target=False) == pytest.approx((0.0, 0.8, 0.0, 1 / 0.75))
+    assert R.soma_coefficients(clf.config(), False) == pytest.approx((0.0, 0.8, 0.0, 1 / 0.75))
 
 
 def test_plain_initialisation_is_the_authors_spread():
@@ -734,9 +739,65 @@ def test_rate_feedforward_with_spiking_feedback_passes_the_input_rates():
     x = small_data(3, seed=1)[0]
     clf = CompartmentalClassifier(**{**SMALL, "use_spiking_feedback": True}, n_hidden=(9,), seed=0)
     clf.initialize(N_IN, np.arange(N_CLASSES))
-    pop = engine.Population([clf], 3, states=[clf._fresh_state(3)], bind=False)
+    pop = lone_population(clf, 3)
     from utils.compartmental_population import phase_keys
     ours = pop.phase(x.unsqueeze(0), np.array([8]), None, 4, phase_keys([clf], [torch.arange(3)], [0], "test", "cpu"))
     net = R.Network(clf.config())
     net.reset(3)
     torch.testing.assert_close(ours["C"][0][0], net.phase(x, 8)["C"][0], rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pure engine and the estimator's state_dict
+
+
+def test_engine_runs_from_configs_and_weights_alone():
+    """The engine takes the reference's Config and weight lists, no estimator: a rate-mode forward phase from rest
+    equals the reference's to float64 rounding, and the engine's module never names the estimator."""
+    import inspect
+    cfg = R.Config(sizes=(N_IN, 9, N_CLASSES), mem=5, integration_time=4, use_spiking_feedback=False,
+                   use_spiking_feedforward=False)
+    W, b, Y, c = R.initial_weights(cfg, torch.Generator().manual_seed(0))
+    x = small_data(4)[0]
+    st = engine.fresh_state(cfg, 4, "cpu", torch.float64)
+    pop = engine.Population([cfg], [dict(W=W, b=b, Y=Y, c=c)], [st], 4, "cpu", torch.float64)
+    ours = pop.phase(x.unsqueeze(0), np.array([12]), None, 4, None)
+    net = R.Network(cfg, weights=(W, b, Y, c))
+    net.reset(4)
+    ref = net.phase(x, 12)
+    for m in range(2):
+        torch.testing.assert_close(ours["C"][m][0], ref["C"][m], rtol=0, atol=1e-12)
+    src = inspect.getsource(engine)
+    assert "CompartmentalClassifier" not in src and "utils.compartmental import" not in src
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(use_sparse_feedback=True, use_symmetric_weights=True,
+                                                noisy_symmetric_weights=True)])
+def test_state_dict_round_trip_mid_epoch_resumes_the_uninterrupted_run(extra, tmp_path):
+    """Stopped after 2 of 5 batches of the second epoch (state_dict saved by the hook, as a checkpoint would), a
+    fresh estimator loaded from it finishes that epoch and a third one equal to the uninterrupted run, bit for bit;
+    the same through utils.checkpoint's file."""
+    from utils.checkpoint import read_checkpoint, write_checkpoint
+    X, y = small_data(20)
+    kw = dict(n_hidden=(9,), l_f_phase=14, l_t_phase=10, integration_time=4, mem=5, dtype="float64", batch_size=4,
+              seed=5, lr_decay_examples=60, **extra)
+    whole = CompartmentalClassifier(**kw, max_epochs=3).fit(X, y)
+    saved = {}
+
+    def stop(clf, info):
+        if info["examples_seen"] == 28:                  # epoch 2, after its second batch
+            saved["sd"] = clf.state_dict()
+            write_checkpoint(tmp_path / "c.pt", clf)
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        CompartmentalClassifier(**kw, max_epochs=3, hook=stop).fit(X, y)
+    assert saved["sd"]["meta"]["position"] == 8 and saved["sd"]["meta"]["epochs_done"] == 1
+    for resumed in (CompartmentalClassifier(**kw).load_state_dict(saved["sd"]), read_checkpoint(tmp_path / "c.pt")[0]):
+        resumed.partial_fit(X, y)                        # the rest of epoch 2
+        assert resumed.examples_seen_ == 40 and resumed.epochs_done_ == 2
+        resumed.partial_fit(X, y)                        # epoch 3
+        for a, b in zip(whole.W_ + whole.b_ + whole.Y_ + whole.c_, resumed.W_ + resumed.b_ + resumed.Y_ + resumed.c_):
+            assert torch.equal(a, b)
+        np.testing.assert_array_equal(resumed.decision_function(X), whole.decision_function(X))
+    with pytest.raises(ValueError, match="unfinished epoch of this network is over 20 examples but X has 12"):
+        CompartmentalClassifier(**kw).load_state_dict(saved["sd"]).partial_fit(X[:12], y[:12])

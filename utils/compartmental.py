@@ -64,7 +64,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from utils import compartmental_reference as R
-from utils.compartmental_engine import Population
+from utils.compartmental_engine import Population, fresh_state
 from utils.compartmental_population import (  # noqa: F401  (re-exported: fit_population, POPULATION_SHARED)
     POPULATION_SHARED, _as_numpy, _n_features, phase_keys, _train, as_labels, as_pixels, fit_population)  # noqa: F401
 
@@ -208,8 +208,6 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
                                                  else PAPER_F_ETAS.get(self.M_ - 1, (0.21,) * self.M_)))
         self.b_etas_ = tuple(float(e) for e in self.b_etas) if self.b_etas is not None else (0.0,) * (self.M_ - 1)
         cfg = self.config()
-        self.k_B_, self.k_D_ = R.attenuations(cfg)          # steady-state attenuations, hidden and output somas
-        self.kappa_ff_, self.kappa_fb_ = R.kappa(cfg, "ff"), R.kappa(cfg, "fb")   # Eq. 2, per path
         W, b, Y, c = R.initial_weights(cfg, self.gen_cpu_)
         masks = R.sparse_masks(Y, self.gen_cpu_) if self.use_sparse_feedback else None
         if self.use_symmetric_weights:
@@ -223,24 +221,15 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         self.state_ = None                                  # made for the first batch (see _fresh_state)
         self.examples_seen_ = 0
         self.epochs_done_ = 0
-
-    def _soma_filter(self, m, target):
-        """(dec, k_B, k_A, k_I) of layer m's soma as a linear filter of its basal drive B, apical A and teaching input
-        I0 = g_E E_E + g_I E_I (the reference's soma_coefficients; g_E + g_I = 1 in the target phase)."""
-        out = m == self.M_ - 1
-        return R.soma_coefficients(self.config(), out, 1.0 if out and target else 0.0)
+        self.order_, self.position_ = None, None             # an unfinished epoch: its example order and position
 
     def _fresh_state(self, B):
-        """Rest: zero potentials and signal histories (the last mem steps) for B examples."""
-        M, n, to = self.M_, self.n_, dict(device=self.device_, dtype=self.dtype_)
-        kinds = [set() for _ in range(M)]                   # what each layer sends: spikes and / or rates
-        for m in range(M - 1):
-            kinds[m].add("spike" if self.use_spiking_feedforward else "rate")
-            kinds[M - 1 if self.use_broadcast else m + 1].add("spike" if self.use_spiking_feedback else "rate")
-        e = torch.zeros(0, dtype=torch.long, device=self.device_)
-        return dict(C=[torch.zeros(B, n[m + 1], **to) for m in range(M)],
-                    sig=[{k: torch.zeros(self.mem, B, n[m + 1], **to) for k in sorted(kinds[m])} for m in range(M)],
-                    hist=(e, e, e, torch.zeros(0, **to)))   # input events (row, example, input, value)
+        """Rest: zero potentials and signal histories (the last mem steps) for B examples (engine.fresh_state)."""
+        return fresh_state(self.config(), B, self.device_, self.dtype_)
+
+    def _weights(self):
+        """The weights as the engine takes them: dict(W, b, Y, c, mask) of lists of tensors."""
+        return dict(W=self.W_, b=self.b_, Y=self.Y_, c=self.c_, mask=self.Y_mask_)
 
     # ------------------------------------------------------------------------------------------------------------
     # the scikit-learn API
@@ -299,7 +288,8 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         outs = []
         for i in range(0, X.shape[0], chunk):
             xb = X[i:i + chunk]
-            pop = Population([self], xb.shape[0], states=[self._fresh_state(xb.shape[0])], bind=False)
+            k = xb.shape[0]
+            pop = Population([self.config()], [self._weights()], [self._fresh_state(k)], k, self.device_, self.dtype_)
             keys = phase_keys([self], [torch.arange(i, i + xb.shape[0])], [0], "test", self.device_)
             res = pop.phase(xb.unsqueeze(0), np.array([T]), None, window, keys, record=False)   # the fast test path
             outs.append(res["C"][-1][0].cpu())
@@ -317,6 +307,42 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         if len(y) != len(X):
             raise ValueError(f"X has {len(X)} examples but y has {len(y)} labels")
         return float(np.average(self.predict(X) == y, weights=sample_weight))
+
+    def state_dict(self):
+        """Everything training needs to go on exactly where it stands (also mid-epoch): the weights (W, b, Y, c and
+        the sparse feedback's masks, as named_weights), the simulation state (potentials, signal histories, input
+        events), the unfinished epoch's example order and position, the counters and the generators' states. Plain
+        values under "meta" (JSON-able), tensors under "tensors"; load_state_dict is its inverse."""
+        self._check_fitted()
+        meta = dict(n_features=self.n_[0], classes=self.classes_.tolist(), seed=self.seed_,
+                    examples_seen=self.examples_seen_, epochs_done=self.epochs_done_, position=self.position_,
+                    rng_np=self.rng_np_.bit_generator.state)
+        tensors = dict(weights=dict(self.named_weights()), generator=self.gen_cpu_.get_state())
+        if self.order_ is not None:
+            tensors["order"] = self.order_.cpu()
+        if self.state_ is not None:
+            st = self.state_
+            tensors["state"] = dict(C=list(st["C"]), sig=[dict(d) for d in st["sig"]], hist=list(st["hist"]))
+        return dict(meta=meta, tensors=tensors)
+
+    def load_state_dict(self, state):
+        """Restore what state_dict gave (on this estimator's device and dtype); training goes on from there:
+        partial_fit first finishes an unfinished epoch."""
+        meta, tensors = state["meta"], state["tensors"]
+        self.initialize(meta["n_features"], np.asarray(meta["classes"]))
+        self.set_weights(tensors["weights"])
+        self.seed_, self.examples_seen_, self.epochs_done_ = meta["seed"], meta["examples_seen"], meta["epochs_done"]
+        self.rng_np_.bit_generator.state = meta["rng_np"]
+        self.gen_cpu_.set_state(tensors["generator"].cpu())
+        self.position_ = meta["position"]
+        self.order_ = tensors["order"].to(self.device_) if "order" in tensors else None
+        if "state" in tensors:
+            s, to = tensors["state"], dict(device=self.device_, dtype=self.dtype_)
+            hist = [h.to(self.device_) for h in s["hist"]]
+            self.state_ = dict(C=[c.to(**to) for c in s["C"]], sig=[{k: v.to(**to) for k, v in d.items()}
+                                                                     for d in s["sig"]],
+                               hist=tuple(hist[:3]) + (hist[3].to(**to),))
+        return self
 
     def named_weights(self):
         """Feedforward W1..WM (output last), biases b1..bM, feedback Y1..Y(M-1) and apical biases c1..c(M-1), by name

@@ -45,26 +45,38 @@ def segments(T):
 # the population
 
 
+def fresh_state(cfg, B, device, dtype):
+    """A network's state at rest for B examples (cfg: the reference's Config): zero potentials C per layer, zero
+    signal histories (the last mem steps of what each layer sends: spikes and / or rates) and no input events."""
+    M, n = cfg.M, cfg.sizes
+    kinds = [set() for _ in range(M)]                       # what each layer sends: spikes and / or rates
+    for m in range(M - 1):
+        kinds[m].add("spike" if cfg.use_spiking_feedforward else "rate")
+        kinds[M - 1 if cfg.use_broadcast else m + 1].add("spike" if cfg.use_spiking_feedback else "rate")
+    to = dict(device=device, dtype=dtype)
+    e = torch.zeros(0, dtype=torch.long, device=device)
+    return dict(C=[torch.zeros(B, n[m + 1], **to) for m in range(M)],
+                sig=[{k: torch.zeros(cfg.mem, B, n[m + 1], **to) for k in sorted(kinds[m])} for m in range(M)],
+                hist=(e, e, e, torch.zeros(0, **to)))   # input events (row, example, input, value)
+
+
 class Population:
     """P networks of one structure, their weights stacked along a leading member dimension, simulated together.
 
-    `members` are CompartmentalClassifiers with their constants, generators, weights (W_, b_, Y_, c_, Y_mask_) and
-    state (state_, or `states`) set up; `B` the state's batch size. With bind=True the members' weights become views
-    of the stacks (their hooks see the current weights); `weights_back()` and `state_back()` write results back."""
+    cfgs: one reference Config per member (the numbers, rates, flags: the structure and flags shared); weights: per
+    member dict(W=[...], b=[...], Y=[...], c=[...], mask=[...] or None) of tensors; states: per member a state (see
+    fresh_state) of batch B; generators: per member the torch.Generator of the noisy symmetric feedback's noise (or
+    None). The stacks self.W, self.b, self.Y, self.c are updated in place; member(q) gives views of member q's,
+    state_of(q) its state; keep(indices) goes on with some members only."""
 
-    def __init__(self, members, B, states=None, bind=True):
-        self.members = list(members)
-        m0 = self.members[0]
-        self.M, self.n, self.mem, self.dt, self.B = m0.M_, m0.n_, m0.mem, m0.dt, int(B)
-        self.dev, self.dty = m0.device_, m0.dtype_
-        self.flags = {name: bool(getattr(m0, name)) for name in (
-            "use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiking_feedforward",
-            "use_symmetric_weights", "noisy_symmetric_weights", "use_sparse_feedback", "update_feedback_weights",
-            "use_apical_conductance", "use_feedback_bias", "record_backprop_angle")}
+    def __init__(self, cfgs, weights, states, B, device, dtype, generators=None):
+        self.cfgs, c0 = list(cfgs), cfgs[0]
+        self.M, self.n, self.mem, self.B = c0.M, tuple(c0.sizes), c0.mem, int(B)
+        self.dev, self.dty = torch.device(device), dtype
+        self.flags = {name: bool(getattr(c0, name)) for name in R.FLAGS}
         self.ffk = "spike" if self.flags["use_spiking_feedforward"] else "rate"
         self.fbk = "spike" if self.flags["use_spiking_feedback"] else "rate"
-        self.bind = bind
-        self._stack(states)
+        self._stack(weights, states, generators or [None] * len(self.cfgs))
 
     # -- members' numbers and weights as stacked tensors -------------------------------------------------------
 
@@ -72,61 +84,56 @@ class Population:
         """Per-member numbers as a (P, 1, 1) tensor (broadcasts over examples and neurons)."""
         return torch.tensor(values, device=self.dev, dtype=self.dty).view(-1, 1, 1)
 
-    def _stack(self, states=None):
-        ms, M = self.members, self.M
-        self.P = len(ms)
-        self.lmax = self._col([m.lambda_max for m in ms])
-        self.lmax_shared = float(ms[0].lambda_max) if len({m.lambda_max for m in ms}) == 1 else None
-        self.k_B = self._col([m.k_B_ for m in ms])
-        self.k_D = self._col([m.k_D_ for m in ms])
-        self.E_E = self._col([m.E_E for m in ms])
-        self.E_I = self._col([m.E_I for m in ms])
-        self.W = [torch.stack([m.W_[k] for m in ms]) for k in range(M)]
-        self.b = [torch.stack([m.b_[k] for m in ms]) for k in range(M)]
-        self.Y = [torch.stack([m.Y_[k] for m in ms]) for k in range(M - 1)]
-        self.c = [torch.stack([m.c_[k] for m in ms]) for k in range(M - 1)]
-        self.Y_mask = None if ms[0].Y_mask_ is None else \
-            [torch.stack([m.Y_mask_[k] for m in ms]) for k in range(M - 1)]
-        st = states if states is not None else [m.state_ for m in ms]
-        self.C = [torch.stack([s["C"][k] for s in st]) for k in range(M)]
-        self.sig = [{kind: torch.stack([s["sig"][k][kind] for s in st]) for kind in st[0]["sig"][k]} for k in range(M)]
-        hist = [s["hist"] for s in st]      # input history events (row, example, input, value) of each member
+    def _stack(self, weights, states, generators):
+        cs, M = self.cfgs, self.M
+        self.P, self.gens = len(cs), list(generators)
+        self.lmax = self._col([c.lambda_max for c in cs])
+        self.lmax_shared = float(cs[0].lambda_max) if len({c.lambda_max for c in cs}) == 1 else None
+        att = [R.attenuations(c) for c in cs]                # steady-state attenuations k_B, k_D
+        self.k_B, self.k_D = self._col([a[0] for a in att]), self._col([a[1] for a in att])
+        self.E_E, self.E_I = self._col([c.E_E for c in cs]), self._col([c.E_I for c in cs])
+        self.f_etas = self._col([c.f_etas for c in cs]).view(self.P, -1)
+        self.b_etas = self._col([c.b_etas for c in cs]).view(self.P, -1) if M > 1 else None
+        to = dict(device=self.dev, dtype=self.dty)
+        stack = lambda key, k: torch.stack([w[key][k].to(**to) for w in weights])   # noqa: E731
+        self.W, self.b = [stack("W", k) for k in range(M)], [stack("b", k) for k in range(M)]
+        self.Y, self.c = [stack("Y", k) for k in range(M - 1)], [stack("c", k) for k in range(M - 1)]
+        self.Y_mask = None if weights[0].get("mask") is None else [stack("mask", k) for k in range(M - 1)]
+        self.C = [torch.stack([s["C"][k] for s in states]) for k in range(M)]
+        self.sig = [{kind: torch.stack([s["sig"][k][kind] for s in states]) for kind in states[0]["sig"][k]}
+                    for k in range(M)]
+        hist = [s["hist"] for s in states]  # input history events (row, example, input, value) of each member
         p = torch.cat([torch.full_like(h[0], q) for q, h in enumerate(hist)])
         self.hist = (torch.cat([h[0] for h in hist]), p * self.B + torch.cat([h[1] for h in hist]),
                      torch.cat([h[2] for h in hist]), torch.cat([h[3] for h in hist]))
-        self.kappa = {"ff": np.stack([m.kappa_ff_ for m in ms]),           # (P, mem), kappa[k]: k steps ago,
-                      "fb": np.stack([m.kappa_fb_ for m in ms])}           # per path (Eq. 2)
+        self.kappa = {path: np.stack([R.kappa(c, path) for c in cs]) for path in ("ff", "fb")}   # (P, mem), Eq. 2
         self.cache, self.version, self.buf = {}, 0, None
-        if self.bind:
-            self._point_members()
 
-    def _point_members(self):
-        """Each member's W_, b_, Y_, c_ become views of the stacks (so that hooks see the current weights)."""
-        for q, m in enumerate(self.members):
-            m.W_ = [w[q] for w in self.W]
-            m.b_ = [v[q] for v in self.b]
-            m.Y_ = [y[q] for y in self.Y]
-            m.c_ = [v[q] for v in self.c]
+    def member(self, q):
+        """Member q's weights as views of the stacks: dict(W, b, Y, c) of lists (they follow the updates)."""
+        return dict(W=[w[q] for w in self.W], b=[v[q] for v in self.b], Y=[y[q] for y in self.Y],
+                    c=[v[q] for v in self.c])
 
-    def state_back(self):
-        """Write every member's state (potentials, signal histories, input history) back to it."""
+    def weights_of(self, q):
+        """Member q's own copies of its weights (and masks), as the constructor takes them."""
+        out = {k: [v.clone() for v in vs] for k, vs in self.member(q).items()}
+        out["mask"] = None if self.Y_mask is None else [mk[q].clone() for mk in self.Y_mask]
+        return out
+
+    def state_of(self, q):
+        """Member q's state (potentials, signal histories, input history events), as fresh_state makes it."""
         et, ex, ei, ev = self.hist
-        for q, m in enumerate(self.members):
-            keep = (ex // self.B) == q
-            m.state_ = dict(C=[c[q].clone() for c in self.C],
-                            sig=[{k: v[q].clone() for k, v in layer.items()} for layer in self.sig],
-                            hist=(et[keep], ex[keep] % self.B, ei[keep], ev[keep]))
+        keep = (ex // self.B) == q
+        return dict(C=[c[q].clone() for c in self.C], sig=[{k: v[q].clone() for k, v in layer.items()}
+                                                             for layer in self.sig],
+                    hist=(et[keep], ex[keep] % self.B, ei[keep], ev[keep]))
 
-    def weights_back(self, keep=None):
-        """Give the members their own copies of the weights; with `keep` (member indices), go on with those only."""
-        for q, m in enumerate(self.members):
-            m.W_, m.b_ = [w[q].clone() for w in self.W], [v[q].clone() for v in self.b]
-            m.Y_, m.c_ = [y[q].clone() for y in self.Y], [v[q].clone() for v in self.c]
-        if keep is not None:
-            self.state_back()
-            self.members = [self.members[q] for q in keep]
-            if self.members:
-                self._stack()
+    def keep(self, indices):
+        """Go on with the members `indices` only (in that order)."""
+        weights, states = [self.weights_of(q) for q in indices], [self.state_of(q) for q in indices]
+        self.cfgs = [self.cfgs[q] for q in indices]
+        if self.cfgs:
+            self._stack(weights, states, [self.gens[q] for q in indices])
 
     def save_slots(self):
         """The state before a batch, for restore_slots: a smaller batch leaves its empty slots as they were."""
@@ -175,7 +182,7 @@ class Population:
         T = np.asarray(T)
         starts, lens = segments(T)
         A_step = self.flags["use_conductances"] and self.flags["use_apical_conductance"] and \
-            any(m.g_A != 0 for m in self.members)
+            any(c.g_A != 0 for c in self.cfgs)
         z = lambda *s: torch.zeros(*s, device=dev, dtype=dty)  # noqa: E731
         inp = self._input_events(x)
         I0 = None if target is None else target * self.E_E + (1.0 - target) * self.E_I   # g_E E_E + g_I E_I
@@ -393,7 +400,8 @@ class Population:
         tensors, cached."""
         key = ("soma", m, target)
         if key not in self.cache:
-            vals = [mb._soma_filter(m, target) for mb in self.members]
+            out = m == self.M - 1
+            vals = [R.soma_coefficients(c, out, 1.0 if out and target else 0.0) for c in self.cfgs]
             self.cache[key] = tuple(self._col([v[k] for v in vals]) for k in range(4))
         return self.cache[key]
 
@@ -456,7 +464,7 @@ class Population:
         lr = torch.as_tensor(lr, device=self.dev, dtype=self.dty).view(-1, 1, 1)
         ones = torch.ones(P, 1, self.B, device=self.dev, dtype=self.dty)   # (a product: the same sum whatever P)
         if self.flags["update_feedback_weights"]:
-            b_etas = self._col([mb.b_etas_ for mb in self.members]).view(P, -1)
+            b_etas = self.b_etas
             for m in range(M - 1):
                 E_inv = R.feedback_error(Cf[m], alpha_f[m], f["A"][m], lmax) * w
                 step = lr * b_etas[:, m].view(-1, 1, 1)
@@ -465,7 +473,7 @@ class Population:
                     self.c[m] -= step.view(-1, 1) * torch.bmm(ones, E_inv).squeeze(1)   # batch sum, as a product
                 if self.Y_mask is not None:
                     self.Y[m] *= self.Y_mask[m]
-        f_etas = self._col([mb.f_etas_ for mb in self.members]).view(P, -1)
+        f_etas = self.f_etas
         P_out, P_hid = R.step_sizes(lmax)
         for m in range(M):                                    # W -= eta P E^T PSP_in, b -= eta P E (batch means)
             step = lr * f_etas[:, m].view(-1, 1, 1) * (P_out if m == M - 1 else P_hid)
@@ -473,9 +481,8 @@ class Population:
             self.b[m] -= step.view(-1, 1) * torch.bmm(w.transpose(1, 2), E[m]).squeeze(1)
         self.version += 1
         if self.flags["use_symmetric_weights"]:
-            for q, mb in enumerate(self.members):
-                cfg = mb.config()
-                Y = R.symmetric_feedback([wt[q] for wt in self.W], cfg, mb.gen_cpu_)
+            for q, cfg in enumerate(self.cfgs):
+                Y = R.symmetric_feedback([wt[q] for wt in self.W], cfg, self.gens[q])
                 for m in range(M - 1):
                     self.Y[m][q] = Y[m] * (self.Y_mask[m][q] * 5 if self.Y_mask is not None else 1)
         return angles

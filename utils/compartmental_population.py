@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from utils import compartmental_random as rnd
 from utils import compartmental_reference as R
-from utils.compartmental_engine import SEGMENT, Population, segments
+from utils.compartmental_engine import SEGMENT, Population, fresh_state, segments
 from utils import memory
 from utils.errors import TrainingDiverged
 
@@ -157,7 +157,8 @@ def _check_population(estimators, datasets):
         raise ValueError(f"fit_population got {len(estimators)} estimators but {len(datasets)} training sets; "
                          "give one (X, y) per estimator")
     for p, est in enumerate(estimators):
-        if not callable(getattr(est, "_fresh_state", None)):   # (duck-typed: this module cannot import the class)
+        from utils.compartmental import CompartmentalClassifier   # (lazy: that module imports this one)
+        if not isinstance(est, CompartmentalClassifier):
             raise ValueError(f"member {p} is a {type(est).__name__}, not a CompartmentalClassifier")
     first = estimators[0].get_params()
     norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v   # noqa: E731
@@ -206,7 +207,7 @@ def _train(members, datasets, epochs, on_error="raise"):
     B_state = max([min(m0.batch_size, len(X)) for X in Xs] +
                   [mb.state_["C"][0].shape[0] for mb in members if mb.state_ is not None])
     for mb in members:                                       # a fresh state, or the old one widened with rest slots
-        old, mb.state_ = mb.state_, mb._fresh_state(B_state)
+        old, mb.state_ = mb.state_, fresh_state(mb.config(), B_state, mb.device_, mb.dtype_)
         if old is not None:
             k = old["C"][0].shape[0]
             for m in range(mb.M_):
@@ -216,7 +217,7 @@ def _train(members, datasets, epochs, on_error="raise"):
             mb.state_["hist"] = old["hist"]
     check_member_fits(m0, B_state)                           # before anything trains
     runs = [_Run(mb, X, y, ep) for mb, X, y, ep in zip(members, Xs, ys, epochs)]
-    pop = Population(members, B_state)
+    pop = population(members, B_state)
     bar = None
     if any(mb.verbose for mb in members):
         bar = tqdm(total=sum(r.total for r in runs), desc="compartmental", unit="ex", leave=False)
@@ -225,10 +226,12 @@ def _train(members, datasets, epochs, on_error="raise"):
             batches = [r.next_batch() for r in runs]
             if any(b is None for b in batches):              # members that are done leave the population
                 keep = [q for q, b in enumerate(batches) if b is not None]
-                pop.weights_back(keep)
+                write_back(pop, [r.mb for r in runs])
+                pop.keep(keep)
                 runs, batches = [runs[q] for q in keep], [batches[q] for q in keep]
                 if not runs:
                     break
+                bind(pop, [r.mb for r in runs])
             diverged = _step(pop, runs, batches)
             if bar is not None:
                 bar.update(sum(len(b) for b in batches))
@@ -239,16 +242,43 @@ def _train(members, datasets, epochs, on_error="raise"):
                                        + "); lower the learning rates (the paper's, scaled for the batch: "
                                          "utils.compartmental.batch_f_etas)")
                 if on_error == "raise":
-                    pop.weights_back()
+                    write_back(pop, [r.mb for r in runs])
                     raise err
                 mb.fit_error_ = err
                 runs[q].done = True
-            for r in runs:
+            for q, r in enumerate(runs):
+                if r.mb.hook is not None:                    # the hook sees the current state (state_dict)
+                    r.mb.state_ = pop.state_of(q)
                 r.after_batch()
     finally:
         if bar is not None:
             bar.close()
     return members
+
+
+def population(members, B):
+    """The engine's Population of the estimators `members` at state batch B (their configurations, weights,
+    states and noise generators), with the members' weights bound to it (see bind)."""
+    m0 = members[0]
+    pop = Population([mb.config() for mb in members], [mb._weights() for mb in members],
+                     [mb.state_ for mb in members], B, m0.device_, m0.dtype_, [mb.gen_cpu_ for mb in members])
+    bind(pop, members)
+    return pop
+
+
+def bind(pop, members):
+    """Each member's W_, b_, Y_, c_ become views of the population's stacks (so that hooks see the current ones)."""
+    for q, mb in enumerate(members):
+        v = pop.member(q)
+        mb.W_, mb.b_, mb.Y_, mb.c_ = v["W"], v["b"], v["Y"], v["c"]
+
+
+def write_back(pop, members):
+    """Give every member its own copies of its weights and its state."""
+    for q, mb in enumerate(members):
+        w = pop.weights_of(q)
+        mb.W_, mb.b_, mb.Y_, mb.c_ = w["W"], w["b"], w["Y"], w["c"]
+        mb.state_ = pop.state_of(q)
 
 
 class _Run:
@@ -259,6 +289,11 @@ class _Run:
         self.total = epochs * self.n
         self.remaining, self.done = epochs, False
         self.order, self.pos, self.seen0 = None, self.n, mb.examples_seen_
+        if mb.order_ is not None:                            # an unfinished epoch (load_state_dict): finish it
+            if len(mb.order_) != self.n:
+                raise ValueError(f"the unfinished epoch of this network is over {len(mb.order_)} examples but X has "
+                                 f"{self.n}; give the same training data to finish it, or fit afresh")
+            self.order, self.pos = mb.order_, mb.position_
         self.last = None                                     # the last batch's loss, accuracy and angles
         if mb.hook is not None:
             mb.hook(mb, dict(epoch=mb.epochs_done_, examples_seen=0, n_train=self.n,
@@ -273,11 +308,13 @@ class _Run:
                 self.mb.epochs_done_ += 1
                 self.remaining -= 1
             if self.remaining <= 0:
+                self.mb.order_, self.mb.position_ = None, None
                 return None
             self.order, self.pos = torch.randperm(self.n, generator=self.mb.gen_cpu_).to(self.mb.device_), 0
         idx = self.order[self.pos:self.pos + self.mb.batch_size]
         self.start, self.epoch = self.pos, self.mb.epochs_done_   # the batch's place: its spikes' keys
         self.pos += len(idx)
+        self.mb.order_, self.mb.position_ = self.order, self.pos
         return idx
 
     def record(self, out, idx, angles):
@@ -302,7 +339,7 @@ class _Run:
 
 def _step(pop, runs, batches):
     """One batch of every member: forward and target phases, updates, records. Returns members that diverged."""
-    members, P, B = pop.members, pop.P, pop.B
+    members, P, B = [r.mb for r in runs], pop.P, pop.B
     m0, n = members[0], members[0].n_
     dev, dty = pop.dev, pop.dty
     x = torch.zeros(P, B, n[0], device=dev, dtype=dty)
