@@ -5,7 +5,8 @@ dendrites", eLife 6:e22901, as a scikit-learn estimator, and many such networks 
     clf = CompartmentalClassifier(n_hidden=(500,), batch_size=1, max_epochs=60, seed=0)   # the paper's setup
     clf.fit(X_train, y_train)          # X: N x C x H x W (or N x D) tensor in [0, 1], y: N labels
     clf.predict(X_test), clf.predict_proba(X_test), clf.score(X_test, y_test)
-    clf.named_weights()                # {"W1": ..., "W2": ..., "Y1": ...}; clf.set_weights(...) is its inverse
+    clf.named_weights()                # {"W1": ..., "b1": ..., "Y1": ..., "c1": ...}; clf.set_weights(...) inverts it
+    clf.state_dict(), clf.load_state_dict(sd)   # everything to go on exactly, also mid-epoch (utils.checkpoint)
     fit_population([clf_a, clf_b, clf_c], [(Xa, ya), (Xb, yb), (Xc, yc)])   # three networks in one simulation
 
 Three modules, what from how:
@@ -13,8 +14,10 @@ Three modules, what from how:
   (`Network`) with the configuration as one frozen dataclass (`Config`, also the home of the option FLAGS). Read it
   with the paper's Methods beside it.
 * utils/compartmental_engine.py: the fast engine (`Population`): P networks of one structure in one batched
-  simulation, layer by layer over segments of time steps; the tests check it against the reference.
-* utils/compartmental_population.py: `fit_population`, many networks trained side by side.
+  simulation, layer by layer over segments of time steps, from the reference's Configs and weight stacks alone (it
+  never touches this estimator); the tests check it against the reference.
+* utils/compartmental_population.py: `fit_population`, many networks trained side by side (the training loop).
+* utils/compartmental_random.py: the counter-based random numbers of the spikes.
 * this module: the estimator, batch-scaled learning rates.
 
 The model in brief (equation numbers of the paper's Methods): inputs send Poisson spikes at lambda_max x pixel;
