@@ -10,6 +10,8 @@
     ... --epochs 60 --test-every-epochs 10      # a full MNIST test costs a third of an epoch: test every 10th only
     ... --resume                                # after an interruption: same arguments, continues from the checkpoint
     python benchmarks/bench_compartmental.py --plot runs/a.json runs/b.json   # figures/compartmental_test_error.png
+    BIODL_DATA=/path/to/datasets python benchmarks/bench_compartmental.py --compare de26ccd~2   # engines side by side
+    ... --compare COMMIT --accuracy-train 60000 --accuracy-test 10000   # + the accuracy check (3 seeds per engine)
     BIODL_DATA=/path/to/datasets python benchmarks/bench_compartmental.py --population 8 --threads 2  # side by side
     BIODL_DATA=/path/to/datasets python benchmarks/bench_compartmental.py --cv --epochs 1   # 3-fold CV as a population
 
@@ -39,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, os.environ.get("BIODL_ENGINE_ROOT") or str(ROOT))   # --compare: the engine measured
 from utils.compartmental import PAPER_TEST_ERROR, CompartmentalClassifier  # noqa: E402
 
 REFERENCE = dict(train_ex_s=38.0, test_ex_s=17.0, peak_mib=875.0)   # authors' NumPy code, measured by the lead
@@ -54,6 +57,98 @@ def mnist_like(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = (torch.rand(n, 1, 28, 28, generator=g) < 0.19) * torch.rand(n, 1, 28, 28, generator=g)
     return X.float(), torch.arange(n) % 10, "random MNIST-like images"
+
+
+def compare(args):
+    """Today's engine against the one at commit args.compare (a git worktree of it, each measured in its own
+    process with the same examples, seeds and threads): training and test ex/s (wall and per CPU s), peak memory,
+    the cost per neuron-step and the ratios; then the accuracy check (one epoch at batch 16, 3 seeds each)."""
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"biodl-engine-{args.compare.replace('~', '-')}"
+    if not base.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base), args.compare], check=True,
+                       capture_output=True)
+    engines = (("base", base), ("new", ROOT))
+    print(f"engines: base = {args.compare} ({base}), new = this tree; load average {os.getloadavg()[0]:.1f}")
+    print(f"{'data':>8} {'batch':>5} {'thr':>3} {'engine':>6} {'train ex/s':>10} {'per CPU s':>9} {'ns/n-step':>9} "
+          f"{'test ex/s':>9} {'per CPU s':>9} {'ns/n-step':>9} {'warm-up s':>9} {'peak MiB':>8}")
+    for data, B, threads in ((d, int(b), int(t)) for d, b, t in (c.split(":") for c in args.cases)):
+        rows = {}
+        for name, root in engines:
+            cmd = [sys.executable, __file__, "--measure", data, str(B), str(threads), str(args.batches),
+                   str(args.test_examples)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BIODL_ENGINE_ROOT": str(root)})
+            if out.returncode:
+                raise SystemExit(f"{name} engine failed on {data} batch {B}:\n{out.stderr[-3000:]}")
+            r = rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{data:>8} {B:>5} {threads:>3} {name:>6} {r['train_ex_s']:>10.1f} {r['train_cpu']:>9.1f} "
+                  f"{r['train_ns']:>9.1f} {r['test_ex_s']:>9.1f} {r['test_cpu']:>9.1f} {r['test_ns']:>9.1f} "
+                  f"{r['warmup_s']:>9.1f} {r['peak_mib']:>8.0f}", flush=True)
+        n, b = rows["new"], rows["base"]
+        print(f"{'':>8} {'':>5} {'':>3} {'ratio':>6} {n['train_ex_s'] / b['train_ex_s']:>10.2f} "
+              f"{n['train_cpu'] / b['train_cpu']:>9.2f} {'':>9} {n['test_ex_s'] / b['test_ex_s']:>9.2f} "
+              f"{n['test_cpu'] / b['test_cpu']:>9.2f}   (target 3.0x)", flush=True)
+    if args.accuracy_train:
+        accuracy_check(args, engines)
+
+
+def measure(data, B, threads, n_batches, n_test):
+    """One engine (the one on sys.path) on the first examples of `data`: training ex/s over n_batches batches after
+    a warm-up batch (timed apart: it holds any compilation), test ex/s, peak RSS, ns per neuron-step of CPU time."""
+    from utils.compartmental import batch_f_etas
+    from utils.data import load_dataset
+    torch.set_num_threads(threads)
+    ds = load_dataset(data)
+    n_train = B * (n_batches + 1)
+    X, y, Xt = ds.X_train[:n_train], ds.y_train[:n_train], ds.X_test[:n_test]
+    clf = CompartmentalClassifier(batch_size=B, f_etas=batch_f_etas(B), seed=0)
+    clf.initialize(X[0].numel(), np.arange(10))
+    t = time.perf_counter()
+    clf.partial_fit(X[:B], y[:B])
+    clf.decision_function(Xt[:8])
+    warm = time.perf_counter() - t
+    t, c = time.perf_counter(), time.process_time()
+    clf.partial_fit(X[B:], y[B:])
+    train, train_cpu = (n_train - B) / (time.perf_counter() - t), (n_train - B) / (time.process_time() - c)
+    t, c = time.perf_counter(), time.process_time()
+    clf.decision_function(Xt)
+    test, test_cpu = n_test / (time.perf_counter() - t), n_test / (time.process_time() - c)
+    neurons = sum(clf.n_[1:])
+    steps_train, steps_test = clf.l_f_phase + clf.l_t_phase, clf.l_f_phase_test
+    return dict(train_ex_s=train, train_cpu=train_cpu, test_ex_s=test, test_cpu=test_cpu, warmup_s=warm,
+                train_ns=1e9 / train_cpu / (steps_train * neurons), test_ns=1e9 / test_cpu / (steps_test * neurons),
+                peak_mib=peak_mib(torch.device("cpu")))
+
+
+def accuracy_check(args, engines):
+    """One MNIST epoch at batch 16 (the paper's rates scaled for it) on the first accuracy_train examples, tested on
+    the first accuracy_test of the test split, seeds 0, 1, 2 per engine; every run and the means printed."""
+    print(f"accuracy: MNIST, {args.accuracy_train} training examples (one epoch, batch 16, batch_f_etas(16)), "
+          f"{args.accuracy_test} test examples, {args.threads} threads")
+    means = {}
+    for name, root in engines:
+        accs = []
+        for seed in (0, 1, 2):
+            cmd = [sys.executable, __file__, "--measure-accuracy", str(seed), str(args.accuracy_train),
+                   str(args.accuracy_test), str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BIODL_ENGINE_ROOT": str(root)})
+            if out.returncode:
+                raise SystemExit(f"{name} engine failed the accuracy run:\n{out.stderr[-3000:]}")
+            accs.append(json.loads(out.stdout.strip().splitlines()[-1])["test_acc"])
+            print(f"  {name:>4} seed {seed}: test accuracy {100 * accs[-1]:.2f} %", flush=True)
+        means[name] = 100 * statistics.mean(accs)
+        print(f"  {name:>4} mean {means[name]:.2f} %")
+    d = means["new"] - means["base"]
+    print(f"  difference new - base: {d:+.2f} points ({'within' if abs(d) <= 0.5 else 'outside'} 0.5)")
+
+
+def measure_accuracy(seed, n_train, n_test, threads):
+    from utils.compartmental import batch_f_etas
+    from utils.data import load_dataset
+    torch.set_num_threads(threads)
+    ds = load_dataset("mnist")
+    clf = CompartmentalClassifier(batch_size=16, f_etas=batch_f_etas(16), seed=seed)
+    clf.fit(ds.X_train[:n_train], ds.y_train[:n_train])
+    return dict(test_acc=clf.score(ds.X_test[:n_test], ds.y_test[:n_test]))
 
 
 def peak_mib(device):
@@ -318,13 +413,29 @@ def main():
                    help="draw the test error curves of saved --accuracy runs into --figure")
     p.add_argument("--figure", default="compartmental_test_error.png", help="--plot: file under figures/")
     p.add_argument("--out", default=None, help="JSON file (default: runs/... for --accuracy, none for speed)")
+    p.add_argument("--compare", default=None, metavar="COMMIT",
+                   help="this engine against the one at COMMIT (a git worktree), side by side")
+    p.add_argument("--cases", nargs="+", default=["mnist:16:2", "mnist:128:2", "mnist:16:1", "cifar10:16:1"],
+                   help="--compare: dataset:batch:threads rows")
+    p.add_argument("--accuracy-train", type=int, default=0, help="--compare: training examples of the accuracy "
+                   "check (60000: the whole split; 0: no check)")
+    p.add_argument("--accuracy-test", type=int, default=10000, help="--compare: test examples of the check")
+    p.add_argument("--measure", nargs=5, default=None, help=argparse.SUPPRESS)   # data B threads batches n_test
+    p.add_argument("--measure-accuracy", type=int, nargs=4, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.test_every_epochs < 1:
         p.error(f"--test-every-epochs must be at least 1, got {args.test_every_epochs}")
     if args.eval_every is not None:
         p.error("--eval-every (tests within an epoch) is gone: runs test after whole epochs "
                 "(--test-every-epochs N; --subset for shorter epochs)")
-    if args.plot:
+    if args.measure:
+        d, *rest = args.measure
+        print(json.dumps(measure(d, *map(int, rest))))
+    elif args.measure_accuracy:
+        print(json.dumps(measure_accuracy(*args.measure_accuracy)))
+    elif args.compare:
+        compare(args)
+    elif args.plot:
         plot(args.plot, args.figure)
     elif args.one is not None:
         print(json.dumps(speed_one(args.one, args.device, args.threads, args.batches, args.test_examples)))

@@ -86,3 +86,28 @@ def test_eval_every_is_refused_with_its_replacement(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         _run(monkeypatch, tmp_path / "e.json", "--epochs", "1", "--eval-every", "10")
     assert "--test-every-epochs" in capsys.readouterr().err
+
+
+def test_compare_measures_one_engine_and_prints_the_ratio(monkeypatch, capsys):
+    """--compare's pieces: measure() reports speed, memory and the cost per neuron-step of the engine on sys.path;
+    compare() runs it for both engines in subprocesses and prints each row and the ratio."""
+    import subprocess
+    import types
+
+    import torch
+    import utils.data
+    X = torch.rand(40, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ds = utils.data.Dataset(X[:32], torch.arange(32) % 10, X[32:], torch.arange(8) % 10, [str(i) for i in range(10)])
+    monkeypatch.setattr(utils.data, "load_dataset", lambda *a, **k: ds)
+    r = bench.measure("mnist", 4, 1, 1, 4)
+    assert set(r) >= {"train_ex_s", "test_ex_s", "train_ns", "test_ns", "peak_mib", "warmup_s"}
+    assert all(v > 0 for v in r.values())
+    outs = iter([dict(r, train_ex_s=10.0, train_cpu=10.0, test_ex_s=5.0, test_cpu=5.0),
+                 dict(r, train_ex_s=30.0, train_cpu=20.0, test_ex_s=15.0, test_cpu=10.0)])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: types.SimpleNamespace(
+        returncode=0, stdout=json.dumps(next(outs)), stderr=""))
+    monkeypatch.setattr(bench.Path, "exists", lambda self: True)
+    args = types.SimpleNamespace(compare="HEAD", cases=["mnist:4:1"], batches=1, test_examples=4, accuracy_train=0)
+    bench.compare(args)
+    out = capsys.readouterr().out
+    assert "ratio       3.00      2.00                3.00      2.00" in out

@@ -18,6 +18,11 @@ SMALL = dict(l_f_phase=8, l_t_phase=7, integration_time=4, mem=5, extra_steps=Fa
              use_spiking_feedback=False, use_spiking_feedforward=False)
 
 
+def lone_population(clf, B):
+    """The engine's population of the one (initialised) network clf, at rest for B examples."""
+    return engine.Population([clf.config()], [clf._weights()], [clf._fresh_state(B)], B, clf.device_, clf.dtype_)
+
+
 def small_data(n=20, seed=0):
     g = np.random.default_rng(seed)
     X = g.random((n, N_IN)) * (g.random((n, N_IN)) < 0.5)   # sparse pixels in [0, 1)
@@ -72,6 +77,11 @@ CASES = {
     "1 layer long phases (several segments)": dict(n_hidden=(15,), l_f_phase=70, l_t_phase=66,
                                                    integration_time=20, mem=10),
     "2 layers the authors' unfiltered rates, paper init": dict(n_hidden=(15, 8), rate_psp="rate", init="paper"),
+    "1 layer apical conductance, the flag alone (g_A = 0.05)": dict(n_hidden=(15,), use_apical_conductance=True),
+    "2 layers apical conductance g_A = 0.2, no broadcast": dict(n_hidden=(15, 8), use_apical_conductance=True,
+                                                              g_A=0.2, use_broadcast=False),
+    "2 layers no conductances, apical conductance (k_B with g_A)": dict(n_hidden=(15, 8), use_conductances=False,
+                                                                      use_apical_conductance=True, g_A=0.05),
 }
 
 
@@ -107,9 +117,9 @@ def test_spiking_engine_matches_reference_in_distribution(flags):
     kw = dict(n_hidden=(12,), l_f_phase=30, integration_time=10, mem=8, dtype="float64", extra_steps=False,
               lambda_max=1.0, seed=0, **flags)
     clf = CompartmentalClassifier(**kw).initialize(N_IN, np.arange(N_CLASSES))
-    pop = engine.Population([clf], 400, states=[clf._fresh_state(400)], bind=False)
-    from utils.compartmental_population import _uniforms
-    ours = pop.phase(x.unsqueeze(0), np.array([30]), None, 10, _uniforms([clf], [x], [30], pop))
+    pop = lone_population(clf, 400)
+    from utils.compartmental_population import phase_keys
+    ours = pop.phase(x.unsqueeze(0), np.array([30]), None, 10, phase_keys([clf], [torch.arange(400)], [0], "test", "cpu"))
     net = R.Network(clf.config())
     net.reset(400)
     ref = net.phase(x, 30)
@@ -133,9 +143,9 @@ def test_instantaneous_output_soma_takes_the_steady_state_in_the_target_phase():
     torch.testing.assert_close(C, expected)
     # the engine's filter gives the same: coef B + c_I I0 with I0 = g_E E_E + g_I E_I
     clf = CompartmentalClassifier(n_hidden=(3,), use_conductances=False).initialize(5, np.arange(2))
-    dec, coef, c_I = clf._soma_filter(1, target=True)
+    dec, coef, _, c_I = R.soma_coefficients(clf.config(), True, 1.0)
     torch.testing.assert_close(coef * B + c_I * (g_E * 8.0 + (1 - g_E) * -8.0), expected)
-    assert dec == 0.0 and clf._soma_filter(1, target=False)[1] == pytest.approx(0.6 / 0.7)
+    assert dec == 0.0 and R.soma_coefficients(clf.config(), True)[1] == pytest.approx(0.6 / 0.7)
 
 
 def test_learned_feedback_and_feedback_bias_follow_the_authors_rule():
@@ -374,63 +384,28 @@ def test_spiking_partial_last_batch(extra):
         assert torch.isfinite(a.W_[m]).all() and torch.equal(a.W_[m], b.W_[m])
 
 
-@pytest.mark.parametrize("lam", [0.02, 0.2, 1.5])
-def test_poisson_counts_have_the_expected_mean_and_variance(lam):
-    n = 400_000
-    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    counts = engine.poisson(torch.full((n,), lam, dtype=torch.float64), u)
-    se = math.sqrt(lam / n)
-    assert abs(counts.mean().item() - lam) < 5 * se
-    assert abs(counts.var().item() - lam) < 0.02 * lam + 10 * se
-    assert (counts == counts.round()).all() and counts.min() >= 0
-    for k in range(4):   # the distribution itself, P(N = k)
-        pk = math.exp(-lam) * lam ** k / math.factorial(k)
-        assert abs((counts == k).double().mean().item() - pk) < 5 * math.sqrt(pk * (1 - pk) / n) + 1e-6
-
-
-@pytest.mark.parametrize("from_potential", [True, False])
-def test_fused_spike_sampler_matches_eager(monkeypatch, from_potential):
-    """The fused sampler's logic (6 dense inverse-CDF thresholds, exact tail beyond; run here uncompiled, so the test
-    needs no C++ compiler) gives the same counts as the eager sampler from the same uniforms, for per-member
-    lambda_max tensors too."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 40, 30, 60, generator=g, dtype=torch.float64) * 3 if from_potential else \
-        torch.rand(1, 30 * 60, generator=g, dtype=torch.float64) * 1.5
-    u = torch.rand(2, 40, 30, 60, generator=g, dtype=torch.float64)
-    u = u if from_potential else u.view(80, 30 * 60)
-    lmax = torch.tensor([1.5, 1.2], dtype=torch.float64).view(2, 1, 1, 1) if from_potential else None
-    monkeypatch.setattr(engine, "FUSE_MIN", 1)
-    monkeypatch.setitem(engine._fused, "cpu", engine._spike_counts)   # the fused path, uncompiled
-    lam_f, n_f = engine.spikes(x, u, lmax, from_potential)
-    monkeypatch.setattr(engine, "FUSE", False)
-    lam_e, n_e = engine.spikes(x, u, lmax, from_potential)
-    torch.testing.assert_close(lam_f.expand_as(u), lam_e.expand_as(u), rtol=0, atol=1e-15)
-    assert n_f.max() > engine.FUSE_K                                  # the tail was needed
-    assert torch.equal(n_f, n_e)
-
-
 def test_truncated_kernel_weights():
     clf = CompartmentalClassifier(**{**SMALL, "mem": 6, "dt": 0.5}).initialize(N_IN, np.arange(N_CLASSES))
     t = np.arange(1, 7) * 0.5
     expected = (np.exp(-t / 10.0) - np.exp(-t / 3.0)) / 7.0
-    np.testing.assert_allclose(clf.kappa_ff_, expected, rtol=1e-12)
+    np.testing.assert_allclose(R.kappa(clf.config(), "ff"), expected, rtol=1e-12)
     # the PSP of an impulse: kappa(dt), ..., kappa(mem dt) steps later, then exactly nothing (truncation)
     history = torch.zeros(6, 3, dtype=torch.float64)
     out = []
     for step in range(12):                     # an impulse of 1 and 2 at step 0 (newest row first)
         history = torch.cat([torch.tensor([[1.0, 0.0, 2.0]] if step == 0 else [[0.0, 0.0, 0.0]],
                                           dtype=torch.float64), history[:-1]])
-        out.append(R.psp(clf.kappa_ff_, history).numpy())
+        out.append(R.psp(R.kappa(clf.config(), "ff"), history).numpy())
     out = np.array(out)
     np.testing.assert_allclose(out[:6, 0], expected, rtol=1e-10)
     np.testing.assert_allclose(out[:6, 2], 2 * expected, rtol=1e-10)
     np.testing.assert_allclose(out[6:], 0, atol=1e-15)
     assert np.all(out[:, 1] == 0)
-    # the engine's banded matrix holds the same weights
-    pop = engine.Population([clf], 1, states=[clf._fresh_state(1)], bind=False)
-    K = pop._kband(4)[0].numpy()
-    assert K.shape == (4, 10)
-    np.testing.assert_allclose(K[3, 9::-1][:6], expected)
+    # the engine's band gives the same impulse response, then exactly nothing (after mem steps)
+    pop = lone_population(clf, 1)
+    U = torch.zeros(1, 6 + 12, 1, 3, dtype=torch.float64)
+    U[0, 6, 0] = torch.tensor([1.0, 0.0, 2.0])
+    np.testing.assert_allclose(pop._psp_band(U, 12)[0, :, 0].numpy(), out, rtol=1e-10, atol=1e-15)
     # the authors' rate transmission: the rate itself
     cfg = R.Config(mem=6, use_spiking_feedforward=False, rate_psp="rate")
     np.testing.assert_array_equal(R.kappa(cfg, "ff"), [1, 0, 0, 0, 0, 0])
@@ -504,7 +479,7 @@ def test_learns_an_easy_problem_and_calls_the_hook():
         assert set(c) == {"epoch", "examples_seen", "n_train", "train_loss", "train_acc"}
         assert c["n_train"] == 200 and 0 <= c["train_acc"] <= 1 and c["train_loss"] > 0
     assert calls[-1]["epoch"] == 1
-    assert set(clf.named_weights()) == {"W1", "W2", "Y1"}
+    assert set(clf.named_weights()) == {"W1", "W2", "b1", "b2", "Y1", "c1"}
 
 
 def test_backprop_angle_reported_to_the_hook():
@@ -612,14 +587,217 @@ def test_backprop_angle_is_the_angle_to_autograds_gradient():
         assert got[f"hidden{m + 1}"] == pytest.approx(want, abs=1e-6)
 
 
-def test_float32_uniforms_lie_on_the_2_to_the_minus_24_grid_and_follow_the_seed():
-    from utils.compartmental_population import _fill_uniform
-    a = _fill_uniform(np.random.default_rng(5), np.empty((40, 16, 50), np.float32))
-    b = _fill_uniform(np.random.default_rng(5), np.empty(40 * 16 * 50, np.float32))
-    assert np.array_equal(a.reshape(-1), b)                                  # the same numbers from the same seed
-    assert a.min() >= 0 and a.max() < 1
-    assert np.array_equal(a * 2 ** 24, np.floor(a * 2 ** 24))              # 24-bit grid, like NumPy's float32 draws
-    assert abs(a.mean() - 0.5) < 0.01 and abs(a.std() - 12 ** -0.5) < 0.01   # uniform: mean 1/2, sd 1/sqrt(12)
-    assert abs(np.corrcoef(a.reshape(-1)[:-1], a.reshape(-1)[1:])[0, 1]) < 0.02   # neighbours (two halves) independent
-    with pytest.raises(ValueError, match="C-contiguous"):
-        _fill_uniform(np.random.default_rng(0), np.empty((4, 6), np.float32)[:, ::2])
+# ---------------------------------------------------------------------------------------------------------------
+# the defects issue: fidelity to the authors' formulas, memory, divergence, input
+
+
+def test_apical_conductance_flag_alone_takes_the_authors_g_A():
+    """The authors set g_A = 0.05 whenever use_apical_conductance is on (k_B = g_B / (g_L + g_B + g_A) = 0.8);
+    the flag alone used to leave g_A = 0, i.e. no apical drive at all."""
+    clf = CompartmentalClassifier(use_apical_conductance=True)
+    assert clf.g_A == 0.05 and R.Config().g_A == 0.05
+    cfg = R.Config(use_apical_conductance=True)
+    dec, k_B, k_A, _ = R.soma_coefficients(cfg, output=False)
+    assert (dec, k_B, k_A) == pytest.approx((1 - (0.1 + 0.6 + 0.05), 0.6, 0.05))
+    assert R.attenuations(cfg) == pytest.approx((0.6 / 0.75, 0.6 / 0.7))
+    C, B, A = torch.tensor([0.5]), torch.tensor([2.0]), torch.tensor([-3.0])   # dC = -g_L C + g_B (B - C) + g_A (A - C)
+    want = 0.5 + (-0.1 * 0.5 + 0.6 * (2.0 - 0.5) + 0.05 * (-3.0 - 0.5))
+    torch.testing.assert_close(R.hidden_soma(C, B, A, cfg), torch.tensor([want]))
+    assert R.soma_coefficients(R.Config(), output=False)[2] == 0.0          # the flag off: no apical drive
+
+
+def test_hidden_soma_without_conductances_is_k_B_B_with_g_A():
+    """The authors' instantaneous hidden soma: C = k_B B with k_B = g_B / (g_L + g_B + g_A) (0.6 / 0.75 at g_A =
+    0.05); the reference used g_B / (g_L + g_B), ignoring g_A, where the engine did not."""
+    cfg = R.Config(use_conductances=False, use_apical_conductance=True)
+    B = torch.tensor([2.0, -1.0])
+    torch.testing.assert_close(R.hidden_soma(None, B, torch.tensor([9.0, 9.0]), cfg), 0.8 * B)
+    clf = CompartmentalClassifier(n_hidden=(3,), use_conductances=False, use_apical_conductance=True)
+    clf.initialize(5, np.arange(2))
+    assert R.soma_coefficients(clf.config(), False) == pytest.approx((0.0, 0.8, 0.0, 1 / 0.75))
+
+
+def test_plain_initialisation_is_the_authors_spread():
+    """Without weight optimization the authors draw W = 0.1 U(-1, 1) and b, Y, c = U(-1, 1) (sd 0.1 / sqrt(3) and
+    1 / sqrt(3)); the project drew half that spread."""
+    cfg = R.Config(sizes=(400, 300, 50), use_weight_optimization=False)
+    W, b, Y, c = R.initial_weights(cfg, torch.Generator().manual_seed(0))
+    for w, bound in ((W[0], 0.1), (W[1], 0.1), (b[0], 1.0), (b[1], 1.0), (Y[0], 1.0), (c[0], 1.0)):
+        assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+        assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.1)
+        assert abs(float(w.mean())) < 0.1 * bound
+
+
+def test_named_weights_has_the_biases_and_set_weights_masks_and_symmetric_feedback():
+    X, y = small_data(12)
+    sym = CompartmentalClassifier(**SMALL, n_hidden=(7,), use_symmetric_weights=True, seed=1)
+    sym.initialize(N_IN, np.arange(N_CLASSES))
+    W2 = torch.randn(N_CLASSES, 7, dtype=torch.float64)
+    sym.set_weights({"W2": W2})                               # Y follows W under symmetric weights
+    torch.testing.assert_close(sym.Y_[0], W2.t())
+    assert set(sym.named_weights()) == {"W1", "W2", "b1", "b2", "Y1", "c1"}
+    sp = CompartmentalClassifier(**SMALL, n_hidden=(7,), use_sparse_feedback=True, seed=1)
+    sp.initialize(N_IN, np.arange(N_CLASSES))
+    assert "mask1" in sp.named_weights()
+    mask = torch.zeros(7, N_CLASSES, dtype=torch.bool)
+    mask[:, 0] = True
+    sp.set_weights({"mask1": mask, "Y1": torch.ones(7, N_CLASSES)})
+    assert torch.equal(sp.Y_[0], mask.double())              # Y zeroed outside the new mask
+    sp.partial_fit(X, y)
+    assert torch.equal(sp.Y_[0] != 0, mask)                  # ... and it stays zero there
+    with pytest.raises(ValueError, match="mask1 must have shape"):
+        sp.set_weights({"mask1": torch.ones(2, 2)})
+
+
+def test_a_member_that_cannot_fit_is_refused_before_training(monkeypatch):
+    """fit and fit_population refuse a network whose estimate (member_bytes) exceeds the memory available, naming
+    the largest batch size or hidden size that fits, before anything trains."""
+    import utils.compartmental_population as cm
+    from utils import memory
+    from utils.errors import InsufficientMemory
+    X, y = small_data(20)
+    clf = CompartmentalClassifier(**SMALL, n_hidden=(50,), batch_size=16, seed=0)
+    need16 = cm.member_bytes(clone(clf).initialize(N_IN, np.arange(N_CLASSES)), 16)
+    need4 = cm.member_bytes(clone(clf).initialize(N_IN, np.arange(N_CLASSES)), 4)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: int(need4 / memory.HEADROOM) + 1)
+    calls = []
+    monkeypatch.setattr(cm, "_step", lambda *a: calls.append(1))
+    with pytest.raises(InsufficientMemory, match=r"batch_size=4 \(--batch-size 4\)"):
+        clf.fit(X, y)
+    with pytest.raises(InsufficientMemory, match="batch_size=4"):
+        fit_population([clone(clf), clone(clf)], [(X, y), (X, y)])
+    assert calls == [] and need16 > need4
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 1000)
+    with pytest.raises(InsufficientMemory, match="choose a smaller network"):
+        clone(clf).fit(X, y)
+
+
+@pytest.mark.parametrize("f_etas", [(1e6, 1e6), (1e30, 1e30)])
+def test_exploding_rates_raise_training_diverged(f_etas):
+    """Huge rates used to finish with weights of 2e5 (2e29) predicting one class; saturation (weights far beyond the
+    paper's range, or every hidden rate pinned) raises TrainingDiverged naming the rates to lower."""
+    X, y = small_data(24)
+    clf = CompartmentalClassifier(**SMALL, n_hidden=(8,), batch_size=4, seed=0, f_etas=f_etas)
+    with pytest.raises(TrainingDiverged, match=r"f_etas=\(.+\).*lower the learning rates"):
+        clf.fit(X, y)
+    CompartmentalClassifier(**SMALL, n_hidden=(8,), batch_size=4, seed=0, f_etas=(1.0, 0.4)).fit(X, y)  # sane: no
+
+
+def test_saturation_detector_flags_pinned_hidden_rates():
+    from types import SimpleNamespace
+    from utils.compartmental_population import _diverged
+    W = [torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 2, 3, dtype=torch.float64)]
+    pop = SimpleNamespace(W=W, b=[torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)])
+    Cf = [torch.full((2, 5, 3), 25.0, dtype=torch.float64), torch.zeros(2, 5, 2, dtype=torch.float64)]
+    Cf[0][1, 0, 0] = 1.0                                      # member 1: one neuron of one example still in range
+    active = torch.ones(2, 5, dtype=torch.bool)
+    assert [q for q, _ in _diverged(pop, Cf, active)] == [0]
+    active[1, 0] = False                                      # ... in an empty slot: that does not count
+    assert [q for q, _ in _diverged(pop, Cf, active)] == [0, 1]
+
+
+def test_uint8_pixels_are_scaled_as_for_the_mlp_and_floats_outside_0_1_refused():
+    X, y = small_data(12)
+    X8 = (X * 255).round().to(torch.uint8)
+    kw = dict(SMALL, n_hidden=(5,), batch_size=4, seed=0)
+    a = CompartmentalClassifier(**kw).fit(X8, y)
+    b = CompartmentalClassifier(**kw).fit(X8.double() / 255, y)
+    torch.testing.assert_close(a.W_[0], b.W_[0], rtol=0, atol=1e-6)   # the MLP's rule: uint8 / 255 (float32 there)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\].*scale the images"):
+        CompartmentalClassifier(**kw).fit(X * 255, y)
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        a.predict(X - 0.5)
+
+
+def test_members_with_different_classes_get_all_classes():
+    X, y = small_data(16)
+    keep = y < 2
+    a, b = (CompartmentalClassifier(**SMALL, n_hidden=(5,), batch_size=4, seed=s) for s in (0, 1))
+    fit_population([a, b], [(X, y), (X[keep], y[keep])])
+    assert list(a.classes_) == list(b.classes_) == [0, 1, 2, 3]
+
+
+def test_column_labels_and_empty_predict():
+    X, y = small_data(12)
+    clf = CompartmentalClassifier(**SMALL, n_hidden=(5,), batch_size=4, seed=0).fit(X, y.view(-1, 1))
+    ref = CompartmentalClassifier(**SMALL, n_hidden=(5,), batch_size=4, seed=0).fit(X, y)
+    assert torch.equal(clf.W_[0], ref.W_[0])
+    assert clf.predict(X[:0]).shape == (0,) and clf.predict_proba(X[:0]).shape == (0, N_CLASSES)
+    with pytest.raises(ValueError, match="one class label per example"):
+        CompartmentalClassifier(**SMALL, n_hidden=(5,)).fit(X, np.zeros((12, 2)))
+
+
+def test_batch_f_etas_scale_by_the_batch_that_trains():
+    assert batch_f_etas(16, (0.21, 0.21), n_examples=5) == pytest.approx((0.21 * 10, 0.42))
+    assert batch_f_etas(16, (0.21, 0.21), n_examples=500) == batch_f_etas(16)
+    assert batch_f_etas(16, (0.21, 0.21), n_examples=1) == (0.21, 0.21)
+
+
+def test_rate_feedforward_with_spiking_feedback_passes_the_input_rates():
+    """Feedforward rates with spiking feedback: the hidden somas see the input rates (they were silenced: the input
+    was sampled from zero uniforms); without apical drive the hidden C is deterministic and equals the reference's."""
+    x = small_data(3, seed=1)[0]
+    clf = CompartmentalClassifier(**{**SMALL, "use_spiking_feedback": True}, n_hidden=(9,), seed=0)
+    clf.initialize(N_IN, np.arange(N_CLASSES))
+    pop = lone_population(clf, 3)
+    from utils.compartmental_population import phase_keys
+    ours = pop.phase(x.unsqueeze(0), np.array([8]), None, 4, phase_keys([clf], [torch.arange(3)], [0], "test", "cpu"))
+    net = R.Network(clf.config())
+    net.reset(3)
+    torch.testing.assert_close(ours["C"][0][0], net.phase(x, 8)["C"][0], rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pure engine and the estimator's state_dict
+
+
+def test_engine_runs_from_configs_and_weights_alone():
+    """The engine takes the reference's Config and weight lists, no estimator: a rate-mode forward phase from rest
+    equals the reference's to float64 rounding, and the engine's module never names the estimator."""
+    import inspect
+    cfg = R.Config(sizes=(N_IN, 9, N_CLASSES), mem=5, integration_time=4, use_spiking_feedback=False,
+                   use_spiking_feedforward=False)
+    W, b, Y, c = R.initial_weights(cfg, torch.Generator().manual_seed(0))
+    x = small_data(4)[0]
+    st = engine.fresh_state(cfg, 4, "cpu", torch.float64)
+    pop = engine.Population([cfg], [dict(W=W, b=b, Y=Y, c=c)], [st], 4, "cpu", torch.float64)
+    ours = pop.phase(x.unsqueeze(0), np.array([12]), None, 4, None)
+    net = R.Network(cfg, weights=(W, b, Y, c))
+    net.reset(4)
+    ref = net.phase(x, 12)
+    for m in range(2):
+        torch.testing.assert_close(ours["C"][m][0], ref["C"][m], rtol=0, atol=1e-12)
+    src = inspect.getsource(engine)
+    assert "CompartmentalClassifier" not in src and "utils.compartmental import" not in src
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(use_sparse_feedback=True, use_symmetric_weights=True,
+                                                noisy_symmetric_weights=True)])
+def test_state_dict_round_trip_mid_epoch_resumes_the_uninterrupted_run(extra, tmp_path):
+    """Stopped after 2 of 5 batches of the second epoch (state_dict saved by the hook, as a checkpoint would), a
+    fresh estimator loaded from it finishes that epoch and a third one equal to the uninterrupted run, bit for bit;
+    the same through utils.checkpoint's file."""
+    from utils.checkpoint import read_checkpoint, write_checkpoint
+    X, y = small_data(20)
+    kw = dict(n_hidden=(9,), l_f_phase=14, l_t_phase=10, integration_time=4, mem=5, dtype="float64", batch_size=4,
+              seed=5, lr_decay_examples=60, **extra)
+    whole = CompartmentalClassifier(**kw, max_epochs=3).fit(X, y)
+    saved = {}
+
+    def stop(clf, info):
+        if info["examples_seen"] == 28:                  # epoch 2, after its second batch
+            saved["sd"] = clf.state_dict()
+            write_checkpoint(tmp_path / "c.pt", clf)
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        CompartmentalClassifier(**kw, max_epochs=3, hook=stop).fit(X, y)
+    assert saved["sd"]["meta"]["position"] == 8 and saved["sd"]["meta"]["epochs_done"] == 1
+    for resumed in (CompartmentalClassifier(**kw).load_state_dict(saved["sd"]), read_checkpoint(tmp_path / "c.pt")[0]):
+        resumed.partial_fit(X, y)                        # the rest of epoch 2
+        assert resumed.examples_seen_ == 40 and resumed.epochs_done_ == 2
+        resumed.partial_fit(X, y)                        # epoch 3
+        for a, b in zip(whole.W_ + whole.b_ + whole.Y_ + whole.c_, resumed.W_ + resumed.b_ + resumed.Y_ + resumed.c_):
+            assert torch.equal(a, b)
+        np.testing.assert_array_equal(resumed.decision_function(X), whole.decision_function(X))
+    with pytest.raises(ValueError, match="unfinished epoch of this network is over 20 examples but X has 12"):
+        CompartmentalClassifier(**kw).load_state_dict(saved["sd"]).partial_fit(X[:12], y[:12])

@@ -8,8 +8,8 @@ A .pt file holds {"meta": JSON text, "tensors": dicts and lists of tensors}; not
 kind and hyperparameters (what make_classifier takes), what it inferred from the data, its training state that is no
 tensor (skorch's history; the compartmental network's counters, classes and NumPy generator), library versions and
 the caller's `config` and `extra`. Tensors: for the MLP and CNN the module's and the optimizer's state dicts and the
-batch-order generator; for the compartmental network its weights (W, b, Y, c and feedback masks), the state carried
-from batch to batch (potentials, signal histories) and its generators. That is all training needs to go on exactly
+batch-order generator; for the compartmental network its state_dict() (weights W, b, Y, c and feedback masks, the
+state carried from batch to batch, an unfinished epoch's order and position, its generators). That is all training needs to go on exactly
 where it stopped. Callbacks (a TrainingLogger) and the compartmental hook are not saved.
 """
 import json
@@ -92,50 +92,23 @@ def _restore_torch(meta, tensors, device):
 # ----------------------------------------------------------------------------------------------------------------
 # the compartmental network
 
-_SLOTS = (("W", "W_"), ("b", "b_"), ("Y", "Y_"), ("c", "c_"))   # weight names (as set_weights takes them)
-
-
 def _compartmental_state(est):
     meta = dict(estimator="CompartmentalClassifier", kind="compartmental",
                 hyperparameters={k: v for k, v in est.get_params().items() if k != "hook"})
     if not hasattr(est, "W_"):
         return meta, {}
-    meta["state"] = dict(n_features=est.n_[0], classes=est.classes_.tolist(), seed=est.seed_,
-                         examples_seen=est.examples_seen_, epochs_done=est.epochs_done_,
-                         rng_np=est.rng_np_.bit_generator.state, device_type=est.device_.type)
-    tensors = dict(weights={f"{name}{m + 1}": t for name, attr in _SLOTS for m, t in enumerate(getattr(est, attr))},
-                   generators=dict(cpu=est.gen_cpu_.get_state(), device=est.gen_.get_state()))
-    if est.Y_mask_ is not None:
-        tensors["masks"] = list(est.Y_mask_)
-    if est.state_ is not None:
-        s = est.state_
-        tensors["state"] = dict(C=list(s["C"]), sig=[dict(d) for d in s["sig"]], hist=list(s["hist"]))
-    return meta, tensors
+    sd = est.state_dict()                              # the estimator's own state_dict: plain values and tensors
+    meta["state"] = dict(sd["meta"], device_type=est.device_.type)
+    return meta, sd["tensors"]
 
 
 def _restore_compartmental(meta, tensors, device):
     params = _tuples(meta["hyperparameters"])
     params["device"] = _device(params["device"], device)
     est = CompartmentalClassifier(**params)
-    state = meta.get("state")
-    if state is None:
+    if meta.get("state") is None:
         return est
-    est.initialize(state["n_features"], np.asarray(state["classes"]))
-    est.set_weights(tensors["weights"])
-    est.seed_, est.examples_seen_, est.epochs_done_ = state["seed"], state["examples_seen"], state["epochs_done"]
-    est.rng_np_.bit_generator.state = state["rng_np"]
-    est.gen_cpu_.set_state(tensors["generators"]["cpu"].cpu())
-    if state["device_type"] == est.device_.type:       # a GPU's generator state does not fit the CPU's, nor back
-        est.gen_.set_state(tensors["generators"]["device"].cpu())
-    to = dict(device=est.device_, dtype=est.dtype_)
-    if "masks" in tensors:
-        est.Y_mask_ = [m.to(**to) for m in tensors["masks"]]
-    if "state" in tensors:
-        s = tensors["state"]
-        hist = [h.to(est.device_) for h in s["hist"]]
-        est.state_ = dict(C=[c.to(**to) for c in s["C"]], sig=[{k: v.to(**to) for k, v in d.items()} for d in s["sig"]],
-                          hist=tuple(hist[:3]) + (hist[3].to(**to),))
-    return est
+    return est.load_state_dict(dict(meta=meta["state"], tensors=tensors))
 
 
 # ----------------------------------------------------------------------------------------------------------------

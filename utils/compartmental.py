@@ -5,7 +5,8 @@ dendrites", eLife 6:e22901, as a scikit-learn estimator, and many such networks 
     clf = CompartmentalClassifier(n_hidden=(500,), batch_size=1, max_epochs=60, seed=0)   # the paper's setup
     clf.fit(X_train, y_train)          # X: N x C x H x W (or N x D) tensor in [0, 1], y: N labels
     clf.predict(X_test), clf.predict_proba(X_test), clf.score(X_test, y_test)
-    clf.named_weights()                # {"W1": ..., "W2": ..., "Y1": ...}; clf.set_weights(...) is its inverse
+    clf.named_weights()                # {"W1": ..., "b1": ..., "Y1": ..., "c1": ...}; clf.set_weights(...) inverts it
+    clf.state_dict(), clf.load_state_dict(sd)   # everything to go on exactly, also mid-epoch (utils.checkpoint)
     fit_population([clf_a, clf_b, clf_c], [(Xa, ya), (Xb, yb), (Xc, yc)])   # three networks in one simulation
 
 Three modules, what from how:
@@ -13,8 +14,10 @@ Three modules, what from how:
   (`Network`) with the configuration as one frozen dataclass (`Config`, also the home of the option FLAGS). Read it
   with the paper's Methods beside it.
 * utils/compartmental_engine.py: the fast engine (`Population`): P networks of one structure in one batched
-  simulation, layer by layer over segments of time steps; the tests check it against the reference.
-* utils/compartmental_population.py: `fit_population`, many networks trained side by side.
+  simulation, layer by layer over segments of time steps, from the reference's Configs and weight stacks alone (it
+  never touches this estimator); the tests check it against the reference.
+* utils/compartmental_population.py: `fit_population`, many networks trained side by side (the training loop).
+* utils/compartmental_random.py: the counter-based random numbers of the spikes.
 * this module: the estimator, batch-scaled learning rates.
 
 The model in brief (equation numbers of the paper's Methods): inputs send Poisson spikes at lambda_max x pixel;
@@ -41,7 +44,14 @@ Deliberate differences from the authors' code, each with the option that gives t
 * state carry-over: the network's state (potentials, PSP histories) carries over from example to example as in their
   code; the example order is a fresh permutation per epoch, drawn from `seed`.
 * the learning-rate decay (lr_decay_examples) is not in the paper; off by default.
-* randomness: spike counts come from this project's own generators (inverse CDF of one uniform number each), so a
+* sparse plus learned feedback: the authors multiply the learned Y by 5 again after every example (their
+  update_Y re-applies the sparse initialisation's x5), which grows Y about 3.5e4-fold in 5 examples; here each
+  update only re-applies the mask (the dropped entries stay 0), the x5 happens once, at initialisation.
+* noisy symmetric weights without broadcast: the authors add one scalar N(0, 0.05) to the whole transposed matrix
+  (a draw without a size); here every entry gets its own N(0, 0.05) noise, as in their broadcast branch and as the
+  flag's description ("noisy weights") reads.
+* randomness: spike counts come from counter-based random numbers (utils/compartmental_random.py: inverse CDF of one
+  uniform each, a pure function of seed, epoch, phase, example position, step, layer and neuron), so a
   run matches the authors' in distribution, not spike for spike; start both from the same weights with set_weights.
 
 Batches and learning rates: averaging a batch's updates leaves the paper's rates far too small for the hidden
@@ -57,9 +67,9 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from utils import compartmental_reference as R
-from utils.compartmental_engine import Population
+from utils.compartmental_engine import Population, fresh_state
 from utils.compartmental_population import (  # noqa: F401  (re-exported: fit_population, POPULATION_SHARED)
-    POPULATION_SHARED, _as_numpy, _n_features, _train, _uniforms, fit_population)  # noqa: F401
+    POPULATION_SHARED, _as_numpy, _n_features, phase_keys, _train, as_labels, as_pixels, fit_population)  # noqa: F401
 
 PAPER_F_ETAS = {1: (0.21, 0.21), 2: (0.23, 0.23, 0.12)}  # the paper's learning rates for 1 and 2 hidden layers
 PAPER_TEST_ERROR = {1: 4.1, 2: 3.2}   # the paper's MNIST test error (%) after 60 epochs, 1 and 2 hidden layers
@@ -69,9 +79,12 @@ PREDICT_CHUNK_GPU = 4096   # ... on a GPU (larger chunks: fewer kernel launches)
 _D = R.Config()       # the defaults
 
 
-def batch_f_etas(batch_size, f_etas=PAPER_F_ETAS[1]):
+def batch_f_etas(batch_size, f_etas=PAPER_F_ETAS[1], n_examples=None):
     """Online rates (hidden..., output) scaled for averaged batch updates: hidden x 2 B, output x 2 (batch 16:
-    (0.21, 0.21) -> (6.72, 0.42)); unchanged at batch_size=1."""
+    (0.21, 0.21) -> (6.72, 0.42)); unchanged at batch_size=1. B is the batch that trains: batch_size, or the
+    n_examples of the training data when there are fewer."""
+    if n_examples is not None:
+        batch_size = max(1, min(batch_size, int(n_examples)))
     if batch_size == 1:
         return tuple(f_etas)
     return tuple(e * 2 * batch_size for e in f_etas[:-1]) + (f_etas[-1] * 2,)
@@ -192,17 +205,12 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         self.device_ = torch.device(self.device) if self.device is not None else torch.device(device)
         self.dtype_ = getattr(torch, self.dtype)
         self.seed_ = int(self.seed) if self.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
-        self.rng_np_ = np.random.default_rng(self.seed_)                            # extra steps, CPU spikes
+        self.rng_np_ = np.random.default_rng(self.seed_)                            # extra steps (Wald)
         self.gen_cpu_ = torch.Generator().manual_seed(self.seed_ % 2**63)           # weights, order, noise
-        self.gen_ = torch.Generator(device=self.device_).manual_seed(self.seed_ % 2**63 + 1)   # spikes off the CPU
         self.f_etas_ = tuple(float(e) for e in (self.f_etas if self.f_etas is not None
                                                  else PAPER_F_ETAS.get(self.M_ - 1, (0.21,) * self.M_)))
         self.b_etas_ = tuple(float(e) for e in self.b_etas) if self.b_etas is not None else (0.0,) * (self.M_ - 1)
-        g_A = self.g_A if self.use_apical_conductance else 0.0
-        self.k_B_ = self.g_B / (self.g_L + self.g_B + g_A)  # steady-state attenuation, hidden soma
-        self.k_D_ = self.g_D / (self.g_L + self.g_D)        # steady-state attenuation, output soma
         cfg = self.config()
-        self.kappa_ff_, self.kappa_fb_ = R.kappa(cfg, "ff"), R.kappa(cfg, "fb")   # Eq. 2, per path
         W, b, Y, c = R.initial_weights(cfg, self.gen_cpu_)
         masks = R.sparse_masks(Y, self.gen_cpu_) if self.use_sparse_feedback else None
         if self.use_symmetric_weights:
@@ -216,49 +224,28 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         self.state_ = None                                  # made for the first batch (see _fresh_state)
         self.examples_seen_ = 0
         self.epochs_done_ = 0
-
-    def _soma_filter(self, m, target):
-        """(dec, coef, c_I) of layer m's soma as a linear filter of its basal drive B and teaching input I0 = g_E E_E
-        + g_I E_I: C(t) = dec C(t-1) + coef B(t) + c_I I0 (Eqs. 1, 6, 7; g_E + g_I = 1 in the target phase)."""
-        out, dt = m == self.M_ - 1, self.dt
-        g = self.g_D if out else self.g_B
-        g_T = 1.0 if out and target else 0.0                # g_E + g_I of the teaching current
-        g_A = self.g_A if (self.use_apical_conductance and not out) else 0.0
-        if self.use_conductances:
-            return 1.0 - dt * (self.g_L + g + g_A + g_T), dt * g, dt
-        if out:                                             # steady state (the authors' instantaneous output soma)
-            return 0.0, g / (self.g_L + g + g_T), 1.0 / (self.g_L + g + g_T)
-        return 0.0, self.k_B_, 0.0
+        self.order_, self.position_ = None, None             # an unfinished epoch: its example order and position
 
     def _fresh_state(self, B):
-        """Rest: zero potentials and signal histories (the last mem steps) for B examples."""
-        M, n, to = self.M_, self.n_, dict(device=self.device_, dtype=self.dtype_)
-        kinds = [set() for _ in range(M)]                   # what each layer sends: spikes and / or rates
-        for m in range(M - 1):
-            kinds[m].add("spike" if self.use_spiking_feedforward else "rate")
-            kinds[M - 1 if self.use_broadcast else m + 1].add("spike" if self.use_spiking_feedback else "rate")
-        e = torch.zeros(0, dtype=torch.long, device=self.device_)
-        return dict(C=[torch.zeros(B, n[m + 1], **to) for m in range(M)],
-                    sig=[{k: torch.zeros(self.mem, B, n[m + 1], **to) for k in sorted(kinds[m])} for m in range(M)],
-                    hist=(e, e, e, torch.zeros(0, **to)))   # input events (row, example, input, value)
+        """Rest: zero potentials and signal histories (the last mem steps) for B examples (engine.fresh_state)."""
+        return fresh_state(self.config(), B, self.device_, self.dtype_)
+
+    def _weights(self):
+        """The weights as the engine takes them: dict(W, b, Y, c, mask) of lists of tensors."""
+        return dict(W=self.W_, b=self.b_, Y=self.Y_, c=self.c_, mask=self.Y_mask_)
 
     # ------------------------------------------------------------------------------------------------------------
     # the scikit-learn API
 
     def _to_tensor(self, X):
-        X = torch.as_tensor(X)
-        if X.dim() < 2:
-            raise ValueError(f"X must have one row per example (N x features or N x C x H x W); got shape "
-                             f"{tuple(X.shape)}")
-        X = X.reshape(X.shape[0], -1)
+        """X as an (N, features) tensor of the network's dtype and device, by the workspace's one input rule
+        (utils.classifiers.as_inputs: uint8 pixels scaled to [0, 1]); the pixels must lie in [0, 1] (they are rates)."""
+        X = as_pixels(X)
         if hasattr(self, "n_") and X.shape[1] != self.n_[0]:
             raise ValueError(f"X has {X.shape[1]} features per example but this network was fitted on {self.n_[0]}; "
                              f"give inputs of the training data's shape")
         dev = self.device_ if hasattr(self, "device_") else (torch.device(self.device) if self.device else X.device)
-        X = X.to(device=dev, dtype=getattr(torch, self.dtype))
-        if not bool(torch.isfinite(X).all()):
-            raise ValueError("X contains NaN or infinite values; the network needs pixel intensities in [0, 1]")
-        return X
+        return X.to(device=dev, dtype=getattr(torch, self.dtype))
 
     def _start(self, X, classes):
         """A fresh network for the training inputs X (its feature count and device) and the class labels."""
@@ -279,7 +266,7 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
     def partial_fit(self, X, y, classes=None):
         """One epoch over (X, y), continuing from the current weights and state."""
         if not hasattr(self, "W_"):
-            self._start(X, classes if classes is not None else np.unique(_as_numpy(y)))
+            self._start(X, classes if classes is not None else np.unique(as_labels(y)))
         _train([self], [(X, y)], [1])
         return self
 
@@ -304,8 +291,10 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         outs = []
         for i in range(0, X.shape[0], chunk):
             xb = X[i:i + chunk]
-            pop = Population([self], xb.shape[0], states=[self._fresh_state(xb.shape[0])], bind=False)
-            res = pop.phase(xb.unsqueeze(0), np.array([T]), None, window, _uniforms([self], [xb], [T], pop))
+            k = xb.shape[0]
+            pop = Population([self.config()], [self._weights()], [self._fresh_state(k)], k, self.device_, self.dtype_)
+            keys = phase_keys([self], [torch.arange(i, i + xb.shape[0])], [0], "test", self.device_)
+            res = pop.phase(xb.unsqueeze(0), np.array([T]), None, window, keys, record=False)   # the fast test path
             outs.append(res["C"][-1][0].cpu())
         return torch.cat(outs).double().numpy() if outs else np.zeros((0, len(self.classes_)))
 
@@ -317,31 +306,89 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[scores.argmax(1)]
 
     def score(self, X, y, sample_weight=None):
-        y = _as_numpy(y)
+        y = as_labels(y)
         if len(y) != len(X):
             raise ValueError(f"X has {len(X)} examples but y has {len(y)} labels")
         return float(np.average(self.predict(X) == y, weights=sample_weight))
 
+    def state_dict(self):
+        """Everything training needs to go on exactly where it stands (also mid-epoch): the weights (W, b, Y, c and
+        the sparse feedback's masks, as named_weights), the simulation state (potentials, signal histories, input
+        events), the unfinished epoch's example order and position, the counters and the generators' states. Plain
+        values under "meta" (JSON-able), tensors under "tensors"; load_state_dict is its inverse."""
+        self._check_fitted()
+        meta = dict(n_features=self.n_[0], classes=self.classes_.tolist(), seed=self.seed_,
+                    examples_seen=self.examples_seen_, epochs_done=self.epochs_done_, position=self.position_,
+                    rng_np=self.rng_np_.bit_generator.state)
+        tensors = dict(weights=dict(self.named_weights()), generator=self.gen_cpu_.get_state())
+        if self.order_ is not None:
+            tensors["order"] = self.order_.cpu()
+        if self.state_ is not None:
+            st = self.state_
+            tensors["state"] = dict(C=list(st["C"]), sig=[dict(d) for d in st["sig"]], hist=list(st["hist"]))
+        return dict(meta=meta, tensors=tensors)
+
+    def load_state_dict(self, state):
+        """Restore what state_dict gave (on this estimator's device and dtype); training goes on from there:
+        partial_fit first finishes an unfinished epoch."""
+        meta, tensors = state["meta"], state["tensors"]
+        self.initialize(meta["n_features"], np.asarray(meta["classes"]))
+        self.set_weights(tensors["weights"])
+        self.seed_, self.examples_seen_, self.epochs_done_ = meta["seed"], meta["examples_seen"], meta["epochs_done"]
+        self.rng_np_.bit_generator.state = meta["rng_np"]
+        self.gen_cpu_.set_state(tensors["generator"].cpu())
+        self.position_ = meta["position"]
+        self.order_ = tensors["order"].to(self.device_) if "order" in tensors else None
+        if "state" in tensors:
+            s, to = tensors["state"], dict(device=self.device_, dtype=self.dtype_)
+            hist = [h.to(self.device_) for h in s["hist"]]
+            self.state_ = dict(C=[c.to(**to) for c in s["C"]], sig=[{k: v.to(**to) for k, v in d.items()}
+                                                                     for d in s["sig"]],
+                               hist=tuple(hist[:3]) + (hist[3].to(**to),))
+        return self
+
     def named_weights(self):
-        """Feedforward W1..WM (output last) and feedback Y1..Y(M-1) matrices, by name (biases: b1.., c1..)."""
+        """Feedforward W1..WM (output last), biases b1..bM, feedback Y1..Y(M-1) and apical biases c1..c(M-1), by name
+        (with use_sparse_feedback also the feedback masks mask1..mask(M-1))."""
         self._check_fitted()
         out = {f"W{m + 1}": w for m, w in enumerate(self.W_)}
+        out.update({f"b{m + 1}": v for m, v in enumerate(self.b_)})
         out.update({f"Y{m + 1}": y for m, y in enumerate(self.Y_)})
+        out.update({f"c{m + 1}": v for m, v in enumerate(self.c_)})
+        if self.Y_mask_ is not None:
+            out.update({f"mask{m + 1}": k for m, k in enumerate(self.Y_mask_)})
         return out
 
     def set_weights(self, weights):
-        """Replace weights of an initialised (or fitted) network by name: W1.., Y1.. (as named_weights gives them),
-        b1.., c1.. (biases), from tensors or arrays of the same shapes (e.g. the authors' code's, or a checkpoint's)."""
+        """Replace weights of an initialised (or fitted) network by name, as named_weights gives them (W1.., b1..,
+        Y1.., c1.., mask1..: the sparse feedback's masks, 1 where Y is kept), from tensors or arrays of the same shapes
+        (e.g. the authors' code's, or a checkpoint's). A new mask zeroes Y outside it (use_sparse_feedback); with
+        use_symmetric_weights, new W without Y re-derive Y from W (as after every update)."""
         self._check_fitted()
-        slots = {**{f"W{m + 1}": (self.W_, m) for m in range(self.M_)}, **{f"b{m + 1}": (self.b_, m) for m in range(self.M_)},
-                 **{f"Y{m + 1}": (self.Y_, m) for m in range(self.M_ - 1)},
-                 **{f"c{m + 1}": (self.c_, m) for m in range(self.M_ - 1)}}
+        M = self.M_
+        mask_shape = [tuple(y.shape) for y in self.Y_]
+        slots = {**{f"W{m + 1}": (self.W_, m) for m in range(M)}, **{f"b{m + 1}": (self.b_, m) for m in range(M)},
+                 **{f"Y{m + 1}": (self.Y_, m) for m in range(M - 1)},
+                 **{f"c{m + 1}": (self.c_, m) for m in range(M - 1)}}
+        masks = list(self.Y_mask_) if self.Y_mask_ is not None else [None] * (M - 1)
+        if self.use_sparse_feedback:
+            slots.update({f"mask{m + 1}": (masks, m) for m in range(M - 1)})
         for name, value in weights.items():
             if name not in slots:
                 raise ValueError(f"unknown weight {name!r}; this network has {', '.join(slots)}")
             lst, m = slots[name]
             value = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
-            if tuple(value.shape) != tuple(lst[m].shape):
-                raise ValueError(f"{name} must have shape {tuple(lst[m].shape)}, got {tuple(value.shape)}")
+            shape = mask_shape[m] if name.startswith("mask") else tuple(lst[m].shape)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
             lst[m] = value.to(device=self.device_, dtype=self.dtype_).clone()
+        if self.use_sparse_feedback:
+            self.Y_mask_ = masks
+        if self.use_symmetric_weights and any(k.startswith("W") for k in weights) and \
+                not any(k.startswith("Y") for k in weights):
+            self.Y_ = [y.to(self.dtype_) for y in R.symmetric_feedback(self.W_, self.config(), self.gen_cpu_)]
+            if self.Y_mask_ is not None:
+                self.Y_ = [y * mk * 5 for y, mk in zip(self.Y_, self.Y_mask_)]
+        elif self.use_sparse_feedback and any(k.startswith("mask") for k in weights):
+            self.Y_ = [y * mk for y, mk in zip(self.Y_, self.Y_mask_)]
         return self

@@ -12,107 +12,25 @@ How it is fast (see utils/compartmental.py's docstring for the model):
   projected by one `embedding_bag` over the active inputs only (about 20 of 784 per step on MNIST).
 * layer by layer, whenever the apical compartment does not drive the soma: a layer then depends only on the layer
   below up to the same step, and its soma is a linear filter of U = W S (the projected signal of the layer below):
-  C(t) = dec C(t-1) + coef (K U + b)(t) [+ c_I I0], so C of all Ts steps of a segment is one batched matrix product
-  H U (H = coef D K, D[t, s] = dec^(t-s), K the banded kernel matrix, both per member) plus the constant and initial
-  terms. With apical conductance the layers are stepped together, one time step at a time.
+  U of all a segment's steps is one product, the PSP the kernel's band (mem terms, Eq. 2) for all steps at once,
+  then the soma's recurrence (the reference's soma_coefficients) one element-wise step at a time, and the layer's
+  spikes of the whole segment are drawn at once. With apical conductance the layers are stepped together, one time step at a time.
+* every sum over time (window means, PSP means) is taken step after step in time order and every product has the
+  same shapes whatever the population, so a member's numbers do not depend on its population or on the segments.
 * window means of linear quantities (PSPs, A = Y PSP_fb + c) are taken once per segment from the stored signals.
 * members of different phase lengths run max_p T_p steps; each member's window means use only its own window, and its
   state for the next phase is gathered at its own last step (the extra steps are discarded).
-* random numbers: on the CPU each member draws its uniforms from its own NumPy generator in the order a lone run does
-  (per phase: the input's, then each spiking layer's, for the whole phase), so a member's spikes equal a lone run's
-  to the last bit; on other devices all members draw from one torch generator (equal in distribution).
+* random numbers: counter-based (utils/compartmental_random.py): each spike's uniform is a pure function of the
+  member's phase key, the example's position, the time step, the layer and the neuron, computed inside the sampling
+  kernel, so a member's spikes do not depend on the population, the batch or the device.
 """
-import math
-import os
-
 import numpy as np
 import torch
 
+from utils import compartmental_random as rnd
 from utils import compartmental_reference as R
 
 SEGMENT = 64          # time steps simulated (and whose input spikes are projected) in one go
-FUSE = os.environ.get("BIODL_COMPILE", "1") != "0"   # sample spikes with one torch.compile'd kernel (eager fallback;
-#                       BIODL_COMPILE=0 turns it off, e.g. for quick tests)
-FUSE_MIN = 2 ** 16    # ... from this many neuron-steps on (smaller ones stay eager)
-FUSE_K = 6            # thresholds tested densely by the fused kernel (P(N >= 6) < 1e-7 at rate 0.2; exact tail after)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Poisson spike counts by inverse CDF of one uniform number each
-
-
-def _spike_counts(x, u, lmax, from_potential: bool):
-    """Rates lambda = lambda_max sigmoid(x) (or x itself) and Poisson counts by inverse CDF of u, the first FUSE_K
-    thresholds sum_{j<k} e^-lambda lambda^j / j! tested in one element-wise pass; also the largest count."""
-    lam = torch.sigmoid(x) * lmax if from_potential else x
-    term = torch.exp(-lam)
-    cdf = term
-    n = (u > cdf).to(u.dtype)
-    for k in range(1, FUSE_K):
-        term = term * lam / k
-        cdf = cdf + term
-        n = n + (u > cdf).to(u.dtype)
-    return lam, n, n.amax()
-
-
-_fused = {}   # device type -> compiled _spike_counts, or None where compiling failed
-
-
-def poisson_tail(flat, lam, u, idx, k):
-    """Counts flat[idx] known to be >= k: add one while u > F(k; l), F(k; l) = e^-l sum_{j<=k} l^j / j!."""
-    if not idx.numel():
-        return
-    l = lam[idx]
-    v = u[idx] * torch.exp(l)
-    term = l ** k / math.factorial(k)
-    s = sum(l ** j / math.factorial(j) for j in range(k + 1))
-    while True:
-        hit = v > s
-        if not bool(hit.any()) or k > 200:
-            break
-        idx, v, l, term, s = idx[hit], v[hit], l[hit], term[hit], s[hit]
-        flat[idx] += 1
-        k += 1
-        term = term * l / k
-        s = s + term
-
-
-def poisson(lam, u):
-    """Exact Poisson(lam) counts by inverse CDF of the uniforms u (same shape): N >= k iff u > F(k-1; lam). The first
-    two thresholds are tested densely, the further ones only where the second was passed."""
-    F = torch.exp(-lam)
-    out = (u > F).to(lam.dtype)                          # N >= 1: u > e^-lam
-    F = F + F * lam
-    second = u > F                                       # N >= 2: u > e^-lam (1 + lam)
-    out += second
-    poisson_tail(out.view(-1), lam.reshape(-1), u.reshape(-1), second.view(-1).nonzero().squeeze(1), 2)
-    return out
-
-
-def spikes(x, u, lmax, from_potential):
-    """(lambda, Poisson counts) for potentials x (lambda = lmax sigmoid(x)) or rates x, with uniforms u; the fused
-    kernel for large tensors when torch.compile works here, else eager ops."""
-    kind = x.device.type
-    if FUSE and u.numel() >= FUSE_MIN and _fused.get(kind, 0) is not None:
-        try:
-            if kind not in _fused:
-                _fused[kind] = torch.compile(_spike_counts, dynamic=True)
-            # flat contiguous arguments (and lambda_max a number where the members share it): one compiled kernel
-            # per use, whatever the shapes, strides and population size
-            if isinstance(lmax, torch.Tensor):
-                lmax = float(lmax.view(-1)[0]) if bool((lmax == lmax.view(-1)[0]).all()) else \
-                    lmax.expand_as(x).reshape(-1)
-            lam, n, top = _fused[kind](x.expand_as(u).reshape(-1), u.reshape(-1), lmax, from_potential)
-            lam, n = lam.view(u.shape), n.view(u.shape)
-        except Exception:                                # no compiler / backend: stay eager from now on
-            _fused[kind] = None
-        else:
-            if top >= FUSE_K:                            # the rare counts >= FUSE_K: exact series from there
-                flat = n.view(-1)
-                poisson_tail(flat, lam.reshape(-1), u.reshape(-1), (flat >= FUSE_K).nonzero().squeeze(1), FUSE_K)
-            return lam, n
-    lam = torch.sigmoid(x) * lmax if from_potential else x
-    return lam, poisson(lam.expand_as(u).contiguous(), u)
 
 
 def segments(T):
@@ -127,26 +45,38 @@ def segments(T):
 # the population
 
 
+def fresh_state(cfg, B, device, dtype):
+    """A network's state at rest for B examples (cfg: the reference's Config): zero potentials C per layer, zero
+    signal histories (the last mem steps of what each layer sends: spikes and / or rates) and no input events."""
+    M, n = cfg.M, cfg.sizes
+    kinds = [set() for _ in range(M)]                       # what each layer sends: spikes and / or rates
+    for m in range(M - 1):
+        kinds[m].add("spike" if cfg.use_spiking_feedforward else "rate")
+        kinds[M - 1 if cfg.use_broadcast else m + 1].add("spike" if cfg.use_spiking_feedback else "rate")
+    to = dict(device=device, dtype=dtype)
+    e = torch.zeros(0, dtype=torch.long, device=device)
+    return dict(C=[torch.zeros(B, n[m + 1], **to) for m in range(M)],
+                sig=[{k: torch.zeros(cfg.mem, B, n[m + 1], **to) for k in sorted(kinds[m])} for m in range(M)],
+                hist=(e, e, e, torch.zeros(0, **to)))   # input events (row, example, input, value)
+
+
 class Population:
     """P networks of one structure, their weights stacked along a leading member dimension, simulated together.
 
-    `members` are CompartmentalClassifiers with their constants, generators, weights (W_, b_, Y_, c_, Y_mask_) and
-    state (state_, or `states`) set up; `B` the state's batch size. With bind=True the members' weights become views
-    of the stacks (their hooks see the current weights); `weights_back()` and `state_back()` write results back."""
+    cfgs: one reference Config per member (the numbers, rates, flags: the structure and flags shared); weights: per
+    member dict(W=[...], b=[...], Y=[...], c=[...], mask=[...] or None) of tensors; states: per member a state (see
+    fresh_state) of batch B; generators: per member the torch.Generator of the noisy symmetric feedback's noise (or
+    None). The stacks self.W, self.b, self.Y, self.c are updated in place; member(q) gives views of member q's,
+    state_of(q) its state; keep(indices) goes on with some members only."""
 
-    def __init__(self, members, B, states=None, bind=True):
-        self.members = list(members)
-        m0 = self.members[0]
-        self.M, self.n, self.mem, self.dt, self.B = m0.M_, m0.n_, m0.mem, m0.dt, int(B)
-        self.dev, self.dty = m0.device_, m0.dtype_
-        self.flags = {name: bool(getattr(m0, name)) for name in (
-            "use_conductances", "use_broadcast", "use_spiking_feedback", "use_spiking_feedforward",
-            "use_symmetric_weights", "noisy_symmetric_weights", "use_sparse_feedback", "update_feedback_weights",
-            "use_apical_conductance", "use_feedback_bias", "record_backprop_angle")}
+    def __init__(self, cfgs, weights, states, B, device, dtype, generators=None):
+        self.cfgs, c0 = list(cfgs), cfgs[0]
+        self.M, self.n, self.mem, self.B = c0.M, tuple(c0.sizes), c0.mem, int(B)
+        self.dev, self.dty = torch.device(device), dtype
+        self.flags = {name: bool(getattr(c0, name)) for name in R.FLAGS}
         self.ffk = "spike" if self.flags["use_spiking_feedforward"] else "rate"
         self.fbk = "spike" if self.flags["use_spiking_feedback"] else "rate"
-        self.bind = bind
-        self._stack(states)
+        self._stack(weights, states, generators or [None] * len(self.cfgs))
 
     # -- members' numbers and weights as stacked tensors -------------------------------------------------------
 
@@ -154,60 +84,56 @@ class Population:
         """Per-member numbers as a (P, 1, 1) tensor (broadcasts over examples and neurons)."""
         return torch.tensor(values, device=self.dev, dtype=self.dty).view(-1, 1, 1)
 
-    def _stack(self, states=None):
-        ms, M = self.members, self.M
-        self.P = len(ms)
-        self.lmax = self._col([m.lambda_max for m in ms])
-        self.k_B = self._col([m.k_B_ for m in ms])
-        self.k_D = self._col([m.k_D_ for m in ms])
-        self.E_E = self._col([m.E_E for m in ms])
-        self.E_I = self._col([m.E_I for m in ms])
-        self.W = [torch.stack([m.W_[k] for m in ms]) for k in range(M)]
-        self.b = [torch.stack([m.b_[k] for m in ms]) for k in range(M)]
-        self.Y = [torch.stack([m.Y_[k] for m in ms]) for k in range(M - 1)]
-        self.c = [torch.stack([m.c_[k] for m in ms]) for k in range(M - 1)]
-        self.Y_mask = None if ms[0].Y_mask_ is None else \
-            [torch.stack([m.Y_mask_[k] for m in ms]) for k in range(M - 1)]
-        st = states if states is not None else [m.state_ for m in ms]
-        self.C = [torch.stack([s["C"][k] for s in st]) for k in range(M)]
-        self.sig = [{kind: torch.stack([s["sig"][k][kind] for s in st]) for kind in st[0]["sig"][k]} for k in range(M)]
-        hist = [s["hist"] for s in st]      # input history events (row, example, input, value) of each member
+    def _stack(self, weights, states, generators):
+        cs, M = self.cfgs, self.M
+        self.P, self.gens = len(cs), list(generators)
+        self.lmax = self._col([c.lambda_max for c in cs])
+        self.lmax_shared = float(cs[0].lambda_max) if len({c.lambda_max for c in cs}) == 1 else None
+        att = [R.attenuations(c) for c in cs]                # steady-state attenuations k_B, k_D
+        self.k_B, self.k_D = self._col([a[0] for a in att]), self._col([a[1] for a in att])
+        self.E_E, self.E_I = self._col([c.E_E for c in cs]), self._col([c.E_I for c in cs])
+        self.f_etas = self._col([c.f_etas for c in cs]).view(self.P, -1)
+        self.b_etas = self._col([c.b_etas for c in cs]).view(self.P, -1) if M > 1 else None
+        to = dict(device=self.dev, dtype=self.dty)
+        stack = lambda key, k: torch.stack([w[key][k].to(**to) for w in weights])   # noqa: E731
+        self.W, self.b = [stack("W", k) for k in range(M)], [stack("b", k) for k in range(M)]
+        self.Y, self.c = [stack("Y", k) for k in range(M - 1)], [stack("c", k) for k in range(M - 1)]
+        self.Y_mask = None if weights[0].get("mask") is None else [stack("mask", k) for k in range(M - 1)]
+        self.C = [torch.stack([s["C"][k] for s in states]) for k in range(M)]
+        self.sig = [{kind: torch.stack([s["sig"][k][kind] for s in states]) for kind in states[0]["sig"][k]}
+                    for k in range(M)]
+        hist = [s["hist"] for s in states]  # input history events (row, example, input, value) of each member
         p = torch.cat([torch.full_like(h[0], q) for q, h in enumerate(hist)])
         self.hist = (torch.cat([h[0] for h in hist]), p * self.B + torch.cat([h[1] for h in hist]),
                      torch.cat([h[2] for h in hist]), torch.cat([h[3] for h in hist]))
-        self.kappa = {"ff": np.stack([m.kappa_ff_ for m in ms]),           # (P, mem), kappa[k]: k steps ago,
-                      "fb": np.stack([m.kappa_fb_ for m in ms])}           # per path (Eq. 2)
+        self.kappa = {path: np.stack([R.kappa(c, path) for c in cs]) for path in ("ff", "fb")}   # (P, mem), Eq. 2
         self.cache, self.version, self.buf = {}, 0, None
-        if self.bind:
-            self._point_members()
 
-    def _point_members(self):
-        """Each member's W_, b_, Y_, c_ become views of the stacks (so that hooks see the current weights)."""
-        for q, m in enumerate(self.members):
-            m.W_ = [w[q] for w in self.W]
-            m.b_ = [v[q] for v in self.b]
-            m.Y_ = [y[q] for y in self.Y]
-            m.c_ = [v[q] for v in self.c]
+    def member(self, q):
+        """Member q's weights as views of the stacks: dict(W, b, Y, c) of lists (they follow the updates)."""
+        return dict(W=[w[q] for w in self.W], b=[v[q] for v in self.b], Y=[y[q] for y in self.Y],
+                    c=[v[q] for v in self.c])
 
-    def state_back(self):
-        """Write every member's state (potentials, signal histories, input history) back to it."""
+    def weights_of(self, q):
+        """Member q's own copies of its weights (and masks), as the constructor takes them."""
+        out = {k: [v.clone() for v in vs] for k, vs in self.member(q).items()}
+        out["mask"] = None if self.Y_mask is None else [mk[q].clone() for mk in self.Y_mask]
+        return out
+
+    def state_of(self, q):
+        """Member q's state (potentials, signal histories, input history events), as fresh_state makes it."""
         et, ex, ei, ev = self.hist
-        for q, m in enumerate(self.members):
-            keep = (ex // self.B) == q
-            m.state_ = dict(C=[c[q].clone() for c in self.C],
-                            sig=[{k: v[q].clone() for k, v in layer.items()} for layer in self.sig],
-                            hist=(et[keep], ex[keep] % self.B, ei[keep], ev[keep]))
+        keep = (ex // self.B) == q
+        return dict(C=[c[q].clone() for c in self.C], sig=[{k: v[q].clone() for k, v in layer.items()}
+                                                             for layer in self.sig],
+                    hist=(et[keep], ex[keep] % self.B, ei[keep], ev[keep]))
 
-    def weights_back(self, keep=None):
-        """Give the members their own copies of the weights; with `keep` (member indices), go on with those only."""
-        for q, m in enumerate(self.members):
-            m.W_, m.b_ = [w[q].clone() for w in self.W], [v[q].clone() for v in self.b]
-            m.Y_, m.c_ = [y[q].clone() for y in self.Y], [v[q].clone() for v in self.c]
-        if keep is not None:
-            self.state_back()
-            self.members = [self.members[q] for q in keep]
-            if self.members:
-                self._stack()
+    def keep(self, indices):
+        """Go on with the members `indices` only (in that order)."""
+        weights, states = [self.weights_of(q) for q in indices], [self.state_of(q) for q in indices]
+        self.cfgs = [self.cfgs[q] for q in indices]
+        if self.cfgs:
+            self._stack(weights, states, [self.gens[q] for q in indices])
 
     def save_slots(self):
         """The state before a batch, for restore_slots: a smaller batch leaves its empty slots as they were."""
@@ -228,36 +154,6 @@ class Population:
     def _tensor(self, a):
         return torch.tensor(np.asarray(a), device=self.dev, dtype=self.dty)
 
-    def _hmat(self, Ts, layer, target):
-        """H = coef D K (P x Ts x (mem + Ts)) and d = [D 1, dec^(t+1)] (P x Ts x 2) of a layer's soma over a segment:
-        C = H U + d [coef b + c_I I0, C(-1)] (Eqs. 1, 6, 7 as a linear filter of the projected input U = W S)."""
-        key = ("H", Ts, layer, target)
-        if key not in self.cache:
-            t, K = np.arange(Ts), self._kband_np(Ts)
-            Hs, ds = [], []
-            for q, m in enumerate(self.members):
-                dec, coef, _ = m._soma_filter(layer, target)
-                D = np.where(t[:, None] >= t[None, :], float(dec) ** np.maximum(t[:, None] - t[None, :], 0), 0.0)
-                Hs.append(coef * D @ K[q])
-                ds.append(np.stack([D.sum(1), float(dec) ** (t + 1)], 1))
-            self.cache[key] = (self._tensor(np.stack(Hs)), self._tensor(np.stack(ds)))
-        return self.cache[key]
-
-    def _kband_np(self, Ts):
-        """(P, Ts, mem + Ts) banded kernel matrices K[t, mem + t - k] = kappa[k] of the feedforward path (numpy):
-        PSP drive = K @ U over a segment."""
-        t, K = np.arange(Ts), np.zeros((self.P, Ts, self.mem + Ts))
-        for j in range(self.mem):
-            K[:, t, self.mem + t - j] = self.kappa["ff"][:, j:j + 1]
-        return K
-
-    def _kband(self, Ts):
-        """_kband_np as a tensor, cached."""
-        key = ("K", Ts)
-        if key not in self.cache:
-            self.cache[key] = self._tensor(self._kband_np(Ts))
-        return self.cache[key]
-
     def _row_weights(self, rows, t_abs, lo, hi, window, path):
         """(P, rows): the weight of each buffer row (step tau = row - mem + t_abs) in a member's mean PSP over the
         times [lo_p, hi_p]: (1/window) sum_{t' in [lo_p, hi_p], 0 <= t' - tau < mem} kappa_p[t' - tau]. Rows of
@@ -275,84 +171,112 @@ class Population:
 
     # -- one phase ------------------------------------------------------------------------------------------------
 
-    def phase(self, x, T, target, window, unif):
+    def phase(self, x, T, target, window, keys, record=True):
         """Simulate the members' phases of T[p] steps (numpy ints) from the state, inputs x (P, B, n_in) in [0, 1];
         target (P, B, n_out) one-hot or None (forward phase); window: steps averaged at the end of each member's phase;
-        unif: per segment (see segments), (input uniforms (Ts, nnz), [per layer (P, Ts, B, n) or None]), or None
-        (rate mode).
+        keys: (P, B) int64 example keys of the phase (compartmental_random.example_keys), or None (no spikes);
+        record=False (testing): only the output's window mean of C is kept (no PSP, A or hidden means).
         Returns the window means C, A (hidden), lam (output, target phase), psp_fb and psp_in per layer."""
         M, mem, n, P, B = self.M, self.mem, self.n, self.P, self.B
-        dev, dty, sig = self.dev, self.dty, self.sig
+        dev, dty = self.dev, self.dty
         T = np.asarray(T)
         starts, lens = segments(T)
         A_step = self.flags["use_conductances"] and self.flags["use_apical_conductance"] and \
-            any(m.g_A != 0 for m in self.members)
+            any(c.g_A != 0 for c in self.cfgs)
         z = lambda *s: torch.zeros(*s, device=dev, dtype=dty)  # noqa: E731
-        x_idx = x.nonzero(as_tuple=True)                     # active inputs, member-major (p, b, i)
-        rates = x[x_idx] * self.lmax.view(-1)[x_idx[0]]       # input rates lambda_max * pixel
-        ex = x_idx[0] * B + x_idx[1]                          # example index p B + b
+        inp = self._input_events(x)
         I0 = None if target is None else target * self.E_E + (1.0 - target) * self.E_I   # g_E E_E + g_I E_I
         w0 = T - window                                       # first step of each member's averaging window
-        Csum = [z(P, B, n[m + 1]) for m in range(M)]
-        lam_sum = z(P, B, n[-1])
-        fb_mean = [z(P, B, n[self.fb_source(m) + 1]) for m in range(M - 1)]
-        in_mean = [z(P * B * n[0])] + [z(P, B, n[m]) for m in range(1, M)]
+        means = dict(C=[z(P, B, n[m + 1]) for m in range(M)], lam=z(P, B, n[-1]),
+                     psp_fb=[z(P, B, n[self.fb_source(m) + 1]) for m in range(M - 1)],
+                     psp_in=[z(P * B * n[0])] + [z(P, B, n[m]) for m in range(1, M)])
         buf = self._buffers(mem + max(lens))
-        for layer, hist in zip(buf, sig):                     # rows [0, mem): the last mem steps
+        for layer, hist in zip(buf, self.sig):                # rows [0, mem): the last mem steps
             for k, v in layer.items():
                 v[:, :mem] = hist[k]
-        W0 = self._W0t()                                      # (p, i) rows: every member's W^T
         Wt = [w.transpose(1, 2) for w in self.W]
         Yt = [y.transpose(1, 2) for y in self.Y]
-        for k, (s, Ts) in enumerate(zip(starts, lens)):
-            rows = mem + Ts
-            wwin = self._tensor(((np.arange(s, s + Ts)[None, :] >= w0[:, None])
-                                 & (np.arange(s, s + Ts)[None, :] < T[:, None])) / window).unsqueeze(1)   # (P, 1, Ts)
-            # -- input layer: events of the history rows [0, mem) and of Ts new rows; U(t) = W S(t), all rows at once
-            ht, hx, hi, hv = self.hist
-            if unif is not None:                              # spikes: Poisson counts of the input rates
-                _, counts = spikes(rates.view(1, -1), unif[k][0], None, False)
-                t_new, j = counts.nonzero(as_tuple=True)
-                nv = counts[t_new, j]
-            else:                                             # rates: every active input at every step
-                t_new = torch.arange(Ts, device=dev).repeat_interleave(rates.numel())
-                j = torch.arange(rates.numel(), device=dev).repeat(Ts)
-                nv = rates[j]
-            et, ee = torch.cat([ht, t_new + mem]), torch.cat([hx, ex[j]])
-            ei, ev = torch.cat([hi, x_idx[2][j]]), torch.cat([hv, nv])
-            p_ev = ee // B
-            bag = (p_ev * rows + et) * B + ee % B             # (member, row, example): one member's W at a time
-            order = torch.argsort(bag, stable=True)
-            counts_bag = torch.bincount(bag, minlength=P * rows * B)
-            U0 = torch.nn.functional.embedding_bag((p_ev * n[0] + ei)[order], W0, counts_bag.cumsum(0) - counts_bag,
-                                                   mode="sum", per_sample_weights=ev[order])
-            U0 = U0.view(P, rows, B, n[1])
-            w_in = self._row_weights(rows, s, w0, T - 1, window, "ff")   # mean input PSP over the window (Eq. 12)
-            in_mean[0].index_add_(0, ee * n[0] + ei, ev * w_in[p_ev, et])
-            if s != starts[-1]:                               # the last mem rows become the history
-                keep = et >= Ts
-                self.hist = (et[keep] - Ts, ee[keep], ei[keep], ev[keep])
-            else:                                             # each member keeps its own last mem rows (below)
-                self.hist = (et, ee, ei, ev)
-            seg_unif = unif[k][1] if unif is not None else [None] * M
-            if not A_step:
-                C_last = self._segment_layers(U0, Ts, s, buf, Wt, seg_unif, I0, wwin, Csum, lam_sum, target)
-            else:
-                C_last = self._segment_steps(U0, Ts, s, buf, Wt, Yt, seg_unif, I0, wwin, Csum, lam_sum, target)
-            # -- window means of the PSPs from this segment's rows (feedback: as of the step before)
-            w_fb = self._row_weights(rows, s, w0 - 1, T - 2, window, "fb") if M > 1 else None
-            for m in range(M - 1):
-                src = buf[self.fb_source(m)][self.fbk][:, :rows]
-                fb_mean[m] += torch.bmm(w_fb.unsqueeze(1), src.reshape(P, rows, -1)).view_as(fb_mean[m])
-            for m in range(1, M):
-                src = buf[m - 1][self.ffk][:, :rows]
-                in_mean[m] += torch.bmm(w_in.unsqueeze(1), src.reshape(P, rows, -1)).view_as(in_mean[m])
+        for s, Ts in zip(starts, lens):
+            t_abs = np.arange(s, s + Ts)
+            win = ((t_abs[None, :] >= w0[:, None]) & (t_abs[None, :] < T[:, None])) / window      # (P, Ts)
+            win_t = self._tensor(win).T.reshape(Ts, P, 1, 1)
+            wsteps = [(t, win_t[t]) for t in np.flatnonzero(win.any(0)).tolist()]
+            base = None if keys is None else rnd.step_keys(keys, s, Ts)   # (P, Ts, B) keys of the segment's steps
+            w_in = self._row_weights(mem + Ts, s, w0, T - 1, window, "ff") if record else None
+            U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], last=s == starts[-1])
+            args = (U0, Ts, s, buf, Wt, base, I0, wsteps, means["C"], means["lam"], target, record)
+            C_last = self._segment_layers(*args) if not A_step else self._segment_steps(*args[:5], Yt, *args[5:])
+            if record:                                        # window means of the PSPs from this segment's rows
+                self._psp_means(buf, Ts, s, w0, T, window, w_in, means)
             if s != starts[-1]:
                 for layer in buf:
                     for v in layer.values():
                         v[:, :mem] = v[:, Ts:Ts + mem].clone()
-        # -- each member's state as of its own last step T_p - 1 (its extra steps are discarded)
-        s, q = starts[-1], torch.arange(P, device=dev)
+        self._keep_state(C_last, buf, T, starts[-1])
+        means["A"] = [torch.bmm(means["psp_fb"][m], Yt[m]) for m in range(M - 1)]   # A is linear in the PSP
+        if self.flags["use_feedback_bias"]:
+            means["A"] = [a + c.unsqueeze(1) for a, c in zip(means["A"], self.c)]
+        means["psp_in"][0] = means["psp_in"][0].view(P, B, n[0])
+        return means
+
+    def _input_events(self, x):
+        """The active inputs of x (P, B, n_in): (member-major index (p, b, i), rates lambda_max x pixel, example
+        index p B + b, the inputs' random-number counters)."""
+        x_idx = x.nonzero(as_tuple=True)
+        rates = x[x_idx] * self.lmax.view(-1)[x_idx[0]]
+        return x_idx, rates, x_idx[0] * self.B + x_idx[1], rnd.neuron_offsets(0, x_idx[2])
+
+    def _input_segment(self, inp, s, Ts, base, w_in, in_mean, last):
+        """The input layer over a segment: its events (the history rows [0, mem), then Ts new rows of Poisson counts
+        or rates) projected as U(t) = W S(t) for every row by one embedding_bag over the active inputs; adds the
+        window mean of the input PSP (weights w_in per row) into in_mean; keeps the history's events."""
+        (x_idx, rates, ex, in_offs), (P, B, mem, n, dev) = inp, (self.P, self.B, self.mem, self.n, self.dev)
+        rows = mem + Ts
+        ht, hx, hi, hv = self.hist
+        if self.flags["use_spiking_feedforward"]:             # spikes: Poisson counts of the input rates
+            base_in = base.transpose(0, 1).reshape(Ts, P * B)[:, ex]  # (Ts, nnz): each input's example's keys
+            _, counts = rnd.spike_counts(rates.view(1, -1), base_in, in_offs, 1.0, False)
+            t_new, j = counts.nonzero(as_tuple=True)
+            nv = counts[t_new, j]
+        else:                                                 # rates: every active input at every step
+            t_new = torch.arange(Ts, device=dev).repeat_interleave(rates.numel())
+            j = torch.arange(rates.numel(), device=dev).repeat(Ts)
+            nv = rates[j]
+        et, ee = torch.cat([ht, t_new + mem]), torch.cat([hx, ex[j]])
+        ei, ev = torch.cat([hi, x_idx[2][j]]), torch.cat([hv, nv])
+        p_ev = ee // B
+        bag = (p_ev * rows + et) * B + ee % B                 # (member, row, example): one member's W at a time
+        order = torch.argsort(bag, stable=True)
+        counts_bag = torch.bincount(bag, minlength=P * rows * B)
+        U0 = torch.nn.functional.embedding_bag((p_ev * n[0] + ei)[order], self._W0t(), counts_bag.cumsum(0) -
+                                               counts_bag, mode="sum", per_sample_weights=ev[order])
+        if w_in is not None:                                  # mean input PSP over the window (Eq. 12)
+            in_mean.index_add_(0, ee * n[0] + ei, ev * w_in[p_ev, et])
+        keep = slice(None) if last else et >= Ts              # the last mem rows become the history
+        self.hist = (et, ee, ei, ev) if last else (et[keep] - Ts, ee[keep], ei[keep], ev[keep])
+        return U0.view(P, rows, B, n[1])
+
+    def _psp_means(self, buf, Ts, s, w0, T, window, w_in, means):
+        """Add this segment's rows into the window means of the feedback PSPs (as of the step before) and of the
+        hidden and output layers' input PSPs: sum over rows of weight x signal, row after row."""
+        rows, M = self.mem + Ts, self.M
+        w_fb = self._row_weights(rows, s, w0 - 1, T - 2, window, "fb") if M > 1 else None
+        for m in range(M - 1):
+            self._row_sum(means["psp_fb"][m], buf[self.fb_source(m)][self.fbk], w_fb)
+        for m in range(1, M):
+            self._row_sum(means["psp_in"][m], buf[m - 1][self.ffk], w_in)
+
+    def _row_sum(self, acc, src, w):
+        """acc (P, B, n) += sum_r w[:, r] src[:, r] over the rows r of nonzero weight, in row order."""
+        nz = (w != 0).any(0).nonzero().view(-1).tolist()
+        for r in nz:
+            acc.addcmul_(src[:, r], w[:, r].view(-1, 1, 1))
+
+    def _keep_state(self, C_last, buf, T, s):
+        """Each member's state as of its own last step T_p - 1 of the last segment (starting at s; its extra steps
+        are discarded): C, the signals' last mem rows and the input history's events."""
+        P, B, mem, dev = self.P, self.B, self.mem, self.dev
+        q = torch.arange(P, device=dev)
         last = torch.as_tensor(T - 1 - s, device=dev)
         self.C = [c[q, last] for c in C_last]
         hist_rows = torch.as_tensor(T - s, device=dev)[:, None] + torch.arange(mem, device=dev)   # (P, mem)
@@ -361,11 +285,6 @@ class Population:
         et = et - torch.as_tensor(T - s, device=dev)[ee // B]  # row of the member's history [T_p - mem, T_p)
         keep = (et >= 0) & (et < mem)
         self.hist = (et[keep], ee[keep], ei[keep], ev[keep])
-        A_mean = [torch.bmm(fb_mean[m], Yt[m]) for m in range(M - 1)]   # A is linear in the feedback PSP
-        if self.flags["use_feedback_bias"]:
-            A_mean = [a + c.unsqueeze(1) for a, c in zip(A_mean, self.c)]
-        in_mean[0] = in_mean[0].view(P, B, n[0])
-        return dict(C=Csum, A=A_mean, lam=lam_sum, psp_fb=fb_mean, psp_in=in_mean)
 
     def _buffers(self, rows):
         """Per layer and kind of signal, a (P, rows, B, n) buffer: the last mem steps, then a segment's steps."""
@@ -388,21 +307,34 @@ class Population:
     def fb_source(self, m):
         return self.M - 1 if self.flags["use_broadcast"] else m + 1
 
-    def _emit(self, m, C, u, buf, rows_slice):
-        """lambda_C = lambda_max sigmoid(C) (Eq. 4) and what layer m sends (spikes and / or rates) into its buffer."""
+    def _emit(self, m, C, base, buf, rows_slice):
+        """lambda_C = lambda_max sigmoid(C) (Eq. 4) and what layer m sends (spikes and / or rates) into its buffer;
+        C (P, ..., n) with base (P, ...) the step keys of its rows (spike counts from the keyed uniforms)."""
         layer, lmax = buf[m], self.lmax.view(-1, *[1] * (C.dim() - 1))
         if "spike" in layer:
-            lam, counts = spikes(C, u, lmax, True)
-            layer["spike"][rows_slice] = counts
+            n = C.shape[-1]
+            rows = C.reshape(-1, n)
+            lm = self._lmax_rows(C.shape[:-1])
+            lam, counts = rnd.spike_counts(rows, base.reshape(-1, 1), rnd.neuron_offsets(m + 1, n).to(C.device),
+                                           lm, True)
+            layer["spike"][rows_slice] = counts.view(C.shape)
+            lam = lam.view(C.shape)
         else:
             lam = torch.sigmoid(C) * lmax
         if "rate" in layer:
             layer["rate"][rows_slice] = lam.expand_as(C)
         return lam
 
-    def _segment_layers(self, U0, Ts, s, buf, Wt, unif, I0, wwin, Csum, lam_sum, target):
-        """Ts steps of every layer, one whole layer after the other (valid when A does not drive the soma): C of all
-        steps is H U + d [coef b + c_I I0, C(-1)] (Eqs. 1, 5, 6, 7). Returns each layer's C of the segment."""
+    def _lmax_rows(self, shape):
+        """lambda_max per row of a (P, ...) row layout: a number where the members share it, else (rows, 1)."""
+        if self.lmax_shared is not None:
+            return self.lmax_shared
+        return self.lmax.view(-1, *[1] * (len(shape) - 1)).expand(shape).reshape(-1, 1)
+
+    def _segment_layers(self, U0, Ts, s, buf, Wt, base, I0, wsteps, Csum, lam_sum, target, record=True):
+        """Ts steps of every layer, one whole layer after the other (valid when A does not drive the soma): the
+        projected input U = W S of every row, then the PSP and soma recurrences step by step (_filter, Eqs. 1, 2, 5,
+        6, 7), then the layer's spikes for the whole segment. Returns each layer's C of the segment."""
         M, mem, P, B = self.M, self.mem, self.P, self.B
         rows = mem + Ts
         C_seg = []
@@ -413,40 +345,74 @@ class Population:
             else:                                             # U = W S of the layer below, every row
                 below = buf[m - 1][self.ffk][:, :rows]
                 U = torch.bmm(below.reshape(P, rows * B, -1), Wt[m]).view(P, rows, B, -1)
-            H, d = self._hmat(Ts, m, out and target is not None)
-            no = self.n[m + 1]
-            C = torch.bmm(H, U.reshape(P, rows, B * no))      # (P, Ts, B n)
-            _, coef, c_I, _ = self._soma(m, target is not None)
-            const = coef * self.b[m].unsqueeze(1).expand(P, B, no)
-            if out and target is not None:                    # teaching current g_E E_E + g_I E_I (Eq. 7)
-                const = const + c_I * I0
-            C = C.baddbmm_(d, torch.stack([const.reshape(P, -1), self.C[m].reshape(P, -1)], 1)).view(P, Ts, B, no)
-            self.C[m] = C[:, Ts - 1]
-            lam = self._emit(m, C, unif[m], buf, (slice(None), slice(mem, rows)))
-            Csum[m] += torch.bmm(wwin, C.reshape(P, Ts, -1)).view(P, B, no)
+            C = self._filter(m, U, Ts, I0 if out and target is not None else None)
+            lam = self._emit(m, C, base, buf, (slice(None), slice(mem, rows)))
+            if record or out:
+                self._window_sum(Csum[m], C, wsteps)
             if out and target is not None:
-                lam_sum += torch.bmm(wwin, lam.expand_as(C).reshape(P, Ts, -1)).view(P, B, no)
+                self._window_sum(lam_sum, lam.expand_as(C), wsteps)
             C_seg.append(C)
         return C_seg
 
+    @staticmethod
+    def _window_sum(acc, V, wsteps):
+        """acc += sum_t w_t V[:, t] over the steps (t, w (P, 1, 1)) of the members' averaging windows, in time order
+        (so a member's sums do not depend on the population or the segments)."""
+        for t, w in wsteps:
+            acc.addcmul_(V[:, t], w)
+
+    def _kernel(self, path):
+        """The members' truncated kernels kappa[k] (Eq. 2) of a path as (P, mem, 1, 1, 1) tensors, cached."""
+        key = ("kappa", path)
+        if key not in self.cache:
+            self.cache[key] = self._tensor(self.kappa[path]).view(self.P, self.mem, 1, 1, 1)
+        return self.cache[key]
+
+    def _psp_band(self, U, Ts):
+        """A layer's input PSP over a segment from its projected input U (P, mem + Ts, B, n; rows [0, mem) the last
+        mem steps): PSP(t) = sum_k kappa[k] U(t - k) (Eq. 2), the kernel's band only (mem terms), for all Ts steps at
+        once, term after term in a fixed order."""
+        mem, kap = self.mem, self._kernel("ff")
+        psp = U[:, mem:mem + Ts] * kap[:, 0]
+        for k in range(1, mem):
+            psp.addcmul_(U[:, mem - k:mem - k + Ts], kap[:, k])
+        return psp
+
+    def _filter(self, m, U, Ts, I0):
+        """Layer m's C over a segment: C(t) = dec C(t-1) + k_B (PSP(t) + b) + k_I I0 (Eqs. 5-7, the reference's
+        soma_coefficients; I0 the teaching input: output layer, target phase), PSP from _psp_band; the soma's
+        recurrence one element-wise step at a time (none for instantaneous somas, dec = 0)."""
+        dec, k_B, _, k_I = self._soma(m, I0 is not None)
+        drive = (self._psp_band(U, Ts) + self.b[m].view(self.P, 1, 1, -1)) * k_B.unsqueeze(1)
+        if I0 is not None:                                    # teaching current g_E E_E + g_I E_I (Eq. 7)
+            drive += (k_I * I0).unsqueeze(1)
+        if not self.flags["use_conductances"]:
+            self.C[m] = drive[:, Ts - 1]
+            return drive
+        C = self.C[m]
+        for t in range(Ts):
+            C = drive[:, t].addcmul_(C, dec)
+        self.C[m] = C
+        return drive
+
     def _soma(self, m, target):
-        """Per-member (dec, coef, c_I, dt g_A) of layer m's soma (_soma_filter, plus the apical conductance's step
-        for hidden layers) as (P, 1, 1) tensors, cached."""
+        """Per-member (dec, k_B, k_A, k_I) of layer m's soma (the reference's soma_coefficients) as (P, 1, 1)
+        tensors, cached."""
         key = ("soma", m, target)
         if key not in self.cache:
-            vals = [mb._soma_filter(m, target) + (0.0 if m == self.M - 1 else self.dt * mb.g_A,)
-                    for mb in self.members]
+            out = m == self.M - 1
+            vals = [R.soma_coefficients(c, out, 1.0 if out and target else 0.0) for c in self.cfgs]
             self.cache[key] = tuple(self._col([v[k] for v in vals]) for k in range(4))
         return self.cache[key]
 
-    def _segment_steps(self, U0, Ts, s, buf, Wt, Yt, unif, I0, wwin, Csum, lam_sum, target):
+    def _segment_steps(self, U0, Ts, s, buf, Wt, Yt, base, I0, wsteps, Csum, lam_sum, target, record=True):
         """Ts steps of all layers together, one time step after the other (apical conductance drives the soma):
-        B = W PSP + b (Eq. 5), A = Y PSP_fb (+ c) as of the step before, C += dt (-g_L C + g_B (B - C) + g_A (A - C))
-        (Eq. 6); output as in _segment_layers. PSPs are the explicit kernel sums over the buffers' last mem rows."""
+        B = W PSP + b (Eq. 5), A = Y PSP_fb (+ c) as of the step before, C = dec C + k_B B + k_A A (Eq. 6, the
+        reference's soma_coefficients); output as in _segment_layers. The input layer's PSP by _psp_band, the others
+        as explicit kernel sums over the buffers' last mem rows."""
         M, mem, P, B = self.M, self.mem, self.P, self.B
-        rows = mem + Ts
         kap = {k: self._tensor(v[:, ::-1].copy()).unsqueeze(1) for k, v in self.kappa.items()}   # oldest row first
-        Bin = torch.bmm(self._kband(Ts), U0.reshape(P, rows, -1)).view(P, Ts, B, -1) + self.b[0].unsqueeze(1).unsqueeze(1)
+        basal0 = self._psp_band(U0, Ts) + self.b[0].view(P, 1, 1, -1)
         C_seg = [torch.empty(P, Ts, B, self.n[m + 1], device=self.dev, dtype=self.dty) for m in range(M)]
         consts = [self._soma(m, target is not None) for m in range(M)]
 
@@ -457,8 +423,9 @@ class Population:
             r = mem + t
             for m in range(M):
                 out = m == M - 1
-                dec, gB, c_I, gA = consts[m]
-                basal = Bin[:, t] if m == 0 else torch.baddbmm(self.b[m].unsqueeze(1), psp(m - 1, self.ffk, r, "ff"), Wt[m])
+                dec, gB, gA, c_I = consts[m]
+                basal = basal0[:, t] if m == 0 else \
+                    torch.baddbmm(self.b[m].unsqueeze(1), psp(m - 1, self.ffk, r, "ff"), Wt[m])
                 C = self.C[m] * dec + basal * gB
                 if not out:
                     A = torch.bmm(psp(self.fb_source(m), self.fbk, r - 1, "fb"), Yt[m])
@@ -469,13 +436,12 @@ class Population:
                     C = C + I0 * c_I
                 self.C[m] = C
                 C_seg[m][:, t] = C
-                self._emit(m, C, None if unif[m] is None else unif[m][:, t], buf, (slice(None), r))
+                self._emit(m, C, None if base is None else base[:, t], buf, (slice(None), r))
         for m in range(M):
-            no = self.n[m + 1]
-            Csum[m] += torch.bmm(wwin, C_seg[m].reshape(P, Ts, -1)).view(P, B, no)
+            if record or m == M - 1:
+                self._window_sum(Csum[m], C_seg[m], wsteps)
         if target is not None:
-            lam = torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1)
-            lam_sum += torch.bmm(wwin, lam.reshape(P, Ts, -1)).view(P, B, -1)
+            self._window_sum(lam_sum, torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1), wsteps)
         return C_seg
 
     # -- learning -------------------------------------------------------------------------------------------------
@@ -496,27 +462,27 @@ class Population:
             dW = [torch.bmm((E[m] * w).transpose(1, 2), f["psp_in"][m]) for m in range(M)]
             angles = self._bp_angles(E, dW, Cf, f, w)
         lr = torch.as_tensor(lr, device=self.dev, dtype=self.dty).view(-1, 1, 1)
+        ones = torch.ones(P, 1, self.B, device=self.dev, dtype=self.dty)   # (a product: the same sum whatever P)
         if self.flags["update_feedback_weights"]:
-            b_etas = self._col([mb.b_etas_ for mb in self.members]).view(P, -1)
+            b_etas = self.b_etas
             for m in range(M - 1):
                 E_inv = R.feedback_error(Cf[m], alpha_f[m], f["A"][m], lmax) * w
                 step = lr * b_etas[:, m].view(-1, 1, 1)
                 self.Y[m] -= step * torch.bmm(E_inv.transpose(1, 2), f["psp_fb"][m])
                 if self.flags["use_feedback_bias"]:
-                    self.c[m] -= step.view(-1, 1) * E_inv.sum(1)
+                    self.c[m] -= step.view(-1, 1) * torch.bmm(ones, E_inv).squeeze(1)   # batch sum, as a product
                 if self.Y_mask is not None:
                     self.Y[m] *= self.Y_mask[m]
-        f_etas = self._col([mb.f_etas_ for mb in self.members]).view(P, -1)
+        f_etas = self.f_etas
         P_out, P_hid = R.step_sizes(lmax)
         for m in range(M):                                    # W -= eta P E^T PSP_in, b -= eta P E (batch means)
             step = lr * f_etas[:, m].view(-1, 1, 1) * (P_out if m == M - 1 else P_hid)
             self.W[m] -= step * (dW[m] if dW is not None else torch.bmm((E[m] * w).transpose(1, 2), f["psp_in"][m]))
-            self.b[m] -= step.view(-1, 1) * (E[m] * w).sum(1)
+            self.b[m] -= step.view(-1, 1) * torch.bmm(w.transpose(1, 2), E[m]).squeeze(1)
         self.version += 1
         if self.flags["use_symmetric_weights"]:
-            for q, mb in enumerate(self.members):
-                cfg = mb.config()
-                Y = R.symmetric_feedback([wt[q] for wt in self.W], cfg, mb.gen_cpu_)
+            for q, cfg in enumerate(self.cfgs):
+                Y = R.symmetric_feedback([wt[q] for wt in self.W], cfg, self.gens[q])
                 for m in range(M - 1):
                     self.Y[m][q] = Y[m] * (self.Y_mask[m][q] * 5 if self.Y_mask is not None else 1)
         return angles

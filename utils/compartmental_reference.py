@@ -31,7 +31,7 @@ class Config:
     dt: float = 1.0                 # time step (ms)
     mem: int = 10                   # PSP kernel length (time steps)
     g_B: float = 0.6                # basal -> soma conductance (hidden layers)
-    g_A: float = 0.0                # apical -> soma conductance (only with use_apical_conductance)
+    g_A: float = 0.05               # apical -> soma conductance (only with use_apical_conductance; the authors' 0.05)
     g_D: float = 0.6                # dendrite -> soma conductance (output layer)
     g_L: float = 0.1                # leak conductance
     E_E: float = 8.0                # excitatory reversal potential of the teaching current
@@ -100,20 +100,40 @@ def rate(C, cfg):
     return cfg.lambda_max * torch.sigmoid(C)
 
 
+def soma_coefficients(cfg, output, g_T=0.0):
+    """(dec, k_B, k_A, k_I) of a soma as a linear filter, C(t) = dec C(t-1) + k_B B(t) + k_A A(t) + k_I I0(t), with
+    I0 = g_E E_E + g_I E_I the teaching input of total conductance g_T = g_E + g_I (the output layer in the target
+    phase). Conductance somas, one Euler step of dC/dt = -g_L C + g_B (B - C) + g_A (A - C) (hidden, Eq. 6; g_A only
+    with use_apical_conductance) or -g_L C + g_D (B - C) + g_E (E_E - C) + g_I (E_I - C) (output, Eq. 7). Without
+    conductances the steady state of the same equation without its apical drive, as the authors' code: C = k_B B,
+    k_B = g_B / (g_L + g_B + g_A) (hidden), C = (g_D B + I0) / (g_L + g_D + g_T) (output)."""
+    g_A = cfg.g_A if cfg.use_apical_conductance and not output else 0.0
+    g = cfg.g_D if output else cfg.g_B
+    g_all = cfg.g_L + g + g_A + g_T
+    if cfg.use_conductances:
+        return 1.0 - cfg.dt * g_all, cfg.dt * g, cfg.dt * g_A, cfg.dt
+    return 0.0, g / g_all, 0.0, 1.0 / g_all
+
+
 def hidden_soma(C, B, A, cfg):
-    """dC/dt = -g_L C + g_B (B - C) + g_A (A - C) (Eqs. 1, 6), one Euler step; instantaneous somas: C = k_B B."""
-    g_A = cfg.g_A if cfg.use_apical_conductance else 0.0
-    if not cfg.use_conductances:
-        return cfg.g_B / (cfg.g_L + cfg.g_B) * B
-    return C + cfg.dt * (-cfg.g_L * C + cfg.g_B * (B - C) + g_A * (A - C))
+    """A hidden soma's next C from its basal and apical potentials (Eqs. 1, 6; see soma_coefficients)."""
+    dec, k_B, k_A, _ = soma_coefficients(cfg, output=False)
+    drive = k_B * B + k_A * A
+    return dec * C + drive if cfg.use_conductances else drive
 
 
 def output_soma(C, B, g_E, g_I, cfg):
-    """dC/dt = -g_L C + g_D (B - C) + I, I = g_E (E_E - C) + g_I (E_I - C) (Eq. 7), one Euler step; instantaneous
-    somas: the steady state C = (g_D B + g_E E_E + g_I E_I) / (g_L + g_D + g_E + g_I), as in the authors' code."""
-    if not cfg.use_conductances:
-        return (cfg.g_D * B + g_E * cfg.E_E + g_I * cfg.E_I) / (cfg.g_L + cfg.g_D + g_E + g_I)
-    return C + cfg.dt * (-cfg.g_L * C + cfg.g_D * (B - C) + g_E * (cfg.E_E - C) + g_I * (cfg.E_I - C))
+    """The output soma's next C from its dendrite and the teaching conductances g_E, g_I (Eq. 7; see
+    soma_coefficients; instantaneous somas take the steady state, as in the authors' code)."""
+    dec, k_D, _, k_I = soma_coefficients(cfg, output=True, g_T=g_E + g_I)
+    drive = k_D * B + k_I * (g_E * cfg.E_E + g_I * cfg.E_I)
+    return dec * C + drive if cfg.use_conductances else drive
+
+
+def attenuations(cfg):
+    """The steady-state attenuations (k_B, k_D) = (g_B / (g_L + g_B + g_A), g_D / (g_L + g_D)) of the errors."""
+    g_A = cfg.g_A if cfg.use_apical_conductance else 0.0
+    return cfg.g_B / (cfg.g_L + cfg.g_B + g_A), cfg.g_D / (cfg.g_L + cfg.g_D)
 
 
 def plateau(A_mean):
@@ -165,7 +185,7 @@ def initial_weights(cfg, generator):
     avg + 3.465 sd U(-1, 1) (init="authors", as their code: a standard deviation of 2 sd) or avg + sqrt(12) sd
     U(-1/2, 1/2) (init="paper", the paper's formula: sd); the feedback Y into hidden layer m is one random matrix from
     the layer above (from the output with use_broadcast) with the W_avg and W_sd of the layer above m, c like b.
-    Without weight optimization: W = 0.1 U(-1/2, 1/2), b, Y, c = U(-1/2, 1/2)."""
+    Without weight optimization, as the authors: W = 0.1 U(-1, 1), b, Y, c = U(-1, 1)."""
     n, M = cfg.sizes, cfg.M
     width = 2.0 if cfg.init == "authors" else 1.0
 
@@ -183,9 +203,9 @@ def initial_weights(cfg, generator):
                 Y[m - 1] = W_avg + 3.465 * W_sd * U(N, fb_cols, w=width)
                 c[m - 1] = B_AVG + 3.465 * B_SD * U(N, w=width)
         else:
-            W[m], b[m] = 0.1 * U(n[m + 1], N), U(n[m + 1])
+            W[m], b[m] = 0.1 * U(n[m + 1], N, w=2.0), U(n[m + 1], w=2.0)
             if m > 0:
-                Y[m - 1], c[m - 1] = U(N, fb_cols), U(N)
+                Y[m - 1], c[m - 1] = U(N, fb_cols, w=2.0), U(N, w=2.0)
     return W, b, Y, c
 
 
@@ -234,9 +254,7 @@ class Network:
         if weights is None:
             self._tie_feedback()
         self.kappa_ff, self.kappa_fb = kappa(cfg, "ff"), kappa(cfg, "fb")
-        g_A = cfg.g_A if cfg.use_apical_conductance else 0.0
-        self.k_B = cfg.g_B / (cfg.g_L + cfg.g_B + g_A)                   # steady-state attenuations
-        self.k_D = cfg.g_D / (cfg.g_L + cfg.g_D)
+        self.k_B, self.k_D = attenuations(cfg)                           # steady-state attenuations
         self.state = None
 
     def _tie_feedback(self):
