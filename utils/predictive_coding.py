@@ -1,0 +1,109 @@
+"""Predictive coding for the MLP (Whittington & Bogacz 2017): value nodes relax to lower an energy of prediction
+errors, then each weight learns from the error it predicts and the activity it comes from (local, Hebbian).
+
+    net = MLP(784, (256, 256), 10, rule="pc")     # PCConfig's fields are keyword arguments
+
+Value nodes v_l of the hidden layers l = 1..k (the pre-activations; v_0 = x is clamped), predictions
+mu_l = W_l f(v_(l-1)) + b_l with f = relu on the hidden layers (f(v_0) = x), errors eps_l = v_l - mu_l. The output
+is clamped to the target t through the energy's output term, whose error is eps_L = -dE_out/dmu_L: t - softmax(mu_L)
+for the cross-entropy (t = p - e, the one-hot label of the loss's backward pass), t - mu_L for the squared error.
+
+* Initialisation: v_l = mu_l, the forward pass (every hidden error 0).
+* Inference, T steps at rate gamma: v_l <- v_l - gamma dE/dv_l, E = sum_l ||eps_l||^2 / 2 + E_out.
+* Weights: W_l descends E at the relaxed nodes, dE/dW_l = -eps_l f(v_(l-1))^T (mean over the batch).
+* fixed_prediction: the predictions, ReLU derivatives and presynaptic activities held at the forward pass (the
+  simplification under which the relaxed errors are exactly backprop's deltas; a test setting).
+
+The test-time forward pass is the plain MLP. Updates are returned as gradients (utils.rules runs them through the
+estimator's optimizer).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENERGY_OUTPUTS = ("cross_entropy", "squared")
+
+
+@dataclass
+class PCConfig:
+    inference_steps: int = 10            # T: relaxation steps of the value nodes per batch (each ~ a forward-backward)
+    inference_rate: float = 0.2          # gamma: step size of the relaxation (Euler step of the inference dynamics)
+    energy_output: str = "cross_entropy" # the energy's output term: "cross_entropy" (the loss) or "squared"
+    fixed_prediction: bool = False       # hold predictions at the forward pass (then exactly backprop; for tests)
+
+
+class PredictiveCoding(nn.Module):
+    """Predictive coding's inference and weight updates for an MLP (no parameters of its own)."""
+
+    config = PCConfig
+
+    def __init__(self, sizes, n_classes, **settings):
+        super().__init__()
+        cfg = self.config(**settings)
+        if cfg.energy_output not in ENERGY_OUTPUTS:
+            raise ValueError(f"energy_output={cfg.energy_output!r}; valid: {', '.join(ENERGY_OUTPUTS)}")
+        if int(cfg.inference_steps) < 0 or not float(cfg.inference_rate) > 0:
+            raise ValueError(f"inference_steps={cfg.inference_steps!r} must be >= 0 and inference_rate="
+                             f"{cfg.inference_rate!r} > 0")
+        self.cfg = cfg
+        self.steps, self.rate = int(cfg.inference_steps), float(cfg.inference_rate)
+        self.energy_output, self.fixed_prediction = cfg.energy_output, bool(cfg.fixed_prediction)
+
+    def output_error(self, mu, t):
+        """eps_L = -dE_out/dmu_L (Whittington & Bogacz's clamped output error, with the loss as output term)."""
+        return t - (torch.softmax(mu, 1) if self.energy_output == "cross_entropy" else mu)
+
+    def errors(self, Ws, bs, x, v, t):
+        """(hidden errors eps_1..eps_k, output error eps_L, presynaptic activities f(v_0)..f(v_k)) at nodes v."""
+        f = [x] + [torch.relu(a) for a in v]
+        mu = [F.linear(h, W, b) for h, W, b in zip(f, Ws, bs)]   # W&B 2017: mu_l = W_l f(v_(l-1))
+        return [a - m for a, m in zip(v, mu)], self.output_error(mu[-1], t), f
+
+    def energy(self, Ws, bs, x, v, t):
+        """E = sum_l ||eps_l||^2 / 2 + E_out, summed over the batch (W&B 2017's free energy F, with the loss as output
+        term: the cross-entropy -sum t log softmax(mu_L), or ||t - mu_L||^2 / 2)."""
+        eps, _, f = self.errors(Ws, bs, x, v, t)
+        mu = F.linear(f[-1], Ws[-1], bs[-1])
+        out = (-(t * torch.log_softmax(mu, 1)).sum() if self.energy_output == "cross_entropy"
+               else 0.5 * (t - mu).square().sum())
+        return sum(0.5 * e.square().sum() for e in eps) + out
+
+    def step(self, Ws, v, eps, eps_out, gates):
+        """One inference step: v_l <- v_l + gamma (-eps_l + f'(v_l) * W_(l+1)^T eps_(l+1)) (W&B 2017's dynamics,
+        the gradient descent of E); gates: f'(v_l)."""
+        above = eps[1:] + [eps_out]
+        return [a + self.rate * (-e + g * (up @ W)) for a, e, g, up, W in zip(v, eps, gates, above, Ws[1:])]
+
+    def relax(self, Ws, bs, x, pre, t, energies=None):
+        """The relaxed errors ([eps_1 .. eps_k, eps_L]) and presynaptic activities after T inference steps; a list
+        `energies` receives E before each step and after the last (full inference only)."""
+        v = [a.clone() for a in pre[:-1]]
+        if self.fixed_prediction:   # the predictions, derivatives and activities of the forward pass throughout
+            f, gates = [x] + [torch.relu(a) for a in v], [(a > 0).to(a.dtype) for a in v]
+            eps, eps_out = [torch.zeros_like(a) for a in v], self.output_error(pre[-1], t)
+            for _ in range(self.steps):   # mu fixed: the step of v_l = mu_l + eps_l is eps_l's
+                eps = self.step(Ws, eps, eps, eps_out, gates)
+            return eps + [eps_out], f
+        for _ in range(self.steps):
+            if energies is not None:
+                energies.append(float(self.energy(Ws, bs, x, v, t)))
+            eps, eps_out, _ = self.errors(Ws, bs, x, v, t)
+            v = self.step(Ws, v, eps, eps_out, [(a > 0).to(a.dtype) for a in v])
+        if energies is not None:
+            energies.append(float(self.energy(Ws, bs, x, v, t)))
+        eps, eps_out, f = self.errors(Ws, bs, x, v, t)
+        return eps + [eps_out], f
+
+    @torch.no_grad()
+    def updates(self, Ws, bs, x, pre, error):
+        """The gradients of (W_1, b_1, .., W_L, b_L) that predictive coding's step descends, from the input x, the
+        pre-activations pre = [a_1 .. a_k, z] of the forward pass and error = dL/dz of the batch's mean loss."""
+        n = len(error)
+        t = torch.softmax(pre[-1], 1) - n * error   # the target: the one-hot label under the cross-entropy
+        eps, f = self.relax(Ws, bs, x, pre, t)
+        grads = []
+        for e, h in zip(eps, f):                    # W&B 2017: dW_l ~ eps_l f(v_(l-1))^T, Hebbian
+            grads += [-(e.t() @ h) / n, -e.sum(0) / n]
+        return grads
