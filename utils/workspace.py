@@ -23,7 +23,7 @@ import torch
 from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
 from utils.data import Dataset, stratified_subset
 from utils.plotting import set_figures_dir
-from utils.rules import RULES, rule_models
+from utils.rules import rule_models, rules_for
 from utils.study import StudySettings, run_study
 from utils.train import KINDS, train_logged
 
@@ -237,7 +237,7 @@ def train_rules(ds, S, device=None, seed=0, out="runs"):
     X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
     logs, models = {}, {}
     for kind in RULE_KINDS[S["quick"]]:
-        for rule in RULES:
+        for rule in rules_for(kind):
             name = f"{kind}-{rule}"
             hp = dict(MODELS[kind], rule=rule, max_epochs=S["epochs"], seed=seed, device=device)
             models[name], logs[name] = train_logged(
