@@ -128,3 +128,13 @@ def test_inverses_train_at_their_own_rate():
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in clf.module_.learner.parameters()}
     with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['inference_steps'\] for 'mlp'"):
         make_classifier("mlp-dtp", inference_steps=3)
+
+
+def test_the_angle_diagnostic_leaves_the_random_generator_alone():
+    """DTP draws its corruption from torch's generator; the logger's angle (hidden_angles) runs DTP's backward pass
+    but restores the generator, so a logged run trains as an unlogged one."""
+    X, y = data()
+    net = mlp("dtp")
+    state = torch.get_rng_state()
+    angles = hidden_angles(net, X, y, torch.nn.CrossEntropyLoss())
+    assert torch.equal(state, torch.get_rng_state()) and len(angles) == 3

@@ -397,7 +397,7 @@ def hidden_angles(module, X, y, loss_fn, skip_backprop=False):
     backprop gradient, both from the current weights on the batch (X, y) (the raw gradients, before the optimizer).
 
     Every layer but the output one counts as hidden (its update is backprop's under every rule). Batch-norm running
-    statistics are restored afterwards and no parameter's .grad is touched. {} for a module without rule layers.
+    statistics and torch's random generators are restored afterwards and no parameter's .grad is touched. {} for a module without rule layers.
     skip_backprop: for rule "backprop" return the angles, 0, without computing them (the logger's default: no cost
     for the backprop nets).
     """
@@ -408,8 +408,9 @@ def hidden_angles(module, X, y, loss_fn, skip_backprop=False):
         return {f"hidden{i + 1}": 0.0 for i in range(len(layers) - 1)}
     buffers = {k: v.clone() for k, v in module.named_buffers() if not k.endswith("feedback")}
     rules = [layer.rule for layer in layers]
-    try:
-        with torch.enable_grad():
+    cuda = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+    try:   # torch's generators as they were (DTP's corruption draws from them): a logged run trains as an unlogged one
+        with torch.enable_grad(), torch.random.fork_rng(devices=cuda):
             own = _hidden_grads(module, X, y, loss_fn)
             for layer in layers:
                 layer.rule = "backprop"
