@@ -38,13 +38,13 @@ def test_zero_output_error_gives_targets_equal_to_activities_and_no_update(rule)
     X, _ = data()
     net = mlp(rule)
     Ws, bs, hs, z = forward(net, X)
-    targets = net.learner.targets(Ws, hs, torch.softmax(z, 1), torch.zeros_like(z))
+    targets = net.learner.targets(Ws, hs, z, torch.zeros_like(z))
     assert len(targets) == 3 and all(torch.equal(t, h) for t, h in zip(targets, hs[1:]))
     weights = [p for layer in rule_layers(net) for p in (layer.weight, layer.bias)]
     grads = torch.autograd.grad((net(X) * 0).sum(), weights)   # dL/dz = 0: the output target is the output
     assert all(not g.any() for g in grads)
     e = torch.randn_like(z)   # a nonzero error moves every target
-    assert all(not torch.equal(t, h) for t, h in zip(net.learner.targets(Ws, hs, torch.softmax(z, 1), e), hs[1:]))
+    assert all(not torch.equal(t, h) for t, h in zip(net.learner.targets(Ws, hs, z, e), hs[1:]))
 
 
 @pytest.mark.parametrize("rule", ["dtp", "sdtp"])
@@ -61,7 +61,7 @@ def test_no_gradient_crosses_a_layer(rule):
     z.register_hook(lambda g: fired.append("z"))
     learner = net.learner
     error = (torch.softmax(z, 1) - F.one_hot(y, N_CLASSES)).detach() / len(y)
-    targets = learner.targets(Ws, [h.detach() for h in hs], torch.softmax(z.detach(), 1), error * len(y))
+    targets = learner.targets(Ws, [h.detach() for h in hs], z.detach(), error * len(y))
     layer_losses = learner.layer_losses(Ws, bs, hs, targets, error)
     inverse_losses = learner.inverse_losses(Ws, bs, hs)
     params = [p for pair in zip(Ws, bs) for p in pair] + list(learner.parameters())

@@ -19,7 +19,8 @@ to layer l-1 (linear; see below). e = dL/dz per example, from the loss's backwar
   (f_l detached: f_L is softmax(W_L . + b_L) under SDTP), at their own Adam rate `inverse_lr`.
 
 The inverses are linear because the hidden activities are ReLU's: a ReLU inverse passes no correction through its
-silent units, and tanh's range does not cover them. The corruption is drawn from torch's global generator (seeded
+silent units, and tanh's range does not cover them. Every target offset is then linear in eta, so under Adam (which
+removes a gradient's scale) eta matters only through Adam's epsilon. The corruption is drawn from torch's global generator (seeded
 by the estimator's fit; a checkpoint does not carry it). Updates are returned as gradients (utils.rules runs them
 through the estimator's optimizer); every loss is a mean over the batch.
 """
@@ -64,13 +65,13 @@ class DTP(nn.Module):
         return self.inverses[l - self.first](h)
 
     @torch.no_grad()
-    def targets(self, Ws, hs, p, e):
-        """The targets h^_1 .. h^_k of the hidden layers from their activities hs = [h_0 .. h_k], the output's
-        probabilities p and the per-example output error e = dL/dz."""
+    def targets(self, Ws, hs, z, e):
+        """The targets h^_1 .. h^_k of the hidden layers from their activities hs = [h_0 .. h_k], the logits z and
+        the per-example output error e = dL/dz."""
         k = len(hs) - 1
         if self.simplified:   # Bartunov et al. 2018, SDTP: h^_L = argmin L; difference correction for h^_k too
-            out = p - self.target_step * e
-            top = hs[k] + (self.g(k + 1, out) - self.g(k + 1, p))
+            out = torch.softmax(z, 1)
+            top = hs[k] + (self.g(k + 1, out - self.target_step * e) - self.g(k + 1, out))
         else:                 # Lee et al. 2015 / Bartunov Alg. 1: h^_(L-1) = h_(L-1) - eta dL/dh_(L-1)
             top = hs[k] - self.target_step * e @ Ws[-1]
         hat = {k: top}
@@ -103,7 +104,7 @@ class DTP(nn.Module):
         the input x, the pre-activations pre = [a_1 .. a_k, z] of the forward pass and error = dL/dz of the batch's
         mean loss."""
         hs = [x] + [torch.relu(a) for a in pre[:-1]]
-        targets = self.targets(Ws, hs, torch.softmax(pre[-1], 1), error * len(error))
+        targets = self.targets(Ws, hs, pre[-1], error * len(error))
         params = [p for pair in zip(Ws, bs) for p in pair]
         own = list(self.parameters())
         with torch.enable_grad():
