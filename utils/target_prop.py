@@ -20,9 +20,9 @@ to layer l-1 (linear; see below). e = dL/dz per example, from the loss's backwar
 
 The inverses are linear because the hidden activities are ReLU's: a ReLU inverse passes no correction through its
 silent units, and tanh's range does not cover them. Every target offset is then linear in eta, so under Adam (which
-removes a gradient's scale) eta matters only through Adam's epsilon. The corruption is drawn from torch's global generator (seeded
-by the estimator's fit; a checkpoint does not carry it). Updates are returned as gradients (utils.rules runs them
-through the estimator's optimizer); every loss is a mean over the batch.
+removes a gradient's scale) eta matters only through Adam's epsilon. The corruption is drawn from torch's global
+generator (seeded by the estimator's fit; a checkpoint does not carry it). Updates are returned as gradients
+(utils.rules runs them through the estimator's optimizer); every loss is a mean over the batch.
 """
 from dataclasses import dataclass
 
