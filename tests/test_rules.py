@@ -368,3 +368,14 @@ def test_network_rule_kind_goes_through_the_study(model, tmp_path):
     assert set(RULE_SPACES[rule]) <= set(recs[0]["params"])
     assert {k: hp[k] for k in rule_settings(rule) if k in hp} == {
         k: pytest.approx(v) for k, v in rule_settings(rule).items() if k in hp}   # evaluation 0: the defaults
+
+
+@pytest.mark.filterwarnings("ignore::utils.logger.LoggerOverheadWarning")
+@pytest.mark.parametrize("model", sorted(NETWORK_RULE_SETTINGS))
+def test_logger_records_every_hidden_layers_angle_under_the_network_rules(model):
+    X, y = data(n=96)
+    log = TrainingLogger(X[:32], y[:32], records_per_epoch=2)
+    make_classifier(model, hidden_sizes=(7, 5), max_epochs=1, batch_size=16, logger=log).fit(X, y)
+    a = angles(log)
+    assert set(a["layer"]) == {"hidden1", "hidden2"} and len(a) == 4 and a["bp_angle"].between(0, 180).all()
+    assert a[a["layer"] == "hidden1"]["bp_angle"].min() > 1   # not backprop's update
