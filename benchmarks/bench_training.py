@@ -187,6 +187,14 @@ def _rules_of(args, kind):
     return [rule for rule in args.rules_list if kind in rule_kinds(rule)]
 
 
+def _model_of(args, kind, name):
+    """The accuracy model of (kind, dataset name), with --hidden-sizes for the MLP (one size for every rule)."""
+    hp = dict(ACCURACY_MODELS[kind][name])
+    if args.hidden_sizes and kind == "mlp":   # a smaller MLP for every rule (predictive coding's T passes)
+        hp["hidden_sizes"] = tuple(args.hidden_sizes)
+    return hp
+
+
 def _settings_text(settings):
     """A rule's own settings for its row: ", inference_steps=20, inference_rate=0.2, ..." ("" for none)."""
     return "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in settings.items())
@@ -201,9 +209,7 @@ def rules(args, device, out=None):
         if args.rules_train:  # a stratified training subset (a slow machine); the test split stays whole
             ds = ds._replace(**dict(zip(("X_train", "y_train"),
                                         stratified_subset(ds.X_train, ds.y_train, args.rules_train, seed=0))))
-        hp = dict(ACCURACY_MODELS[kind][name])
-        if args.hidden_sizes and kind == "mlp":   # a smaller MLP for every rule (predictive coding's T passes)
-            hp["hidden_sizes"] = tuple(args.hidden_sizes)
+        hp = _model_of(args, kind, name)
         schedule = args.lr_schedule or RULE_SCHEDULE.get((kind, name))   # the same for every rule; --lr-schedule wins
         if schedule is not None:  # constant, or cosine to 0 over --epochs
             hp["lr_schedule"] = None if schedule == "constant" else schedule
@@ -255,7 +261,7 @@ def rule_steps(args, device):
     for run in args.runs:
         kind, name = run.split(":")
         ds = load_dataset(name, device=device, normalize=True)
-        hp = ACCURACY_MODELS[kind][name]
+        hp = _model_of(args, kind, name)
         X, y = ds.X_train[:hp["batch_size"] * args.step_batches], ds.y_train[:hp["batch_size"] * args.step_batches]
         clfs = {}
         for rule in _rules_of(args, kind):
@@ -275,7 +281,8 @@ def rule_steps(args, device):
                              rounds=args.step_rounds, batches=args.step_batches))
             print(f"{kind:4s} {name:8s} {rule:8s}: {1000 * step:7.1f} ms per training step (median of "
                   f"{args.step_rounds} rounds of {args.step_batches}), ratio to backprop {step / base:.2f} "
-                  f"[{'met' if step / base <= RULE_TIME_RATIO else 'MISSED'}]", flush=True)
+                  f"[{_rule_verdict(kind, name, rule, 0.0, step / base)[1]}]"
+                  f"{_settings_text(rule_settings(rule) | args.rule_set.get(rule, {}))}", flush=True)
     return rows
 
 
@@ -299,7 +306,7 @@ def main():
                    help="--rules: a rule's own setting instead of its default (utils.rules.rule_settings), e.g. "
                         "pc.inference_steps=10 dtp.noise=0.3")
     p.add_argument("--hidden-sizes", type=int, nargs="+", default=None,
-                   help="--rules: the MLP's hidden sizes for every rule instead of ACCURACY_MODELS', e.g. 256 256")
+                   help="--rules, --rule-steps: the MLP's hidden sizes for every rule instead of ACCURACY_MODELS'")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
                    help="--rules: every rule's learning-rate schedule (default: RULE_SCHEDULE's, else the model's); "
                         "cosine decays each rule's rate to 0 over --epochs (partial_fit keeps the schedule's place)")
