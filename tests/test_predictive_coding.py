@@ -42,12 +42,13 @@ def cosine(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 
 
-@pytest.mark.parametrize("rate, steps", [(0.1, 300), (1.0, 2)])
-def test_fixed_prediction_gives_exactly_backprops_weight_updates(rate, steps):
+@pytest.mark.parametrize("rate, steps, beta", [(0.1, 300, 1.0), (1.0, 2, 1.0), (0.2, 150, 0.3)])
+def test_fixed_prediction_gives_exactly_backprops_weight_updates(rate, steps, beta):
     """Predictions held at the forward pass: after enough inference steps (rate 1: one per hidden layer) every
-    weight's and bias's update is backprop's gradient (cosine 1 to 1e-6, same size) against autograd."""
+    weight's and bias's update is backprop's gradient (cosine 1 to 1e-6, same size) against autograd, whatever the
+    output term's weight."""
     X, y = data()
-    pc = mlp(fixed_prediction=True, inference_rate=rate, inference_steps=steps)
+    pc = mlp(fixed_prediction=True, inference_rate=rate, inference_steps=steps, output_weight=beta)
     bp = mlp("backprop")
     assert all(torch.equal(a, b) for a, b in zip(pc.state_dict().values(), bp.state_dict().values()))
     for g, ref in zip(all_grads(pc, X, y), all_grads(bp, X, y)):
@@ -106,3 +107,13 @@ def test_bad_settings_name_the_problem():
         mlp(inference_steps=-1)
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['noise'\] for learning rule 'pc'"):
         mlp(noise=0.1)
+
+
+def test_a_light_output_term_brings_the_updates_to_backprops():
+    """W&B 2017: with a small weight of the output term (a large output variance) the errors stay small and the
+    relaxed updates approach backprop's: the angle to backprop falls with beta, on an untrained network too (not to 0
+    at a finite beta: the ReLU derivatives of units near 0 still flip as their nodes move)."""
+    X, y = data(n=64)
+    loss = torch.nn.CrossEntropyLoss()
+    got = [max(hidden_angles(mlp(inference_steps=40, output_weight=b), X, y, loss).values()) for b in (1.0, 0.1, 0.01)]
+    assert got[0] > 1.5 * got[1] > 1.5 * got[2] and got[2] < 5, got

@@ -9,8 +9,9 @@ is clamped to the target t through the energy's output term, whose error is eps_
 for the cross-entropy (t = p - e, the one-hot label of the loss's backward pass), t - mu_L for the squared error.
 
 * Initialisation: v_l = mu_l, the forward pass (every hidden error 0).
-* Inference, T steps at rate gamma: v_l <- v_l - gamma dE/dv_l, E = sum_l ||eps_l||^2 / 2 + E_out.
-* Weights: W_l descends E at the relaxed nodes, dE/dW_l = -eps_l f(v_(l-1))^T (mean over the batch).
+* Inference, T steps at rate gamma: v_l <- v_l - gamma dE/dv_l, E = sum_l ||eps_l||^2 / 2 + beta E_out.
+* Weights: W_l descends E at the relaxed nodes, dE/dW_l = -eps_l f(v_(l-1))^T (mean over the batch, divided by the
+  output term's weight beta so that the updates are in the loss's units).
 * fixed_prediction: the predictions, ReLU derivatives and presynaptic activities held at the forward pass (the
   simplification under which the relaxed errors are exactly backprop's deltas; a test setting).
 
@@ -31,6 +32,8 @@ class PCConfig:
     inference_steps: int = 10            # T: relaxation steps of the value nodes per batch (each ~ a forward-backward)
     inference_rate: float = 0.2          # gamma: step size of the relaxation (Euler step of the inference dynamics)
     energy_output: str = "cross_entropy" # the energy's output term: "cross_entropy" (the loss) or "squared"
+    output_weight: float = 1.0           # beta: the output term's weight (W&B's output precision 1/Sigma_L); small
+    #                                      beta keeps the errors small and the updates near backprop's
     fixed_prediction: bool = False       # hold predictions at the forward pass (then exactly backprop; for tests)
 
 
@@ -44,16 +47,17 @@ class PredictiveCoding(nn.Module):
         cfg = self.config(**settings)
         if cfg.energy_output not in ENERGY_OUTPUTS:
             raise ValueError(f"energy_output={cfg.energy_output!r}; valid: {', '.join(ENERGY_OUTPUTS)}")
-        if int(cfg.inference_steps) < 0 or not float(cfg.inference_rate) > 0:
-            raise ValueError(f"inference_steps={cfg.inference_steps!r} must be >= 0 and inference_rate="
-                             f"{cfg.inference_rate!r} > 0")
+        if int(cfg.inference_steps) < 0 or not float(cfg.inference_rate) > 0 or not float(cfg.output_weight) > 0:
+            raise ValueError(f"inference_steps={cfg.inference_steps!r} must be >= 0, inference_rate="
+                             f"{cfg.inference_rate!r} and output_weight={cfg.output_weight!r} > 0")
         self.cfg = cfg
         self.steps, self.rate = int(cfg.inference_steps), float(cfg.inference_rate)
         self.energy_output, self.fixed_prediction = cfg.energy_output, bool(cfg.fixed_prediction)
+        self.beta = float(cfg.output_weight)
 
     def output_error(self, mu, t):
-        """eps_L = -dE_out/dmu_L (Whittington & Bogacz's clamped output error, with the loss as output term)."""
-        return t - (torch.softmax(mu, 1) if self.energy_output == "cross_entropy" else mu)
+        """eps_L = -beta dE_out/dmu_L (Whittington & Bogacz's clamped output error, the loss as output term)."""
+        return self.beta * (t - (torch.softmax(mu, 1) if self.energy_output == "cross_entropy" else mu))
 
     def errors(self, Ws, bs, x, v, t):
         """(hidden errors eps_1..eps_k, output error eps_L, presynaptic activities f(v_0)..f(v_k)) at nodes v."""
@@ -68,7 +72,7 @@ class PredictiveCoding(nn.Module):
         mu = F.linear(f[-1], Ws[-1], bs[-1])
         out = (-(t * torch.log_softmax(mu, 1)).sum() if self.energy_output == "cross_entropy"
                else 0.5 * (t - mu).square().sum())
-        return sum(0.5 * e.square().sum() for e in eps) + out
+        return sum(0.5 * e.square().sum() for e in eps) + self.beta * out
 
     def step(self, Ws, v, eps, eps_out, gates):
         """One inference step: v_l <- v_l + gamma (-eps_l + f'(v_l) * W_(l+1)^T eps_(l+1)) (W&B 2017's dynamics,
@@ -105,5 +109,5 @@ class PredictiveCoding(nn.Module):
         eps, f = self.relax(Ws, bs, x, pre, t)
         grads = []
         for e, h in zip(eps, f):                    # W&B 2017: dW_l ~ eps_l f(v_(l-1))^T, Hebbian
-            grads += [-(e.t() @ h) / n, -e.sum(0) / n]
+            grads += [-(e.t() @ h) / (n * self.beta), -e.sum(0) / (n * self.beta)]   # in the loss's units
         return grads
