@@ -75,7 +75,7 @@ def test_inference_is_gradient_descent_on_the_energy_and_the_energy_falls_monoto
     Ws, bs, x, pre, t = state(net, X, y)
     learner = net.learner
     v = [a.clone().requires_grad_() for a in pre[:-1]]
-    eps, eps_out, _ = learner.errors(Ws, bs, x, v, t)
+    eps, eps_out, _, _ = learner.errors(Ws, bs, x, v, t)
     stepped = learner.step(Ws, v, eps, eps_out, [(a > 0).float() for a in v])
     dE = torch.autograd.grad(learner.energy(Ws, bs, x, v, t), v)
     for a, s, d in zip(v, stepped, dE):   # v <- v - gamma dE/dv
@@ -84,6 +84,15 @@ def test_inference_is_gradient_descent_on_the_energy_and_the_energy_falls_monoto
     learner.relax(Ws, bs, x, pre, t, energies=energies)
     assert len(energies) == 61 and energies[-1] < 0.9 * energies[0]
     assert all(b <= a + 1e-6 * abs(a) for a, b in zip(energies, energies[1:])), energies
+    steep = mlp(inference_steps=30, inference_rate=1.9, energy_output=energy_output).learner   # Euler would diverge
+    plain = [v := [a.clone() for a in pre[:-1]]]
+    for _ in range(3):
+        eps, eps_out, _, _ = steep.errors(Ws, bs, x, v, t)
+        plain.append(v := steep.step(Ws, v, eps, eps_out, [(a > 0).float() for a in v]))
+    assert steep.energy(Ws, bs, x, plain[-1], t) > steep.energy(Ws, bs, x, plain[0], t)
+    energies = []
+    steep.relax(Ws, bs, x, pre, t, energies=energies)   # backtracking: each example's rate halves where E would rise
+    assert energies[-1] < energies[0] and all(b <= a + 1e-6 * abs(a) for a, b in zip(energies, energies[1:]))
 
 
 def test_full_predictive_coding_is_within_30_degrees_of_backprop_on_a_trained_network():

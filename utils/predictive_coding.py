@@ -60,29 +60,32 @@ class PredictiveCoding(nn.Module):
         return self.beta * (t - (torch.softmax(mu, 1) if self.energy_output == "cross_entropy" else mu))
 
     def errors(self, Ws, bs, x, v, t):
-        """(hidden errors eps_1..eps_k, output error eps_L, presynaptic activities f(v_0)..f(v_k)) at nodes v."""
+        """(hidden errors eps_1..eps_k, output error eps_L, presynaptic activities f(v_0)..f(v_k), each example's
+        energy E) at nodes v; E = sum_l ||eps_l||^2 / 2 + beta E_out (W&B 2017's free energy F, the loss as output
+        term: the cross-entropy -sum t log softmax(mu_L), or ||t - mu_L||^2 / 2)."""
         f = [x] + [torch.relu(a) for a in v]
         mu = [F.linear(h, W, b) for h, W, b in zip(f, Ws, bs)]   # W&B 2017: mu_l = W_l f(v_(l-1))
-        return [a - m for a, m in zip(v, mu)], self.output_error(mu[-1], t), f
+        eps = [a - m for a, m in zip(v, mu)]
+        out = (-(t * torch.log_softmax(mu[-1], 1)).sum(1) if self.energy_output == "cross_entropy"
+               else 0.5 * (t - mu[-1]).square().sum(1))
+        return eps, self.output_error(mu[-1], t), f, sum(0.5 * e.square().sum(1) for e in eps) + self.beta * out
 
     def energy(self, Ws, bs, x, v, t):
-        """E = sum_l ||eps_l||^2 / 2 + E_out, summed over the batch (W&B 2017's free energy F, with the loss as output
-        term: the cross-entropy -sum t log softmax(mu_L), or ||t - mu_L||^2 / 2)."""
-        eps, _, f = self.errors(Ws, bs, x, v, t)
-        mu = F.linear(f[-1], Ws[-1], bs[-1])
-        out = (-(t * torch.log_softmax(mu, 1)).sum() if self.energy_output == "cross_entropy"
-               else 0.5 * (t - mu).square().sum())
-        return sum(0.5 * e.square().sum() for e in eps) + self.beta * out
+        """E summed over the batch (errors)."""
+        return self.errors(Ws, bs, x, v, t)[3].sum()
 
-    def step(self, Ws, v, eps, eps_out, gates):
+    def step(self, Ws, v, eps, eps_out, gates, rate=None):
         """One inference step: v_l <- v_l + gamma (-eps_l + f'(v_l) * W_(l+1)^T eps_(l+1)) (W&B 2017's dynamics,
-        the gradient descent of E); gates: f'(v_l)."""
-        above = eps[1:] + [eps_out]
-        return [a + self.rate * (-e + g * (up @ W)) for a, e, g, up, W in zip(v, eps, gates, above, Ws[1:])]
+        the gradient descent of E); gates: f'(v_l); rate: gamma (default inference_rate), or one per example."""
+        rate, above = self.rate if rate is None else rate, eps[1:] + [eps_out]
+        return [a + rate * (-e + g * (up @ W)) for a, e, g, up, W in zip(v, eps, gates, above, Ws[1:])]
 
     def relax(self, Ws, bs, x, pre, t, energies=None):
         """The relaxed errors ([eps_1 .. eps_k, eps_L]) and presynaptic activities after T inference steps; a list
-        `energies` receives E before each step and after the last (full inference only)."""
+        `energies` receives the batch's E before each step and after the last (full inference only).
+
+        A step that would raise an example's energy is not taken and that example's rate is halved (backtracking):
+        each example's energy falls monotonically even where gamma is too large for the weights (large W^T W)."""
         v = [a.clone() for a in pre[:-1]]
         if self.fixed_prediction:   # the predictions, derivatives and activities of the forward pass throughout
             f, gates = [x] + [torch.relu(a) for a in v], [(a > 0).to(a.dtype) for a in v]
@@ -90,15 +93,20 @@ class PredictiveCoding(nn.Module):
             for _ in range(self.steps):   # mu fixed: the step of v_l = mu_l + eps_l is eps_l's
                 eps = self.step(Ws, eps, eps, eps_out, gates)
             return eps + [eps_out], f
+        rate = torch.full((len(x), 1), self.rate, dtype=x.dtype, device=x.device)
+        state = (v, *self.errors(Ws, bs, x, v, t))   # v, eps, eps_out, f, E
         for _ in range(self.steps):
             if energies is not None:
-                energies.append(float(self.energy(Ws, bs, x, v, t)))
-            eps, eps_out, _ = self.errors(Ws, bs, x, v, t)
-            v = self.step(Ws, v, eps, eps_out, [(a > 0).to(a.dtype) for a in v])
+                energies.append(float(state[4].sum()))
+            v, eps, eps_out = state[:3]
+            new = self.step(Ws, v, eps, eps_out, [(a > 0).to(a.dtype) for a in v], rate)
+            proposal = (new, *self.errors(Ws, bs, x, new, t))
+            ok = proposal[4] <= state[4]
+            state = _where(ok, proposal, state)
+            rate = torch.where(ok[:, None], rate, rate / 2)
         if energies is not None:
-            energies.append(float(self.energy(Ws, bs, x, v, t)))
-        eps, eps_out, f = self.errors(Ws, bs, x, v, t)
-        return eps + [eps_out], f
+            energies.append(float(state[4].sum()))
+        return state[1] + [state[2]], state[3]
 
     @torch.no_grad()
     def updates(self, Ws, bs, x, pre, error):
@@ -111,3 +119,10 @@ class PredictiveCoding(nn.Module):
         for e, h in zip(eps, f):                    # W&B 2017: dW_l ~ eps_l f(v_(l-1))^T, Hebbian
             grads += [-(e.t() @ h) / (n * self.beta), -e.sum(0) / (n * self.beta)]   # in the loss's units
         return grads
+
+
+def _where(ok, new, old):
+    """Per example (rows), `new` where ok else `old`, through nested lists and tuples of tensors."""
+    if isinstance(new, (list, tuple)):
+        return type(new)(_where(ok, a, b) for a, b in zip(new, old))
+    return torch.where(ok.view(-1, *([1] * (new.ndim - 1))), new, old)
