@@ -78,7 +78,7 @@ RULE_SPACES = {  # a learning rule's own numbers, searched beside its kind's (lo
     "sdtp": {"log10_noise": (-2.0, 0.0), "log10_inverse_lr": (-4.0, -2.0),
              "log10_target_step": (-1.0, 0.0)},  # eta: the output target's step towards the label (1: the label)
     "pc": {"inference_steps": (5, 50, int),      # T: inference steps per batch (the cost: ~T passes)
-           "log10_inference_rate": (-2.0, -0.3),    # gamma: the relaxation's step size (above ~0.5 it overshoots)
+           "log10_inference_rate": (-2.0, -0.3),    # gamma: the relaxation's step size (halved where it overshoots)
            "log10_output_weight": (-2.0, 0.0)},     # beta: the energy's output term (small: nearer backprop)
 }
 SPACES.update({f"{kind}-{rule}": {**SPACES[kind], **own}   # "mlp-dtp": the MLP's space and DTP's numbers
