@@ -16,7 +16,11 @@ rate is backprop's unless RULE_LR gives the rule its own, printed with every row
 at zero, utils.rules), their epochs interleaved (backprop, fa, dfa, sign, backprop, ...) so that a change of load
 on the machine hits every rule alike; test accuracy on the official test split, the median epoch time and its
 ratio to backprop's. Targets: RULE_TARGETS below (points of test accuracy behind backprop; None: reported only) and
-an epoch time of at most RULE_TIME_RATIO x backprop's.
+an epoch time of at most RULE_TIME_RATIO x backprop's for the layer rules (FA, DFA, sign symmetry). The network rules
+(DTP, SDTP, predictive coding: the MLP only; `--hidden-sizes` sets one MLP for every rule) print their own settings
+(predictive coding's T = inference_steps, `--rule-set` changes them) and their time ratio, reported:
+
+    python benchmarks/bench_training.py --rules --runs mlp:mnist --rules-list backprop dtp sdtp pc --hidden-sizes 256 256
 """
 import argparse
 import copy
@@ -33,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.classifiers import LR_SCHEDULES  # noqa: E402
 from utils.data import get_device, load_dataset, stratified_subset  # noqa: E402
-from utils.rules import ZERO_OUTPUT_RULES  # noqa: E402
+from utils.rules import LAYER_RULES, RULES, ZERO_OUTPUT_RULES, rule_kinds, rule_settings  # noqa: E402
 from utils.train import make_classifier  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -54,10 +58,9 @@ ACCURACY_MODELS = {
 }
 TARGETS = {"mlp": {"mnist": 98.0, "fashion": 89.0, "cifar10": 52.0},
            "cnn": {"mnist": 99.2, "fashion": 91.5, "cifar10": 75.0}}
-RULES = ("backprop", "fa", "dfa", "sign")
 RULE_TARGETS = {  # (model, dataset) -> {rule: largest allowed gap to backprop, points of test accuracy}
-    ("mlp", "mnist"): {"fa": 1.0, "dfa": 1.0, "sign": 1.0},
-    ("mlp", "cifar10"): {"fa": 3.0, "dfa": 3.0, "sign": 3.0},
+    ("mlp", "mnist"): {"fa": 1.0, "dfa": 1.0, "sign": 1.0, "dtp": 1.0, "sdtp": 2.0, "pc": 0.5},
+    ("mlp", "cifar10"): {"fa": 3.0, "dfa": 3.0, "sign": 3.0, "dtp": 3.0, "sdtp": 8.0, "pc": 2.0},
     ("cnn", "cifar10"): {"fa": None, "dfa": None, "sign": 3.0},   # FA and DFA lag on convolutions: reported
 }
 RULE_LR = {  # (model, dataset) -> {rule: its Adam learning rate where it differs from backprop's}
@@ -74,7 +77,8 @@ RULE_SCHEDULE = {  # (model, dataset) -> every rule's lr schedule in --rules whe
     # backprop's 77.90 %); with every rate decayed to 0 over the 10 epochs (cosine) it ends 1.77 behind (79.64 vs 81.41)
     ("cnn", "cifar10"): "cosine",
 }
-RULE_TIME_RATIO = 1.3  # every rule's epoch time at most this times backprop's (CPU)
+RULE_TIME_RATIO = 1.3  # a layer rule's epoch time at most this times backprop's (CPU); the network rules' reported
+#                        (DTP trains inverses, predictive coding relaxes for T steps: ~T passes per batch)
 SPEED_MODELS = {"mlp": dict(hidden_sizes=(500,)), "cnn": dict(channels=(16, 32), kernel_sizes=(3, 3))}
 
 
@@ -174,7 +178,27 @@ def _rule_verdict(kind, name, rule, gap, ratio):
     target = RULE_TARGETS.get((kind, name), {}).get(rule)
     acc = "" if rule == "backprop" else ("reported" if target is None else
                                          f"gap target {target}: {'met' if gap <= target else 'MISSED'}")
+    if rule != "backprop" and rule not in LAYER_RULES:
+        return acc, "time reported"
     return acc, f"time {'met' if ratio <= RULE_TIME_RATIO else 'MISSED'}"
+
+
+def _rules_of(args, kind):
+    """The rules of --rules-list that apply to `kind` (utils.rules.rule_kinds: DTP, SDTP and PC the MLP's only)."""
+    return [rule for rule in args.rules_list if kind in rule_kinds(rule)]
+
+
+def _model_of(args, kind, name):
+    """The accuracy model of (kind, dataset name), with --hidden-sizes for the MLP (one size for every rule)."""
+    hp = dict(ACCURACY_MODELS[kind][name])
+    if args.hidden_sizes and kind == "mlp":   # a smaller MLP for every rule (predictive coding's T passes)
+        hp["hidden_sizes"] = tuple(args.hidden_sizes)
+    return hp
+
+
+def _settings_text(settings):
+    """A rule's own settings for its row: ", inference_steps=20, inference_rate=0.2, ..." ("" for none)."""
+    return "".join(f", {k}={v:g}" if isinstance(v, float) else f", {k}={v}" for k, v in settings.items())
 
 
 def rules(args, device, out=None):
@@ -186,16 +210,17 @@ def rules(args, device, out=None):
         if args.rules_train:  # a stratified training subset (a slow machine); the test split stays whole
             ds = ds._replace(**dict(zip(("X_train", "y_train"),
                                         stratified_subset(ds.X_train, ds.y_train, args.rules_train, seed=0))))
-        hp = dict(ACCURACY_MODELS[kind][name])
+        hp = _model_of(args, kind, name)
         schedule = args.lr_schedule or RULE_SCHEDULE.get((kind, name))   # the same for every rule; --lr-schedule wins
         if schedule is not None:  # constant, or cosine to 0 over --epochs (make_classifier's LR_SCHEDULES)
             hp["lr_schedule"] = schedule
         own = RULE_LR.get((kind, name), {}) | args.rule_lr            # --rule-lr wins
-        lrs = {rule: own.get(rule, hp["lr"]) for rule in args.rules_list}
+        lrs = {rule: own.get(rule, hp["lr"]) for rule in _rules_of(args, kind)}
+        settings = {rule: rule_settings(rule) | args.rule_set.get(rule, {}) for rule in lrs}   # --rule-set wins
         clfs = {}
-        for rule in args.rules_list:
+        for rule in lrs:
             clfs[rule] = make_classifier(kind, rule=rule, max_epochs=args.epochs, seed=args.seed, device=device,
-                                         verbose=args.verbose, **(hp | {"lr": lrs[rule]}))
+                                         verbose=args.verbose, **(hp | {"lr": lrs[rule]} | settings[rule]))
             _set_input_size(clfs[rule], kind, ds.X_train)
         done = len(rows)
         print(f"{run}: learning rates {lrs} (Adam, batch {hp['batch_size']}, seed {args.seed}, schedule "
@@ -219,11 +244,11 @@ def rules(args, device, out=None):
                 rows.append(dict(model=kind, dataset=name, rule=rule, epochs=epoch, test_acc=acc, gap=gap,
                                  epoch_s=epoch_s, time_ratio=ratio, verdict=verdict, device=str(device),
                                  zero_output=rule in ZERO_OUTPUT_RULES, train_examples=len(ds.y_train),
-                                 **(hp | {"lr": lrs[rule]})))
+                                 settings=settings[rule], **(hp | {"lr": lrs[rule]})))
                 print(f"{'' if final else '  (so far) '}{kind:4s} {name:8s} {rule:8s}: test accuracy {acc:6.2f} % "
                       f"({-gap:+.2f} to backprop; {verdict[0] or 'the reference'}) after {epoch} epochs, "
                       f"{epoch_s:6.1f} s/epoch (median), ratio to backprop {ratio:.2f} [{verdict[1]}], "
-                      f"lr {lrs[rule]:g}", flush=True)
+                      f"lr {lrs[rule]:g}{_settings_text(settings[rule])}", flush=True)
             if out:  # partial results survive an interruption
                 out(rows)
     return rows
@@ -237,11 +262,12 @@ def rule_steps(args, device):
     for run in args.runs:
         kind, name = run.split(":")
         ds = load_dataset(name, device=device, normalize=True)
-        hp = ACCURACY_MODELS[kind][name]
+        hp = _model_of(args, kind, name)
         X, y = ds.X_train[:hp["batch_size"] * args.step_batches], ds.y_train[:hp["batch_size"] * args.step_batches]
         clfs = {}
-        for rule in args.rules_list:
-            clfs[rule] = make_classifier(kind, rule=rule, seed=args.seed, device=device, **hp)
+        for rule in _rules_of(args, kind):
+            clfs[rule] = make_classifier(kind, rule=rule, seed=args.seed, device=device, **hp,
+                                         **args.rule_set.get(rule, {}))
             _set_input_size(clfs[rule], kind, X)
             clfs[rule].initialize()
         times = {rule: [] for rule in clfs}
@@ -249,14 +275,15 @@ def rule_steps(args, device):
             order = list(clfs)[r % len(clfs):] + list(clfs)[:r % len(clfs)]
             for rule in order:
                 times[rule].append(hand_loop_epochs(clfs[rule], X, y, 1)[0] / args.step_batches)
-        base = statistics.median(times[args.rules_list[0]])
+        base = statistics.median(times[next(iter(times))])
         for rule, ts in times.items():
             step = statistics.median(ts)
             rows.append(dict(model=kind, dataset=name, rule=rule, step_s=step, ratio=step / base,
                              rounds=args.step_rounds, batches=args.step_batches))
             print(f"{kind:4s} {name:8s} {rule:8s}: {1000 * step:7.1f} ms per training step (median of "
                   f"{args.step_rounds} rounds of {args.step_batches}), ratio to backprop {step / base:.2f} "
-                  f"[{'met' if step / base <= RULE_TIME_RATIO else 'MISSED'}]", flush=True)
+                  f"[{_rule_verdict(kind, name, rule, 0.0, step / base)[1]}]"
+                  f"{_settings_text(rule_settings(rule) | args.rule_set.get(rule, {}))}", flush=True)
     return rows
 
 
@@ -276,6 +303,11 @@ def main():
                    help="the rules of --rules (the first is the reference; default: backprop first)")
     p.add_argument("--rule-lr", nargs="+", default=[], metavar="RULE=LR",
                    help="--rules: a rule's learning rate instead of RULE_LR's / backprop's, e.g. fa=1e-3")
+    p.add_argument("--rule-set", nargs="+", default=[], metavar="RULE.SETTING=VALUE",
+                   help="--rules: a rule's own setting instead of its default (utils.rules.rule_settings), e.g. "
+                        "pc.inference_steps=10 dtp.noise=0.3")
+    p.add_argument("--hidden-sizes", type=int, nargs="+", default=None,
+                   help="--rules, --rule-steps: the MLP's hidden sizes for every rule instead of ACCURACY_MODELS'")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
                    help="--rules: every rule's learning-rate schedule (default: RULE_SCHEDULE's, else the model's); "
                         "cosine decays each rule's rate to 0 over --epochs (partial_fit keeps the schedule's place)")
@@ -298,6 +330,7 @@ def main():
         p.error(f"--rule-lr takes RULE=LR pairs such as fa=1e-3, got {args.rule_lr}")
     if set(args.rule_lr) - set(RULES):
         p.error(f"--rule-lr: unknown rule(s) {sorted(set(args.rule_lr) - set(RULES))}; the rules are {RULES}")
+    args.rule_set = _parse_rule_set(p, args.rule_set)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not (args.speed or args.accuracy or args.rules or args.rule_steps):
@@ -315,6 +348,22 @@ def main():
     if args.rule_steps:
         result["rule_steps"] = rule_steps(args, device)
     write(result)
+
+
+def _parse_rule_set(p, items):
+    """--rule-set's RULE.SETTING=VALUE items -> {rule: {setting: value}}, each value of its default's type."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        rule, _, setting = key.partition(".")
+        default = rule_settings(rule).get(setting) if rule in RULES else None
+        if default is None or not value:
+            known = sorted(rule_settings(rule)) if rule in RULES else "unknown rule"
+            p.error(f"--rule-set {item!r}: give RULE.SETTING=VALUE with a setting of utils.rules.rule_settings(RULE)"
+                    f", e.g. pc.inference_steps=10 (rule {rule!r}'s: {known})")
+        out.setdefault(rule, {})[setting] = (value.lower() in ("1", "true") if isinstance(default, bool)
+                                             else type(default)(value))
+    return out
 
 
 def write(result):

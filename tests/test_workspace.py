@@ -168,7 +168,7 @@ def test_a_notebooks_steps_load_each_dataset_once(monkeypatch, mnist_root, tmp_p
     summary = workspace.study(data, S, kinds=("mlp",), device="cpu")
     workspace.rule_study(data, S, summary, device="cpu")
     assert loads == ["mnist"]
-    assert [k for k, _, _ in studied] == ["mlp", "mlp-fa", "mlp-dfa", "mlp-sign"]
+    assert [k for k, _, _ in studied] == ["mlp", "mlp-fa", "mlp-dfa", "mlp-sign", "mlp-dtp", "mlp-sdtp", "mlp-pc"]
     assert all(name == "mnist" and d is ds for _, name, d in studied)
     for runs in (logs, rule_logs):
         table = concat_runs(runs.values())

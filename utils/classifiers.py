@@ -22,7 +22,7 @@ from utils.compartmental import CompartmentalClassifier
 from utils.data import get_device
 from utils.errors import TrainingDiverged
 from utils.models import CNN, MLP, whole_numbers
-from utils.rules import split_model
+from utils.rules import check_rule, rule_settings, split_model
 
 KINDS = ("mlp", "cnn", "compartmental")
 
@@ -254,6 +254,16 @@ class TorchClassifier(NeuralNetClassifier):
         y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y
         return super().score(X, y, sample_weight=sample_weight)
 
+    def initialize_optimizer(self, triggered_directly=None):
+        """skorch's optimizer, over the module's own parameter groups where it has them (`param_groups(lr)`: a
+        learning rule that trains some parameters at its own rate, utils.rules)."""
+        groups = getattr(self.module_, "param_groups", lambda lr: None)(self.lr)
+        if groups is None:
+            return super().initialize_optimizer()
+        _, kwargs = self.get_params_for_optimizer("optimizer", self.get_all_learnable_params())
+        self.optimizer_ = self.optimizer(groups, **kwargs)
+        return self
+
     def get_default_callbacks(self):
         return [(name, PlainPrintLog() if name == "print_log" else cb) for name, cb in super().get_default_callbacks()]
 
@@ -307,6 +317,7 @@ def make_classifier(kind, logger=None, **hyperparameters):
             hyperparameters["hook"] = logger
         return CompartmentalClassifier(**hyperparameters)
     arch = MLP_DEFAULTS if kind == "mlp" else CNN_DEFAULTS
+    arch = {**arch, **rule_settings(check_rule(hyperparameters.get("rule", arch["rule"]), kind))}   # DTP's noise...
     unknown = set(hyperparameters) - set(arch) - set(COMMON_DEFAULTS) - {"callbacks"}
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for {kind!r}; valid: "

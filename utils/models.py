@@ -2,7 +2,8 @@
 
     from utils.models import MLP, CNN, cnn_feature_shape
     MLP(784, (500,), 10);  CNN((1, 28, 28), channels=(32, 64), kernel_sizes=(3, 3), stride=1, padding=1, n_classes=10)
-    MLP(784, (500,), 10, rule="fa")     # the learning rule: "backprop" (default), "fa", "dfa", "sign" (utils.rules)
+    MLP(784, (500,), 10, rule="fa")     # the learning rule: "backprop" (default), "fa", "dfa", "sign", "dtp", "sdtp",
+                                        # "pc" (utils.rules; the last three the MLP's only)
 
 Both take N x C x H x W images (the MLP flattens them itself) and return class logits. Weights are Xavier-uniform.
 The rule changes only the backward pass; the same seed gives the same forward weights under every rule, except
@@ -14,7 +15,8 @@ import numbers
 import torch
 from torch import nn
 
-from utils.rules import OutputError, RuleConv2d, RuleLinear, check_rule, init_rule_
+from utils.rules import (OutputError, RuleConv2d, RuleLinear, check_rule, init_rule_, make_learner, rule_forward,
+                         rule_param_groups)
 
 
 def _xavier_(module):
@@ -60,9 +62,10 @@ def _feedback(layers, rule, n_classes):
 
 
 class MLP(nn.Module):
-    """Linear + ReLU layers of `hidden_sizes`, then a linear read-out to `n_classes` logits, learning by `rule`."""
+    """Linear + ReLU layers of `hidden_sizes`, then a linear read-out to `n_classes` logits, learning by `rule`;
+    `settings`: the rule's own (utils.rules.rule_settings: DTP's noise, predictive coding's inference_steps...)."""
 
-    def __init__(self, in_features, hidden_sizes=(500,), n_classes=10, rule="backprop"):
+    def __init__(self, in_features, hidden_sizes=(500,), n_classes=10, rule="backprop", **settings):
         super().__init__()
         sizes = [int(in_features)] + whole_numbers(hidden_sizes, "hidden_sizes")   # 10 is one layer, (10,)
         if min(sizes) < 1 or n_classes < 2:
@@ -77,9 +80,17 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
         _xavier_(self)
         init_rule_(self)
+        # a network rule's learner (DTP's inverses) or None, drawn after the forward weights: the same for every rule
+        self.learner = make_learner(rule, sizes, n_classes, **settings)
+        if self.learner is not None:
+            _xavier_(self.learner)
 
     def forward(self, x):
-        return self.net(x)
+        return rule_forward(self, x)
+
+    def param_groups(self, lr):
+        """The optimizer's parameter groups where the rule trains some parameters at its own rate, else None."""
+        return rule_param_groups(self, lr)
 
     @staticmethod
     def footprint(in_features, hidden_sizes=(500,), n_classes=10, rule="backprop"):
@@ -141,7 +152,7 @@ class CNN(nn.Module):
         n = len(shapes)
         ks, ss, ps = (_per_block(v, n, nm) for v, nm in ((kernel_sizes, "kernel_sizes"), (stride, "stride"),
                                                          (padding, "padding")))
-        self.rule, self.output_error = check_rule(rule), OutputError()
+        self.rule, self.output_error = check_rule(rule, "cnn"), OutputError()
         kw = dict(rule=rule, n_classes=n_classes, shared=self.output_error)
         blocks, block_in = [], tuple(int(v) for v in in_shape)
         for i, (shape, k, s, p) in enumerate(zip(shapes, ks, ss, ps)):

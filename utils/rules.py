@@ -1,7 +1,7 @@
 """Learning rules other than backpropagation for the MLP and the CNN: only the backward pass differs.
 
     from utils.models import MLP
-    net = MLP(784, (500,), 10, rule="fa")              # "backprop" (default), "fa", "dfa" or "sign"
+    net = MLP(784, (500,), 10, rule="fa")              # "backprop" (default), "fa", "dfa", "sign"; MLP: "dtp", ...
     hidden_angles(net, X, y, torch.nn.CrossEntropyLoss())   # {"hidden1": degrees} to backprop's gradient
     make_classifier("mlp-fa")  ==  make_classifier("mlp", rule="fa")   # the study's model names (split_model)
 
@@ -16,6 +16,11 @@ the same forward pass and the same initialisation, except FA's and DFA's zero ou
   layer after hidden layer l sends e B_l back, whatever its own delta is.
 * ``"sign"``, sign symmetry (Liao, Leibo & Poggio 2016; Xiao et al. 2018): (sign(W) * s)^T delta, the forward
   weights' signs with one fixed magnitude s per layer.
+* The network rules, on the MLP only: ``"dtp"`` and ``"sdtp"``, difference target propagation and its simplified
+  form (utils.target_prop), and ``"pc"``, predictive coding (utils.predictive_coding). The forward pass is the
+  MLP's; its backward pass (`rule_forward`) hands the rule's learner the activities and the output error dL/dz and
+  returns the rule's whole update as the weights' gradients, so the estimator's optimizer, the logger's angle and
+  the checkpoints treat them as the others. Their settings (DTP's noise, PC's inference_steps...): rule_settings.
 
 Each layer's own weight update is delta x^T as in backprop, so the output layer learns exactly as with backprop and
 the hidden layers differ only through the delta that reaches them. The first layer sends nothing back (its input
@@ -52,19 +57,35 @@ all-zero weights). Zero is not used for the hidden layers: with ReLU a zero laye
 The feedback matrices are buffers (`feedback`): in the state dict, in checkpoints, moved with the module, never
 touched by the optimizer. Sign symmetry needs no buffer (the signs are read from W at each backward pass).
 """
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-RULES = ("backprop", "fa", "dfa", "sign")
+from utils.predictive_coding import PredictiveCoding
+from utils.target_prop import DTP, SDTP
+
+LAYER_RULES = ("fa", "dfa", "sign")   # rules that live in each layer's backward pass (RuleLinear / RuleConv2d)
+NETWORK_RULES = {"dtp": DTP, "sdtp": SDTP, "pc": PredictiveCoding}   # rules that see the whole MLP (rule_forward)
+RULES = ("backprop", *LAYER_RULES, *NETWORK_RULES)
 ZERO_OUTPUT_RULES = ("fa", "dfa")   # rules whose output layer starts at zero (module docstring)
+
+
+def rule_kinds(rule):
+    """The model kinds `rule` applies to: every rule the MLP, the layer rules the CNN too."""
+    return ("mlp",) if rule in NETWORK_RULES else ("mlp", "cnn")
+
+
+def rules_for(kind):
+    """The rules of `kind` ("mlp", "cnn"), backprop first."""
+    return tuple(rule for rule in RULES if kind in rule_kinds(rule))
 
 
 def rule_models(kinds=("mlp", "cnn")):
     """The model names a study compares besides the kinds themselves: "mlp-fa", "mlp-dfa", ..., "cnn-sign"."""
-    return [f"{kind}-{rule}" for kind in kinds for rule in RULES if rule != "backprop"]
+    return [f"{kind}-{rule}" for kind in kinds for rule in rules_for(kind) if rule != "backprop"]
 
 
 def split_model(model):
@@ -73,13 +94,26 @@ def split_model(model):
     kind, _, rule = str(model).partition("-")
     if rule and rule not in RULES:
         raise ValueError(f"unknown learning rule {rule!r} in model {model!r}; valid rules: {', '.join(RULES)}")
+    if rule:
+        check_rule(rule, kind)
     return kind, rule or None
 
 
-def check_rule(rule):
+def check_rule(rule, kind=None):
+    """`rule` when it is a rule (of `kind`, when given), else a ValueError naming the valid ones."""
     if rule not in RULES:
         raise ValueError(f"unknown learning rule {rule!r}; valid rules: {', '.join(RULES)}")
+    if kind is not None and kind in ("mlp", "cnn") and kind not in rule_kinds(rule):
+        raise ValueError(f"learning rule {rule!r} is defined for the {', '.join(rule_kinds(rule))} only, not the "
+                         f"{kind}; the {kind}'s rules: {', '.join(rules_for(kind))}")
     return rule
+
+
+def rule_settings(rule):
+    """The settings a rule takes beyond the network's and their defaults ({} for backprop and the layer rules):
+    DTP's and SDTP's noise, inverse_lr, target_step; predictive coding's inference_steps, inference_rate, ..."""
+    learner = NETWORK_RULES.get(check_rule(rule))
+    return {} if learner is None else dataclasses.asdict(learner.config())
 
 
 class OutputError:
@@ -229,7 +263,7 @@ class RuleLinear(_RuleLayer, nn.Linear):
         self._setup_rule(rule, sends_back, in_features, n_classes, shared, is_output)
 
     def forward(self, x):
-        if self.rule == "backprop":
+        if self.rule not in LAYER_RULES:   # backprop; the network rules compute the MLP's pass themselves
             return F.linear(x, self.weight, self.bias)
         return _RuleLinearFn.apply(x, self.weight, self.bias, *self._rule_args())
 
@@ -244,7 +278,7 @@ class RuleConv2d(_RuleLayer, nn.Conv2d):
                          False)
 
     def forward(self, x):
-        if self.rule == "backprop":
+        if self.rule not in LAYER_RULES:
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return _RuleConv2dFn.apply(x, self.weight, self.bias, *self._rule_args(), self.stride, self.padding,
                                    self.dilation, self.groups)
@@ -280,6 +314,64 @@ def module_rule(module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the network rules (DTP, SDTP, predictive coding): the MLP's forward pass, the rule's updates as its backward pass
+
+
+def make_learner(rule, sizes, n_classes, **settings):
+    """The learner of a network rule for an MLP of layer sizes `sizes` (input, hidden...) and `n_classes` outputs
+    (an nn.Module: DTP's inverses, predictive coding's inference), or None for backprop and the layer rules."""
+    valid = rule_settings(rule)
+    unknown = sorted(set(settings) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} for learning rule {rule!r}; valid: {sorted(valid) or 'none'}")
+    return NETWORK_RULES[rule](sizes, n_classes, **settings) if rule in NETWORK_RULES else None
+
+
+class _NetworkRuleFn(torch.autograd.Function):
+    """The MLP's forward pass (linear layers, ReLU between them) whose backward pass hands the learner the input,
+    the pre-activations and the output error dL/dz, and returns the learner's updates as the gradients."""
+
+    @staticmethod
+    def forward(ctx, learner, n_layers, x, *params):
+        pre, h = [], x
+        for W, b in zip(params[0:2 * n_layers:2], params[1:2 * n_layers:2]):
+            pre.append(F.linear(h, W, b))
+            h = torch.relu(pre[-1])
+        ctx.learner, ctx.n_layers = learner, n_layers
+        ctx.save_for_backward(x, *pre, *params)
+        return pre[-1]
+
+    @staticmethod
+    def backward(ctx, error):
+        n = ctx.n_layers
+        x, pre, params = ctx.saved_tensors[0], list(ctx.saved_tensors[1:1 + n]), ctx.saved_tensors[1 + n:]
+        grads = ctx.learner.updates(list(params[0:2 * n:2]), list(params[1:2 * n:2]), x, pre, error)
+        return (None, None, None, *grads)
+
+
+def rule_forward(module, x):
+    """The MLP `module`'s logits for x (its `net` of rule layers and ReLUs); under a network rule, with grad enabled
+    and the layers not switched to backprop (hidden_angles), through the rule's backward pass."""
+    learner, layers = getattr(module, "learner", None), rule_layers(module)
+    if learner is None or not torch.is_grad_enabled() or layers[-1].rule == "backprop":
+        return module.net(x)
+    params = [p for layer in layers for p in (layer.weight, layer.bias)] + list(learner.parameters())
+    return _NetworkRuleFn.apply(learner, len(layers), x.flatten(1), *params)
+
+
+def rule_param_groups(module, lr):
+    """The optimizer's parameter groups when the module's learner trains its own parameters at its own rate
+    (`inverse_lr`: DTP's inverses), else None (one group at `lr`)."""
+    learner = getattr(module, "learner", None)
+    own = [] if learner is None else list(learner.parameters())
+    if not own:
+        return None
+    ids = {id(p) for p in own}
+    rest = [p for p in module.parameters() if id(p) not in ids]
+    return [{"params": rest, "lr": lr}, {"params": own, "lr": learner.inverse_lr}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the angle between a rule's hidden-layer update and backprop's
 
 
@@ -305,7 +397,7 @@ def hidden_angles(module, X, y, loss_fn, skip_backprop=False):
     backprop gradient, both from the current weights on the batch (X, y) (the raw gradients, before the optimizer).
 
     Every layer but the output one counts as hidden (its update is backprop's under every rule). Batch-norm running
-    statistics are restored afterwards and no parameter's .grad is touched. {} for a module without rule layers.
+    statistics and torch's random generators are restored afterwards and no parameter's .grad is touched. {} for a module without rule layers.
     skip_backprop: for rule "backprop" return the angles, 0, without computing them (the logger's default: no cost
     for the backprop nets).
     """
@@ -316,8 +408,9 @@ def hidden_angles(module, X, y, loss_fn, skip_backprop=False):
         return {f"hidden{i + 1}": 0.0 for i in range(len(layers) - 1)}
     buffers = {k: v.clone() for k, v in module.named_buffers() if not k.endswith("feedback")}
     rules = [layer.rule for layer in layers]
-    try:
-        with torch.enable_grad():
+    cuda = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+    try:   # torch's generators as they were (DTP's corruption draws from them): a logged run trains as an unlogged one
+        with torch.enable_grad(), torch.random.fork_rng(devices=cuda):
             own = _hidden_grads(module, X, y, loss_fn)
             for layer in layers:
                 layer.rule = "backprop"

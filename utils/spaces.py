@@ -4,7 +4,8 @@ bayes_opt 3.x bounds: (lo, hi) float, (lo, hi, int) integer (inclusive), a list 
 depth: n_layers / n_blocks plus one entry per possible layer, of which only the first n_layers / n_blocks are used
 (to_hyperparameters). Learning rates are searched as log10. The spaces are the seed study's.
 
-    SPACES[model]                  the search space of each model kind ("mlp-fa" ... search the MLP's or CNN's)
+    SPACES[model]                  the search space of each model kind ("mlp-fa" ... search the MLP's or CNN's;
+                                   "mlp-dtp", "mlp-sdtp", "mlp-pc": the MLP's plus the rule's numbers, RULE_SPACES)
     make_space(model, max_phase)   a copy, the compartmental phases capped for reduced runs
     reference(model)               the first evaluation of a study: the estimator's own defaults
     reference_params(model, space) the same as a complete point of the space
@@ -18,7 +19,7 @@ import math
 from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier, batch_f_etas
 from utils.compartmental_reference import FLAGS
 from utils.models import cnn_feature_shape
-from utils.rules import rule_models, split_model
+from utils.rules import rule_kinds, rule_models, rule_settings, split_model
 from utils.train import CNN_DEFAULTS, COMMON_DEFAULTS, MLP_DEFAULTS, make_classifier
 
 MAX_LAYERS = 6  # MLP and compartmental hidden layers
@@ -70,14 +71,42 @@ SPACES = {
     },
 }
 
+RULE_SPACES = {  # a learning rule's own numbers, searched beside its kind's (log10_x: the setting x as log10)
+    "dtp": {"log10_noise": (-2.0, 0.0),          # sigma: corruption the inverses learn on
+            "log10_inverse_lr": (-4.0, -2.0),    # the inverses' Adam rate
+            "log10_target_step": (-2.0, 0.0)},   # eta: the first target's step along -dL/dh
+    "sdtp": {"log10_noise": (-2.0, 0.0), "log10_inverse_lr": (-4.0, -2.0),
+             "log10_target_step": (-1.0, 0.0)},  # eta: the output target's step towards the label (1: the label)
+    "pc": {"inference_steps": (5, 50, int),      # T: inference steps per batch (the cost: ~T passes)
+           "log10_inference_rate": (-2.0, -0.3),    # gamma: the relaxation's step size (halved where it overshoots)
+           "log10_output_weight": (-2.0, 0.0)},     # beta: the energy's output term (small: nearer backprop)
+}
+SPACES.update({f"{kind}-{rule}": {**SPACES[kind], **own}   # "mlp-dtp": the MLP's space and DTP's numbers
+               for rule, own in RULE_SPACES.items() for kind in rule_kinds(rule)})
+
+
+def _rule_values(model, values):
+    """The rule's own numbers of a search-space point `values` -> make_classifier's keyword arguments."""
+    own = RULE_SPACES.get(split_model(model)[1], {})
+    return {k.removeprefix("log10_"): 10.0 ** float(values[k]) if k.startswith("log10_") else
+            int(round(values[k])) if b[-1] is int else values[k] for k, b in own.items()}
+
+
+def _rule_reference(model):
+    """The rule's defaults (utils.rules.rule_settings) in the coordinates of RULE_SPACES."""
+    rule = split_model(model)[1]
+    own, d = RULE_SPACES.get(rule, {}), rule_settings(rule) if rule else {}
+    return {k: math.log10(d[k.removeprefix("log10_")]) if k.startswith("log10_") else d[k] for k in own}
+
+
 def reference(model, batch_size=None):
     """The study's first evaluation (unless start=None), in the search space's coordinates: the estimator's own
     defaults, so that no study ends below them - make_classifier's for the MLP and CNN, CompartmentalClassifier's
     (the paper's network and settings) with the paper's learning rates for the compartmental model, scaled by
     batch_f_etas for a batch_size > 1. Read from those defaults, so that the two never drift apart."""
-    model = split_model(model)[0]   # "mlp-fa" searches the MLP's space; make_classifier adds the rule
+    own, model = _rule_reference(model), split_model(model)[0]   # "mlp-fa": the MLP's space (+ the rule's numbers)
     if model in ("mlp", "cnn"):
-        ref = dict(batch_size=COMMON_DEFAULTS["batch_size"], log10_lr=math.log10(COMMON_DEFAULTS["lr"]))
+        ref = dict(batch_size=COMMON_DEFAULTS["batch_size"], log10_lr=math.log10(COMMON_DEFAULTS["lr"]), **own)
         if model == "mlp":
             sizes = MLP_DEFAULTS["hidden_sizes"]
             return {**ref, "n_layers": len(sizes), **{f"units_{i}": n for i, n in enumerate(sizes, 1)}}
@@ -156,9 +185,9 @@ def held_params(model, hold, max_phase=None, batch_size=None):
 def make_space(model, max_phase=None, held=()):
     """The search space of `model` (a copy of SPACES[model]) without the `held` parameters; max_phase caps the
     compartmental phase lengths (reduced runs only: the phases are still searched, within [lower bound, max_phase])."""
-    if split_model(model)[0] not in SPACES:   # "mlp-fa" ...: the kind's space
-        raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)} and {', '.join(rule_models())}")
-    space = {k: v for k, v in SPACES[split_model(model)[0]].items() if k not in held}
+    if split_model(model)[0] not in SPACES:   # "mlp-fa" ...: the kind's space; "mlp-dtp": its own (RULE_SPACES)
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(dict.fromkeys([*SPACES, *rule_models()]))}")
+    space = {k: v for k, v in SPACES.get(model, SPACES[split_model(model)[0]]).items() if k not in held}
     if max_phase is not None:
         if model != "compartmental":
             raise ValueError("max_phase only applies to the compartmental model")
@@ -174,11 +203,11 @@ def make_space(model, max_phase=None, held=()):
 
 def to_hyperparameters(model, params):
     """Optimizer parameters (one flat dict of floats/ints/bools) -> keyword arguments of make_classifier(model)."""
-    model = split_model(model)[0]   # "mlp-fa" searches the MLP's space; make_classifier adds the rule
+    own, model = _rule_values(model, params), split_model(model)[0]   # make_classifier adds the rule
     p = params
     if model == "mlp":
         return dict(hidden_sizes=tuple(int(p[f"units_{i}"]) for i in range(1, int(p["n_layers"]) + 1)),
-                    lr=10.0 ** float(p["log10_lr"]), batch_size=int(p["batch_size"]))
+                    lr=10.0 ** float(p["log10_lr"]), batch_size=int(p["batch_size"]), **own)
     if model == "cnn":
         n = int(p["n_blocks"])
         return dict(channels=tuple(int(p[f"channels_{i}"]) for i in range(1, n + 1)),

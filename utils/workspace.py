@@ -24,7 +24,7 @@ from utils import results
 from utils.compartmental import batch_f_etas
 from utils.data import Dataset, stratified_subset
 from utils.plotting import set_figures_dir
-from utils.rules import RULES, rule_models, split_model
+from utils.rules import RULES, rule_models, rules_for, split_model
 from utils.runs import concat_runs
 from utils.study import StudySettings, run_study
 from utils.study_log import load_results, summarize
@@ -375,7 +375,7 @@ def train_rules(ds, S, device=None, seed=0, out="runs"):
     X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
     logs, models = {}, {}
     for kind in RULE_KINDS[S["quick"]]:
-        for rule in RULES:
+        for rule in rules_for(kind):
             name = f"{kind}-{rule}"
             reference = kind if rule == "backprop" else name   # the committed results name backprop's MLP "mlp"
             hp = dict(model_hyperparameters(reference, dataset, S), rule=rule, max_epochs=S["epochs"], seed=seed,
