@@ -324,7 +324,7 @@ def test_callback_and_real_compartmental_hook_record_at_the_same_points():
     by_callback, by_hook = TrainingLogger(records_per_epoch=3), TrainingLogger(records_per_epoch=3)
     skorch_net(by_callback, batch_size=15, max_epochs=2).fit(X, y)
     comp.CompartmentalClassifier(n_hidden=(6,), batch_size=15, max_epochs=2, l_f_phase=10, l_t_phase=10,
-                                 l_f_phase_test=15, integration_time=5, seed=0, hook=by_hook).fit(X, y)
+                                 l_f_phase_test=15, integration_time=5, seed=0, hook=by_hook).fit(X.sigmoid(), y)
     assert curves(by_hook)["examples_seen"].tolist() == curves(by_callback)["examples_seen"].tolist() == \
         [0, 45, 75, 100, 145, 175, 200]
 

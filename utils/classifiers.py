@@ -8,6 +8,7 @@ The backprop nets are skorch classifiers whose batches are slices of a random pe
 live on the device (no Dataset indexing per example, no DataLoader workers). Checks of what users pass (hyperparameters,
 X, y) raise a ValueError naming the problem.
 """
+import inspect
 import math
 import re
 import sys
@@ -200,7 +201,8 @@ class TorchClassifier(NeuralNetClassifier):
         """Bytes (float32) a training step of the network `arch` (the module's keyword arguments) takes at `batch`:
         weights, their gradients, Adam's two moments and its step's temporaries (one more copy), the fixed feedback,
         and the step's activations (the module's footprint)."""
-        params, feedback, activations = self.module.footprint(**arch)
+        counted = inspect.signature(self.module.footprint).parameters   # a rule's own settings are not sizes
+        params, feedback, activations = self.module.footprint(**{k: v for k, v in arch.items() if k in counted})
         return 4 * (5 * params + feedback + batch * activations)
 
     def _check_fits(self, n):

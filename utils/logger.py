@@ -268,7 +268,9 @@ class TrainingLogger(Callback):
 
     @staticmethod
     def _hook_weights(clf):
-        return dict(clf.named_weights())
+        """The compartmental network's weight matrices (W, Y: ndim >= 2, as on the skorch path; not its biases or
+        sparse masks)."""
+        return {k: w for k, w in clf.named_weights().items() if w.ndim >= 2 and not k.startswith("mask")}
 
     # ------------------------------------------------------------------------------------------------------------
     # shared machinery

@@ -212,7 +212,7 @@ class Runs:
 def committed_runs(dataset, models):
     """Runs of `models` on `dataset` from the committed single trainings (utils.results; unfinished pieces left
     out), each accuracy row naming the record and the command that made it."""
-    names = [f"{dataset}/{m}" for m in models]
+    names = [f"{dataset}/{m}" for m in models if f"{dataset}/{m}" in results.PIECES]   # pieces that exist
     table, _ = results.table(names)
     if table is not None:
         table["drawn_from"] = [f"results/single/{r.replace('/', '_')}.json" for r in table["run"]]
