@@ -22,8 +22,10 @@ NEEDS = {"workspace_mnist.ipynb": ["MNIST/raw", "FashionMNIST/raw"],
 VALID_SHARE = 0.25  # a logged run validates (records x validation examples) at most this share of its training examples
 
 
-@pytest.mark.parametrize("notebook", sorted(NEEDS))
-def test_notebook_runs_in_quick_mode(notebook, tmp_path, monkeypatch):
+def execute_notebook(notebook, tmp_path, monkeypatch, quick):
+    """Run `notebook` top to bottom in tmp_path (the repository on PYTHONPATH, MPLBACKEND=Agg as CI sets it,
+    WORKSPACE_QUICK=`quick`, unset for None) and return it with its outputs; skipped without the real datasets.
+    The executed copy stays in tmp_path for a look after a failure."""
     root = os.environ.get("BIODL_DATA")
     if not root or not all((data_root(root) / sub).is_dir() for sub in NEEDS[notebook]):
         pytest.skip(f"BIODL_DATA does not hold {', '.join(NEEDS[notebook])}: the notebooks need the real datasets")
@@ -31,16 +33,25 @@ def test_notebook_runs_in_quick_mode(notebook, tmp_path, monkeypatch):
     from nbclient import NotebookClient
     nb = nbformat.read(REPO / notebook, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "committed notebooks carry no outputs"
-    monkeypatch.setenv("WORKSPACE_QUICK", "tiny")  # quick mode's steps at the smallest sizes (utils.workspace.TINY)
+    if quick is None:
+        monkeypatch.delenv("WORKSPACE_QUICK", raising=False)
+    else:
+        monkeypatch.setenv("WORKSPACE_QUICK", quick)
     monkeypatch.setenv("MPLBACKEND", "Agg")  # as .ci/run sets it: the notebook must still show its figures
-    monkeypatch.delenv("BIODL_FIGURES", raising=False)  # quick mode's own choice: runs/figures/
+    monkeypatch.delenv("BIODL_FIGURES", raising=False)  # the notebook's own choice: runs/figures/
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    committed = {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").glob("*.png")}
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     try:
         client.execute()
-    finally:  # the executed copy (outputs, per-cell timing) stays in tmp_path for a look after a failure
+    finally:
         nbformat.write(nb, tmp_path / notebook)
+    return nb
+
+
+@pytest.mark.parametrize("notebook", sorted(NEEDS))
+def test_notebook_runs_in_quick_mode(notebook, tmp_path, monkeypatch):
+    committed = {p.name: p.stat().st_mtime_ns for p in (REPO / "figures").glob("*.png")}
+    nb = execute_notebook(notebook, tmp_path, monkeypatch, "tiny")  # quick mode's steps at TINY's sizes
     folder = tmp_path / "runs" / "figures"
     figures = sorted(p.name for p in folder.glob("*.png"))
     assert len(figures) >= 6 and all((folder / f).stat().st_size > 10_000 for f in figures), figures
