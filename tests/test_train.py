@@ -234,6 +234,14 @@ def test_command_line_compartmental_run(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_command_line_compartmental_rates_scale_by_the_batch_that_trains(tmp_path):
+    import json
+    out = tmp_path / "c.json"   # a nominal batch of 500 on 60 examples trains batches of 60
+    main(["--model", "compartmental", "--dataset", "blobs", "--epochs", "1", "--subset", "60", "--test-subset", "20",
+          "--n-hidden", "8", "--batch-size", "500", "--device", "cpu", "--quiet", "--out", str(out)])
+    assert json.loads(out.read_text())["config"]["f_etas"] == pytest.approx([2 * 60 * 0.21, 2 * 0.21])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # bad input: clear errors, and what scikit-learn users pass is accepted
 

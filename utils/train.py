@@ -235,12 +235,13 @@ def synthetic_dataset(n_train=1000, n_test=500, device=None):
     return Dataset(X[:n_train], y[:n_train], X[n_train:], y[n_train:], [str(c) for c in range(10)])
 
 
-def default_f_etas(n_hidden, batch_size):
-    """The paper's rates for len(n_hidden) hidden layers, scaled for batches (utils.compartmental.batch_f_etas)."""
+def default_f_etas(n_hidden, batch_size, n_examples=None):
+    """The paper's rates for len(n_hidden) hidden layers, scaled for the batch that trains (batch_size, or the
+    n_examples when there are fewer: utils.compartmental.batch_f_etas)."""
     if len(n_hidden) not in PAPER_F_ETAS:
         raise ValueError(f"the paper gives rates for {' or '.join(map(str, PAPER_F_ETAS))} hidden layers, not "
                          f"{len(n_hidden)}; give them with --f-etas (one per hidden layer and one for the output)")
-    return batch_f_etas(batch_size, PAPER_F_ETAS[len(n_hidden)])
+    return batch_f_etas(batch_size, PAPER_F_ETAS[len(n_hidden)], n_examples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,6 +450,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t0 = time.time()
     X, y, X_test, y_test, classes = _data(args)
+    if comp and not args.f_etas:   # scaled for the batch that trains, not a nominal one larger than the data
+        model["f_etas"] = default_f_etas(model["n_hidden"], batch_size, n_examples=len(y))
     if comp:
         model["lr_decay_examples"] = round(args.lr_decay_epochs * len(y)) if args.lr_decay_epochs else None
     config = dict(model=kind, dataset=args.dataset, n_train=len(y), n_test=len(y_test), epochs=epochs,
