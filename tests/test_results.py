@@ -92,3 +92,16 @@ def test_readme_figures_exist_and_the_manifest_names_existing_records():
     for fig, entry in manifest.items():
         assert (repo / fig).exists(), fig
         assert all((results.RESULTS / f).exists() for f in entry["files"]), entry
+
+
+def test_study_table_and_figure_from_study_rows_under_results(tmp_path):
+    from test_study import tiny_dataset
+    from utils.study import protocol_settings, run_study
+    assert results.study_table(tmp_path).count("\n") == 1   # no rows yet: the header only
+    run_study("mlp", tiny_dataset(), protocol_settings("cpu", "mlp", "mnist", out=tmp_path / "study", iterations=2,
+                                                       init_points=1, name="mnist", verbose=0), epochs=1)
+    rows = results.study_table(tmp_path).splitlines()[2:]
+    assert len(rows) == 1 and rows[0].startswith("| mlp | mnist | 2 of 2 | **") and "| 96.8 |" in rows[0]
+    manifest = results.draw_figures(root=tmp_path, figures_dir=tmp_path / "fig", log=lambda line: None)
+    assert manifest["figures/results_study.png"]["files"] == ["study/mlp_mnist/evals.jsonl"]
+    assert (tmp_path / "fig" / "results_study.png").stat().st_size > 10_000

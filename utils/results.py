@@ -4,6 +4,7 @@
     python -m utils.results run mnist/mlp mnist/cnn           # train those pieces, write results/single/*.json
     python -m utils.results run --all --max-minutes 110       # the pieces left, in order, within a time budget
     python -m utils.results figures                           # README's figures from the committed records
+    python -m utils.results table | study-table               # README's tables (single trainings; the study)
 
 A piece is one training of one model on one dataset's whole training split, less `n_valid` held-out validation
 examples that the logger validates on `records_per_epoch` times an epoch, tested on the whole test split
@@ -30,9 +31,10 @@ from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
 from utils.data import load_dataset
 from utils.io import jsonable, provenance, write_json
 from utils.logger import TrainingLogger
-from utils.plot_study import plot_rule_angles
+from utils.plot_study import plot_rule_angles, plot_study
 from utils.plotting import plot_bp_angle, plot_learning_curves, plot_weight_dynamics
 from utils.runs import records_frame
+from utils.study_log import load_results, summarize
 from utils.train import make_classifier, train_epochs
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -221,6 +223,25 @@ FIGURES = {
 }
 
 
+STUDY_FIGURE = "results_study"   # the study figure (utils.plot_study) of the committed rows under results/study/
+
+
+def _study_figure(root, out, log):
+    """The study figure from the committed study rows under root/study (None when there is none), with the manifest
+    entry naming each row's log."""
+    folder = Path(root or RESULTS) / "study"
+    evals = load_results(folder) if folder.is_dir() else pd.DataFrame()
+    if evals.empty:
+        log(f"{STUDY_FIGURE}: skipped, no study rows under {folder}")
+        return None
+    path = out / f"{STUDY_FIGURE}.png"
+    plt.close(plot_study(evals, reference={k: v / 100 for k, v in SEED_STUDY.items()}, path=str(path),
+                         title="the study (cpu protocol): each evaluation's 3-fold CV accuracy"))
+    files = sorted(str(f.relative_to(Path(root or RESULTS))) for f in folder.glob("*/evals.jsonl"))
+    log(f"{path}: {len(files)} study rows")
+    return dict(files=files, missing=[], command="python -m utils.results figures")
+
+
 def draw_figures(root=None, figures_dir=None, names=None, log=print):
     """Draw every figure of FIGURES (or `names`) from the finished pieces' records under `root` into `figures_dir`
     (default: the repository's figures/); a figure with no finished piece is skipped. Returns the manifest
@@ -243,6 +264,10 @@ def draw_figures(root=None, figures_dir=None, names=None, log=print):
         manifest[f"figures/{name}.png"] = dict(files=files, missing=[p for p in pieces if status(p, root) != "done"],
                                                command="python -m utils.results figures")
         log(f"{path}: {len(files)} of {len(pieces)} pieces")
+    if names is None or STUDY_FIGURE in names:
+        entry = _study_figure(root, out, log)
+        if entry is not None:
+            manifest[f"figures/{STUDY_FIGURE}.png"] = entry
     if figures_dir is None:
         write_json(Path(root or RESULTS) / "manifest.json", manifest)
     return manifest
@@ -265,6 +290,26 @@ def single_table(root=None):
     return "\n".join(lines)
 
 
+def study_table(root=None):
+    """README's study table: one markdown row per committed study row under root/study (utils.study_log.summarize):
+    the evaluations, the best, worst, mean and sd of their 3-fold CV accuracy, the best retrained on the whole
+    training split and tested on the whole test split, beside the seed study's best, and the row's folder."""
+    folder = Path(root or RESULTS) / "study"
+    lines = ["| model | dataset | evaluations | best CV % | worst | mean +- sd | best retrained, test % | seed's best "
+             "CV % | wall time | log |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if not folder.is_dir():
+        return "\n".join(lines)
+    for r in summarize(folder).itertuples():
+        config = json.loads((folder / f"{r.model}_{r.dataset}" / "config.json").read_text())
+        test = "" if r.test_acc != r.test_acc else f"{100 * r.test_acc:.2f}"
+        hours = "" if r.wall_s != r.wall_s else f"{r.wall_s / 3600:.1f} h"
+        lines.append(f"| {r.model} | {r.dataset} | {r.n_evals} of {config['iterations']} | **{100 * r.best:.2f}** | "
+                     f"{100 * r.worst:.2f} | {100 * r.mean:.2f} +- {100 * r.std:.2f} | {test} | "
+                     f"{SEED_STUDY.get((r.model, r.dataset), '')} | {hours} | "
+                     f"`results/study/{r.model}_{r.dataset}/` |")
+    return "\n".join(lines)
+
+
 def status(piece, root=None):
     """"done", "started" (a record with finished=false: it stopped) or "left"."""
     rec = load_record(piece, root)
@@ -279,6 +324,7 @@ def main(argv=None):
     fig = sub.add_parser("figures", help="draw README's figures from the finished pieces (figures/, manifest)")
     fig.add_argument("--out", default=None, help="folder for the PNGs (default: the repository's figures/)")
     sub.add_parser("table", help="README's table of the finished pieces (markdown)")
+    sub.add_parser("study-table", help="README's table of the committed study rows (markdown)")
     run = sub.add_parser("run", help="train pieces (whole splits) and write their records")
     run.add_argument("pieces", nargs="*", help=f"piece names ({', '.join(list(PIECES)[:3])}, ...)")
     run.add_argument("--all", action="store_true", help="every piece not done, in the listed order")
@@ -297,6 +343,9 @@ def main(argv=None):
         return 0
     if args.command == "table":
         print(single_table())
+        return 0
+    if args.command == "study-table":
+        print(study_table())
         return 0
     if args.command == "figures":
         draw_figures(figures_dir=args.out)
