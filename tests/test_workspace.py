@@ -158,7 +158,7 @@ def test_a_notebooks_steps_load_each_dataset_once(monkeypatch, mnist_root, tmp_p
     monkeypatch.setattr(utils.data, "load_dataset", counting_load)
     monkeypatch.setattr(utils.study, "load_dataset", counting_load)   # a study given a name would load it there
     monkeypatch.setattr(workspace, "run_study", fake_run_study)
-    S = dict(workspace.settings("tiny"), n_train=100, n_valid=50, epochs=1, max_valid=20, n_test=50)
+    S = dict(workspace.settings("tiny"), n_train=100, rule_n_train=100, n_valid=50, epochs=1, max_valid=20, n_test=50)
     data = {"mnist": utils.data.load_dataset("mnist", root=mnist_root, device="cpu")}  # the notebook's data cell
     ds = data["mnist"]
     assert ds.name == "mnist"

@@ -58,6 +58,7 @@ QUICK = dict(
     n_valid=1000,            # held out of the training split for the logger's validation records
     mlp_epochs=4,            # the MLP of step "train"
     epochs=2,                # the CNN of step "train", and every rule's MLP
+    rule_n_train=10000,      # training examples of every rule's MLP (step "rules"; None: the whole split)
     records_per_epoch=4, max_valid=300,   # logger records per epoch, validation examples per record
     compartmental_n_train=20000, compartmental_epochs=1, compartmental_records_per_epoch=4,
     compartmental_max_valid=100,
@@ -71,13 +72,13 @@ QUICK = dict(
     bo_out="logs/quick",
     figures="runs/figures",        # never the committed README figures
 )
-TINY = dict(QUICK, quick="tiny", n_train=600, n_valid=300, mlp_epochs=2, records_per_epoch=2, max_valid=40,
+TINY = dict(QUICK, quick="tiny", n_train=600, rule_n_train=600, n_valid=300, mlp_epochs=2, records_per_epoch=2, max_valid=40,
             compartmental_n_train=300, compartmental_records_per_epoch=2, compartmental_max_valid=20,
             compartmental_test_steps=100, n_test=200, bo_subset=200, bo_retrain_subset=300, bo_test_subset=100,
             bo_compartmental_subset=100, bo_compartmental_retrain_subset=100, bo_out="logs/tiny")
 FULL = dict(
     quick=False,
-    n_train=None, n_valid=5000, mlp_epochs=10, epochs=10, records_per_epoch=10, max_valid=1000,
+    n_train=None, rule_n_train=None, n_valid=5000, mlp_epochs=10, epochs=10, records_per_epoch=10, max_valid=1000,
     compartmental_n_train=None, compartmental_epochs=5, compartmental_records_per_epoch=10,
     compartmental_max_valid=300,
     compartmental_test_steps=None,  # None: the estimator's default (the paper's 250)
@@ -368,11 +369,11 @@ RULE_KINDS = {True: ("mlp",), "tiny": ("mlp",), False: ("mlp",)}
 
 
 def train_rules(ds, S, device=None, seed=0, out="runs"):
-    """Each network of RULE_KINDS under every rule (same architecture, seed and data as train_models) on the
-    Dataset `ds`, with the logger; runs saved to out/<ds.name>_<model> ("mlp-backprop", "mlp-fa", "mlp-dfa",
-    "mlp-sign", ...). Returns (logs, models) keyed by those model names."""
+    """Each network of RULE_KINDS under every rule (same architecture and seed as train_models, S["rule_n_train"]
+    training examples) on the Dataset `ds`, with the logger; runs saved to out/<ds.name>_<model> ("mlp-backprop",
+    "mlp-fa", "mlp-dfa", "mlp-sign", ...). Returns (logs, models) keyed by those model names."""
     dataset = _checked(ds).name
-    X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
+    X, y, Xv, yv = _split(ds, S["rule_n_train"], S["n_valid"], seed)
     logs, models = {}, {}
     for kind in RULE_KINDS[S["quick"]]:
         for rule in rules_for(kind):
