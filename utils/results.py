@@ -81,7 +81,8 @@ _CNN = {"mnist": dict(channels=(32, 64, 128), kernel_sizes=(3, 3, 3), padding=1,
         "cifar10": dict(channels=(64, 128, 256), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100,
                         lr_schedule="cosine")}
 _RULE_LR = {("mnist", "fa"): 3e-4, ("mnist", "dfa"): 3e-4, ("fashion", "fa"): 3e-4, ("fashion", "dfa"): 3e-4,
-            ("cifar10", "fa"): 1.25e-4}
+            ("cifar10", "fa"): 1.25e-4, ("mnist", "sdtp"): 3e-4, ("fashion", "sdtp"): 3e-4}
+_RULE_COST = {"fa": 1, "dfa": 1, "sign": 1, "dtp": 2, "sdtp": 2, "pc": 5}   # epoch time / backprop's, planning only
 _COMPARTMENTAL = dict(n_hidden=(500,), batch_size=16, f_etas=batch_f_etas(16), record_backprop_angle=True)
 _MINUTES = {("mnist", "mlp"): 9, ("fashion", "mlp"): 9, ("cifar10", "mlp"): 12, ("mnist", "cnn"): 15,
             ("fashion", "cnn"): 15, ("cifar10", "cnn"): 48, ("mnist", "compartmental"): 15,
@@ -101,6 +102,10 @@ def _pieces():
         cifar = ds == "cifar10"
         out.append(Piece(ds, "compartmental", _COMPARTMENTAL, epochs=5, max_valid=300,
                          test_every=5 if cifar else 1, minutes=_MINUTES[ds, "compartmental"]))
+    for ds in ("mnist", "fashion", "cifar10"):   # target propagation and predictive coding, the same MLP
+        for rule in ("dtp", "sdtp", "pc"):
+            hp = dict(_MLP[ds], lr=_RULE_LR.get((ds, rule), _MLP[ds]["lr"]))
+            out.append(Piece(ds, f"mlp-{rule}", hp, minutes=_MINUTES[ds, "mlp"] * _RULE_COST[rule]))
     return {p.name: p for p in out}
 
 
@@ -186,7 +191,7 @@ def table(names, root=None):
 
 DATASETS = ("mnist", "fashion", "cifar10")
 MODELS = ("mlp", "cnn", "compartmental")
-RULE_MODELS = ("mlp", "mlp-fa", "mlp-dfa", "mlp-sign")
+RULE_MODELS = ("mlp", "mlp-fa", "mlp-dfa", "mlp-sign", "mlp-dtp", "mlp-sdtp", "mlp-pc")
 
 
 def _models_curves(df, path):
