@@ -348,7 +348,8 @@ def test_network_rule_kind_checkpoint_round_trip(model, tmp_path):
 def test_network_rule_kind_goes_through_the_study(model, tmp_path):
     """The study searches the MLP's space plus the rule's own numbers, starts from the rule's defaults and trains
     each proposal under the rule."""
-    from utils.spaces import RULE_SPACES, make_space, to_hyperparameters
+    from utils.classifiers import RULE_SPACES
+    from utils.spaces import make_space, to_hyperparameters
     from utils.study import run_study
     from utils.study_log import read_log
     from utils.data import Dataset

@@ -11,7 +11,6 @@ fix). A worker that dies loses only its running evaluations: Dask runs them agai
 """
 import contextlib
 import gc
-import inspect
 import math
 import resource
 import sys
@@ -20,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from utils.compartmental import CompartmentalClassifier
+from utils.classifiers import make_classifier
 from utils.data import get_device
 from utils.errors import TrainingDiverged
-from utils.spaces import make_estimator
+from utils.kinds import get_kind
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")  # torch's CUDA and CPU wording
 RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in KiB on Linux
@@ -91,9 +90,7 @@ def seed_kw(accepts, seed):
 
 def estimator_accepts(model):
     """The keyword names make_classifier(model) accepts beyond the searched ones (seed, device, verbose...)."""
-    if model == "compartmental":
-        return set(inspect.signature(CompartmentalClassifier.__init__).parameters) - {"self"}
-    return {"max_epochs", "seed", "device", "verbose"}
+    return get_kind(model).accepts()
 
 
 def retrain_task(model, kw, train, test, chance, device):
@@ -102,7 +99,7 @@ def retrain_task(model, kw, train, test, chance, device):
     (X, y), (Xt, yt) = [tuple(t.to(dev) for t in pair) for pair in (train, test)]
 
     def fit_and_score(hp):
-        clf = make_estimator(model, **hp)
+        clf = make_classifier(model, **hp)
         clf.fit(X, y)
         return [clf.score(Xt, yt)]
 

@@ -67,9 +67,10 @@ from utils.data import Dataset, get_device, load_dataset, stratified_subset
 from utils.evaluation import estimator_accepts, retrain_task, seed_kw
 from utils.io import append_jsonl, dumps, library_versions, provenance, write_json
 from utils.propose import flag_sampler, make_optimizer, propose, register
+from utils.kinds import find_kind, get_kind
 from utils.rules import rule_models, split_model
-from utils.spaces import (COMPARTMENTAL_FLAGS, FLIP_PROB, SPACES, check_hyperparameters, held_params,
-                          make_space, reference_params, start_point, to_hyperparameters)
+from utils.spaces import (FLIP_PROB, SPACES, check_hyperparameters, held_params, make_space, reference_params,
+                          start_point, to_hyperparameters)
 from utils.study_log import (StudyError, best_record, check_config, load_done, load_results, log_records,
                              read_log, study_lock, summarize, writable_folder)
 
@@ -197,10 +198,18 @@ def protocol_settings(protocol, model, dataset, **overrides):
     P = protocol_sizes(protocol, model, dataset)
     kw = dict(iterations=P.iterations, folds=P.folds, epochs=P.epochs, subset=P.subset, protocol=protocol,
               retrain_subset=None, test_subset=None)
-    if split_model(model)[0] == "compartmental":
-        fixed = {k: v for k, v in (("batch_size", P.batch_size), ("l_f_phase_test", P.test_phase)) if v}
-        kw.update(fixed=fixed or None, hold=P.hold)
+    kind = get_kind(model)
+    kw.update(fixed=_fixed(kind, P.batch_size, P.test_phase) or None, hold=P.hold if kind.structure else None)
     return StudySettings(**{**kw, **overrides})
+
+
+def _fixed(kind, batch_size, test_steps):
+    """The settings a study of `kind` fixes: the batch size where its space does not search it, the time steps of
+    scoring an example where it has them (None values left out)."""
+    fixed = {"batch_size": batch_size} if not kind.searches_batch_size else {}
+    if kind.test_steps:
+        fixed[kind.test_steps] = test_steps
+    return {k: v for k, v in fixed.items() if v}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +241,7 @@ def run_study(model, dataset, settings=None, **overrides):
     stopped it: run it again to resume), wall_s)."""
     t0 = time.time()
     S = dataclasses.replace(settings or StudySettings(), **overrides)
-    if split_model(model)[0] not in SPACES:
+    if find_kind(model) is None:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
     if not isinstance(dataset, (str, Dataset)):
         raise TypeError(f"dataset must be a dataset name or a utils.data.Dataset, not {type(dataset).__name__}")
@@ -249,7 +258,7 @@ def run_study(model, dataset, settings=None, **overrides):
     held = held_params(model, S.hold, S.max_phase, fixed.get("batch_size"))
     space = make_space(model, S.max_phase, held)
     S = dataclasses.replace(S, fixed=fixed, start=start_point(model, space, S.start, fixed.get("batch_size")),
-                            flip_prob=S.flip_prob if model == "compartmental" else None)
+                            flip_prob=S.flip_prob if get_kind(model).flags else None)
 
     config = dict(model=model, dataset=S.name, folds=S.folds, epochs=S.epochs, seed=S.seed, subset=S.subset,
                   n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=S.init_points,
@@ -353,7 +362,7 @@ def _run_rounds(run):
     sample = None
     if S.flip_prob is not None:
         ref = reference_params(model, run.space)
-        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in COMPARTMENTAL_FLAGS if f in run.space},
+        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in get_kind(model).flags if f in run.space},
                               S.flip_prob)
 
     def hyperparameters(params):
@@ -569,13 +578,12 @@ def main(argv=None):
 def settings_from_args(args, client=None, model="mlp", dataset="mnist"):
     """The StudySettings of the command line's options for the row (model, dataset): the protocol's sizes (or
     StudySettings' defaults), replaced by the size options given."""
-    comp = split_model(model)[0] == "compartmental"
+    kind = get_kind(model)
     P = protocol_sizes(args.protocol, model, dataset) if args.protocol else Protocol(None, 10, 50)
     pick = lambda given, preset: preset if given is None else given   # noqa: E731
-    fixed = {k: v for k, v in (("batch_size", pick(args.batch_size, P.batch_size)),
-                                ("l_f_phase_test", pick(args.test_phase, P.test_phase))) if v and comp}
+    fixed = _fixed(kind, pick(args.batch_size, P.batch_size), pick(args.test_phase, P.test_phase))
     hold = None if not args.hold else "structure" if args.hold == ["structure"] else tuple(args.hold)
-    hold = pick(hold, P.hold if comp else None)
+    hold = pick(hold, P.hold if kind.structure else None)
     return StudySettings(iterations=pick(args.iterations, P.iterations), folds=pick(args.folds, P.folds),
                          epochs=pick(args.epochs, P.epochs), out=args.out, seed=args.seed,
                          subset=pick(args.subset, P.subset), device=args.device, init_points=args.init_points,
@@ -583,8 +591,8 @@ def settings_from_args(args, client=None, model="mlp", dataset="mnist"):
                          test_subset=args.test_subset, data_root=args.data_root, q=args.q, cluster=client,
                          flip_prob=args.flip_prob, start=None if args.no_reference else "reference",
                          verbose=0 if args.quiet else 1, protocol=args.protocol,
-                         max_phase=args.max_phase if comp else None,
-                         hold=hold if comp or hold != "structure" else None, fixed=fixed or None,
+                         max_phase=args.max_phase if kind.phases else None,
+                         hold=hold if kind.structure or hold != "structure" else None, fixed=fixed or None,
                          deadline=None if args.max_minutes is None else time.time() + 60 * args.max_minutes)
 
 
