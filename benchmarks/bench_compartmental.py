@@ -300,7 +300,7 @@ def cross_validation(args):
     folds trained as one population: wall time and fold accuracies."""
     from utils.compartmental import batch_f_etas
     from utils.data import load_dataset, stratified_subset
-    from utils.train import cross_validate
+    from utils.evaluation import cross_validate
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset, device=args.device)
     X, y = ds.X_train, ds.y_train

@@ -11,7 +11,8 @@ from utils.runs import angles
 from utils.models import CNN, MLP
 from utils.rules import (RULES, ZERO_OUTPUT_RULES, RuleConv2d, RuleLinear, angle_degrees, hidden_angles, rule_layers,
                          rule_settings, rules_for)
-from utils.train import load_checkpoint, make_classifier, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.classifiers import make_classifier
 
 N_CLASSES = 4
 

@@ -187,7 +187,7 @@ def test_scheduler_option_uses_a_running_cluster(tmp_path, mnist_root):
         assert all(len(r["fold_scores"]) == 2 for r in recs)
         assert json.loads((out / "mlp_mnist" / "best.json").read_text())["status"] == "ok"
         assert "mlp" in run.stdout.splitlines()[-1]
-        bad = subprocess.run([sys.executable, "-m", "utils.bayes_opt", "--scheduler", "tcp://127.0.0.1:1",
+        bad = subprocess.run([sys.executable, "-m", "utils.study", "--scheduler", "tcp://127.0.0.1:1",
                               "--out", str(out)], cwd=REPO, env=DATA_ENV, capture_output=True, text=True,
                              timeout=120)
         assert bad.returncode != 0 and "no Dask scheduler answered" in bad.stderr and "Traceback" not in bad.stderr

@@ -26,9 +26,8 @@ import torch
 
 from utils.classifiers import make_classifier
 from utils.data import get_device
-from utils.evaluation import run_evaluation
+from utils.evaluation import cross_validate, cross_validate_many, run_evaluation
 from utils.kinds import get_kind
-from utils.train import cross_validate, cross_validate_many
 
 # ----------------------------------------------------------------------------------------------------------------
 # settings

@@ -9,7 +9,7 @@ Long runs (a GPU server, inside tmux or screen; a run that is killed resumes fro
     python -m utils.study --protocol cpu --model mlp --dataset mnist --out results/study --max-minutes 120
                                         # a named protocol (PROTOCOLS), in pieces of 2 hours: the same command resumes
 
-(Always `python -m utils.study` from the repository root; `python -m utils.bayes_opt`, its old name, runs the same.)
+(Always `python -m utils.study` from the repository root.)
 
 In a notebook:
 

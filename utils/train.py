@@ -1,4 +1,4 @@
-"""Training: cross-validation, logged runs, and the one command line that trains any model for many epochs.
+"""Training: logged runs, and the one command line that trains any model for many epochs.
 
     python -m utils.train --model cnn --dataset mnist --epochs 10          # trains, prints test accuracy per epoch
     python -m utils.train --model compartmental --batch-size 16 --epochs 60 --test-every-epochs 10   # the paper's
@@ -7,9 +7,10 @@
     python -m utils.train --model cnn --channels 32 64 128 --kernel-sizes 3 --lr-schedule cosine --normalize
     python -m utils.train --model mlp-fa --n-hidden 1000 1000 --quiet    # feedback alignment (or --rule fa), no bar
 
-    from utils.train import make_classifier, cross_validate, train_epochs
+    from utils.classifiers import make_classifier
+    from utils.train import train_epochs
     clf = make_classifier("mlp", hidden_sizes=(500,), lr=1e-3, batch_size=100, max_epochs=10, seed=0)
-    scores = cross_validate(clf, ds.X_train, ds.y_train, folds=3)        # per-fold accuracies
+    clf, record = train_epochs(clf, X, y, X_test, y_test, epochs=10)   # cross-validation: utils.evaluation
 
 A run (train_epochs) trains epoch by epoch, tests on the official test split every --test-every-epochs epochs and at
 the end, and after every epoch writes its record (runs/NAME.json: configuration, library versions, per-epoch
@@ -17,7 +18,7 @@ training time and loss, test errors, wall time) and a checkpoint (runs/NAME.ckpt
 optimizer, data order, record), both atomically, so --resume loses at most one epoch and continues the data order
 as if never interrupted. A run holds runs/NAME.lock while it trains (a second run on the same --out is refused);
 an --out or --save it could not write, and a run that would not fit in memory, are refused before training.
-Estimators: utils.classifiers; checkpoints: utils.checkpoint (both re-exported here).
+Estimators: utils.classifiers; checkpoints: utils.checkpoint.
 """
 import argparse
 import contextlib
@@ -28,19 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.base import clone
-from sklearn.model_selection import StratifiedKFold
 
-from utils.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, read_checkpoint,  # noqa: F401
-                              save_checkpoint, write_checkpoint)
-from utils.classifiers import (CNN_DEFAULTS, COMMON_DEFAULTS, LR_SCHEDULES, MLP_DEFAULTS,  # noqa: F401
-                               DeviceBatches, PlainPrintLog, TorchClassifier, as_inputs, as_labels,
-                               check_common_hyperparameters, interactive, make_classifier)
+from utils.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint, write_checkpoint
+from utils.classifiers import CNN_DEFAULTS, COMMON_DEFAULTS, LR_SCHEDULES, interactive, make_classifier
 from utils.compartmental import CompartmentalClassifier
 from utils.data import Dataset, get_device, load_dataset, standardized, stratified_subset
 from utils.errors import InsufficientMemory, TrainingDiverged
 from utils.io import file_lock, jsonable, library_versions, writable_folder, write_json
-from utils.kinds import get_kind, kind_of, networks
+from utils.kinds import get_kind, networks
 from utils.logger import TrainingLogger
 from utils.rules import RULES, rule_models, split_model
 
@@ -49,34 +45,7 @@ RUN_FREE = ("epochs", "test_every_epochs", "max_minutes", "threads", "device")  
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# cross-validation and logged runs
-
-
-def cross_validate(estimator, X, y, folds=3, seed=0):
-    """Per-fold test accuracies (numpy array) of a fresh clone of `estimator` under StratifiedKFold(folds)."""
-    return cross_validate_many([estimator], X, y, folds=folds, seed=seed)[0]
-
-
-def cross_validate_many(estimators, X, y, folds=3, seed=0):
-    """Per-fold test accuracies (estimators x folds array) of fresh clones of each estimator on the same
-    StratifiedKFold(folds) splits. Estimators of a kind that trains as a population (utils.kinds: the compartmental
-    network's fit_population; they must share its structure) train side by side with their folds."""
-    y_np = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    splits = []
-    for train_idx, test_idx in splitter.split(np.zeros(len(y_np)), y_np):
-        to = (lambda i: torch.as_tensor(i, device=X.device)) if isinstance(X, torch.Tensor) else (lambda i: i)
-        splits.append((to(train_idx), to(test_idx)))
-    pairs = [(clone(est), tr, te) for est in estimators for tr, te in splits]
-    kinds = {kind_of(est, strict=False) for est in estimators}   # one kind that trains as a population, or each alone
-    population = kinds.pop().population if len(kinds) == 1 and None not in kinds else None
-    if population is not None:
-        population([m for m, _, _ in pairs], [(X[tr], y[tr]) for _, tr, _ in pairs])
-    else:
-        for model, tr, _ in pairs:
-            model.fit(X[tr], y[tr])
-    scores = [float(model.score(X[te], y[te])) for model, _, te in pairs]
-    return np.array(scores).reshape(len(estimators), folds)
+# logged runs
 
 
 def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None, records_per_epoch=10,

@@ -23,12 +23,12 @@ import torch
 from utils import results
 from utils.compartmental import batch_f_etas
 from utils.data import Dataset, stratified_subset
+from utils.kinds import find_kind, get_kind, networks
 from utils.plotting import set_figures_dir
 from utils.rules import RULES, rule_models, rules_for, split_model
 from utils.runs import concat_runs
 from utils.study import StudySettings, run_study
 from utils.study_log import load_results, summarize
-from utils.kinds import find_kind, get_kind, networks
 from utils.train import train_logged
 
 KINDS = networks()   # the networks the notebooks train and study ("mlp", "cnn", "compartmental")
