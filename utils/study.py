@@ -20,16 +20,10 @@ In a notebook:
     run_study("mlp", "mnist", protocol_settings("cpu", "mlp", "mnist", out="logs"))   # a named protocol's row
     summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, frac_chance, best_params, test_acc
 
-The search spaces, the reference configuration and the parameter conversion are in utils/spaces.py; the proposals
+The search spaces, the reference configuration and the parameter conversion are each kind's (utils.kinds, asked
+through utils/spaces.py); the proposals
 in utils/propose.py; one evaluation in utils/evaluation.py; the study's files and results in utils/study_log.py;
 where evaluations run (this process or Dask) in utils/cluster.py.
-
-Rounds: each round proposes q points at once (the points proposed earlier in the round enter the Gaussian process
-at a lie, the lowest score so far: with_lies, the constant liar) and evaluates them side by side: in this process
-one after the other (cluster=None; the compartmental candidates of one structure still train as one population),
-or as tasks on Dask distributed (cluster="local": a LocalCluster, or one worker per GPU with dask_cuda; a scheduler
-address or a Client: a running cluster). Every evaluation is appended to the log when it finishes, by this process
-only; the next round starts when the whole round is in. q = 1 in this process is the study as it was before rounds.
 
 The first evaluation is a known configuration (reference(): make_classifier's defaults for the MLP and CNN, the
 paper's network for the compartmental model; source "start"), so the Gaussian process starts from a point that
@@ -43,11 +37,7 @@ A deadline (settings.deadline, the command line's --max-minutes) stops a study b
 saved and the same call or command resumes it. Every study folder records its configuration and the provenance of
 each run (commit, versions, machine, command: utils.io.provenance) with its wall time (utils/study_log.py).
 
-Evaluation number i (the record's "iteration", 0-based) trains with seed + i, wherever it runs; the folds are fixed
-by `seed`; the proposals of the round that starts at evaluation i are made from the evaluations before i, with the
-optimizer's random state re-seeded from (seed, i): a study killed half-way through a round, resumed, proposes that
-round again exactly as it was (its records carry the round and its size, even if q changed) and runs only its
-unfinished evaluations, so that it ends as the uninterrupted study would have.
+Rounds, and why a resumed study ends as the uninterrupted one would have: _run_rounds.
 """
 import argparse
 import dataclasses
@@ -65,14 +55,14 @@ from tqdm.auto import tqdm
 from utils.cluster import ClusterError, Distributed, Local, connect, gpu_count, groups, slots, start_client
 from utils.data import Dataset, get_device, load_dataset, stratified_subset
 from utils.evaluation import estimator_accepts, retrain_task, seed_kw
-from utils.io import append_jsonl, dumps, library_versions, provenance, write_json
+from utils.io import append_jsonl, dumps, library_versions, provenance, writable_folder, write_json
 from utils.propose import flag_sampler, make_optimizer, propose, register
 from utils.kinds import find_kind, get_kind
 from utils.rules import rule_models, split_model
 from utils.spaces import (FLIP_PROB, SPACES, check_hyperparameters, held_params, make_space, reference_params,
                           start_point, to_hyperparameters)
 from utils.study_log import (StudyError, best_record, check_config, load_done, load_results, log_records,
-                             read_log, study_lock, summarize, writable_folder)
+                             read_log, study_lock, summarize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +236,8 @@ def run_study(model, dataset, settings=None, **overrides):
     if not isinstance(dataset, (str, Dataset)):
         raise TypeError(f"dataset must be a dataset name or a utils.data.Dataset, not {type(dataset).__name__}")
     S = dataclasses.replace(S, name=S.name or (dataset if isinstance(dataset, str) else "custom"))
-    study_dir = writable_folder(Path(S.out) / f"{model}_{S.name}")
+    study_dir = Path(S.out) / f"{model}_{S.name}"
+    writable_folder(study_dir, _refused_out(study_dir))
     ds = load_dataset(dataset, root=S.data_root, device=S.device) if isinstance(dataset, str) else dataset
     _check_data_sizes(S, ds)
     X, y = ds.X_train, ds.y_train
@@ -354,7 +345,21 @@ def _next_round(done, iterations, q):
 
 def _run_rounds(run):
     """The study's loop: rounds of q proposals evaluated side by side, each logged when it finishes; returns the
-    log's records."""
+    log's records.
+
+    Rounds: each round proposes q points at once (the points proposed earlier in the round enter the Gaussian process
+    at a lie, the lowest score so far: with_lies, the constant liar) and evaluates them side by side: in this process
+    one after the other (cluster=None; the compartmental candidates of one structure still train as one population),
+    or as tasks on Dask distributed (cluster="local": a LocalCluster, or one worker per GPU with dask_cuda; a scheduler
+    address or a Client: a running cluster). Every evaluation is appended to the log when it finishes, by this process
+    only; the next round starts when the whole round is in. q = 1 in this process is the study as it was before rounds.
+
+    Evaluation number i (the record's "iteration", 0-based) trains with seed + i, wherever it runs; the folds are fixed
+    by `seed`; the proposals of the round that starts at evaluation i are made from the evaluations before i, with the
+    optimizer's random state re-seeded from (seed, i): a study killed half-way through a round, resumed, proposes that
+    round again exactly as it was (its records carry the round and its size, even if q changed) and runs only its
+    unfinished evaluations, so that it ends as the uninterrupted study would have.
+    """
     model, S = run.model, run.settings
     log_path = run.study_dir / "evals.jsonl"
     rng = np.random.RandomState(S.seed)
@@ -567,7 +572,7 @@ def main(argv=None):
     _check_args(p, args)
     try:
         if not args.summary:
-            writable_folder(args.out)
+            writable_folder(args.out, _refused_out(args.out))
             _run_cli_studies(args, argv)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
             print(summarize(args.out))
@@ -594,6 +599,12 @@ def settings_from_args(args, client=None, model="mlp", dataset="mnist"):
                          max_phase=args.max_phase if kind.phases else None,
                          hold=hold if kind.structure or hold != "structure" else None, fixed=fixed or None,
                          deadline=None if args.max_minutes is None else time.time() + 60 * args.max_minutes)
+
+
+def _refused_out(path):
+    """The StudyError of an --out `path` that cannot be written (utils.io.writable_folder's refusal)."""
+    return lambda why: StudyError(f"--out {path}: cannot write there ({why}); give --out a folder you can write to "
+                                  f"(it is created when missing)")
 
 
 def _run_cli_studies(args, argv=None):

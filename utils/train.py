@@ -351,12 +351,8 @@ def _model(p, args, kind, rule, n_examples=None):
 
 def _writable(folder, option):
     """Exit with one error line unless `folder` can be created and written (utils.io.writable_folder)."""
-    try:
-        writable_folder(folder)
-    except OSError as e:
-        file = next((q for q in (folder, *folder.parents) if q.exists() and not q.is_dir()), None)
-        why = f"{file} is a file, not a folder" if file else e.strerror or str(e)
-        sys.exit(f"error: {option}: cannot write into {folder} ({why}); choose a folder this user can write")
+    writable_folder(folder, lambda why: SystemExit(f"error: {option}: cannot write into {folder} ({why}); choose a "
+                                                   f"folder this user can write"))
 
 
 def _data(args):
