@@ -39,8 +39,7 @@ RESUBMITS = 2          # times a group is resubmitted after Dask gave up on it (
 CONNECT_TIMEOUT = "20s"  # to reach a --scheduler
 # environment of the worker processes of a cluster started here: Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes
 # glibc return freed memory at once, and the simulation's many large temporary arrays then page-fault again on every
-# allocation (measured: 136,000 page faults/s and a third of the CPU time in the kernel for a compartmental study in a
-# worker, which ran more than twice as long as in the study's own process); None unsets it (glibc's default). A
+# allocation (the cost: docs/results.md, "Measurements moved from the code"); None unsets it (glibc's default). A
 # nanny also writes its variables into its own process's os.environ, where later workers would inherit them: unset
 # there too before a cluster starts, unless the user had set it
 NANNY_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}

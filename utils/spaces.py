@@ -14,8 +14,7 @@ depth: n_layers / n_blocks plus one entry per possible layer, of which only the 
     to_hyperparameters(model, p)   a point of the space -> keyword arguments of make_classifier(model)
     check_hyperparameters(...)     None when those can be trained, else the reason
 """
-from utils.kinds import all_kinds, find_kind
-from utils.rules import rule_models
+from utils.kinds import all_kinds, get_kind
 
 FLIP_PROB = 0.05      # compartmental random draws: the paper's flags, each flipped with this probability (the study's
 #                       default flip_prob; utils.propose.flag_sampler; 0.5 is the seed study's uniform draw)
@@ -23,19 +22,12 @@ FLIP_PROB = 0.05      # compartmental random draws: the paper's flags, each flip
 SPACES = {k.name: k.space for k in all_kinds() if k.rule is None or k.rule_space}
 
 
-def _kind(model):
-    kind = find_kind(model)
-    if kind is None:
-        raise ValueError(f"unknown model {model!r}; valid: {', '.join(dict.fromkeys([*SPACES, *rule_models()]))}")
-    return kind
-
-
 def reference(model, batch_size=None):
     """The study's first evaluation (unless start=None), in the search space's coordinates: the estimator's own
     defaults, so that no study ends below them - make_classifier's for the MLP and CNN, CompartmentalClassifier's
     (the paper's network and settings) with the paper's learning rates for the compartmental model, scaled by
     batch_f_etas for a batch_size > 1. Read from those defaults, so that the two never drift apart."""
-    return _kind(model).reference(batch_size)
+    return get_kind(model).reference(batch_size)
 
 
 def reference_params(model, space, batch_size=None):
@@ -75,7 +67,7 @@ def held_params(model, hold, max_phase=None, batch_size=None):
     hold = None (none), "structure" (the kind's structure: the compartmental network's) or a list of parameter names."""
     if not hold:
         return {}
-    structure = _kind(model).structure
+    structure = get_kind(model).structure
     names = structure if hold == "structure" else tuple(hold)
     if hold == "structure" and not structure:
         raise ValueError("hold='structure' applies to the compartmental model; give parameter names for the others")
@@ -90,7 +82,7 @@ def held_params(model, hold, max_phase=None, batch_size=None):
 def make_space(model, max_phase=None, held=()):
     """The search space of `model` (a copy of SPACES[model]) without the `held` parameters; max_phase caps the
     compartmental phase lengths (reduced runs only: the phases are still searched, within [lower bound, max_phase])."""
-    kind = _kind(model)   # "mlp-fa" ...: the MLP's space; "mlp-dtp": the MLP's and DTP's numbers
+    kind = get_kind(model)   # "mlp-fa" ...: the MLP's space; "mlp-dtp": the MLP's and DTP's numbers
     space = {k: v for k, v in kind.space.items() if k not in held}
     if max_phase is not None:
         if not kind.phases:
@@ -107,7 +99,7 @@ def make_space(model, max_phase=None, held=()):
 
 def to_hyperparameters(model, params):
     """Optimizer parameters (one flat dict of floats/ints/bools) -> keyword arguments of make_classifier(model)."""
-    return _kind(model).to_hyperparameters(params)
+    return get_kind(model).to_hyperparameters(params)
 
 
 def check_hyperparameters(model, hp, in_shape):
@@ -115,7 +107,7 @@ def check_hyperparameters(model, hp, in_shape):
     Only the CNN has proposals that are invalid by construction (a block whose output is empty or fractional); the
     compartmental ones are checked against the estimator's own validation as a safeguard."""
     try:
-        _kind(model).check(hp, in_shape)
+        get_kind(model).check(hp, in_shape)
     except ValueError as e:
         return str(e)
     return None

@@ -43,7 +43,7 @@ MODELS = {
     "mlp": dict(hidden_sizes=(500,), lr=1e-3, batch_size=100),
     "cnn": dict(channels=(32, 64), kernel_sizes=(3, 3), padding=1, lr=1e-3, batch_size=100),
     # the paper's network, spiking, 1 hidden layer of 500; batches of 16 (updates averaged): hidden rate x32, output x2
-    # of the paper's online 0.21 (short MNIST sweeps: 75.7 % after 10k examples vs 77.0 % online, 3x faster)
+    # of the paper's online 0.21 (batch against online: docs/results.md, "Measurements moved from the code")
     "compartmental": dict(n_hidden=(500,), batch_size=16, f_etas=batch_f_etas(16), record_backprop_angle=True),
 }
 
