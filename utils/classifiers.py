@@ -473,6 +473,23 @@ def _restore_torch(network, meta, tensors, device):
     return clf
 
 
+def _prepare_epochs(clf, epochs):
+    """skorch's settings for training epoch by epoch (utils.train.train_epochs), also for a restored net."""
+    clf.set_params(max_epochs=epochs, callbacks__print_log=None)   # one line per epoch there instead
+    if any(name == "lr_schedule" for name, _ in clf.callbacks or []):   # cosine to 0 at `epochs`, also resumed
+        clf.set_params(callbacks__lr_schedule__T_max=epochs)
+    if clf.initialized_:   # a restored net: its callbacks again, without the epoch table
+        clf.initialize_callbacks()
+
+
+def _train_epoch(clf, X, y, classes=None):
+    """One more epoch from where training stopped; returns its training loss."""
+    clf.partial_fit(X, y, epochs=1)
+    if "train_loss" not in clf.history[-1]:   # skorch ends an epoch quietly on Ctrl-C
+        raise KeyboardInterrupt
+    return float(clf.history[-1, "train_loss"])
+
+
 def _common_args(args, rule):
     return dict(lr=args.lr or COMMON_DEFAULTS["lr"], rule=rule, lr_schedule=args.lr_schedule or "constant")
 
@@ -516,6 +533,7 @@ def _register(network, rule):
         reference=functools.partial(reference, rule, own), to_hyperparameters=functools.partial(to_hp, own),
         check=check, accepts=lambda: {"max_epochs", "seed", "device", "verbose"},
         save_state=functools.partial(_torch_state, network), restore=functools.partial(_restore_torch, network),
+        prepare_epochs=_prepare_epochs, train_epoch=_train_epoch,
         cli_options=frozenset(options | COMMON_OPTIONS), from_args=functools.partial(from_args, rule)), __name__)
 
 

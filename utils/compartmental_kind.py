@@ -138,6 +138,16 @@ def from_args(args, n_examples=None):
     return batch_size, model
 
 
+def prepare_epochs(est, epochs):
+    """Nothing to prepare: partial_fit trains one epoch."""
+
+
+def train_epoch(est, X, y, classes):
+    """One more epoch from where training stopped (no training loss)."""
+    est.partial_fit(X, y, classes=classes)
+    return None
+
+
 def population(estimators, datasets):
     """Train the estimators side by side, each on its (X, y) of `datasets` (utils.compartmental_population)."""
     return fit_population(estimators, datasets)
@@ -147,6 +157,7 @@ KIND = register(Kind(
     name="compartmental", network="compartmental", rule=None, learning="compartmental", build=build,
     owns=lambda est: isinstance(est, CompartmentalClassifier), space=SPACE, reference=reference,
     to_hyperparameters=to_hyperparameters, check=check, accepts=accepts, save_state=save_state, restore=restore,
+    prepare_epochs=prepare_epochs, train_epoch=train_epoch,
     cli_options=frozenset({"n_hidden", "f_etas", "lr_decay_epochs"}), from_args=from_args,
     cli_refusals={"lr": "it has per-layer rates, f_etas", "rule": "the compartmental network has its own learning"},
     population=population, shared=POPULATION_SHARED, structure=STRUCTURE, flags=COMPARTMENTAL_FLAGS,

@@ -47,6 +47,8 @@ class Kind:
     restore: Callable             # restore(meta, tensors, device) -> the estimator save_state saw
     cli_options: frozenset        # options of `python -m utils.train` that apply (utils.train._usage)
     from_args: Callable           # from_args(args, n_examples=None) -> (batch size, build's arguments); ValueError
+    prepare_epochs: Callable      # prepare_epochs(estimator, epochs): before training epoch by epoch up to `epochs`
+    train_epoch: Callable         # train_epoch(estimator, X, y, classes) -> one more epoch; its training loss or None
     cli_refusals: dict = dataclasses.field(default_factory=dict)   # option -> why it does not apply (for the error)
     population: Callable | None = None   # fit_population(estimators, data): several train at once (else in turn)
     shared: tuple = ()            # hyperparameters the members of one population share (population only)

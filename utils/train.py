@@ -36,7 +36,7 @@ from utils.compartmental import CompartmentalClassifier
 from utils.data import Dataset, get_device, load_dataset, standardized, stratified_subset
 from utils.errors import InsufficientMemory, TrainingDiverged
 from utils.io import file_lock, jsonable, library_versions, writable_folder, write_json
-from utils.kinds import get_kind, networks
+from utils.kinds import get_kind, kind_of, networks
 from utils.logger import TrainingLogger
 from utils.rules import RULES, rule_models, split_model
 
@@ -149,26 +149,15 @@ def _train_epochs(clf, data, epochs, test_every, out, config, resume, options):
         clf, record = _resume(ckpt, record, epochs, X, log)
     elif resume:
         log(f"--resume: no checkpoint {ckpt} yet, starting afresh")
-    compartmental = isinstance(clf, CompartmentalClassifier)
-    if compartmental and classes is None:
+    if classes is None:
         classes = np.unique(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
-    if not compartmental:
-        clf.set_params(max_epochs=epochs, callbacks__print_log=None)   # one line per epoch below instead
-        if any(name == "lr_schedule" for name, _ in clf.callbacks or []):   # cosine to 0 at `epochs`, also resumed
-            clf.set_params(callbacks__lr_schedule__T_max=epochs)
-        if clf.initialized_:   # a restored net: its callbacks again, without the epoch table
-            clf.initialize_callbacks()
+    kind = kind_of(clf)
+    kind.prepare_epochs(clf, epochs)
     t0 = time.perf_counter() - record["wall_s"]
     for epoch in range(len(record["epochs"]) + 1, epochs + 1):
         t = time.perf_counter()
-        if compartmental:
-            clf.partial_fit(X, y, classes=classes)
-        else:
-            clf.partial_fit(X, y, epochs=1)
-            if "train_loss" not in clf.history[-1]:   # skorch ends an epoch quietly on Ctrl-C
-                raise KeyboardInterrupt
-        entry = dict(epoch=epoch, train_s=time.perf_counter() - t,
-                     train_loss=None if compartmental else float(clf.history[-1, "train_loss"]))
+        loss = kind.train_epoch(clf, X, y, classes)
+        entry = dict(epoch=epoch, train_s=time.perf_counter() - t, train_loss=loss)
         record["train_s"] += entry["train_s"]
         tested = epoch % test_every == 0 or epoch == epochs
         if tested:
