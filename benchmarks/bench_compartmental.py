@@ -300,7 +300,7 @@ def cross_validation(args):
     folds trained as one population: wall time and fold accuracies."""
     from utils.compartmental import batch_f_etas
     from utils.data import load_dataset, stratified_subset
-    from utils.train import cross_validate
+    from utils.evaluation import cross_validate
     torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset, device=args.device)
     X, y = ds.X_train, ds.y_train
@@ -327,7 +327,8 @@ def accuracy(args):
     """The paper's replication through the one training entry point (utils.train: the same loop, record,
     checkpoint and --resume); prints the paper's MNIST error beside the final one."""
     from utils import train
-    f_etas = args.f_etas or train.default_f_etas(args.n_hidden, args.batch_size)
+    from utils.compartmental_kind import default_f_etas
+    f_etas = args.f_etas or default_f_etas(args.n_hidden, args.batch_size)
     out = args.out or f"runs/compartmental_acc_{args.dataset}_{len(args.n_hidden)}h_b{args.batch_size}.json"
     argv = ["--model", "compartmental", "--dataset", args.dataset, "--epochs", str(args.epochs),
             "--batch-size", str(args.batch_size), "--n-hidden", *map(str, args.n_hidden),

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.logger import LoggerOverheadWarning, TrainingLogger  # noqa: E402
 from utils.runs import curves  # noqa: E402
-from utils.train import make_classifier  # noqa: E402
+from utils.classifiers import make_classifier  # noqa: E402
 
 TARGET = 1.10
 

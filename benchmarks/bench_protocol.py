@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.classifiers import make_classifier  # noqa: E402
+from utils.compartmental_kind import STRUCTURE  # noqa: E402
 from utils.data import load_dataset, stratified_subset  # noqa: E402
 from utils.propose import make_optimizer, uniform_sampler  # noqa: E402
 from utils.rules import split_model  # noqa: E402
-from utils.spaces import (STRUCTURE, check_hyperparameters, make_estimator, make_space,  # noqa: E402
-                          reference_params, to_hyperparameters)
+from utils.spaces import check_hyperparameters, make_space, reference_params, to_hyperparameters  # noqa: E402
 from utils.study import protocol_sizes  # noqa: E402
 
 BUDGET_CORE_HOURS = 16.0   # what the cpu protocol must fit in (issue 30), the baseline of the printed ratio
@@ -65,7 +66,7 @@ def rates(model, point, fixed, train, test, seed):
     hp = {**to_hyperparameters(model, point), **fixed}
     kw = dict(max_epochs=1, seed=seed, device="cpu", verbose=0) if split_model(model)[0] != "compartmental" \
         else dict(max_epochs=1, seed=seed)
-    clf = make_estimator(model, **kw, **hp)
+    clf = make_classifier(model, **kw, **hp)
     t = time.process_time()
     clf.fit(*train)
     t_train = time.process_time() - t

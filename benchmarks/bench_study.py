@@ -59,7 +59,7 @@ def study_task(model, dataset, settings, threads):
     return time.perf_counter() - t
 
 
-def main(argv=None):
+def _parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mlp", "cnn", "compartmental"])
     p.add_argument("--datasets", nargs="+", default=["mnist", "fashion", "cifar10"])
@@ -98,6 +98,11 @@ def main(argv=None):
                    help="numbers: the paper's structure held (flags, time step, phases, layers), its rates, "
                         "conductances and time constants searched, a round's candidates trained as one population; "
                         "all: the whole space (the structure drawn too)")
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     args = p.parse_args(argv)
     if args.workers and args.parallel > 1:
         p.error("--workers (evaluations on a Dask cluster) and --parallel > 1 (studies on one) exclude each other: "
@@ -112,6 +117,18 @@ def main(argv=None):
     client = own = None
     if args.workers:
         client, own = start_client(workers=args.workers, threads=1, verbose=0 if args.quiet else 1)
+    compartmental_on, studies = _studies(args, out, client)
+    try:
+        _run(args, studies, t0, times)
+    finally:
+        if own is not None:
+            client.close()
+            own.close()
+    return _report(args, out, times, time.perf_counter() - t0, compartmental_on)
+
+
+def _studies(args, out, client):
+    """(compartmental_on: dataset -> the compartmental StudySettings, [(model, dataset, settings), ...])."""
     settings = StudySettings(folds=args.folds, out=out, seed=args.seed, device=args.device,
                              init_points=args.init_points, test_subset=args.test_subset, q=args.q, cluster=client,
                              verbose=0 if args.quiet else 1)
@@ -133,32 +150,34 @@ def main(argv=None):
                                    iterations=iterations, q=min(args.compartmental_q, iterations))
     studies = [(m, d, compartmental_on(d) if m == "compartmental" else backprop)
                for m in args.models for d in args.datasets]
-    try:
-        if args.parallel > 1 and len(studies) > 1:   # the compartmental ones (CIFAR-10 first) start first
-            order = sorted(studies, key=lambda s_: (s_[0] != "compartmental", s_[1] != "cifar10"))
-            pool, pool_cluster = start_client(workers=args.parallel, threads=args.threads)
-            try:
-                futures = {pool.submit(study_task, m, d, st, args.threads, pure=False): (m, d) for m, d, st in order}
-                for fut in as_completed(futures):
-                    m, d = futures[fut]
-                    times.append(dict(model=m, dataset=d, wall_s=round(fut.result(), 1)))
-                    print(f"== {m} / {d}: {times[-1]['wall_s']:.1f} s (in a worker, since the start "
-                          f"{time.perf_counter() - t0:.0f} s)", flush=True)
-            finally:
-                pool.close()
-                pool_cluster.close()
-        else:
-            for model, dataset, st in studies:
-                t = time.perf_counter()
-                run_study(model, dataset, st)
-                times.append(dict(model=model, dataset=dataset, wall_s=round(time.perf_counter() - t, 1)))
-                print(f"== {model} / {dataset}: {times[-1]['wall_s']:.1f} s", flush=True)
-    finally:
-        if own is not None:
-            client.close()
-            own.close()
-    total = time.perf_counter() - t0
+    return compartmental_on, studies
 
+
+def _run(args, studies, t0, times):
+    """Run the studies (side by side on a local cluster with --parallel > 1), appending their wall times."""
+    if args.parallel > 1 and len(studies) > 1:   # the compartmental ones (CIFAR-10 first) start first
+        order = sorted(studies, key=lambda s_: (s_[0] != "compartmental", s_[1] != "cifar10"))
+        pool, pool_cluster = start_client(workers=args.parallel, threads=args.threads)
+        try:
+            futures = {pool.submit(study_task, m, d, st, args.threads, pure=False): (m, d) for m, d, st in order}
+            for fut in as_completed(futures):
+                m, d = futures[fut]
+                times.append(dict(model=m, dataset=d, wall_s=round(fut.result(), 1)))
+                print(f"== {m} / {d}: {times[-1]['wall_s']:.1f} s (in a worker, since the start "
+                      f"{time.perf_counter() - t0:.0f} s)", flush=True)
+        finally:
+            pool.close()
+            pool_cluster.close()
+    else:
+        for model, dataset, st in studies:
+            t = time.perf_counter()
+            run_study(model, dataset, st)
+            times.append(dict(model=model, dataset=dataset, wall_s=round(time.perf_counter() - t, 1)))
+            print(f"== {model} / {dataset}: {times[-1]['wall_s']:.1f} s", flush=True)
+
+
+def _report(args, out, times, total, compartmental_on):
+    """Print and return the table of the studies' results and times."""
     evals = load_results(out)
     evals = evals[evals.model.isin(args.models) & evals.dataset.isin(args.datasets)]
     table = summarize(evals)

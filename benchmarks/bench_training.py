@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.classifiers import LR_SCHEDULES  # noqa: E402
 from utils.data import get_device, load_dataset, stratified_subset  # noqa: E402
 from utils.rules import LAYER_RULES, RULES, ZERO_OUTPUT_RULES, rule_kinds, rule_settings  # noqa: E402
-from utils.train import make_classifier  # noqa: E402
+from utils.classifiers import make_classifier  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # the models the accuracy benchmark trains (chosen per dataset; Adam, cross-entropy, normalized inputs)

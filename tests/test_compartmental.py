@@ -261,13 +261,13 @@ def test_population_members_get_their_own_hook_calls():
 
 
 def test_cross_validate_trains_the_folds_as_one_population(monkeypatch):
-    from utils import compartmental, train
+    from utils import compartmental, compartmental_kind, evaluation
     X, y = small_data(30)
     clf = CompartmentalClassifier(**SMALL, n_hidden=(6,), batch_size=4, seed=2)
     sizes = []
     real = compartmental.fit_population
-    monkeypatch.setattr(train, "fit_population", lambda ests, data: sizes.append(len(ests)) or real(ests, data))
-    scores = train.cross_validate(clf, X, y, folds=3, seed=1)
+    monkeypatch.setattr(compartmental_kind, "fit_population", lambda ests, data: sizes.append(len(ests)) or real(ests, data))
+    scores = evaluation.cross_validate(clf, X, y, folds=3, seed=1)
     assert sizes == [3]
     from sklearn.model_selection import StratifiedKFold
     expected = []

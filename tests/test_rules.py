@@ -11,7 +11,8 @@ from utils.runs import angles
 from utils.models import CNN, MLP
 from utils.rules import (RULES, ZERO_OUTPUT_RULES, RuleConv2d, RuleLinear, angle_degrees, hidden_angles, rule_layers,
                          rule_settings, rules_for)
-from utils.train import load_checkpoint, make_classifier, save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.classifiers import make_classifier
 
 N_CLASSES = 4
 
@@ -348,7 +349,8 @@ def test_network_rule_kind_checkpoint_round_trip(model, tmp_path):
 def test_network_rule_kind_goes_through_the_study(model, tmp_path):
     """The study searches the MLP's space plus the rule's own numbers, starts from the rule's defaults and trains
     each proposal under the rule."""
-    from utils.spaces import RULE_SPACES, make_space, to_hyperparameters
+    from utils.classifiers import RULE_SPACES
+    from utils.spaces import make_space, to_hyperparameters
     from utils.study import run_study
     from utils.study_log import read_log
     from utils.data import Dataset

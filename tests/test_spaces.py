@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from utils.propose import make_optimizer
-from utils.spaces import COMPARTMENTAL_FLAGS, SPACES, check_hyperparameters, make_space, to_hyperparameters
+from utils.compartmental_kind import COMPARTMENTAL_FLAGS
+from utils.spaces import SPACES, check_hyperparameters, make_space, to_hyperparameters
 
 
 def test_spaces_use_native_integer_and_categorical_parameters():
@@ -57,7 +58,8 @@ def test_check_hyperparameters_names_the_invalid_cnn_block():
 
 
 def test_held_structure_is_the_papers_and_leaves_the_numbers_searched():
-    from utils.spaces import STRUCTURE, held_params, reference_params
+    from utils.compartmental_kind import STRUCTURE
+    from utils.spaces import held_params, reference_params
     held = held_params("compartmental", "structure", batch_size=16)
     full = make_space("compartmental")
     assert set(held) == set(STRUCTURE) and held == {k: reference_params("compartmental", full, 16)[k] for k in held}

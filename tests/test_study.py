@@ -1,5 +1,5 @@
 """utils.study: invalid CNN proposals, failures at chance, resume after SIGKILL, a cut-off log line, the settings,
-peak memory, progress, the command line (and its old name utils.bayes_opt), and a small real study. Objectives are
+peak memory, progress, the command line, and a small real study. Objectives are
 injected fakes except in the real-training tests."""
 import dataclasses
 import json
@@ -393,10 +393,9 @@ def test_progress_bar_counts_evaluations_with_the_best_so_far(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_old_module_name_still_runs_the_study():
-    import utils.bayes_opt
-    import utils.study_log
-    assert utils.bayes_opt.load_results is utils.study_log.load_results
-    run = subprocess.run([sys.executable, "-m", "utils.bayes_opt", "--help"], cwd=REPO, capture_output=True,
+def test_the_study_runs_as_utils_study_and_bayes_opt_is_the_library():
+    import bayes_opt
+    assert not (REPO / "utils" / "bayes_opt.py").exists() and hasattr(bayes_opt, "BayesianOptimization")
+    run = subprocess.run([sys.executable, "-m", "utils.study", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("usage: python -m utils.study"), run.stderr

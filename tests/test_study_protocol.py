@@ -131,8 +131,8 @@ def test_a_refusal_for_memory_is_scored_oom_and_the_study_goes_on(tmp_path, monk
         fitted.append(kw["hidden_sizes"])
         return Refuses(**{k: v for k, v in kw.items() if k in Refuses().get_params()})
 
-    monkeypatch.setattr(utils.cluster, "make_estimator", make)
-    monkeypatch.setattr(utils.evaluation, "make_estimator", make)
+    monkeypatch.setattr(utils.cluster, "make_classifier", make)
+    monkeypatch.setattr(utils.evaluation, "make_classifier", make)
     res = run_study("mlp", tiny_dataset(), iterations=6, folds=2, epochs=1, out=tmp_path, init_points=6,
                     verbose=0)
     recs = read(res["study_dir"])

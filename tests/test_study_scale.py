@@ -21,7 +21,8 @@ from conftest import sigkill_when
 from utils.cluster import groups
 from utils.data import Dataset
 from utils.propose import flag_sampler, make_optimizer
-from utils.spaces import COMPARTMENTAL_FLAGS, make_space, reference_params, to_hyperparameters
+from utils.compartmental_kind import COMPARTMENTAL_FLAGS
+from utils.spaces import make_space, reference_params, to_hyperparameters
 from utils.study import run_study
 from utils.study_log import StudyError, load_results, study_lock
 
@@ -186,7 +187,7 @@ def test_scheduler_option_uses_a_running_cluster(tmp_path, mnist_root):
         assert all(len(r["fold_scores"]) == 2 for r in recs)
         assert json.loads((out / "mlp_mnist" / "best.json").read_text())["status"] == "ok"
         assert "mlp" in run.stdout.splitlines()[-1]
-        bad = subprocess.run([sys.executable, "-m", "utils.bayes_opt", "--scheduler", "tcp://127.0.0.1:1",
+        bad = subprocess.run([sys.executable, "-m", "utils.study", "--scheduler", "tcp://127.0.0.1:1",
                               "--out", str(out)], cwd=REPO, env=DATA_ENV, capture_output=True, text=True,
                              timeout=120)
         assert bad.returncode != 0 and "no Dask scheduler answered" in bad.stderr and "Traceback" not in bad.stderr
@@ -260,7 +261,7 @@ def test_population_group_scores_equal_each_alone(monkeypatch):
             raise TrainingDiverged("potentials became NaN")
         return [e.fit(X_, y_) for e, (X_, y_) in zip(estimators, datasets)]
 
-    monkeypatch.setattr("utils.train.fit_population", diverging)
+    monkeypatch.setattr("utils.compartmental_kind.fit_population", diverging)
     res = dict(cluster.evaluate_group(jobs, (X, y), ctx))
     assert calls[0] == 4 and res[0]["status"] == "ok" and res[1]["status"] == "diverged"
     assert res[0]["fold_scores"] == alone[0]["fold_scores"] and res[1]["target"] == 0.25

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.classifiers import make_classifier
 from utils.errors import TrainingDiverged
-from utils.train import (cross_validate, load_checkpoint, main, make_classifier, save_checkpoint, train_epochs,
-                         train_logged)
+from utils.evaluation import cross_validate
+from utils.train import main, train_epochs, train_logged
 
 
 @pytest.mark.parametrize("kind, hp", [("mlp", dict(hidden_sizes=(32,))),

@@ -10,20 +10,17 @@ tensor (skorch's history; the compartmental network's counters, classes and NumP
 the caller's `config` and `extra`. Tensors: for the MLP and CNN the module's and the optimizer's state dicts and the
 batch-order generator; for the compartmental network its state_dict() (weights W, b, Y, c and feedback masks, the
 state carried from batch to batch, an unfinished epoch's order and position, its generators). That is all training needs to go on exactly
-where it stopped. Callbacks (a TrainingLogger) and the compartmental hook are not saved.
+where it stopped. Callbacks (a TrainingLogger) and the compartmental hook are not saved. Each kind says what it
+saves and how it is restored (utils.kinds: save_state, restore).
 """
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from skorch.history import History
 
-from utils.classifiers import CNN_DEFAULTS, MLP_DEFAULTS, make_classifier
-from utils.compartmental import CompartmentalClassifier
 from utils.data import get_device
 from utils.io import dumps, library_versions, save_torch, write_json
-from utils.models import MLP
+from utils.kinds import get_kind, kind_of
 
 FORMAT = 1          # the layout of meta and tensors; bumped when it changes
 
@@ -32,12 +29,12 @@ class CheckpointError(ValueError):
     """A file that cannot be read as a checkpoint (empty, truncated, corrupt, or something else); names the file."""
 
 
-def _tuples(d):
+def as_tuples(d):
     """JSON lists back to the tuples the estimators take."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def _device(saved, device):
+def restore_device(saved, device):
     """Where a restored estimator lives: `device` when given, else where it was saved (the CPU when that was a GPU
     and there is none now)."""
     if device is not None:
@@ -48,76 +45,12 @@ def _device(saved, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the MLP and CNN (skorch)
-
-
-def _torch_state(clf):
-    kind = "mlp" if clf.module is MLP else "cnn"
-    arch = MLP_DEFAULTS if kind == "mlp" else CNN_DEFAULTS
-    module = {k[len("module__"):]: v for k, v in clf.get_params().items() if k.startswith("module__")}
-    hp = {k: getattr(clf, k) for k in ("lr", "batch_size", "max_epochs", "seed", "verbose", "device")}
-    hp.update({k: module[k] for k in arch if k in module})
-    hp["lr_schedule"] = "cosine" if any(name == "lr_schedule" for name, _ in clf.callbacks or []) else None
-    meta = dict(estimator="TorchClassifier", kind=kind, hyperparameters=hp,
-                inferred={k: v for k, v in module.items() if k not in arch})   # in_features / in_shape, n_classes
-    if not clf.initialized_:
-        return meta, {}
-    meta["state"] = dict(history=clf.history_.to_list(), in_shape=getattr(clf, "in_shape_", None),
-                         classes=getattr(clf, "classes_inferred_", None))
-    return meta, dict(module=clf.module_.state_dict(), optimizer=clf.optimizer_.state_dict(),
-                      generator=clf.shuffle_generator_.get_state())
-
-
-def _restore_torch(meta, tensors, device):
-
-    hp = _tuples(meta["hyperparameters"])
-    hp["device"] = _device(hp["device"], device)
-    clf = make_classifier(meta["kind"], **hp)
-    clf.set_params(**{f"module__{k}": v for k, v in _tuples(meta["inferred"]).items()})
-    state = meta.get("state")
-    if state is None:
-        return clf
-    clf.initialize()
-    clf.module_.load_state_dict(tensors["module"])
-    clf.optimizer_.load_state_dict(tensors["optimizer"])
-    clf.shuffle_generator_.set_state(tensors["generator"].cpu())
-    clf.history_ = History(state["history"])
-    if state["in_shape"] is not None:
-        clf.in_shape_ = tuple(state["in_shape"])
-    if state["classes"] is not None:
-        clf.classes_inferred_ = np.asarray(state["classes"])
-    return clf
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the compartmental network
-
-def _compartmental_state(est):
-    meta = dict(estimator="CompartmentalClassifier", kind="compartmental",
-                hyperparameters={k: v for k, v in est.get_params().items() if k != "hook"})
-    if not hasattr(est, "W_"):
-        return meta, {}
-    sd = est.state_dict()                              # the estimator's own state_dict: plain values and tensors
-    meta["state"] = dict(sd["meta"], device_type=est.device_.type)
-    return meta, sd["tensors"]
-
-
-def _restore_compartmental(meta, tensors, device):
-    params = _tuples(meta["hyperparameters"])
-    params["device"] = _device(params["device"], device)
-    est = CompartmentalClassifier(**params)
-    if meta.get("state") is None:
-        return est
-    return est.load_state_dict(dict(meta=meta["state"], tensors=tensors))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # files
 
 
 def write_checkpoint(path, estimator, config=None, extra=None):
     """Write `estimator` (fitted or not) to the .pt file `path` atomically; returns its meta (a dict)."""
-    meta, tensors = (_compartmental_state if isinstance(estimator, CompartmentalClassifier) else _torch_state)(estimator)
+    meta, tensors = kind_of(estimator).save_state(estimator)
     meta.update(format=FORMAT, config=config or {}, extra=extra or {}, versions=library_versions())
     save_torch({"meta": dumps(meta), "tensors": tensors}, path)
     return json.loads(dumps(meta))
@@ -130,8 +63,7 @@ def read_checkpoint(path, device=None):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is no checkpoint of this version (format {meta.get('format')!r}, expected "
                          f"{FORMAT}); checkpoints of the old pickled format cannot be read")
-    restore = _restore_compartmental if meta["kind"] == "compartmental" else _restore_torch
-    return restore(meta, tensors, device), meta
+    return get_kind(meta["kind"]).restore(meta, tensors, device), meta
 
 
 def _read(path):

@@ -4,10 +4,14 @@
     clf = make_classifier("mlp", hidden_sizes=(500,), lr=1e-3, batch_size=100, max_epochs=10, seed=0)
     clf = make_classifier("compartmental", n_hidden=(500,), batch_size=16, max_epochs=1)
 
+This module describes the MLP and the CNN under every learning rule that applies to them (utils.kinds): their
+estimator, search spaces, reference points, checks, checkpoint state and command-line options.
+
 The backprop nets are skorch classifiers whose batches are slices of a random permutation of tensors that already
 live on the device (no Dataset indexing per example, no DataLoader workers). Checks of what users pass (hyperparameters,
 X, y) raise a ValueError naming the problem.
 """
+import functools
 import inspect
 import math
 import re
@@ -17,15 +21,15 @@ import numpy as np
 import torch
 from skorch import NeuralNetClassifier
 from skorch.callbacks import LRScheduler, PrintLog, ProgressBar
+from skorch.history import History
 
 import utils.memory as memory
-from utils.compartmental import CompartmentalClassifier
+from utils.checkpoint import as_tuples, restore_device
 from utils.data import get_device
 from utils.errors import TrainingDiverged
-from utils.models import CNN, MLP, whole_numbers
-from utils.rules import check_rule, rule_settings, split_model
-
-KINDS = ("mlp", "cnn", "compartmental")
+from utils.kinds import MAX_BLOCKS, MAX_LAYERS, Kind, find_kind, networks, register
+from utils.models import CNN, MLP, cnn_feature_shape, whole_numbers
+from utils.rules import check_rule, rule_settings, rules_for
 
 # ----------------------------------------------------------------------------------------------------------------
 # defaults of the backprop nets (the Bayesian optimization searches around them)
@@ -293,7 +297,8 @@ def _largest(fits, top):
 
 
 def make_classifier(kind, logger=None, **hyperparameters):
-    """The one place that builds estimators: kind "mlp", "cnn" or "compartmental", with keyword hyperparameters.
+    """The one place that builds estimators: a model name of utils.kinds ("mlp", "cnn", "compartmental", "mlp-fa",
+    ...), with keyword hyperparameters.
 
     Backprop nets take lr, batch_size, max_epochs, seed, device, verbose, plus hidden_sizes (MLP) or channels,
     kernel_sizes, stride, padding (CNN). Their fit takes X as a tensor or numpy array of any real dtype (uint8 pixels
@@ -302,33 +307,34 @@ def make_classifier(kind, logger=None, **hyperparameters):
     < 1, NaN in X, string labels, ...) raise a ValueError that names them. `logger` (a
     utils.logger.TrainingLogger) is attached as a skorch callback or as the compartmental network's hook.
     """
-    kind, rule = split_model(kind)   # "mlp-fa": the MLP learning by feedback alignment (utils.rules)
-    if rule is not None:
-        hyperparameters.setdefault("rule", rule)
-    if kind not in KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    found = find_kind(kind)   # "mlp-fa": the MLP learning by feedback alignment (utils.rules)
+    if found is None:
+        raise ValueError(f"unknown model kind {kind!r}; valid kinds: {', '.join(networks())}")
     check_common_hyperparameters(hyperparameters)
-    if kind == "compartmental":
-        valid = set(CompartmentalClassifier().get_params())
-        unknown = set(hyperparameters) - valid
-        if unknown:
-            raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for 'compartmental'"
-                             f"{' (it has per-layer rates f_etas, no lr)' if 'lr' in unknown else ''}; valid: "
-                             f"{sorted(valid - {'hook'})}")
-        if logger is not None:
-            hyperparameters["hook"] = logger
-        return CompartmentalClassifier(**hyperparameters)
-    arch = MLP_DEFAULTS if kind == "mlp" else CNN_DEFAULTS
-    arch = {**arch, **rule_settings(check_rule(hyperparameters.get("rule", arch["rule"]), kind))}   # DTP's noise...
+    return found.build(logger=logger, **hyperparameters)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the MLP and the CNN as kinds (utils.kinds): estimator, search space, reference, checkpoint state, command line
+
+NETWORKS = {"mlp": (MLP, MLP_DEFAULTS), "cnn": (CNN, CNN_DEFAULTS)}   # network -> (module, its defaults)
+
+
+def _build(network, name_rule, /, logger=None, **hyperparameters):
+    """The TorchClassifier of `network` ("mlp", "cnn") learning by `name_rule` (unless hyperparameters name one)."""
+    if name_rule is not None:
+        hyperparameters.setdefault("rule", name_rule)
+    module, arch = NETWORKS[network]
+    arch = {**arch, **rule_settings(check_rule(hyperparameters.get("rule", arch["rule"]), network))}   # DTP's...
     unknown = set(hyperparameters) - set(arch) - set(COMMON_DEFAULTS) - {"callbacks"}
     if unknown:
-        raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for {kind!r}; valid: "
+        raise ValueError(f"unknown hyperparameter(s) {sorted(unknown)} for {network!r}; valid: "
                          f"{sorted(set(arch) | set(COMMON_DEFAULTS))}")
     hp = {**COMMON_DEFAULTS, **arch, **hyperparameters}
     callbacks = list(hp.pop("callbacks", None) or [])
     if hp["verbose"] and interactive():  # tqdm bars only where someone watches them
         callbacks.append(("progress", ProgressBar(batches_per_epoch="auto" if hp["batch_size"] > 0 else 1)))
-    if logger is not None:
+    if logger is not None:   # the logger's hook: a skorch callback
         callbacks.append(("logger", logger))
     schedule = hp.pop("lr_schedule")
     if schedule == "cosine":
@@ -339,7 +345,7 @@ def make_classifier(kind, logger=None, **hyperparameters):
                          f"'constant')")
     module_params = {f"module__{k}": tuple(v) if isinstance(v, list) else v for k, v in hp.items() if k in arch}
     return TorchClassifier(
-        MLP if kind == "mlp" else CNN,
+        module,
         criterion=torch.nn.CrossEntropyLoss,
         optimizer=torch.optim.Adam,
         lr=hp["lr"], batch_size=int(hp["batch_size"]), max_epochs=int(hp["max_epochs"]), seed=hp["seed"],
@@ -347,3 +353,192 @@ def make_classifier(kind, logger=None, **hyperparameters):
         train_split=None,  # all of X trains; validation is cross_validate's and the logger's business
         callbacks=callbacks or None,
         **module_params)
+
+
+LOG10_LR = (-4.0, math.log10(5e-2))  # Adam learning rate 1e-4 .. 5e-2
+SPACES = {
+    "mlp": {
+        "batch_size": (10, 500, int),
+        "log10_lr": LOG10_LR,
+        "n_layers": (1, MAX_LAYERS, int),
+        **{f"units_{i}": (30, 500, int) for i in range(1, MAX_LAYERS + 1)},
+    },
+    "cnn": {
+        "batch_size": (10, 500, int),
+        "log10_lr": LOG10_LR,
+        "n_blocks": (1, MAX_BLOCKS, int),
+        **{f"channels_{i}": (3, 64, int) for i in range(1, MAX_BLOCKS + 1)},
+        **{f"kernel_{i}": (2, 10, int) for i in range(1, MAX_BLOCKS + 1)},
+        "stride": (1, 3, int),   # one stride and one padding for all blocks, as in the seed study
+        "padding": (1, 3, int),
+    },
+}
+RULE_SPACES = {  # a learning rule's own numbers, searched beside its network's (log10_x: the setting x as log10)
+    "dtp": {"log10_noise": (-2.0, 0.0),          # sigma: corruption the inverses learn on
+            "log10_inverse_lr": (-4.0, -2.0),    # the inverses' Adam rate
+            "log10_target_step": (-2.0, 0.0)},   # eta: the first target's step along -dL/dh
+    "sdtp": {"log10_noise": (-2.0, 0.0), "log10_inverse_lr": (-4.0, -2.0),
+             "log10_target_step": (-1.0, 0.0)},  # eta: the output target's step towards the label (1: the label)
+    "pc": {"inference_steps": (5, 50, int),      # T: inference steps per batch (the cost: ~T passes)
+           "log10_inference_rate": (-2.0, -0.3),    # gamma: the relaxation's step size (halved where it overshoots)
+           "log10_output_weight": (-2.0, 0.0)},     # beta: the energy's output term (small: nearer backprop)
+}
+
+
+def _rule_values(own, values):
+    """The rule's own numbers (its space `own`) of a point `values` -> make_classifier's keyword arguments."""
+    return {k.removeprefix("log10_"): 10.0 ** float(values[k]) if k.startswith("log10_") else
+            int(round(values[k])) if b[-1] is int else values[k] for k, b in own.items()}
+
+
+def _rule_reference(rule, own):
+    """The rule's defaults (utils.rules.rule_settings) in the coordinates of its space `own`."""
+    d = rule_settings(rule) if rule else {}
+    return {k: math.log10(d[k.removeprefix("log10_")]) if k.startswith("log10_") else d[k] for k in own}
+
+
+def _common_reference():
+    return dict(batch_size=COMMON_DEFAULTS["batch_size"], log10_lr=math.log10(COMMON_DEFAULTS["lr"]))
+
+
+def _mlp_reference(rule, own, batch_size=None):
+    sizes = MLP_DEFAULTS["hidden_sizes"]
+    return {**_common_reference(), **_rule_reference(rule, own), "n_layers": len(sizes),
+            **{f"units_{i}": n for i, n in enumerate(sizes, 1)}}
+
+
+def _cnn_reference(rule, own, batch_size=None):
+    d = CNN_DEFAULTS
+    return {**_common_reference(), **_rule_reference(rule, own), "n_blocks": len(d["channels"]),
+            "stride": d["stride"], "padding": d["padding"],
+            **{f"channels_{i}": c for i, c in enumerate(d["channels"], 1)},
+            **{f"kernel_{i}": k for i, k in enumerate(d["kernel_sizes"], 1)}}
+
+
+def _mlp_hyperparameters(own, p):
+    return dict(hidden_sizes=tuple(int(p[f"units_{i}"]) for i in range(1, int(p["n_layers"]) + 1)),
+                lr=10.0 ** float(p["log10_lr"]), batch_size=int(p["batch_size"]), **_rule_values(own, p))
+
+
+def _cnn_hyperparameters(own, p):
+    n = int(p["n_blocks"])
+    return dict(channels=tuple(int(p[f"channels_{i}"]) for i in range(1, n + 1)),
+                kernel_sizes=tuple(int(p[f"kernel_{i}"]) for i in range(1, n + 1)),
+                stride=int(p["stride"]), padding=int(p["padding"]),
+                lr=10.0 ** float(p["log10_lr"]), batch_size=int(p["batch_size"]), **_rule_values(own, p))
+
+
+def _mlp_check(hp, in_shape):
+    """Every MLP the space proposes can train."""
+
+
+def _cnn_check(hp, in_shape):
+    """ValueError for a block whose output is empty or fractional."""
+    cnn_feature_shape(in_shape, hp["channels"], hp["kernel_sizes"], hp["stride"], hp["padding"])
+
+
+def _torch_state(network, clf):
+    arch = NETWORKS[network][1]
+    module = {k[len("module__"):]: v for k, v in clf.get_params().items() if k.startswith("module__")}
+    hp = {k: getattr(clf, k) for k in ("lr", "batch_size", "max_epochs", "seed", "verbose", "device")}
+    hp.update({k: module[k] for k in arch if k in module})
+    hp["lr_schedule"] = "cosine" if any(name == "lr_schedule" for name, _ in clf.callbacks or []) else None
+    meta = dict(estimator="TorchClassifier", kind=network, hyperparameters=hp,
+                inferred={k: v for k, v in module.items() if k not in arch})   # in_features / in_shape, n_classes
+    if not clf.initialized_:
+        return meta, {}
+    meta["state"] = dict(history=clf.history_.to_list(), in_shape=getattr(clf, "in_shape_", None),
+                         classes=getattr(clf, "classes_inferred_", None))
+    return meta, dict(module=clf.module_.state_dict(), optimizer=clf.optimizer_.state_dict(),
+                      generator=clf.shuffle_generator_.get_state())
+
+
+def _restore_torch(network, meta, tensors, device):
+    hp = as_tuples(meta["hyperparameters"])
+    hp["device"] = restore_device(hp["device"], device)
+    clf = _build(network, None, **hp)
+    clf.set_params(**{f"module__{k}": v for k, v in as_tuples(meta["inferred"]).items()})
+    state = meta.get("state")
+    if state is None:
+        return clf
+    clf.initialize()
+    clf.module_.load_state_dict(tensors["module"])
+    clf.optimizer_.load_state_dict(tensors["optimizer"])
+    clf.shuffle_generator_.set_state(tensors["generator"].cpu())
+    clf.history_ = History(state["history"])
+    if state["in_shape"] is not None:
+        clf.in_shape_ = tuple(state["in_shape"])
+    if state["classes"] is not None:
+        clf.classes_inferred_ = np.asarray(state["classes"])
+    return clf
+
+
+def _prepare_epochs(clf, epochs):
+    """skorch's settings for training epoch by epoch (utils.train.train_epochs), also for a restored net."""
+    clf.set_params(max_epochs=epochs, callbacks__print_log=None)   # one line per epoch there instead
+    if any(name == "lr_schedule" for name, _ in clf.callbacks or []):   # cosine to 0 at `epochs`, also resumed
+        clf.set_params(callbacks__lr_schedule__T_max=epochs)
+    if clf.initialized_:   # a restored net: its callbacks again, without the epoch table
+        clf.initialize_callbacks()
+
+
+def _train_epoch(clf, X, y, classes=None):
+    """One more epoch from where training stopped; returns its training loss."""
+    clf.partial_fit(X, y, epochs=1)
+    if "train_loss" not in clf.history[-1]:   # skorch ends an epoch quietly on Ctrl-C
+        raise KeyboardInterrupt
+    return float(clf.history[-1, "train_loss"])
+
+
+def _common_args(args, rule):
+    return dict(lr=args.lr or COMMON_DEFAULTS["lr"], rule=rule, lr_schedule=args.lr_schedule or "constant")
+
+
+def _mlp_args(rule, args, n_examples=None):
+    """(batch size, make_classifier's arguments) of the MLP from the command line (utils.train)."""
+    model = dict(_common_args(args, args.rule or rule or "backprop"),
+                 hidden_sizes=tuple(args.n_hidden or MLP_DEFAULTS["hidden_sizes"]))
+    return args.batch_size or COMMON_DEFAULTS["batch_size"], model
+
+
+def _cnn_args(rule, args, n_examples=None):
+    """(batch size, make_classifier's arguments) of the CNN from the command line; ValueError for its kernels."""
+    channels = tuple(args.channels or CNN_DEFAULTS["channels"])
+    kernels = tuple(args.kernel_sizes or CNN_DEFAULTS["kernel_sizes"][:1])
+    if len(kernels) not in (1, len(channels)):
+        raise ValueError(f"--kernel-sizes: give one for all {len(channels)} blocks or one per block, not "
+                         f"{len(kernels)}")
+    model = dict(_common_args(args, args.rule or rule or "backprop"), channels=channels,
+                 kernel_sizes=kernels * (len(channels) // len(kernels)), stride=CNN_DEFAULTS["stride"],
+                 padding=CNN_DEFAULTS["padding"])
+    return args.batch_size or COMMON_DEFAULTS["batch_size"], model
+
+
+DESCRIPTIONS = {   # network -> (reference, to_hyperparameters, check, command line, its options)
+    "mlp": (_mlp_reference, _mlp_hyperparameters, _mlp_check, _mlp_args, {"n_hidden"}),
+    "cnn": (_cnn_reference, _cnn_hyperparameters, _cnn_check, _cnn_args, {"channels", "kernel_sizes"}),
+}
+COMMON_OPTIONS = {"lr", "lr_schedule", "normalize", "rule"}
+
+
+def _register(network, rule):
+    reference, to_hp, check, from_args, options = DESCRIPTIONS[network]
+    module = NETWORKS[network][0]
+    own = RULE_SPACES.get(rule, {})
+    return register(Kind(
+        name=network if rule is None else f"{network}-{rule}", network=network, rule=rule,
+        learning=rule or "backprop",
+        build=functools.partial(_build, network, rule), space={**SPACES[network], **own}, rule_space=own,
+        owns=lambda est: isinstance(est, TorchClassifier) and est.module is module,
+        reference=functools.partial(reference, rule, own), to_hyperparameters=functools.partial(to_hp, own),
+        check=check, accepts=lambda: {"max_epochs", "seed", "device", "verbose"},
+        save_state=functools.partial(_torch_state, network), restore=functools.partial(_restore_torch, network),
+        prepare_epochs=_prepare_epochs, train_epoch=_train_epoch,
+        cli_options=frozenset(options | COMMON_OPTIONS), from_args=functools.partial(from_args, rule)), __name__)
+
+
+for _network in NETWORKS:
+    _register(_network, None)
+for _network in NETWORKS:
+    for _rule in rules_for(_network)[1:]:   # backprop is the network's own
+        _register(_network, _rule)

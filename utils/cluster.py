@@ -24,11 +24,10 @@ from concurrent.futures import CancelledError
 import numpy as np
 import torch
 
-from utils.compartmental_population import POPULATION_SHARED
+from utils.classifiers import make_classifier
 from utils.data import get_device
-from utils.evaluation import run_evaluation
-from utils.spaces import make_estimator
-from utils.train import cross_validate, cross_validate_many
+from utils.evaluation import cross_validate, cross_validate_many, run_evaluation
+from utils.kinds import get_kind
 
 # ----------------------------------------------------------------------------------------------------------------
 # settings
@@ -40,8 +39,7 @@ RESUBMITS = 2          # times a group is resubmitted after Dask gave up on it (
 CONNECT_TIMEOUT = "20s"  # to reach a --scheduler
 # environment of the worker processes of a cluster started here: Dask's default MALLOC_TRIM_THRESHOLD_=65536 makes
 # glibc return freed memory at once, and the simulation's many large temporary arrays then page-fault again on every
-# allocation (measured: 136,000 page faults/s and a third of the CPU time in the kernel for a compartmental study in a
-# worker, which ran more than twice as long as in the study's own process); None unsets it (glibc's default). A
+# allocation (the cost: docs/results.md, "Measurements moved from the code"); None unsets it (glibc's default). A
 # nanny also writes its variables into its own process's os.environ, where later workers would inherit them: unset
 # there too before a cluster starts, unless the user had set it
 NANNY_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
@@ -146,18 +144,15 @@ def connect(cluster, verbose=0):
 
 
 def structure_key(model, kw):
-    """Jobs with the same key train together: the compartmental network's population structure (POPULATION_SHARED),
-    None for the backprop nets (each evaluation alone)."""
-    if model != "compartmental":
-        return None
-    return tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(kw.items())
-                 if k in POPULATION_SHARED)
+    """Jobs with the same key train together: for a kind that trains as a population (the compartmental network)
+    the hyperparameters its members share (utils.kinds: Kind.shared), None for the others (each evaluation alone)."""
+    return get_kind(model).group_key(kw)
 
 
 def groups(model, jobs, evaluate=None):
-    """The round's jobs [(iteration, kw), ...] as evaluation groups: compartmental candidates of one structure
-    together, every other job alone (and every job alone under a test's fake `evaluate`)."""
-    if evaluate is not None or model != "compartmental":
+    """The round's jobs [(iteration, kw), ...] as evaluation groups: candidates of one structure together for a kind
+    that trains as a population, every other job alone (and every job alone under a test's fake `evaluate`)."""
+    if evaluate is not None or get_kind(model).population is None:
         return [[job] for job in jobs]
     by_key = {}
     for it, kw in jobs:
@@ -204,7 +199,7 @@ def evaluate_group(jobs, data, ctx, evaluate=None):
 def _alone(kw, X, y, ctx, dev, evaluate=None):
     if evaluate is None:
         def evaluate(hp):
-            return cross_validate(make_estimator(ctx["model"], **hp), X, y, folds=ctx["folds"], seed=ctx["seed"])
+            return cross_validate(make_classifier(ctx["model"], **hp), X, y, folds=ctx["folds"], seed=ctx["seed"])
     return run_evaluation(evaluate, kw, ctx["chance"], dev)
 
 
@@ -213,7 +208,7 @@ def _population(jobs, X, y, ctx, dev):
     does not fit in memory) falls back to each job alone, so that one member never fails the others."""
 
     def evaluate(_):
-        scores = cross_validate_many([make_estimator(ctx["model"], **kw) for _, kw in jobs], X, y,
+        scores = cross_validate_many([make_classifier(ctx["model"], **kw) for _, kw in jobs], X, y,
                                      folds=ctx["folds"], seed=ctx["seed"])
         return np.asarray(scores, dtype=float).ravel()
 

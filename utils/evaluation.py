@@ -1,4 +1,4 @@
-"""One evaluation of a study: the cross-validated accuracy of one configuration (or the test accuracy of the
+"""Cross-validation, and one evaluation of a study: the cross-validated accuracy of one configuration (or the test accuracy of the
 retrained best), its wall time and peak memory, with the failures that score chance caught.
 
 run_evaluation runs in the study's process or on a Dask worker (utils.cluster); so does retrain_task.
@@ -11,7 +11,6 @@ fix). A worker that dies loses only its running evaluations: Dask runs them agai
 """
 import contextlib
 import gc
-import inspect
 import math
 import resource
 import sys
@@ -19,11 +18,41 @@ import time
 
 import numpy as np
 import torch
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
 
-from utils.compartmental import CompartmentalClassifier
+from utils.classifiers import make_classifier
 from utils.data import get_device
 from utils.errors import TrainingDiverged
-from utils.spaces import make_estimator
+from utils.kinds import get_kind, kind_of
+
+
+def cross_validate(estimator, X, y, folds=3, seed=0):
+    """Per-fold test accuracies (numpy array) of a fresh clone of `estimator` under StratifiedKFold(folds)."""
+    return cross_validate_many([estimator], X, y, folds=folds, seed=seed)[0]
+
+
+def cross_validate_many(estimators, X, y, folds=3, seed=0):
+    """Per-fold test accuracies (estimators x folds array) of fresh clones of each estimator on the same
+    StratifiedKFold(folds) splits. Estimators of a kind that trains as a population (utils.kinds: the compartmental
+    network's fit_population; they must share its structure) train side by side with their folds."""
+    y_np = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splits = []
+    for train_idx, test_idx in splitter.split(np.zeros(len(y_np)), y_np):
+        to = (lambda i: torch.as_tensor(i, device=X.device)) if isinstance(X, torch.Tensor) else (lambda i: i)
+        splits.append((to(train_idx), to(test_idx)))
+    pairs = [(clone(est), tr, te) for est in estimators for tr, te in splits]
+    kinds = {kind_of(est, strict=False) for est in estimators}   # one kind that trains as a population, or each alone
+    population = kinds.pop().population if len(kinds) == 1 and None not in kinds else None
+    if population is not None:
+        population([m for m, _, _ in pairs], [(X[tr], y[tr]) for _, tr, _ in pairs])
+    else:
+        for model, tr, _ in pairs:
+            model.fit(X[tr], y[tr])
+    scores = [float(model.score(X[te], y[te])) for model, _, te in pairs]
+    return np.array(scores).reshape(len(estimators), folds)
+
 
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")  # torch's CUDA and CPU wording
 RSS_UNIT = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, in KiB on Linux
@@ -91,9 +120,7 @@ def seed_kw(accepts, seed):
 
 def estimator_accepts(model):
     """The keyword names make_classifier(model) accepts beyond the searched ones (seed, device, verbose...)."""
-    if model == "compartmental":
-        return set(inspect.signature(CompartmentalClassifier.__init__).parameters) - {"self"}
-    return {"max_epochs", "seed", "device", "verbose"}
+    return get_kind(model).accepts()
 
 
 def retrain_task(model, kw, train, test, chance, device):
@@ -102,7 +129,7 @@ def retrain_task(model, kw, train, test, chance, device):
     (X, y), (Xt, yt) = [tuple(t.to(dev) for t in pair) for pair in (train, test)]
 
     def fit_and_score(hp):
-        clf = make_estimator(model, **hp)
+        clf = make_classifier(model, **hp)
         clf.fit(X, y)
         return [clf.score(Xt, yt)]
 

@@ -102,12 +102,20 @@ def read_json(path):
                          f"start afresh") from None
 
 
-def writable_folder(folder):
+def writable_folder(folder, refusal=None):
     """Create `folder` when missing and prove it writable by creating and removing a probe file in it; returns it.
-    OSError (the system's, naming the path) when it cannot be: a read-only folder, a file on the path."""
+    When it cannot be (a read-only folder, a file on the path): OSError (the system's, naming the path), or, given
+    `refusal`, the exception refusal(why) returns, `why` naming the problem ("F is a file, not a folder", or the
+    system's reason)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    except OSError as e:
+        if refusal is None:
+            raise
+        file = next((q for q in (folder, *folder.parents) if q.exists() and not q.is_dir()), None)
+        raise refusal(f"{file} is a file, not a folder" if file else e.strerror or str(e)) from None
     os.close(fd)
     os.unlink(probe)
     return folder

@@ -73,10 +73,8 @@ class TrainingLogger(Callback):
         falls on its last batch. A record is taken at the first batch that reaches each mark (`_due`).
     max_valid : int or None
         Validation metrics use a fixed, class-balanced random subset (seed 0) of at most this many validation
-        examples (None: all). The validation passes are the logger's main cost: about
-        0.3 x records_per_epoch x n_valid / n_train of the training time for the MLP (a forward pass of one
-        example costs ~0.3 of a training step's per-example cost). The default 300 keeps it near 5 % at
-        20,000 training examples per epoch; for full-size runs (50-60k examples) max_valid=1000 costs about as much.
+        examples (None: all). The validation passes are the logger's main cost, in proportion to
+        records_per_epoch x n_valid / n_train (docs/results.md, "Measurements moved from the code").
     name : str, optional
         The run's name: the `run` column of the table.
 

@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 from bayes_opt import BayesianOptimization, acquisition
 
-from utils.spaces import FLAG
+from utils.kinds import FLAG
 
 N_CANDIDATES = 1000  # random valid candidates over which the acquisition is maximized (see propose)
 MAX_RANDOM_DRAWS = 10_000  # random draws to find one valid configuration before giving up

@@ -26,36 +26,9 @@ Each layer's own weight update is delta x^T as in backprop, so the output layer 
 the hidden layers differ only through the delta that reaches them. The first layer sends nothing back (its input
 needs no gradient), so it holds no feedback matrix.
 
-Scale of the feedback (fixed at construction, drawn from torch's global generator after the forward weights, so a
-run's seed gives the same forward weights under every rule and the feedback matrices of that seed):
-
-* FA: B is drawn as the forward weights are, Xavier-uniform U(-a, a) with a = sqrt(6 / (fan_in + fan_out)) of the
-  layer, i.e. a scale comparable to the forward weights': Lillicrap et al. (2016) draw B from a uniform
-  distribution of the forward weights' order (the range is set per task there), Xiao et al. (2018) initialise FA's
-  feedback weights like the forward ones.
-* DFA: B_l ~ U(-a, a) with a = sqrt(6 / (n_classes + units of layer l)), Xavier-uniform for a layer from the
-  output straight to hidden layer l (Nøkland 2016 draws B_l uniformly at random, of the order of 1/sqrt(fan);
-  his exact per-experiment ranges are not reproduced).
-* Sign symmetry: s = sqrt(2 / (fan_in + fan_out)), the standard deviation of the layer's Xavier initialisation, so
-  the feedback starts at the forward weights' scale (Liao et al. 2016 show the magnitudes do not matter when the
-  updates are normalised, as Adam's are; Xiao et al. 2018 use fixed magnitudes too).
-
-With Adam (what make_classifier trains with) the scale of a feedback matrix does not matter at all: multiplying
-every B by c > 0 multiplies each hidden layer's gradient by a constant, which Adam's per-parameter normalisation
-removes (up to its epsilon; tests/test_rules.py checks it). The scale was therefore not why FA and DFA lagged.
-
-The output layer under FA and DFA starts at zero (`init_rule_`; every other weight is the seed's Xavier draw, as
-under backprop and sign symmetry). The reason is alignment: FA and DFA learn because the forward weights above a
-hidden layer come to align with its feedback matrix, through the component that learning adds to them; a random
-initial output layer is a component uncorrelated with B that learning must first outgrow. Under Adam, which moves
-every weight at the same per-parameter rate, the wide hidden layers then drift along B's directions much faster
-than the output layer can align, the hidden activity and the logits grow, and the loss rises above its starting
-value (measured here on CIFAR-10 at lr 5e-4 to 5e-5: angles to backprop stay at 90 degrees, loss 2.7 -> 4; a lower
-learning rate does not help, as the two rates scale together). From a zero output layer the learned component is
-all there is and the angles fall below 90 degrees from the first steps (Nøkland 2016 shows DFA training even from
-all-zero weights). Zero is not used for the hidden layers: with ReLU a zero layer passes no gradient.
-The feedback matrices are buffers (`feedback`): in the state dict, in checkpoints, moved with the module, never
-touched by the optimizer. Sign symmetry needs no buffer (the signs are read from W at each backward pass).
+Why the feedback has the scale it has, and why FA's and DFA's output layer starts at zero: reset_feedback_ and
+init_rule_. The feedback matrices are buffers (`feedback`): in the state dict, in checkpoints, moved with the
+module, never touched by the optimizer. Sign symmetry needs no buffer (the signs are read from W at each backward pass).
 """
 import dataclasses
 import math
@@ -290,7 +263,26 @@ def rule_layers(module):
 
 
 def reset_feedback_(module):
-    """Draw every feedback matrix of `module` (after its forward weights, from torch's global generator)."""
+    """Draw every feedback matrix of `module` (after its forward weights, from torch's global generator).
+
+    Scale of the feedback (fixed at construction, drawn from torch's global generator after the forward weights, so a
+    run's seed gives the same forward weights under every rule and the feedback matrices of that seed):
+
+    * FA: B is drawn as the forward weights are, Xavier-uniform U(-a, a) with a = sqrt(6 / (fan_in + fan_out)) of the
+      layer, i.e. a scale comparable to the forward weights': Lillicrap et al. (2016) draw B from a uniform
+      distribution of the forward weights' order (the range is set per task there), Xiao et al. (2018) initialise FA's
+      feedback weights like the forward ones.
+    * DFA: B_l ~ U(-a, a) with a = sqrt(6 / (n_classes + units of layer l)), Xavier-uniform for a layer from the
+      output straight to hidden layer l (Nøkland 2016 draws B_l uniformly at random, of the order of 1/sqrt(fan);
+      his exact per-experiment ranges are not reproduced).
+    * Sign symmetry: s = sqrt(2 / (fan_in + fan_out)), the standard deviation of the layer's Xavier initialisation, so
+      the feedback starts at the forward weights' scale (Liao et al. 2016 show the magnitudes do not matter when the
+      updates are normalised, as Adam's are; Xiao et al. 2018 use fixed magnitudes too).
+
+    With Adam (what make_classifier trains with) the scale of a feedback matrix does not matter at all: multiplying
+    every B by c > 0 multiplies each hidden layer's gradient by a constant, which Adam's per-parameter normalisation
+    removes (up to its epsilon; tests/test_rules.py checks it). The scale was therefore not why FA and DFA lagged.
+    """
     for layer in rule_layers(module):
         layer.reset_feedback_()
     return module
@@ -298,7 +290,19 @@ def reset_feedback_(module):
 
 def init_rule_(module):
     """The rule's part of a network's initialisation, after its forward weights: draw every feedback matrix and,
-    under FA and DFA (ZERO_OUTPUT_RULES), set the output layer's weights to zero (see the module docstring)."""
+    under FA and DFA (ZERO_OUTPUT_RULES), set the output layer's weights to zero.
+
+    Every other weight is the seed's Xavier draw, as under backprop and sign symmetry. The reason is alignment: FA
+    and DFA learn because the forward weights above a hidden layer come to align with its feedback matrix, through
+    the component that learning adds to them; a random initial output layer is a component uncorrelated with B that
+    learning must first outgrow. Under Adam, which moves every weight at the same per-parameter rate, the wide
+    hidden layers then drift along B's directions much faster than the output layer can align, the hidden activity
+    and the logits grow, and the loss rises above its starting value (docs/results.md, "Measurements moved from the
+    code"; a lower learning rate does not help, as the two rates scale together). From a zero output layer the
+    learned component is all there is and the angles fall below 90 degrees from the first steps (Nøkland 2016 shows
+    DFA training even from all-zero weights). Zero is not used for the hidden layers: with ReLU a zero layer passes
+    no gradient.
+    """
     reset_feedback_(module)
     layers = rule_layers(module)
     if layers and layers[-1].rule in ZERO_OUTPUT_RULES:

@@ -9,7 +9,7 @@ Long runs (a GPU server, inside tmux or screen; a run that is killed resumes fro
     python -m utils.study --protocol cpu --model mlp --dataset mnist --out results/study --max-minutes 120
                                         # a named protocol (PROTOCOLS), in pieces of 2 hours: the same command resumes
 
-(Always `python -m utils.study` from the repository root; `python -m utils.bayes_opt`, its old name, runs the same.)
+(Always `python -m utils.study` from the repository root.)
 
 In a notebook:
 
@@ -20,16 +20,10 @@ In a notebook:
     run_study("mlp", "mnist", protocol_settings("cpu", "mlp", "mnist", out="logs"))   # a named protocol's row
     summarize("logs")        # model, dataset, best, worst, mean, std, n_evals, frac_chance, best_params, test_acc
 
-The search spaces, the reference configuration and the parameter conversion are in utils/spaces.py; the proposals
+The search spaces, the reference configuration and the parameter conversion are each kind's (utils.kinds, asked
+through utils/spaces.py); the proposals
 in utils/propose.py; one evaluation in utils/evaluation.py; the study's files and results in utils/study_log.py;
 where evaluations run (this process or Dask) in utils/cluster.py.
-
-Rounds: each round proposes q points at once (the points proposed earlier in the round enter the Gaussian process
-at a lie, the lowest score so far: with_lies, the constant liar) and evaluates them side by side: in this process
-one after the other (cluster=None; the compartmental candidates of one structure still train as one population),
-or as tasks on Dask distributed (cluster="local": a LocalCluster, or one worker per GPU with dask_cuda; a scheduler
-address or a Client: a running cluster). Every evaluation is appended to the log when it finishes, by this process
-only; the next round starts when the whole round is in. q = 1 in this process is the study as it was before rounds.
 
 The first evaluation is a known configuration (reference(): make_classifier's defaults for the MLP and CNN, the
 paper's network for the compartmental model; source "start"), so the Gaussian process starts from a point that
@@ -43,11 +37,7 @@ A deadline (settings.deadline, the command line's --max-minutes) stops a study b
 saved and the same call or command resumes it. Every study folder records its configuration and the provenance of
 each run (commit, versions, machine, command: utils.io.provenance) with its wall time (utils/study_log.py).
 
-Evaluation number i (the record's "iteration", 0-based) trains with seed + i, wherever it runs; the folds are fixed
-by `seed`; the proposals of the round that starts at evaluation i are made from the evaluations before i, with the
-optimizer's random state re-seeded from (seed, i): a study killed half-way through a round, resumed, proposes that
-round again exactly as it was (its records carry the round and its size, even if q changed) and runs only its
-unfinished evaluations, so that it ends as the uninterrupted study would have.
+Rounds, and why a resumed study ends as the uninterrupted one would have: _run_rounds.
 """
 import argparse
 import dataclasses
@@ -65,13 +55,14 @@ from tqdm.auto import tqdm
 from utils.cluster import ClusterError, Distributed, Local, connect, gpu_count, groups, slots, start_client
 from utils.data import Dataset, get_device, load_dataset, stratified_subset
 from utils.evaluation import estimator_accepts, retrain_task, seed_kw
-from utils.io import append_jsonl, dumps, library_versions, provenance, write_json
+from utils.io import append_jsonl, dumps, library_versions, provenance, writable_folder, write_json
 from utils.propose import flag_sampler, make_optimizer, propose, register
+from utils.kinds import find_kind, get_kind
 from utils.rules import rule_models, split_model
-from utils.spaces import (COMPARTMENTAL_FLAGS, FLIP_PROB, SPACES, check_hyperparameters, held_params,
-                          make_space, reference_params, start_point, to_hyperparameters)
+from utils.spaces import (FLIP_PROB, SPACES, check_hyperparameters, held_params, make_space, reference_params,
+                          start_point, to_hyperparameters)
 from utils.study_log import (StudyError, best_record, check_config, load_done, load_results, log_records,
-                             read_log, study_lock, summarize, writable_folder)
+                             read_log, study_lock, summarize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +188,18 @@ def protocol_settings(protocol, model, dataset, **overrides):
     P = protocol_sizes(protocol, model, dataset)
     kw = dict(iterations=P.iterations, folds=P.folds, epochs=P.epochs, subset=P.subset, protocol=protocol,
               retrain_subset=None, test_subset=None)
-    if split_model(model)[0] == "compartmental":
-        fixed = {k: v for k, v in (("batch_size", P.batch_size), ("l_f_phase_test", P.test_phase)) if v}
-        kw.update(fixed=fixed or None, hold=P.hold)
+    kind = get_kind(model)
+    kw.update(fixed=_fixed(kind, P.batch_size, P.test_phase) or None, hold=P.hold if kind.structure else None)
     return StudySettings(**{**kw, **overrides})
+
+
+def _fixed(kind, batch_size, test_steps):
+    """The settings a study of `kind` fixes: the batch size where its space does not search it, the time steps of
+    scoring an example where it has them (None values left out)."""
+    fixed = {"batch_size": batch_size} if not kind.searches_batch_size else {}
+    if kind.test_steps:
+        fixed[kind.test_steps] = test_steps
+    return {k: v for k, v in fixed.items() if v}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,12 +231,13 @@ def run_study(model, dataset, settings=None, **overrides):
     stopped it: run it again to resume), wall_s)."""
     t0 = time.time()
     S = dataclasses.replace(settings or StudySettings(), **overrides)
-    if split_model(model)[0] not in SPACES:
+    if find_kind(model) is None:
         raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
     if not isinstance(dataset, (str, Dataset)):
         raise TypeError(f"dataset must be a dataset name or a utils.data.Dataset, not {type(dataset).__name__}")
     S = dataclasses.replace(S, name=S.name or (dataset if isinstance(dataset, str) else "custom"))
-    study_dir = writable_folder(Path(S.out) / f"{model}_{S.name}")
+    study_dir = Path(S.out) / f"{model}_{S.name}"
+    writable_folder(study_dir, _refused_out(study_dir))
     ds = load_dataset(dataset, root=S.data_root, device=S.device) if isinstance(dataset, str) else dataset
     _check_data_sizes(S, ds)
     X, y = ds.X_train, ds.y_train
@@ -249,7 +249,7 @@ def run_study(model, dataset, settings=None, **overrides):
     held = held_params(model, S.hold, S.max_phase, fixed.get("batch_size"))
     space = make_space(model, S.max_phase, held)
     S = dataclasses.replace(S, fixed=fixed, start=start_point(model, space, S.start, fixed.get("batch_size")),
-                            flip_prob=S.flip_prob if model == "compartmental" else None)
+                            flip_prob=S.flip_prob if get_kind(model).flags else None)
 
     config = dict(model=model, dataset=S.name, folds=S.folds, epochs=S.epochs, seed=S.seed, subset=S.subset,
                   n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=S.init_points,
@@ -345,7 +345,21 @@ def _next_round(done, iterations, q):
 
 def _run_rounds(run):
     """The study's loop: rounds of q proposals evaluated side by side, each logged when it finishes; returns the
-    log's records."""
+    log's records.
+
+    Rounds: each round proposes q points at once (the points proposed earlier in the round enter the Gaussian process
+    at a lie, the lowest score so far: with_lies, the constant liar) and evaluates them side by side: in this process
+    one after the other (cluster=None; the compartmental candidates of one structure still train as one population),
+    or as tasks on Dask distributed (cluster="local": a LocalCluster, or one worker per GPU with dask_cuda; a scheduler
+    address or a Client: a running cluster). Every evaluation is appended to the log when it finishes, by this process
+    only; the next round starts when the whole round is in. q = 1 in this process is the study as it was before rounds.
+
+    Evaluation number i (the record's "iteration", 0-based) trains with seed + i, wherever it runs; the folds are fixed
+    by `seed`; the proposals of the round that starts at evaluation i are made from the evaluations before i, with the
+    optimizer's random state re-seeded from (seed, i): a study killed half-way through a round, resumed, proposes that
+    round again exactly as it was (its records carry the round and its size, even if q changed) and runs only its
+    unfinished evaluations, so that it ends as the uninterrupted study would have.
+    """
     model, S = run.model, run.settings
     log_path = run.study_dir / "evals.jsonl"
     rng = np.random.RandomState(S.seed)
@@ -353,7 +367,7 @@ def _run_rounds(run):
     sample = None
     if S.flip_prob is not None:
         ref = reference_params(model, run.space)
-        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in COMPARTMENTAL_FLAGS if f in run.space},
+        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in get_kind(model).flags if f in run.space},
                               S.flip_prob)
 
     def hyperparameters(params):
@@ -558,7 +572,7 @@ def main(argv=None):
     _check_args(p, args)
     try:
         if not args.summary:
-            writable_folder(args.out)
+            writable_folder(args.out, _refused_out(args.out))
             _run_cli_studies(args, argv)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
             print(summarize(args.out))
@@ -569,13 +583,12 @@ def main(argv=None):
 def settings_from_args(args, client=None, model="mlp", dataset="mnist"):
     """The StudySettings of the command line's options for the row (model, dataset): the protocol's sizes (or
     StudySettings' defaults), replaced by the size options given."""
-    comp = split_model(model)[0] == "compartmental"
+    kind = get_kind(model)
     P = protocol_sizes(args.protocol, model, dataset) if args.protocol else Protocol(None, 10, 50)
     pick = lambda given, preset: preset if given is None else given   # noqa: E731
-    fixed = {k: v for k, v in (("batch_size", pick(args.batch_size, P.batch_size)),
-                                ("l_f_phase_test", pick(args.test_phase, P.test_phase))) if v and comp}
+    fixed = _fixed(kind, pick(args.batch_size, P.batch_size), pick(args.test_phase, P.test_phase))
     hold = None if not args.hold else "structure" if args.hold == ["structure"] else tuple(args.hold)
-    hold = pick(hold, P.hold if comp else None)
+    hold = pick(hold, P.hold if kind.structure else None)
     return StudySettings(iterations=pick(args.iterations, P.iterations), folds=pick(args.folds, P.folds),
                          epochs=pick(args.epochs, P.epochs), out=args.out, seed=args.seed,
                          subset=pick(args.subset, P.subset), device=args.device, init_points=args.init_points,
@@ -583,9 +596,15 @@ def settings_from_args(args, client=None, model="mlp", dataset="mnist"):
                          test_subset=args.test_subset, data_root=args.data_root, q=args.q, cluster=client,
                          flip_prob=args.flip_prob, start=None if args.no_reference else "reference",
                          verbose=0 if args.quiet else 1, protocol=args.protocol,
-                         max_phase=args.max_phase if comp else None,
-                         hold=hold if comp or hold != "structure" else None, fixed=fixed or None,
+                         max_phase=args.max_phase if kind.phases else None,
+                         hold=hold if kind.structure or hold != "structure" else None, fixed=fixed or None,
                          deadline=None if args.max_minutes is None else time.time() + 60 * args.max_minutes)
+
+
+def _refused_out(path):
+    """The StudyError of an --out `path` that cannot be written (utils.io.writable_folder's refusal)."""
+    return lambda why: StudyError(f"--out {path}: cannot write there ({why}); give --out a folder you can write to "
+                                  f"(it is created when missing)")
 
 
 def _run_cli_studies(args, argv=None):

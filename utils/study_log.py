@@ -29,7 +29,6 @@ from pathlib import Path
 import pandas as pd
 
 from utils.io import dumps, file_lock, read_json, write_bytes, write_jsonl
-from utils.io import writable_folder as io_writable_folder
 from utils.spaces import SPACES
 
 AT_CHANCE = 1.5      # summarize's frac_chance: evaluations scoring below AT_CHANCE x chance (15 % on 10 classes)
@@ -161,22 +160,6 @@ def check_config(study_dir, config):
     if diff:
         raise ValueError(f"{study_dir} holds a study with other settings {diff} (old, new); use another --out "
                          f"or move it away")
-
-
-def writable_folder(path, option="--out"):
-    """`path` as a folder that exists (created with its parents when missing) and where files can be written, else
-    a StudyError naming the problem and the fix: checked before any data is loaded or trained."""
-    path = Path(path)
-    for p in (path, *path.parents):
-        if p.exists() and not p.is_dir():
-            raise StudyError(f"{option} {path}: {p} is a file, not a folder; give {option} a folder (it is created "
-                             f"when missing)")
-    try:
-        io_writable_folder(path)
-    except OSError as e:
-        raise StudyError(f"{option} {path}: cannot write there ({e.strerror or e}); give {option} a folder you can "
-                         f"write to") from None
-    return path
 
 
 def study_lock(study_dir):

@@ -1,4 +1,4 @@
-"""Training: cross-validation, logged runs, and the one command line that trains any model for many epochs.
+"""Training: logged runs, and the one command line that trains any model for many epochs.
 
     python -m utils.train --model cnn --dataset mnist --epochs 10          # trains, prints test accuracy per epoch
     python -m utils.train --model compartmental --batch-size 16 --epochs 60 --test-every-epochs 10   # the paper's
@@ -7,9 +7,10 @@
     python -m utils.train --model cnn --channels 32 64 128 --kernel-sizes 3 --lr-schedule cosine --normalize
     python -m utils.train --model mlp-fa --n-hidden 1000 1000 --quiet    # feedback alignment (or --rule fa), no bar
 
-    from utils.train import make_classifier, cross_validate, train_epochs
+    from utils.classifiers import make_classifier
+    from utils.train import train_epochs
     clf = make_classifier("mlp", hidden_sizes=(500,), lr=1e-3, batch_size=100, max_epochs=10, seed=0)
-    scores = cross_validate(clf, ds.X_train, ds.y_train, folds=3)        # per-fold accuracies
+    clf, record = train_epochs(clf, X, y, X_test, y_test, epochs=10)   # cross-validation: utils.evaluation
 
 A run (train_epochs) trains epoch by epoch, tests on the official test split every --test-every-epochs epochs and at
 the end, and after every epoch writes its record (runs/NAME.json: configuration, library versions, per-epoch
@@ -17,7 +18,7 @@ training time and loss, test errors, wall time) and a checkpoint (runs/NAME.ckpt
 optimizer, data order, record), both atomically, so --resume loses at most one epoch and continues the data order
 as if never interrupted. A run holds runs/NAME.lock while it trains (a second run on the same --out is refused);
 an --out or --save it could not write, and a run that would not fit in memory, are refused before training.
-Estimators: utils.classifiers; checkpoints: utils.checkpoint (both re-exported here).
+Estimators: utils.classifiers; checkpoints: utils.checkpoint.
 """
 import argparse
 import contextlib
@@ -28,18 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.base import clone
-from sklearn.model_selection import StratifiedKFold
 
-from utils.checkpoint import (CheckpointError, checkpoint_path, load_checkpoint, read_checkpoint,  # noqa: F401
-                              save_checkpoint, write_checkpoint)
-from utils.classifiers import (CNN_DEFAULTS, COMMON_DEFAULTS, KINDS, LR_SCHEDULES, MLP_DEFAULTS,  # noqa: F401
-                               DeviceBatches, PlainPrintLog, TorchClassifier, as_inputs, as_labels,
-                               check_common_hyperparameters, interactive, make_classifier)
-from utils.compartmental import PAPER_F_ETAS, CompartmentalClassifier, batch_f_etas, fit_population
+from utils.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint, write_checkpoint
+from utils.classifiers import CNN_DEFAULTS, COMMON_DEFAULTS, LR_SCHEDULES, interactive, make_classifier
+from utils.compartmental import CompartmentalClassifier
 from utils.data import Dataset, get_device, load_dataset, standardized, stratified_subset
 from utils.errors import InsufficientMemory, TrainingDiverged
 from utils.io import file_lock, jsonable, library_versions, writable_folder, write_json
+from utils.kinds import get_kind, kind_of, networks
 from utils.logger import TrainingLogger
 from utils.rules import RULES, rule_models, split_model
 
@@ -48,32 +45,7 @@ RUN_FREE = ("epochs", "test_every_epochs", "max_minutes", "threads", "device")  
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# cross-validation and logged runs
-
-
-def cross_validate(estimator, X, y, folds=3, seed=0):
-    """Per-fold test accuracies (numpy array) of a fresh clone of `estimator` under StratifiedKFold(folds)."""
-    return cross_validate_many([estimator], X, y, folds=folds, seed=seed)[0]
-
-
-def cross_validate_many(estimators, X, y, folds=3, seed=0):
-    """Per-fold test accuracies (estimators x folds array) of fresh clones of each estimator on the same
-    StratifiedKFold(folds) splits. Compartmental estimators and their folds train side by side as one population
-    (fit_population: they must share its structure)."""
-    y_np = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    splits = []
-    for train_idx, test_idx in splitter.split(np.zeros(len(y_np)), y_np):
-        to = (lambda i: torch.as_tensor(i, device=X.device)) if isinstance(X, torch.Tensor) else (lambda i: i)
-        splits.append((to(train_idx), to(test_idx)))
-    pairs = [(clone(est), tr, te) for est in estimators for tr, te in splits]
-    if all(isinstance(est, CompartmentalClassifier) for est in estimators):
-        fit_population([m for m, _, _ in pairs], [(X[tr], y[tr]) for _, tr, _ in pairs])
-    else:
-        for model, tr, _ in pairs:
-            model.fit(X[tr], y[tr])
-    scores = [float(model.score(X[te], y[te])) for model, _, te in pairs]
-    return np.array(scores).reshape(len(estimators), folds)
+# logged runs
 
 
 def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None, records_per_epoch=10,
@@ -177,26 +149,15 @@ def _train_epochs(clf, data, epochs, test_every, out, config, resume, options):
         clf, record = _resume(ckpt, record, epochs, X, log)
     elif resume:
         log(f"--resume: no checkpoint {ckpt} yet, starting afresh")
-    compartmental = isinstance(clf, CompartmentalClassifier)
-    if compartmental and classes is None:
+    if classes is None:
         classes = np.unique(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
-    if not compartmental:
-        clf.set_params(max_epochs=epochs, callbacks__print_log=None)   # one line per epoch below instead
-        if any(name == "lr_schedule" for name, _ in clf.callbacks or []):   # cosine to 0 at `epochs`, also resumed
-            clf.set_params(callbacks__lr_schedule__T_max=epochs)
-        if clf.initialized_:   # a restored net: its callbacks again, without the epoch table
-            clf.initialize_callbacks()
+    kind = kind_of(clf)
+    kind.prepare_epochs(clf, epochs)
     t0 = time.perf_counter() - record["wall_s"]
     for epoch in range(len(record["epochs"]) + 1, epochs + 1):
         t = time.perf_counter()
-        if compartmental:
-            clf.partial_fit(X, y, classes=classes)
-        else:
-            clf.partial_fit(X, y, epochs=1)
-            if "train_loss" not in clf.history[-1]:   # skorch ends an epoch quietly on Ctrl-C
-                raise KeyboardInterrupt
-        entry = dict(epoch=epoch, train_s=time.perf_counter() - t,
-                     train_loss=None if compartmental else float(clf.history[-1, "train_loss"]))
+        loss = kind.train_epoch(clf, X, y, classes)
+        entry = dict(epoch=epoch, train_s=time.perf_counter() - t, train_loss=loss)
         record["train_s"] += entry["train_s"]
         tested = epoch % test_every == 0 or epoch == epochs
         if tested:
@@ -233,19 +194,6 @@ def synthetic_dataset(n_train=1000, n_test=500, device=None):
     X = (centers[y] + 0.15 * torch.randn(len(y), 1, 8, 8, generator=g)).clamp(0, 1)
     X, y = X.to(get_device(device)), y.to(get_device(device))
     return Dataset(X[:n_train], y[:n_train], X[n_train:], y[n_train:], [str(c) for c in range(10)])
-
-
-def default_f_etas(n_hidden, batch_size, n_examples=None):
-    """The paper's rates for len(n_hidden) hidden layers, scaled for the batch that trains (batch_size, or the
-    n_examples when there are fewer: utils.compartmental.batch_f_etas)."""
-    if len(n_hidden) not in PAPER_F_ETAS:
-        raise ValueError(f"the paper gives rates for {' or '.join(map(str, PAPER_F_ETAS))} hidden layers, not "
-                         f"{len(n_hidden)}; give them with --f-etas (one per hidden layer and one for the output)")
-    return batch_f_etas(batch_size, PAPER_F_ETAS[len(n_hidden)], n_examples)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,7 +267,7 @@ def parser():
                     "split; a JSON record and a checkpoint after every epoch (--out), --resume after an interruption.",
         epilog="The Bayesian optimization study has its own command, python -m utils.study; the notebooks load "
                "the finished full studies from logs/full.")
-    p.add_argument("--model", default="cnn", choices=KINDS + tuple(rule_models()),
+    p.add_argument("--model", default="cnn", choices=networks() + tuple(rule_models()),
                    help="the model kind; mlp-fa, cnn-sign, ...: the MLP or CNN learning by that rule")
     p.add_argument("--rule", default=None, choices=RULES,
                    help="the learning rule of the MLP or CNN (utils.rules; default: backprop)")
@@ -359,57 +307,41 @@ def parser():
     return p
 
 
+KIND_OPTIONS = ("f_etas", "lr_decay_epochs", "lr_schedule", "normalize", "channels", "kernel_sizes", "n_hidden")
+
+
 def _usage(p, args):
-    """p.error for options that do not apply to the model; returns (kind, rule)."""
-    kind, rule = split_model(args.model)
+    """p.error for options that do not apply to the model; returns (its Kind, the rule)."""
+    kind, (network, rule) = get_kind(args.model), split_model(args.model)
     if args.rule is not None and rule is not None and args.rule != rule:
         p.error(f"--model {args.model} learns by {rule}, --rule says {args.rule}: give the rule once")
     rule = args.rule or rule or "backprop"
-    comp = kind == "compartmental"
-    if comp and args.lr is not None:  # it has per-layer rates, no lr
-        p.error("--lr does not apply to the compartmental network (it has per-layer rates, f_etas)")
-    only = {"f_etas": ("compartmental",), "lr_decay_epochs": ("compartmental",), "lr_schedule": ("mlp", "cnn"),
-            "normalize": ("mlp", "cnn"), "channels": ("cnn",), "kernel_sizes": ("cnn",),
-            "n_hidden": ("mlp", "compartmental")}
-    for option, kinds in only.items():
-        if getattr(args, option) is not None and kind not in kinds:
-            p.error(f"--{option.replace('_', '-')} applies to the {' and the '.join(kinds)} only")
-    if comp and rule != "backprop":
-        p.error("--rule applies to the MLP and the CNN (the compartmental network has its own learning)")
+    having = {option: [k for k in networks() if option in get_kind(k).cli_options]
+              for option in ("lr", "rule", *KIND_OPTIONS)}
+    why = lambda option: kind.cli_refusals.get(option, f"the {' and the '.join(having[option])} only")  # noqa: E731
+    if args.lr is not None and "lr" not in kind.cli_options:
+        p.error(f"--lr does not apply to the {network} network ({why('lr')})")
+    for option in KIND_OPTIONS:
+        if getattr(args, option) is not None and option not in kind.cli_options:
+            p.error(f"--{option.replace('_', '-')} applies to the {' and the '.join(having[option])} only")
+    if rule != "backprop" and "rule" not in kind.cli_options:
+        p.error(f"--rule applies to the {' and the '.join(k.upper() for k in having['rule'])} ({why('rule')})")
     return kind, rule
 
 
-def _model(p, args, kind, rule):
-    """(batch size, make_classifier's architecture and rates) from the command line."""
-    if kind == "compartmental":
-        batch_size = args.batch_size or CompartmentalClassifier().batch_size
-        n_hidden = tuple(args.n_hidden or (500,))
-        try:
-            f_etas = tuple(args.f_etas) if args.f_etas else default_f_etas(n_hidden, batch_size)
-        except ValueError as e:
-            p.error(str(e))
-        return batch_size, dict(n_hidden=n_hidden, f_etas=f_etas)
-    model = dict(lr=args.lr or COMMON_DEFAULTS["lr"], rule=rule, lr_schedule=args.lr_schedule or "constant")
-    if kind == "mlp":
-        model["hidden_sizes"] = tuple(args.n_hidden or MLP_DEFAULTS["hidden_sizes"])
-    else:
-        channels = tuple(args.channels or CNN_DEFAULTS["channels"])
-        kernels = tuple(args.kernel_sizes or CNN_DEFAULTS["kernel_sizes"][:1])
-        if len(kernels) not in (1, len(channels)):
-            p.error(f"--kernel-sizes: give one for all {len(channels)} blocks or one per block, not {len(kernels)}")
-        model.update(channels=channels, kernel_sizes=kernels * (len(channels) // len(kernels)),
-                     stride=CNN_DEFAULTS["stride"], padding=CNN_DEFAULTS["padding"])
-    return args.batch_size or COMMON_DEFAULTS["batch_size"], model
+def _model(p, args, kind, rule, n_examples=None):
+    """(batch size, make_classifier's architecture and rates) from the command line (the kind's from_args; with
+    n_examples, those that depend on the training examples)."""
+    try:
+        return kind.from_args(args, n_examples)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def _writable(folder, option):
     """Exit with one error line unless `folder` can be created and written (utils.io.writable_folder)."""
-    try:
-        writable_folder(folder)
-    except OSError as e:
-        file = next((q for q in (folder, *folder.parents) if q.exists() and not q.is_dir()), None)
-        why = f"{file} is a file, not a folder" if file else e.strerror or str(e)
-        sys.exit(f"error: {option}: cannot write into {folder} ({why}); choose a folder this user can write")
+    writable_folder(folder, lambda why: SystemExit(f"error: {option}: cannot write into {folder} ({why}); choose a "
+                                                   f"folder this user can write"))
 
 
 def _data(args):
@@ -436,8 +368,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     kind, rule = _usage(p, args)
     batch_size, model = _model(p, args, kind, rule)
-    comp, epochs = kind == "compartmental", 1 if args.dry_run else args.epochs
-    name = kind if rule == "backprop" else f"{kind}-{rule}"
+    epochs = 1 if args.dry_run else args.epochs
+    name = kind.network if rule == "backprop" else f"{kind.network}-{rule}"
     out = args.out or (None if args.dry_run else f"runs/{name}_{args.dataset}_b{batch_size}_s{args.seed}.json")
     try:
         saved = checkpoint_path(args.save) if args.save is not None else None
@@ -450,24 +382,22 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t0 = time.time()
     X, y, X_test, y_test, classes = _data(args)
-    if comp and not args.f_etas:   # scaled for the batch that trains, not a nominal one larger than the data
-        model["f_etas"] = default_f_etas(model["n_hidden"], batch_size, n_examples=len(y))
-    if comp:
-        model["lr_decay_examples"] = round(args.lr_decay_epochs * len(y)) if args.lr_decay_epochs else None
-    config = dict(model=kind, dataset=args.dataset, n_train=len(y), n_test=len(y_test), epochs=epochs,
+    batch_size, model = _model(p, args, kind, rule, n_examples=len(y))   # rates scaled for the batch that trains
+    decay = "lr_decay_epochs" in kind.cli_options
+    config = dict(model=kind.network, dataset=args.dataset, n_train=len(y), n_test=len(y_test), epochs=epochs,
                   test_every_epochs=args.test_every_epochs, batch_size=batch_size, seed=args.seed,
                   **{k: v for k, v in model.items() if k != "lr_decay_examples"},
-                  **({"lr_decay_epochs": args.lr_decay_epochs} if comp else {}), normalize=bool(args.normalize),
+                  **({"lr_decay_epochs": args.lr_decay_epochs} if decay else {}), normalize=bool(args.normalize),
                   threads=torch.get_num_threads(), device=str(X.device))
     hp = {"max_epochs": epochs, "seed": args.seed, "device": args.device, "batch_size": batch_size,
           "verbose": int(interactive() and not args.quiet)}   # progress bars only where someone watches them
     print(f"{name} on {args.dataset}: {len(y)} training examples, {epochs} epoch{'s' * (epochs != 1)}, "
-          f"device {X.device}" + (f", f_etas {model['f_etas']}" if comp else ""), flush=True)
+          f"device {X.device}" + (f", f_etas {model['f_etas']}" if "f_etas" in model else ""), flush=True)
     try:
-        clf = make_classifier(kind, **hp, **model)
+        clf = make_classifier(kind.network, **hp, **model)
         clf, record = train_epochs(clf, X, y, X_test, y_test, epochs, test_every=args.test_every_epochs, out=out,
                                    config=config, resume=args.resume, max_minutes=args.max_minutes,
-                                   classes=np.arange(len(classes)) if comp else None,
+                                   classes=np.arange(len(classes)),
                                    log=lambda line: print(line, flush=True))
     except (ValueError, TrainingDiverged, InsufficientMemory, RunInUse) as e:
         sys.exit(f"error: {e}")

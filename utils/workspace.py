@@ -23,12 +23,15 @@ import torch
 from utils import results
 from utils.compartmental import batch_f_etas
 from utils.data import Dataset, stratified_subset
+from utils.kinds import find_kind, get_kind, networks
 from utils.plotting import set_figures_dir
 from utils.rules import RULES, rule_models, rules_for, split_model
 from utils.runs import concat_runs
 from utils.study import StudySettings, run_study
 from utils.study_log import load_results, summarize
-from utils.train import KINDS, train_logged
+from utils.train import train_logged
+
+KINDS = networks()   # the networks the notebooks train and study ("mlp", "cnn", "compartmental")
 
 # ----------------------------------------------------------------------------------------------------------------
 # reference numbers (accuracy, %)
@@ -40,7 +43,7 @@ MODELS = {
     "mlp": dict(hidden_sizes=(500,), lr=1e-3, batch_size=100),
     "cnn": dict(channels=(32, 64), kernel_sizes=(3, 3), padding=1, lr=1e-3, batch_size=100),
     # the paper's network, spiking, 1 hidden layer of 500; batches of 16 (updates averaged): hidden rate x32, output x2
-    # of the paper's online 0.21 (short MNIST sweeps: 75.7 % after 10k examples vs 77.0 % online, 3x faster)
+    # of the paper's online 0.21 (batch against online: docs/results.md, "Measurements moved from the code")
     "compartmental": dict(n_hidden=(500,), batch_size=16, f_etas=batch_f_etas(16), record_backprop_angle=True),
 }
 
@@ -177,6 +180,12 @@ def model_hyperparameters(model, dataset, S):
     return dict(piece.hyperparameters)
 
 
+def _own_sizes(S, kind, prefix=""):
+    """key -> the size S gives `kind` itself (S[prefix + kind + "_" + key], e.g. "compartmental_epochs": its
+    validation costs 250 steps an example), else the common one (S[prefix + key], None when S has none)."""
+    return lambda key: S.get(f"{prefix}{kind}_{key}", S.get(prefix + key))
+
+
 def train_models(ds, S, kinds=KINDS, device=None, seed=0, out="runs"):
     """Train each kind on the Dataset `ds` with the logger; runs saved to out/<ds.name>_<kind>. Returns (logs,
     models), each keyed by kind."""
@@ -184,19 +193,15 @@ def train_models(ds, S, kinds=KINDS, device=None, seed=0, out="runs"):
     X, y, Xv, yv = _split(ds, S["n_train"], S["n_valid"], seed)
     logs, models = {}, {}
     for kind in kinds:
-        hp = model_hyperparameters(kind, dataset, S)
-        if kind == "compartmental":
-            hp.update(max_epochs=S["compartmental_epochs"], seed=seed, device=device)
-            if S["compartmental_test_steps"]:
-                hp.update(l_f_phase_test=S["compartmental_test_steps"])
-            n = S["compartmental_n_train"]
-            Xk, yk = stratified_subset(X, y, n, seed=seed) if n else (X, y)
-        else:
-            hp.update(max_epochs=S["mlp_epochs" if kind == "mlp" else "epochs"], seed=seed, device=device)
-            Xk, yk = X, y
-        prefix = "compartmental_" if kind == "compartmental" else ""  # its validation costs 250 steps an example
+        own = _own_sizes(S, kind)
+        hp = dict(model_hyperparameters(kind, dataset, S), max_epochs=own("epochs"), seed=seed, device=device)
+        test_steps = get_kind(kind).test_steps
+        if test_steps and own("test_steps"):
+            hp[test_steps] = own("test_steps")
+        n = S.get(f"{kind}_n_train")   # a kind's own subset of the training examples (else all of X)
+        Xk, yk = stratified_subset(X, y, n, seed=seed) if n else (X, y)
         clf, log = train_logged(kind, Xk, yk, Xv, yv, run_dir=f"{out}/{dataset}_{kind}", name=kind,
-                                records_per_epoch=S[prefix + "records_per_epoch"], max_valid=S[prefix + "max_valid"],
+                                records_per_epoch=own("records_per_epoch"), max_valid=own("max_valid"),
                                 config={"dataset": dataset, "seed": seed, "quick": S["quick"]}, **hp)
         logs[kind], models[kind] = log, clf
     return logs, models
@@ -280,9 +285,20 @@ def joined(runs, models=None):
 def angle_table(rules, runs):
     """The angle rows to draw beside each other: every rule but backprop (its angle is 0 by definition) from the
     {dataset: Runs} of rule_runs, and the compartmental network from those of model_runs."""
-    table = joined(rules)
-    return pd.concat([table[~table["model"].isin(["mlp", "mlp-backprop"])],
-                      joined(runs, ["compartmental"])], ignore_index=True)
+    table, nets = joined(rules), joined(runs)
+    return pd.concat([table[table["model"].map(_not_backprop)], nets[nets["model"].map(_own_learning)]],
+                     ignore_index=True)
+
+
+def _not_backprop(model):
+    kind = find_kind(model)
+    return kind is None or kind.learning != "backprop"
+
+
+def _own_learning(model):
+    """Whether the network `model` learns by a rule of its own, not one of utils.rules (the compartmental one)."""
+    kind = find_kind(model)
+    return kind is not None and kind.learning == kind.network
 
 
 def test_accuracies(models, ds, S, seed=0):
@@ -301,17 +317,22 @@ def test_accuracies(models, ds, S, seed=0):
 
 
 def _study_settings(kind, S, **common):
-    """The StudySettings of `kind`'s study under the notebook's sizes S (the compartmental network has its own where
-    S sets them), written to S["bo_out"]; `common`: further settings (name, seed, device, verbose...)."""
+    """The StudySettings of `kind`'s study under the notebook's sizes S (a kind has its own where S sets them:
+    bo_compartmental_subset, ...), written to S["bo_out"]; `common`: further settings (name, seed, device,
+    verbose...)."""
     kw = dict(iterations=S["bo_iterations"], folds=S["bo_folds"], epochs=S["bo_epochs"], subset=S["bo_subset"],
               init_points=S["bo_init_points"], retrain_subset=S["bo_retrain_subset"], test_subset=S["bo_test_subset"])
-    if kind == "compartmental":
-        own = dict(iterations=S["bo_compartmental_iterations"], subset=S["bo_compartmental_subset"],
-                   retrain_subset=S["bo_compartmental_retrain_subset"])
-        fixed = {"batch_size": MODELS[kind]["batch_size"]}
-        if S["compartmental_test_steps"]:
-            fixed["l_f_phase_test"] = S["compartmental_test_steps"]
-        kw.update({k: v for k, v in own.items() if v}, max_phase=S["bo_max_phase"], fixed=fixed)
+    own = {k: S.get(f"bo_{kind}_{k}") for k in ("iterations", "subset", "retrain_subset")}
+    kw.update({k: v for k, v in own.items() if v})
+    K, fixed = get_kind(kind), {}
+    if not K.searches_batch_size:   # a study holds its batch size at quick mode's
+        fixed["batch_size"] = MODELS[K.network]["batch_size"]
+    if K.test_steps and S.get(f"{kind}_test_steps"):
+        fixed[K.test_steps] = S[f"{kind}_test_steps"]
+    if K.phases:
+        kw["max_phase"] = S["bo_max_phase"]
+    if fixed:
+        kw["fixed"] = fixed
     return dataclasses.replace(StudySettings(out=S["bo_out"], **kw), **common)
 
 
