@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from utils.classifiers import make_classifier
 from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
 from utils.data import load_dataset
 from utils.io import jsonable, provenance, write_json
@@ -35,7 +36,7 @@ from utils.plot_study import plot_rule_angles, plot_study
 from utils.plotting import plot_bp_angle, plot_learning_curves, plot_weight_dynamics
 from utils.runs import records_frame
 from utils.study_log import load_results, summarize
-from utils.train import make_classifier, train_epochs
+from utils.train import train_epochs
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
