@@ -31,6 +31,7 @@ from utils import compartmental_random as rnd
 from utils import compartmental_reference as R
 
 SEGMENT = 64          # time steps simulated (and whose input spikes are projected) in one go
+INPUT_DENSE = 0.5     # inputs with at least this fraction of nonzero pixels: spikes drawn for every pixel (None: never)
 
 
 def segments(T):
@@ -203,7 +204,9 @@ class Population:
             wsteps = [(t, win_t[t]) for t in np.flatnonzero(win.any(0)).tolist()]
             base = None if keys is None else rnd.step_keys(keys, s, Ts)   # (P, Ts, B) keys of the segment's steps
             w_in = self._row_weights(mem + Ts, s, w0, T - 1, window, "ff") if record else None
-            U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], last=s == starts[-1])
+            last = s == starts[-1]                            # (the history: buffer rows from Ts, or each member's)
+            U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], int(T.min()) - s if last else Ts,
+                                     last)
             args = (U0, Ts, s, buf, Wt, base, I0, wsteps, means["C"], means["lam"], target, record)
             C_last = self._segment_layers(*args) if not A_step else self._segment_steps(*args[:5], Yt, *args[5:])
             if record:                                        # window means of the PSPs from this segment's rows
@@ -221,39 +224,62 @@ class Population:
 
     def _input_events(self, x):
         """The active inputs of x (P, B, n_in): (member-major index (p, b, i), rates lambda_max x pixel, example
-        index p B + b, the inputs' random-number counters)."""
+        index p B + b, the inputs' random-number counters); or ("dense", rates (P, B, n_in), the counters) for spikes
+        where at least INPUT_DENSE of the pixels are nonzero (CIFAR-10: nearly all), sampled densely."""
+        if INPUT_DENSE is not None and self.flags["use_spiking_feedforward"] and x.numel() and \
+                float((x != 0).sum()) >= INPUT_DENSE * x.numel():
+            return "dense", x * self.lmax, rnd.neuron_offsets(0, x.shape[-1]).to(x.device).view(1, 1, 1, -1)
         x_idx = x.nonzero(as_tuple=True)
         rates = x[x_idx] * self.lmax.view(-1)[x_idx[0]]
         return x_idx, rates, x_idx[0] * self.B + x_idx[1], rnd.neuron_offsets(0, x_idx[2])
 
-    def _input_segment(self, inp, s, Ts, base, w_in, in_mean, last):
+    def _input_segment(self, inp, s, Ts, base, w_in, in_mean, keep_from, last):
         """The input layer over a segment: its events (the history rows [0, mem), then Ts new rows of Poisson counts
         or rates) projected as U(t) = W S(t) for every row by one embedding_bag over the active inputs; adds the
-        window mean of the input PSP (weights w_in per row) into in_mean; keeps the history's events."""
-        (x_idx, rates, ex, in_offs), (P, B, mem, n, dev) = inp, (self.P, self.B, self.mem, self.n, self.dev)
+        window mean of the input PSP (weights w_in per row) into in_mean; keeps the events of the rows from
+        keep_from on as the history (renumbered from Ts on where another segment follows; after the last one
+        _keep_state picks each member's rows). Dense input (inp[0] == "dense") draws the counts of every input
+        (a pixel of 0 has rate 0 and never spikes) from the same keyed uniforms, without gathering keys per event;
+        the events come in the same order, so the sums are the same."""
+        P, B, mem, n, dev = self.P, self.B, self.mem, self.n, self.dev
         rows = mem + Ts
         ht, hx, hi, hv = self.hist
-        if self.flags["use_spiking_feedforward"]:             # spikes: Poisson counts of the input rates
-            base_in = base.transpose(0, 1).reshape(Ts, P * B)[:, ex]  # (Ts, nnz): each input's example's keys
-            _, counts = rnd.spike_counts(rates.view(1, -1), base_in, in_offs, 1.0, False)
-            t_new, j = counts.nonzero(as_tuple=True)
-            nv = counts[t_new, j]
-        else:                                                 # rates: every active input at every step
-            t_new = torch.arange(Ts, device=dev).repeat_interleave(rates.numel())
-            j = torch.arange(rates.numel(), device=dev).repeat(Ts)
-            nv = rates[j]
-        et, ee = torch.cat([ht, t_new + mem]), torch.cat([hx, ex[j]])
-        ei, ev = torch.cat([hi, x_idx[2][j]]), torch.cat([hv, nv])
+        if inp[0] == "dense":                                 # spikes of every input: Poisson counts, (P, Ts, B, n_in)
+            _, S = rnd.spike_counts(inp[1].unsqueeze(1), base.unsqueeze(-1), inp[2], 1.0, False)
+            f = S.view(-1).nonzero().view(-1)                 # events in (member, step, example, input) order
+            nv = S.view(-1)[f]
+            new_i, r = f % n[0], f // n[0]
+            new_x, r = r % B, r // B
+            t_new, new_x = r % Ts, (r // Ts) * B + new_x
+        else:
+            x_idx, rates, ex, in_offs = inp
+            if self.flags["use_spiking_feedforward"]:         # spikes: Poisson counts of the input rates
+                base_in = base.transpose(0, 1).reshape(Ts, P * B)[:, ex]  # (Ts, nnz): each input's example's keys
+                _, counts = rnd.spike_counts(rates.view(1, -1), base_in, in_offs, 1.0, False)
+                t_new, j = counts.nonzero(as_tuple=True)
+                nv = counts[t_new, j]
+            else:                                             # rates: every active input at every step
+                t_new = torch.arange(Ts, device=dev).repeat_interleave(rates.numel())
+                j = torch.arange(rates.numel(), device=dev).repeat(Ts)
+                nv = rates[j]
+            new_x, new_i = ex[j], x_idx[2][j]
+        et, ee = torch.cat([ht, t_new + mem]), torch.cat([hx, new_x])
+        ei, ev = torch.cat([hi, new_i]), torch.cat([hv, nv])
         p_ev = ee // B
         bag = (p_ev * rows + et) * B + ee % B                 # (member, row, example): one member's W at a time
-        order = torch.argsort(bag, stable=True)
+        idx = p_ev * n[0] + ei
+        if bag.numel() > 1 and not bool((bag[1:] >= bag[:-1]).all()):   # (already in order: a stable sort's)
+            order = torch.argsort(bag, stable=True)
+            idx, weights = idx[order], ev[order]
+        else:
+            weights = ev
         counts_bag = torch.bincount(bag, minlength=P * rows * B)
-        U0 = torch.nn.functional.embedding_bag((p_ev * n[0] + ei)[order], self._W0t(), counts_bag.cumsum(0) -
-                                               counts_bag, mode="sum", per_sample_weights=ev[order])
+        U0 = torch.nn.functional.embedding_bag(idx, self._W0t(), counts_bag.cumsum(0) - counts_bag, mode="sum",
+                                               per_sample_weights=weights)
         if w_in is not None:                                  # mean input PSP over the window (Eq. 12)
             in_mean.index_add_(0, ee * n[0] + ei, ev * w_in[p_ev, et])
-        keep = slice(None) if last else et >= Ts              # the last mem rows become the history
-        self.hist = (et, ee, ei, ev) if last else (et[keep] - Ts, ee[keep], ei[keep], ev[keep])
+        keep = et >= keep_from                                # the rows that can become the history
+        self.hist = (et[keep] - (0 if last else Ts), ee[keep], ei[keep], ev[keep])
         return U0.view(P, rows, B, n[1])
 
     def _psp_means(self, buf, Ts, s, w0, T, window, w_in, means):

@@ -133,12 +133,13 @@ def _tail(n, lam, base, offs, k):
 
 def spike_counts(x, base, offs, lmax, from_potential):
     """(lambda, Poisson counts), 2-d, for potentials x (lambda = lmax sigmoid(x)) or rates x, (R or 1, n), with the
-    uniforms of the keys base (R, 1 or n) + offs (1, n); lmax a number or (R, 1). One compiled kernel for large
+    uniforms of the keys base (R, 1 or n) + offs (1, n); lmax a number or (R, 1). (Any broadcastable shapes of
+    another rank work alike: counts of the broadcast shape.) One compiled kernel for large
     tensors where torch.compile works (the same integers, so the same uniforms, as the eager ops)."""
     shape = torch.broadcast_shapes(x.shape, base.shape, offs.shape)
     f64 = x.dtype == torch.float64
     kind, kernel = x.device.type, _counts
-    if FUSE and shape[0] * shape[1] >= FUSE_MIN and _fused.get(kind, 0) is not None:
+    if FUSE and math.prod(shape) >= FUSE_MIN and _fused.get(kind, 0) is not None:
         if kind not in _fused:
             try:
                 _fused[kind] = torch.compile(_counts, dynamic=True)
@@ -153,5 +154,10 @@ def spike_counts(x, base, offs, lmax, from_potential):
         _fused[kind] = None
         lam, n, top = _counts(x, base, offs, lmax, from_potential, f64)
     if top >= FUSE_K:                                    # the rare counts >= FUSE_K: exact series from there
-        _tail(n, lam, base, offs, FUSE_K)
+        if n.dim() == 2:
+            _tail(n, lam, base, offs, FUSE_K)
+        else:                                            # broadcast shapes of any rank: as 2-d rows
+            flat = lambda v: v.expand(shape).reshape(-1, shape[-1])   # noqa: E731
+            n2 = n.view(-1, shape[-1])
+            _tail(n2, flat(lam), flat(base), flat(offs), FUSE_K)
     return lam, n
