@@ -9,7 +9,8 @@ every number (rates, lambda_max, conductances, tau_s, tau_L, phase lengths drawn
 
 How it is fast (see utils/compartmental.py's docstring for the model):
 * input layer: its spikes depend on nothing the network does, so all of a segment's input spikes are drawn at once and
-  projected by one `embedding_bag` over the active inputs only (about 20 of 784 per step on MNIST).
+  projected by one `embedding_bag` over the active inputs only (about 20 of 784 per step on MNIST); for dense
+  images (CIFAR-10, INPUT_DENSE) every pixel's counts are drawn as one block, without gathering keys per pixel.
 * layer by layer, whenever the apical compartment does not drive the soma: a layer then depends only on the layer
   below up to the same step, and its soma is a linear filter of U = W S (the projected signal of the layer below):
   U of all a segment's steps is one product, the PSP the kernel's band (mem terms, Eq. 2) for all steps at once,

@@ -11,7 +11,9 @@ The generator: SplitMix64's finaliser (Steele, Lea & Flood 2014; the constants o
 64-bit counter at each stage, key_(k+1) = mix(key_k + (c + 1) G) with G = 0x9E3779B97F4A7C15 (the golden ratio's
 Weyl increment) and c the stage's counter (epoch, phase, position, step, then (layer << 32) + neuron). All of it is
 torch int64 arithmetic (products wrap modulo 2^64; a logical right shift is an arithmetic one masked), vectorised;
-the uniform is the top 24 bits times 2^-24 (float32) or the top 53 bits times 2^-53 (float64), in [0, 1).
+the uniform is the top 24 bits times 2^-24 (float32) or the top 53 bits times 2^-53 (float64), in [0, 1). On the
+CPU a small C kernel (native_uniforms, built with the system's C compiler where there is one) computes the same
+integers, so the same numbers, with vectorised 64-bit products.
 Spike counts are Poisson by inverse CDF of that one uniform: N >= k iff u > F(k - 1; lambda).
 """
 import math
