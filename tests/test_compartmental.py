@@ -801,3 +801,27 @@ def test_state_dict_round_trip_mid_epoch_resumes_the_uninterrupted_run(extra, tm
         np.testing.assert_array_equal(resumed.decision_function(X), whole.decision_function(X))
     with pytest.raises(ValueError, match="unfinished epoch of this network is over 20 examples but X has 12"):
         CompartmentalClassifier(**kw).load_state_dict(saved["sd"]).partial_fit(X[:12], y[:12])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_dense_input_path_equals_sparse_bit_for_bit(monkeypatch, dtype):
+    """Spikes of dense input (every pixel's counts drawn at once, engine.INPUT_DENSE) are the sparse path's: the same
+    keyed uniforms and the same order of events, so the same weights and outputs to the last bit, alone and in a
+    population of 2 (whose events need the sort), with phases longer than a segment and a smaller last batch."""
+    X, y = small_data(22, seed=4)
+    X = X * 0.5 + 0.3 * (X == 0)                             # mostly nonzero pixels, as CIFAR-10's
+    cfg = dict(SMALL, dtype=dtype, use_spiking_feedforward=True, use_spiking_feedback=True, extra_steps=True,
+               l_f_phase=engine.SEGMENT + 6, batch_size=4, max_epochs=2, l_f_phase_test=engine.SEGMENT + 3)
+    runs = {}
+    for dense in (None, 0.0):
+        monkeypatch.setattr(engine, "INPUT_DENSE", dense)
+        a, b = CompartmentalClassifier(seed=1, **cfg), CompartmentalClassifier(seed=2, **cfg)
+        alone = clone(a).fit(X, y)
+        fit_population([a, b], [(X, y), (X[:13], y[:13])])
+        runs[dense] = [(m, m.decision_function(X[:7])) for m in (alone, a, b)]
+    for (one, d_one), (other, d_other) in zip(runs[None], runs[0.0]):
+        for u, v in zip(one.W_ + one.b_, other.W_ + other.b_):
+            assert torch.equal(u, v)
+        assert np.array_equal(d_one, d_other)
+    for u, v in zip(runs[None][0][0].W_, runs[None][1][0].W_):   # (and the population member is its lone run)
+        assert torch.equal(u, v)

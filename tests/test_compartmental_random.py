@@ -92,6 +92,32 @@ def test_compiled_kernel_equals_eager(monkeypatch, from_potential):
     assert (n_c != n_e).float().mean() < 1e-4          # exp and sigmoid may differ by a rounding step compiled
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_uniforms_equal_torch_ops(monkeypatch, dtype):
+    """The C kernel's keyed uniforms (where a C compiler works here; skipped otherwise) are the torch ops' numbers
+    bit for bit: per-row keys (R, 1), a key per entry (R, n), broadcast ranks above 2, words with the top bit set;
+    offsets that differ between rows fall back (None); spike_counts gives the same counts either way."""
+    monkeypatch.setattr(rnd, "NATIVE", True)
+    if rnd._native() is None:
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(2)
+    words = lambda *s: torch.randint(-2 ** 63, 2 ** 63 - 1, s, generator=g, dtype=torch.int64)   # noqa: E731
+    offs = rnd.neuron_offsets(1, 37)
+    for base, o, shape in ((words(50, 1), offs, (50, 37)), (words(50, 37), offs, (50, 37)),
+                           (words(2, 5, 3, 1), offs.view(1, 1, 1, -1), (2, 5, 3, 37)), (words(1, 1), offs, (1, 37))):
+        got = rnd.native_uniforms(base, o, shape, dtype)
+        assert got is not None and got.shape == shape
+        assert torch.equal(got, rnd.uniforms(base, o, dtype).expand(shape))
+    assert rnd.native_uniforms(words(4, 1), words(4, 37), (4, 37), dtype) is None
+    x = torch.randn(200, 37, generator=g, dtype=dtype)
+    base = words(200, 1)
+    monkeypatch.setattr(rnd, "FUSE", False)
+    lam_n, n_n = rnd.spike_counts(x, base, offs, 2.0, True)
+    monkeypatch.setattr(rnd, "NATIVE", False)
+    lam_t, n_t = rnd.spike_counts(x, base, offs, 2.0, True)
+    assert torch.equal(n_n, n_t) and torch.equal(lam_n, lam_t) and n_n.max() > rnd.FUSE_K
+
+
 SMALL = dict(n_hidden=(12, 6), l_f_phase=30, l_t_phase=12, integration_time=5, mem=6, dtype="float64")
 
 

@@ -9,7 +9,8 @@ every number (rates, lambda_max, conductances, tau_s, tau_L, phase lengths drawn
 
 How it is fast (see utils/compartmental.py's docstring for the model):
 * input layer: its spikes depend on nothing the network does, so all of a segment's input spikes are drawn at once and
-  projected by one `embedding_bag` over the active inputs only (about 20 of 784 per step on MNIST).
+  projected by one `embedding_bag` over the active inputs only (about 20 of 784 per step on MNIST); for dense
+  images (CIFAR-10, INPUT_DENSE) every pixel's counts are drawn as one block, without gathering keys per pixel.
 * layer by layer, whenever the apical compartment does not drive the soma: a layer then depends only on the layer
   below up to the same step, and its soma is a linear filter of U = W S (the projected signal of the layer below):
   U of all a segment's steps is one product, the PSP the kernel's band (mem terms, Eq. 2) for all steps at once,
@@ -31,6 +32,7 @@ from utils import compartmental_random as rnd
 from utils import compartmental_reference as R
 
 SEGMENT = 64          # time steps simulated (and whose input spikes are projected) in one go
+INPUT_DENSE = 0.5     # inputs with at least this fraction of nonzero pixels: spikes drawn for every pixel (None: never)
 
 
 def segments(T):
@@ -107,7 +109,7 @@ class Population:
         self.hist = (torch.cat([h[0] for h in hist]), p * self.B + torch.cat([h[1] for h in hist]),
                      torch.cat([h[2] for h in hist]), torch.cat([h[3] for h in hist]))
         self.kappa = {path: np.stack([R.kappa(c, path) for c in cs]) for path in ("ff", "fb")}   # (P, mem), Eq. 2
-        self.cache, self.version, self.buf = {}, 0, None
+        self.cache, self.version, self.buf, self._inp = {}, 0, None, None
 
     def member(self, q):
         """Member q's weights as views of the stacks: dict(W, b, Y, c) of lists (they follow the updates)."""
@@ -157,7 +159,15 @@ class Population:
     def _row_weights(self, rows, t_abs, lo, hi, window, path):
         """(P, rows): the weight of each buffer row (step tau = row - mem + t_abs) in a member's mean PSP over the
         times [lo_p, hi_p]: (1/window) sum_{t' in [lo_p, hi_p], 0 <= t' - tau < mem} kappa_p[t' - tau]. Rows of
-        earlier segments weigh 0 (they were counted there)."""
+        earlier segments weigh 0 (they were counted there). Cached (they recur from batch to batch)."""
+        key = ("rows", rows, t_abs, tuple(np.asarray(lo).tolist()), tuple(np.asarray(hi).tolist()), window, path)
+        if key not in self.cache:
+            if len(self.cache) > 512:                         # (a bound: phase lengths vary with extra_steps)
+                self.cache = {k: v for k, v in self.cache.items() if k[0] != "rows"}
+            self.cache[key] = self._row_weights_new(rows, t_abs, lo, hi, window, path)
+        return self.cache[key]
+
+    def _row_weights_new(self, rows, t_abs, lo, hi, window, path):
         mem = self.mem
         tau = np.arange(rows) - mem + t_abs
         Kc = np.concatenate([np.zeros((self.P, 1)), np.cumsum(self.kappa[path], 1)], 1)    # (P, mem + 1)
@@ -175,7 +185,9 @@ class Population:
         """Simulate the members' phases of T[p] steps (numpy ints) from the state, inputs x (P, B, n_in) in [0, 1];
         target (P, B, n_out) one-hot or None (forward phase); window: steps averaged at the end of each member's phase;
         keys: (P, B) int64 example keys of the phase (compartmental_random.example_keys), or None (no spikes);
-        record=False (testing): only the output's window mean of C is kept (no PSP, A or hidden means).
+        record=False (testing): only the output's window mean of C is kept (no PSP, A or hidden means), and where
+        the apical compartment does not drive the soma the output layer sends nothing (its signal histories in the
+        state after such a phase are not meaningful: a test starts from rest and its state is discarded).
         Returns the window means C, A (hidden), lam (output, target phase), psp_fb and psp_in per layer."""
         M, mem, n, P, B = self.M, self.mem, self.n, self.P, self.B
         dev, dty = self.dev, self.dty
@@ -184,7 +196,9 @@ class Population:
         A_step = self.flags["use_conductances"] and self.flags["use_apical_conductance"] and \
             any(c.g_A != 0 for c in self.cfgs)
         z = lambda *s: torch.zeros(*s, device=dev, dtype=dty)  # noqa: E731
-        inp = self._input_events(x)
+        inp = self._inp[2] if self._inp is not None and self._inp[0] is x and self._inp[1] == x._version else \
+            self._input_events(x)
+        self._inp = (x, x._version, inp)                      # (the target phase's input is the forward phase's)
         I0 = None if target is None else target * self.E_E + (1.0 - target) * self.E_I   # g_E E_E + g_I E_I
         w0 = T - window                                       # first step of each member's averaging window
         means = dict(C=[z(P, B, n[m + 1]) for m in range(M)], lam=z(P, B, n[-1]),
@@ -203,7 +217,9 @@ class Population:
             wsteps = [(t, win_t[t]) for t in np.flatnonzero(win.any(0)).tolist()]
             base = None if keys is None else rnd.step_keys(keys, s, Ts)   # (P, Ts, B) keys of the segment's steps
             w_in = self._row_weights(mem + Ts, s, w0, T - 1, window, "ff") if record else None
-            U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], last=s == starts[-1])
+            last = s == starts[-1]                            # (the history: buffer rows from Ts, or each member's)
+            U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], int(T.min()) - s if last else Ts,
+                                     last)
             args = (U0, Ts, s, buf, Wt, base, I0, wsteps, means["C"], means["lam"], target, record)
             C_last = self._segment_layers(*args) if not A_step else self._segment_steps(*args[:5], Yt, *args[5:])
             if record:                                        # window means of the PSPs from this segment's rows
@@ -221,39 +237,62 @@ class Population:
 
     def _input_events(self, x):
         """The active inputs of x (P, B, n_in): (member-major index (p, b, i), rates lambda_max x pixel, example
-        index p B + b, the inputs' random-number counters)."""
+        index p B + b, the inputs' random-number counters); or ("dense", rates (P, B, n_in), the counters) for spikes
+        where at least INPUT_DENSE of the pixels are nonzero (CIFAR-10: nearly all), sampled densely."""
+        if INPUT_DENSE is not None and self.flags["use_spiking_feedforward"] and x.numel() and \
+                float((x != 0).sum()) >= INPUT_DENSE * x.numel():
+            return "dense", x * self.lmax, rnd.neuron_offsets(0, x.shape[-1]).to(x.device).view(1, 1, 1, -1)
         x_idx = x.nonzero(as_tuple=True)
         rates = x[x_idx] * self.lmax.view(-1)[x_idx[0]]
         return x_idx, rates, x_idx[0] * self.B + x_idx[1], rnd.neuron_offsets(0, x_idx[2])
 
-    def _input_segment(self, inp, s, Ts, base, w_in, in_mean, last):
+    def _input_segment(self, inp, s, Ts, base, w_in, in_mean, keep_from, last):
         """The input layer over a segment: its events (the history rows [0, mem), then Ts new rows of Poisson counts
         or rates) projected as U(t) = W S(t) for every row by one embedding_bag over the active inputs; adds the
-        window mean of the input PSP (weights w_in per row) into in_mean; keeps the history's events."""
-        (x_idx, rates, ex, in_offs), (P, B, mem, n, dev) = inp, (self.P, self.B, self.mem, self.n, self.dev)
+        window mean of the input PSP (weights w_in per row) into in_mean; keeps the events of the rows from
+        keep_from on as the history (renumbered from Ts on where another segment follows; after the last one
+        _keep_state picks each member's rows). Dense input (inp[0] == "dense") draws the counts of every input
+        (a pixel of 0 has rate 0 and never spikes) from the same keyed uniforms, without gathering keys per event;
+        the events come in the same order, so the sums are the same."""
+        P, B, mem, n, dev = self.P, self.B, self.mem, self.n, self.dev
         rows = mem + Ts
         ht, hx, hi, hv = self.hist
-        if self.flags["use_spiking_feedforward"]:             # spikes: Poisson counts of the input rates
-            base_in = base.transpose(0, 1).reshape(Ts, P * B)[:, ex]  # (Ts, nnz): each input's example's keys
-            _, counts = rnd.spike_counts(rates.view(1, -1), base_in, in_offs, 1.0, False)
-            t_new, j = counts.nonzero(as_tuple=True)
-            nv = counts[t_new, j]
-        else:                                                 # rates: every active input at every step
-            t_new = torch.arange(Ts, device=dev).repeat_interleave(rates.numel())
-            j = torch.arange(rates.numel(), device=dev).repeat(Ts)
-            nv = rates[j]
-        et, ee = torch.cat([ht, t_new + mem]), torch.cat([hx, ex[j]])
-        ei, ev = torch.cat([hi, x_idx[2][j]]), torch.cat([hv, nv])
+        if inp[0] == "dense":                                 # spikes of every input: Poisson counts, (P, Ts, B, n_in)
+            _, S = rnd.spike_counts(inp[1].unsqueeze(1), base.unsqueeze(-1), inp[2], 1.0, False)
+            f = S.view(-1).nonzero().view(-1)                 # events in (member, step, example, input) order
+            nv = S.view(-1)[f]
+            new_i, r = f % n[0], f // n[0]
+            new_x, r = r % B, r // B
+            t_new, new_x = r % Ts, (r // Ts) * B + new_x
+        else:
+            x_idx, rates, ex, in_offs = inp
+            if self.flags["use_spiking_feedforward"]:         # spikes: Poisson counts of the input rates
+                base_in = base.transpose(0, 1).reshape(Ts, P * B)[:, ex]  # (Ts, nnz): each input's example's keys
+                _, counts = rnd.spike_counts(rates.view(1, -1), base_in, in_offs, 1.0, False)
+                t_new, j = counts.nonzero(as_tuple=True)
+                nv = counts[t_new, j]
+            else:                                             # rates: every active input at every step
+                t_new = torch.arange(Ts, device=dev).repeat_interleave(rates.numel())
+                j = torch.arange(rates.numel(), device=dev).repeat(Ts)
+                nv = rates[j]
+            new_x, new_i = ex[j], x_idx[2][j]
+        et, ee = torch.cat([ht, t_new + mem]), torch.cat([hx, new_x])
+        ei, ev = torch.cat([hi, new_i]), torch.cat([hv, nv])
         p_ev = ee // B
         bag = (p_ev * rows + et) * B + ee % B                 # (member, row, example): one member's W at a time
-        order = torch.argsort(bag, stable=True)
+        idx = p_ev * n[0] + ei
+        if bag.numel() > 1 and not bool((bag[1:] >= bag[:-1]).all()):   # (already in order: a stable sort's)
+            order = torch.argsort(bag, stable=True)
+            idx, weights = idx[order], ev[order]
+        else:
+            weights = ev
         counts_bag = torch.bincount(bag, minlength=P * rows * B)
-        U0 = torch.nn.functional.embedding_bag((p_ev * n[0] + ei)[order], self._W0t(), counts_bag.cumsum(0) -
-                                               counts_bag, mode="sum", per_sample_weights=ev[order])
+        U0 = torch.nn.functional.embedding_bag(idx, self._W0t(), counts_bag.cumsum(0) - counts_bag, mode="sum",
+                                               per_sample_weights=weights)
         if w_in is not None:                                  # mean input PSP over the window (Eq. 12)
             in_mean.index_add_(0, ee * n[0] + ei, ev * w_in[p_ev, et])
-        keep = slice(None) if last else et >= Ts              # the last mem rows become the history
-        self.hist = (et, ee, ei, ev) if last else (et[keep] - Ts, ee[keep], ei[keep], ev[keep])
+        keep = et >= keep_from                                # the rows that can become the history
+        self.hist = (et[keep] - (0 if last else Ts), ee[keep], ei[keep], ev[keep])
         return U0.view(P, rows, B, n[1])
 
     def _psp_means(self, buf, Ts, s, w0, T, window, w_in, means):
@@ -346,6 +385,10 @@ class Population:
                 below = buf[m - 1][self.ffk][:, :rows]
                 U = torch.bmm(below.reshape(P, rows * B, -1), Wt[m]).view(P, rows, B, -1)
             C = self._filter(m, U, Ts, I0 if out and target is not None else None)
+            if out and not record and target is None:        # testing: nothing reads the output's spikes
+                self._window_sum(Csum[m], C, wsteps)
+                C_seg.append(C)
+                continue
             lam = self._emit(m, C, base, buf, (slice(None), slice(mem, rows)))
             if record or out:
                 self._window_sum(Csum[m], C, wsteps)

@@ -11,7 +11,9 @@ The generator: SplitMix64's finaliser (Steele, Lea & Flood 2014; the constants o
 64-bit counter at each stage, key_(k+1) = mix(key_k + (c + 1) G) with G = 0x9E3779B97F4A7C15 (the golden ratio's
 Weyl increment) and c the stage's counter (epoch, phase, position, step, then (layer << 32) + neuron). All of it is
 torch int64 arithmetic (products wrap modulo 2^64; a logical right shift is an arithmetic one masked), vectorised;
-the uniform is the top 24 bits times 2^-24 (float32) or the top 53 bits times 2^-53 (float64), in [0, 1).
+the uniform is the top 24 bits times 2^-24 (float32) or the top 53 bits times 2^-53 (float64), in [0, 1). On the
+CPU a small C kernel (native_uniforms, built with the system's C compiler where there is one) computes the same
+integers, so the same numbers, with vectorised 64-bit products.
 Spike counts are Poisson by inverse CDF of that one uniform: N >= k iff u > F(k - 1; lambda).
 """
 import math
@@ -91,10 +93,9 @@ def uniforms(base, offs, dtype):
     return unit(mix(base + offs), dtype)
 
 
-def _counts(x, base, offs, lmax, from_potential: bool, f64: bool):
-    """Rates lambda = lmax sigmoid(x) (or x) and Poisson counts from the keyed uniforms, the first FUSE_K inverse-CDF
+def _thresholds(x, u, lmax, from_potential: bool):
+    """Rates lambda = lmax sigmoid(x) (or x) and Poisson counts from the uniforms u, the first FUSE_K inverse-CDF
     thresholds sum_{j<k} e^-lambda lambda^j / j! tested in one element-wise pass; also the largest count."""
-    u = unit(mix(base + offs), torch.float64 if f64 else torch.float32)
     lam = torch.sigmoid(x) * lmax if from_potential else x
     term = torch.exp(-lam)
     cdf = term
@@ -106,7 +107,121 @@ def _counts(x, base, offs, lmax, from_potential: bool, f64: bool):
     return lam, n, n.amax()
 
 
-_fused = {}   # device type -> compiled _counts, or None where compiling failed
+def _counts(x, base, offs, lmax, from_potential: bool, f64: bool):
+    """_thresholds of the keyed uniforms of (base + offs), computed in the same pass."""
+    return _thresholds(x, unit(mix(base + offs), torch.float64 if f64 else torch.float32), lmax, from_potential)
+
+
+_fused = {}   # (device type, kernel) -> compiled _counts / _thresholds, or None where compiling failed
+
+# The keyed uniforms in C (the same integers, so the same numbers, as `uniforms`): torch's int64 multiply is not
+# vectorised on every CPU (AVX2 has no 64-bit lane product); C compilers build it from 32-bit ones. Built once per
+# machine with the system's C compiler into a cache folder, loaded with ctypes; without a compiler (or with
+# BIODL_COMPILE=0) the torch ops compute them.
+NATIVE = FUSE
+_NATIVE_SRC = r"""
+#include <stdint.h>
+static inline uint64_t mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+/* out[r, c] = unit(mix(base[r sr + c sc] + offs[c])), r < R, c < n, sc 0 or 1; float (top 24 bits) or double
+   (top 53 bits, as two exact int32 parts) */
+void keyed_uniforms(const int64_t* base, int64_t sr, int64_t sc, const int64_t* offs, int64_t R, int64_t n,
+                    void* out, int f64) {
+    const uint64_t* o = (const uint64_t*)offs;
+    for (int64_t r = 0; r < R; r++) {
+        const uint64_t* b = (const uint64_t*)(base + r * sr);
+        if (f64) {
+            double* y = (double*)out + r * n;
+            if (sc == 0) {
+                uint64_t b0 = b[0];
+                for (int64_t c = 0; c < n; c++) {
+                    uint64_t z = mix(b0 + o[c]);
+                    y[c] = ((double)(int32_t)(z >> 35) * 16777216.0 + (double)(int32_t)((z >> 11) & 0xFFFFFF))
+                           * 0x1p-53;
+                }
+            } else {
+                for (int64_t c = 0; c < n; c++) {
+                    uint64_t z = mix(b[c] + o[c]);
+                    y[c] = ((double)(int32_t)(z >> 35) * 16777216.0 + (double)(int32_t)((z >> 11) & 0xFFFFFF))
+                           * 0x1p-53;
+                }
+            }
+        } else {
+            float* y = (float*)out + r * n;
+            if (sc == 0) {
+                uint64_t b0 = b[0];
+                for (int64_t c = 0; c < n; c++) y[c] = (float)(int32_t)(mix(b0 + o[c]) >> 40) * 0x1p-24f;
+            } else {
+                for (int64_t c = 0; c < n; c++) y[c] = (float)(int32_t)(mix(b[c] + o[c]) >> 40) * 0x1p-24f;
+            }
+        }
+    }
+}
+"""
+_native_lib = {}   # "lib" -> the loaded library, or None where building or loading failed
+
+
+def _native():
+    """The C library of keyed_uniforms (built on first use), or None."""
+    if "lib" in _native_lib:
+        return _native_lib["lib"]
+    lib = None
+    try:
+        import ctypes
+        import hashlib
+        import platform
+        import shutil
+        import subprocess
+        import tempfile
+        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        if cc:
+            flags = ["-O3", "-march=native", "-fPIC", "-shared"]
+            tag = hashlib.sha256("\0".join([_NATIVE_SRC, cc, *flags, platform.node(), platform.machine()])
+                                 .encode()).hexdigest()[:16]
+            folder = os.path.join(tempfile.gettempdir(), f"biodl-native-{os.getuid()}")
+            os.makedirs(folder, exist_ok=True)
+            so = os.path.join(folder, f"keyed_uniforms-{tag}.so")
+            if not os.path.exists(so):
+                src = os.path.join(folder, f"keyed_uniforms-{tag}-{os.getpid()}.c")
+                with open(src, "w") as f:
+                    f.write(_NATIVE_SRC)
+                subprocess.run([cc, *flags, src, "-o", so + f".{os.getpid()}"], check=True, capture_output=True,
+                               timeout=60)
+                os.replace(so + f".{os.getpid()}", so)
+                os.remove(src)
+            lib = ctypes.CDLL(so)
+            lib.keyed_uniforms.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                           ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+            lib.keyed_uniforms.restype = None
+    except Exception:                                    # no compiler, no write access, no ctypes: the torch ops
+        lib = None
+    _native_lib["lib"] = lib
+    return lib
+
+
+def native_uniforms(base, offs, shape, dtype):
+    """uniforms(base, offs, dtype) broadcast to `shape` from the C kernel, or None where it does not apply (no
+    library, not on the CPU, or offsets that differ between rows)."""
+    if not NATIVE or base.device.type != "cpu" or base.dtype != torch.int64 or offs.dtype != torch.int64 or \
+            dtype not in (torch.float32, torch.float64) or not len(shape):
+        return None
+    lib = _native()
+    if lib is None:
+        return None
+    n = shape[-1]
+    R = math.prod(shape[:-1])
+    b = base.expand(shape).reshape(R, n)
+    o = offs.expand(shape).reshape(R, n)
+    if R > 1 and o.stride(0) != 0 or n > 1 and (o.stride(1) != 1 or b.stride(1) not in (0, 1)):
+        return None
+    out = torch.empty(shape, dtype=dtype)
+    if R and n:
+        lib.keyed_uniforms(b.data_ptr(), b.stride(0), b.stride(1) if n > 1 else 0, o.data_ptr(), R, n,
+                           out.data_ptr(), int(dtype == torch.float64))
+    return out
 
 
 def _tail(n, lam, base, offs, k):
@@ -133,25 +248,37 @@ def _tail(n, lam, base, offs, k):
 
 def spike_counts(x, base, offs, lmax, from_potential):
     """(lambda, Poisson counts), 2-d, for potentials x (lambda = lmax sigmoid(x)) or rates x, (R or 1, n), with the
-    uniforms of the keys base (R, 1 or n) + offs (1, n); lmax a number or (R, 1). One compiled kernel for large
+    uniforms of the keys base (R, 1 or n) + offs (1, n); lmax a number or (R, 1). (Any broadcastable shapes of
+    another rank work alike: counts of the broadcast shape.) One compiled kernel for large
     tensors where torch.compile works (the same integers, so the same uniforms, as the eager ops)."""
     shape = torch.broadcast_shapes(x.shape, base.shape, offs.shape)
     f64 = x.dtype == torch.float64
-    kind, kernel = x.device.type, _counts
-    if FUSE and shape[0] * shape[1] >= FUSE_MIN and _fused.get(kind, 0) is not None:
-        if kind not in _fused:
+    u = native_uniforms(base, offs, shape, x.dtype)
+    kind = x.device.type
+    if u is None:                                        # the uniforms inside the kernel
+        kernel, key, args = _counts, (kind, "counts"), (x, base, offs, lmax, from_potential, f64)
+    else:                                                # the uniforms from C, the thresholds in the kernel
+        kernel, key, args = _thresholds, (kind, "thresholds"), (x, u, lmax, from_potential)
+    eager = kernel
+    if FUSE and math.prod(shape) >= FUSE_MIN and _fused.get(key, 0) is not None:
+        if key not in _fused:
             try:
-                _fused[kind] = torch.compile(_counts, dynamic=True)
+                _fused[key] = torch.compile(eager, dynamic=True)
             except Exception:                            # no compiler / backend: stay eager from now on
-                _fused[kind] = None
-        kernel = _fused[kind] or _counts
+                _fused[key] = None
+        kernel = _fused[key] or eager
     try:
-        lam, n, top = kernel(x, base, offs, lmax, from_potential, f64)
+        lam, n, top = kernel(*args)
     except Exception:
-        if kernel is _counts:
+        if kernel is eager:
             raise
-        _fused[kind] = None
-        lam, n, top = _counts(x, base, offs, lmax, from_potential, f64)
+        _fused[key] = None
+        lam, n, top = eager(*args)
     if top >= FUSE_K:                                    # the rare counts >= FUSE_K: exact series from there
-        _tail(n, lam, base, offs, FUSE_K)
+        if n.dim() == 2:
+            _tail(n, lam, base, offs, FUSE_K)
+        else:                                            # broadcast shapes of any rank: as 2-d rows
+            flat = lambda v: v.expand(shape).reshape(-1, shape[-1])   # noqa: E731
+            n2 = n.view(-1, shape[-1])
+            _tail(n2, flat(lam), flat(base), flat(offs), FUSE_K)
     return lam, n
