@@ -807,7 +807,8 @@ def test_state_dict_round_trip_mid_epoch_resumes_the_uninterrupted_run(extra, tm
 def test_dense_input_path_equals_sparse_bit_for_bit(monkeypatch, dtype):
     """Spikes of dense input (every pixel's counts drawn at once, engine.INPUT_DENSE) are the sparse path's: the same
     keyed uniforms and the same order of events, so the same weights and outputs to the last bit, alone and in a
-    population of 2 (whose events need the sort), with phases longer than a segment and a smaller last batch."""
+    population of 2 (whose events need the sort), with phases longer than a segment and a smaller last batch;
+    the population member equals its lone run (float64 to the last bit, float32 within a rounding step)."""
     X, y = small_data(22, seed=4)
     X = X * 0.5 + 0.3 * (X == 0)                             # mostly nonzero pixels, as CIFAR-10's
     cfg = dict(SMALL, dtype=dtype, use_spiking_feedforward=True, use_spiking_feedback=True, extra_steps=True,
@@ -823,5 +824,8 @@ def test_dense_input_path_equals_sparse_bit_for_bit(monkeypatch, dtype):
         for u, v in zip(one.W_ + one.b_, other.W_ + other.b_):
             assert torch.equal(u, v)
         assert np.array_equal(d_one, d_other)
-    for u, v in zip(runs[None][0][0].W_, runs[None][1][0].W_):   # (and the population member is its lone run)
-        assert torch.equal(u, v)
+    for u, v in zip(runs[None][0][0].W_, runs[None][1][0].W_):   # (and the population member is its lone run:
+        if dtype == "float64":                                     # float32 within a rounding step of the
+            assert torch.equal(u, v)                               # largest weight: the population's products
+        else:                                                      # may take another BLAS kernel)
+            torch.testing.assert_close(u, v, rtol=2 ** -22, atol=2 ** -22 * float(u.abs().max()))
