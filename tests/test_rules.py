@@ -193,6 +193,7 @@ def test_sign_symmetry_feedback_has_the_forward_signs_and_fixed_magnitude():
 def test_convolution_sends_back_through_its_feedback_kernel(rule):
     torch.manual_seed(0)
     conv = RuleConv2d(2, 3, 3, padding=1, wiring=Wiring(rule))
+    conv.reset_feedback_()   # a lone layer's feedback buffer is torch.empty until drawn (NaN at times)
     ref = torch.nn.Conv2d(2, 3, 3, padding=1)
     ref.load_state_dict({"weight": conv.weight.detach(), "bias": conv.bias.detach()})
     x = torch.randn(2, 2, 5, 5, requires_grad=True)
