@@ -1,64 +1,36 @@
 """The segregated-dendrite network of Guerguiev, Lillicrap & Richards (2017), "Towards deep learning with segregated
-dendrites", eLife 6:e22901, as a scikit-learn estimator, and many such networks trained side by side.
+dendrites", eLife 6:e22901, as a scikit-learn estimator.
 
-    from utils.compartmental import CompartmentalClassifier, fit_population
+    from utils.compartmental import CompartmentalClassifier
     clf = CompartmentalClassifier(n_hidden=(500,), batch_size=1, max_epochs=60, seed=0)   # the paper's setup
     clf.fit(X_train, y_train)          # X: N x C x H x W (or N x D) tensor in [0, 1], y: N labels
     clf.predict(X_test), clf.predict_proba(X_test), clf.score(X_test, y_test)
     clf.named_weights()                # {"W1": ..., "b1": ..., "Y1": ..., "c1": ...}; clf.set_weights(...) inverts it
     clf.state_dict(), clf.load_state_dict(sd)   # everything to go on exactly, also mid-epoch (utils.checkpoint)
-    fit_population([clf_a, clf_b, clf_c], [(Xa, ya), (Xb, yb), (Xc, yc)])   # three networks in one simulation
 
-Three modules, what from how:
-* utils/compartmental_reference.py: the paper's equations, one function each, and a plain step-by-step simulation
-  (`Network`) with the configuration as one frozen dataclass (`Config`, also the home of the option FLAGS). Read it
-  with the paper's Methods beside it.
-* utils/compartmental_engine.py: the fast engine (`Population`): P networks of one structure in one batched
-  simulation, layer by layer over segments of time steps, from the reference's Configs and weight stacks alone (it
-  never touches this estimator); the tests check it against the reference.
-* utils/compartmental_population.py: `fit_population`, many networks trained side by side (the training loop).
-* utils/compartmental_random.py: the counter-based random numbers of the spikes.
-* this module: the estimator, batch-scaled learning rates.
+The equations: utils/compartmental_reference.py (one function each, and the Config whose defaults these are); the
+fast engine: utils/compartmental_engine.py; many networks trained side by side: utils.compartmental_population
+.fit_population; the spikes' random numbers: utils/compartmental_random.py.
 
-The model in brief (equation numbers of the paper's Methods): inputs send Poisson spikes at lambda_max x pixel;
-hidden neurons have basal B = W PSP + b (Eq. 5), apical A = Y PSP_fb and a soma C (Eqs. 1, 6) firing at lambda_C =
-lambda_max sigmoid(C) (Eq. 4); PSPs are spike trains through the truncated kernel kappa (Eq. 2); the output soma
-receives the teaching current in the target phase (Eq. 7). Each batch: a forward phase and a target phase (each
-lengthened by int(Wald(2, 1)) steps with extra_steps), plateau potentials alpha = sigmoid(mean A) at the end of each
-(Eq. 8), then the local updates (Eqs. 10-13) averaged over the batch (batch_size=1: the paper's online algorithm).
-Testing: the state at rest, one forward phase of l_f_phase_test steps, prediction = argmax of the output's mean C
-over its last l_f_phase_test - (l_f_phase - integration_time) steps (220 of 250, as in the authors' code).
+The model (equations of the paper's Methods): inputs send Poisson spikes at lambda_max x pixel; hidden neurons have
+basal B = W PSP + b (Eq. 5), apical A = Y PSP_fb and a soma C (Eqs. 1, 6) firing at lambda_C = lambda_max sigmoid(C)
+(Eq. 4); PSPs are spike trains through the truncated kernel kappa (Eq. 2); the output soma receives the teaching
+current in the target phase (Eq. 7). Each batch: a forward and a target phase (each lengthened by int(Wald(2, 1))
+steps with extra_steps), plateau potentials alpha = sigmoid(mean A) at the end of each (Eq. 8), then the local
+updates (Eqs. 10-13) averaged over the batch (batch_size=1: the paper's online algorithm). Testing: from rest, one
+forward phase of l_f_phase_test steps; the prediction is the argmax of the output's mean C over its last
+l_f_phase_test - (l_f_phase - integration_time) steps, as in the authors' code, which it follows
+(jordan-g/Segregated-Dendrite-Deep-Learning): steady-state output somas in the target phase, their learned-feedback
+error E_inv and feedback bias c, their initialisation avg + 3.465 sd U(-1, 1) (init="authors").
 
-Faithful to the authors' code (jordan-g/Segregated-Dendrite-Deep-Learning, deep_learning.py), where the paper's
-numbers come from: instantaneous output somas in the target phase take the steady state of the conductance equation
-C = (g_D B + g_E E_E + g_I E_I) / (g_L + g_D + g_E + g_I); learned feedback uses their E_inv = -(lambda_max
-sigmoid(mean C^f) - alpha^f) sigmoid'(mean A^f) and, with use_feedback_bias, learns c as well; the initial weights are
-avg + 3.465 sd U(-1, 1) with one random feedback matrix per hidden layer (init="authors").
-
-Deliberate differences from the authors' code, each with the option that gives their behaviour where it makes sense:
-* rate ("non-spiking") transmission filters the rate through the PSP kernel (the expectation of the spiking PSP, so
-  both modes share their scales); the authors pass the rate itself: rate_psp="rate".
-* init="paper" draws the paper's literal avg + sqrt(12) sd U(-1/2, 1/2) (half the authors' spread).
-* batches: the authors train one example at a time; batch_size > 1 simulates a batch at once and averages its
-  updates, with batch-scaled rates (batch_f_etas). batch_size=1 is their algorithm.
-* state carry-over: the network's state (potentials, PSP histories) carries over from example to example as in their
-  code; the example order is a fresh permutation per epoch, drawn from `seed`.
-* the learning-rate decay (lr_decay_examples) is not in the paper; off by default.
-* sparse plus learned feedback: the authors multiply the learned Y by 5 again after every example (their
-  update_Y re-applies the sparse initialisation's x5), which grows Y about 3.5e4-fold in 5 examples; here each
-  update only re-applies the mask (the dropped entries stay 0), the x5 happens once, at initialisation.
-* noisy symmetric weights without broadcast: the authors add one scalar N(0, 0.05) to the whole transposed matrix
-  (a draw without a size); here every entry gets its own N(0, 0.05) noise, as in their broadcast branch and as the
-  flag's description ("noisy weights") reads.
-* randomness: spike counts come from counter-based random numbers (utils/compartmental_random.py: inverse CDF of one
-  uniform each, a pure function of seed, epoch, phase, example position, step, layer and neuron), so a
-  run matches the authors' in distribution, not spike for spike; start both from the same weights with set_weights.
-
-Batches and learning rates: averaging a batch's updates leaves the paper's rates far too small for the hidden
-layers, but the output layer cannot take B times its online step: scale the hidden rates by 2 B and the output rate by
-2 (batch_f_etas; 2 hidden layers of 500 + 100 at batch 16: (3.68, 3.68, 0.72) reached 3.13 % MNIST test error after
-60 epochs with a cosine decay over 60 (measured with the first version of this module, whose initial spread was
-half the authors'), see README).
+Where it differs from the authors' code (the option that gives their behaviour, where there is one): rate mode
+filters the rate through the PSP kernel (rate_psp="rate": the rate itself); init="paper" is the paper's literal
+avg + sqrt(12) sd U(-1/2, 1/2); batch_size > 1 averages a batch's updates, with rates scaled by batch_f_etas; the
+example order is a fresh permutation per epoch from `seed`, the state carried from example to example as theirs;
+lr_decay_examples (not in the paper) is off by default; sparse learned feedback re-applies only the mask after each
+update (theirs multiplies Y by the initialisation's 5 again after every example); noisy symmetric weights without
+broadcast draw one N(0, 0.05) per entry (theirs one scalar); spikes come from counter-based random numbers, so a run
+matches theirs in distribution, not spike for spike (start both from the same weights with set_weights).
 """
 import math
 
@@ -80,8 +52,10 @@ _D = R.Config()       # the defaults
 
 def batch_f_etas(batch_size, f_etas=PAPER_F_ETAS[1], n_examples=None):
     """Online rates (hidden..., output) scaled for averaged batch updates: hidden x 2 B, output x 2 (batch 16:
-    (0.21, 0.21) -> (6.72, 0.42)); unchanged at batch_size=1. B is the batch that trains: batch_size, or the
-    n_examples of the training data when there are fewer."""
+    (0.21, 0.21) -> (6.72, 0.42)); unchanged at batch_size=1. (Averaging leaves the paper's rates too small for the
+    hidden layers, but the output layer cannot take B times its online step: docs/results.md, "Measurements moved
+    from the code".) B is the batch that trains: batch_size, or the n_examples of the training data when there are
+    fewer."""
     if n_examples is not None:
         batch_size = max(1, min(batch_size, int(n_examples)))
     if batch_size == 1:
