@@ -163,8 +163,8 @@ def propose(optimizer, rng, search, iteration, size=1):
     init_points evaluations), "bo" (bayes_opt's own suggestion, the round's earlier points lied in: with_lies),
     "bo-prior" (the acquisition's maximum over draws of `sample`), "bo-valid (invalid)" or "bo-valid (duplicate)"
     (bayes_opt's suggestion was invalid or already evaluated or proposed, so the acquisition was maximized over
-    random valid candidates instead). rejected: random draws thrown away as invalid or seen. invalid: (params, reason) of an
-    invalid suggestion, for the log, else None."""
+    random valid candidates instead). rejected: random draws thrown away as invalid or seen. invalid: (params,
+    reason) of an invalid suggestion, for the log, else None."""
     rng.seed((search.seed * 1_000_003 + iteration) % 2**32)
     picked = []
     for it in range(iteration, iteration + size):

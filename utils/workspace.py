@@ -34,10 +34,6 @@ from utils.train import LoggedRun, train_logged
 KINDS = networks()   # the networks the notebooks train and study ("mlp", "cnn", "compartmental")
 
 # ----------------------------------------------------------------------------------------------------------------
-# reference numbers (accuracy, %)
-SEED_STUDY, PAPER = results.SEED_STUDY, results.PAPER   # the seed study's best CV and the paper's test accuracy
-
-# ----------------------------------------------------------------------------------------------------------------
 # the small models of quick mode, per kind (full mode trains utils.results' reference configurations per dataset)
 MODELS = {
     "mlp": dict(hidden_sizes=(500,), lr=1e-3, batch_size=100),
@@ -372,14 +368,14 @@ def results_table(summary):
         rows.append({"model": r.model, "dataset": r.dataset, "best CV %": round(100 * r.best, 2),
                      "mean CV %": round(100 * r.mean, 2), "std CV %": round(100 * r.std, 2),
                      "test % (best, retrained)": round(100 * r.test_acc, 2),
-                     "seed study best CV %": SEED_STUDY.get(key), "paper test %": PAPER.get(key),
+                     "seed study best CV %": results.SEED_STUDY.get(key), "paper test %": results.PAPER.get(key),
                      "evaluations": r.n_evals})
     return pd.DataFrame(rows)
 
 
 def reference_columns(summary):
     """The summary with the seed study's best CV accuracy as column seed_best (fraction), for plot_comparison."""
-    ref = [SEED_STUDY.get((m, d)) for m, d in zip(summary["model"], summary["dataset"])]
+    ref = [results.SEED_STUDY.get((m, d)) for m, d in zip(summary["model"], summary["dataset"])]
     return summary.assign(seed_best=[None if v is None else v / 100 for v in ref])
 
 
