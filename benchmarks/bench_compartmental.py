@@ -375,7 +375,7 @@ def plot(files, path):
     print("saved", save_figure(fig, path))
 
 
-def main():
+def _parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--accuracy", action="store_true", help="train and test instead of the speed table")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -423,6 +423,11 @@ def main():
     p.add_argument("--accuracy-test", type=int, default=10000, help="--compare: test examples of the check")
     p.add_argument("--measure", nargs=5, default=None, help=argparse.SUPPRESS)   # data B threads batches n_test
     p.add_argument("--measure-accuracy", type=int, nargs=4, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main():
+    p = _parser()
     args = p.parse_args()
     if args.test_every_epochs < 1:
         p.error(f"--test-every-epochs must be at least 1, got {args.test_every_epochs}")

@@ -295,7 +295,7 @@ def rule_steps(args, device):
     return rows
 
 
-def main():
+def _parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--speed", action="store_true")
     p.add_argument("--accuracy", action="store_true")
@@ -331,6 +331,11 @@ def main():
     p.add_argument("--verbose", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results (with this configuration) as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def main():
+    p = _parser()
     args = p.parse_args()
     try:
         args.rule_lr = {rule: float(lr) for rule, lr in (item.split("=") for item in args.rule_lr)}

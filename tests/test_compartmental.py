@@ -10,7 +10,8 @@ from sklearn.base import clone
 
 from utils import compartmental_engine as engine
 from utils import compartmental_reference as R
-from utils.compartmental import CompartmentalClassifier, batch_f_etas, fit_population
+from utils.compartmental import CompartmentalClassifier, batch_f_etas
+from utils.compartmental_population import fit_population
 from utils.errors import TrainingDiverged
 
 N_IN, N_CLASSES = 20, 4
@@ -261,11 +262,11 @@ def test_population_members_get_their_own_hook_calls():
 
 
 def test_cross_validate_trains_the_folds_as_one_population(monkeypatch):
-    from utils import compartmental, compartmental_kind, evaluation
+    from utils import compartmental_kind, compartmental_population, evaluation
     X, y = small_data(30)
     clf = CompartmentalClassifier(**SMALL, n_hidden=(6,), batch_size=4, seed=2)
     sizes = []
-    real = compartmental.fit_population
+    real = compartmental_population.fit_population
     monkeypatch.setattr(compartmental_kind, "fit_population", lambda ests, data: sizes.append(len(ests)) or real(ests, data))
     scores = evaluation.cross_validate(clf, X, y, folds=3, seed=1)
     assert sizes == [3]

@@ -9,7 +9,8 @@ import torch
 from sklearn.base import clone
 
 from utils import compartmental_random as rnd
-from utils.compartmental import CompartmentalClassifier, fit_population
+from utils.compartmental import CompartmentalClassifier
+from utils.compartmental_population import fit_population
 
 N = 4_000_000
 

@@ -10,7 +10,7 @@ from utils.logger import TrainingLogger
 from utils.runs import angles
 from utils.models import CNN, MLP
 from utils.rules import (RULES, ZERO_OUTPUT_RULES, RuleConv2d, RuleLinear, angle_degrees, hidden_angles, rule_layers,
-                         rule_settings, rules_for)
+                         rule_settings, rules_for, Wiring)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.classifiers import make_classifier
 
@@ -175,7 +175,7 @@ def test_dfa_hidden_update_is_output_error_through_its_fixed_matrix():
 
 def test_sign_symmetry_feedback_has_the_forward_signs_and_fixed_magnitude():
     torch.manual_seed(0)
-    layer = RuleLinear(6, 3, rule="sign")
+    layer = RuleLinear(6, 3, Wiring("sign"))
     x = torch.zeros(3, 6, requires_grad=True)
     (fb,) = torch.autograd.grad(layer(x), x, grad_outputs=torch.eye(3))   # row k: what output k sends back
     assert torch.equal(torch.sign(fb), torch.sign(layer.weight))
@@ -192,7 +192,8 @@ def test_sign_symmetry_feedback_has_the_forward_signs_and_fixed_magnitude():
 @pytest.mark.parametrize("rule", ["fa", "sign"])
 def test_convolution_sends_back_through_its_feedback_kernel(rule):
     torch.manual_seed(0)
-    conv = RuleConv2d(2, 3, 3, padding=1, rule=rule)
+    conv = RuleConv2d(2, 3, 3, padding=1, wiring=Wiring(rule))
+    conv.reset_feedback_()   # a lone layer's feedback buffer is torch.empty until drawn (NaN at times)
     ref = torch.nn.Conv2d(2, 3, 3, padding=1)
     ref.load_state_dict({"weight": conv.weight.detach(), "bias": conv.bias.detach()})
     x = torch.randn(2, 2, 5, 5, requires_grad=True)

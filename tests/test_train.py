@@ -6,7 +6,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.classifiers import make_classifier
 from utils.errors import TrainingDiverged
 from utils.evaluation import cross_validate
-from utils.train import main, train_epochs, train_logged
+from utils.train import EpochRun, LoggedRun, main, train_epochs, train_logged
 
 
 @pytest.mark.parametrize("kind, hp", [("mlp", dict(hidden_sizes=(32,))),
@@ -150,10 +150,10 @@ def test_resume_after_one_of_two_epochs_equals_two_epochs_mlp(blobs, tmp_path):
     X, y = blobs
     hp = dict(hidden_sizes=(16,), lr=1e-2, batch_size=32, max_epochs=2, seed=4, device="cpu")
     args = (X[:500], y[:500], X[500:], y[500:])
-    whole, rec = train_epochs(make_classifier("mlp", **hp), *args, epochs=2, out=tmp_path / "whole.json")
-    train_epochs(make_classifier("mlp", **hp), *args, epochs=1, out=tmp_path / "part.json")   # "interrupted"
-    resumed, rec2 = train_epochs(make_classifier("mlp", **hp), *args, epochs=2, out=tmp_path / "part.json",
-                                 resume=True)
+    whole, rec = train_epochs(make_classifier("mlp", **hp), *args, EpochRun(2, out=tmp_path / "whole.json"))
+    train_epochs(make_classifier("mlp", **hp), *args, EpochRun(1, out=tmp_path / "part.json"))   # "interrupted"
+    resumed, rec2 = train_epochs(make_classifier("mlp", **hp), *args,
+                                 EpochRun(2, out=tmp_path / "part.json", resume=True))
     plain = make_classifier("mlp", **hp).fit(X[:500], y[:500])   # one fit of two epochs: the same batches
     for other in (resumed, plain):
         state = other.module_.state_dict()
@@ -166,11 +166,11 @@ def test_resume_equals_uninterrupted_compartmental_rate_mode(blobs, tmp_path):
     from utils.checkpoint import read_checkpoint
     X, y = blobs
     args = (X[:200], y[:200], X[200:300], y[200:300])
-    whole, _ = train_epochs(_tiny_compartmental(), *args, epochs=2, out=tmp_path / "whole.json")
-    train_epochs(_tiny_compartmental(), *args, epochs=1, out=tmp_path / "part.json")
+    whole, _ = train_epochs(_tiny_compartmental(), *args, EpochRun(2, out=tmp_path / "whole.json"))
+    train_epochs(_tiny_compartmental(), *args, EpochRun(1, out=tmp_path / "part.json"))
     middle, _ = read_checkpoint(tmp_path / "part.ckpt.pt")   # the state carried over to the next batch is saved
     assert middle.state_ is not None and middle.examples_seen_ == 200
-    resumed, _ = train_epochs(_tiny_compartmental(), *args, epochs=2, out=tmp_path / "part.json", resume=True)
+    resumed, _ = train_epochs(_tiny_compartmental(), *args, EpochRun(2, out=tmp_path / "part.json", resume=True))
     assert resumed.examples_seen_ == whole.examples_seen_ == 400
     for a, b in zip(whole.W_ + whole.b_ + whole.Y_, resumed.W_ + resumed.b_ + resumed.Y_):
         assert torch.equal(a, b)
@@ -217,9 +217,9 @@ def test_command_line_dry_run(mnist_root, capsys):
 def test_train_logged_saves_run_with_configuration(blobs, tmp_path):
     from utils.runs import load_run
     X, y = blobs
-    clf, log = train_logged("mlp", X[:500], y[:500], X[500:], y[500:], run_dir=tmp_path / "run",
-                            config={"dataset": "blobs", "seed": 1}, hidden_sizes=(16,), lr=1e-2, max_epochs=2,
-                            seed=1, device="cpu", records_per_epoch=4)
+    run = LoggedRun(run_dir=tmp_path / "run", config={"dataset": "blobs", "seed": 1}, records_per_epoch=4)
+    clf, log = train_logged("mlp", X[:500], y[:500], X[500:], y[500:], run, hidden_sizes=(16,), lr=1e-2,
+                            max_epochs=2, seed=1, device="cpu")
     config, df = load_run(tmp_path / "run")
     assert config["model"] == "mlp" and config["dataset"] == "blobs" and config["n_train"] == 500
     assert config["hyperparameters"]["module__hidden_sizes"] == [16] and config["hyperparameters"]["lr"] == 0.01

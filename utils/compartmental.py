@@ -1,64 +1,36 @@
 """The segregated-dendrite network of Guerguiev, Lillicrap & Richards (2017), "Towards deep learning with segregated
-dendrites", eLife 6:e22901, as a scikit-learn estimator, and many such networks trained side by side.
+dendrites", eLife 6:e22901, as a scikit-learn estimator.
 
-    from utils.compartmental import CompartmentalClassifier, fit_population
+    from utils.compartmental import CompartmentalClassifier
     clf = CompartmentalClassifier(n_hidden=(500,), batch_size=1, max_epochs=60, seed=0)   # the paper's setup
     clf.fit(X_train, y_train)          # X: N x C x H x W (or N x D) tensor in [0, 1], y: N labels
     clf.predict(X_test), clf.predict_proba(X_test), clf.score(X_test, y_test)
     clf.named_weights()                # {"W1": ..., "b1": ..., "Y1": ..., "c1": ...}; clf.set_weights(...) inverts it
     clf.state_dict(), clf.load_state_dict(sd)   # everything to go on exactly, also mid-epoch (utils.checkpoint)
-    fit_population([clf_a, clf_b, clf_c], [(Xa, ya), (Xb, yb), (Xc, yc)])   # three networks in one simulation
 
-Three modules, what from how:
-* utils/compartmental_reference.py: the paper's equations, one function each, and a plain step-by-step simulation
-  (`Network`) with the configuration as one frozen dataclass (`Config`, also the home of the option FLAGS). Read it
-  with the paper's Methods beside it.
-* utils/compartmental_engine.py: the fast engine (`Population`): P networks of one structure in one batched
-  simulation, layer by layer over segments of time steps, from the reference's Configs and weight stacks alone (it
-  never touches this estimator); the tests check it against the reference.
-* utils/compartmental_population.py: `fit_population`, many networks trained side by side (the training loop).
-* utils/compartmental_random.py: the counter-based random numbers of the spikes.
-* this module: the estimator, batch-scaled learning rates.
+The equations: utils/compartmental_reference.py (one function each, and the Config whose defaults these are); the
+fast engine: utils/compartmental_engine.py; many networks trained side by side: utils.compartmental_population
+.fit_population; the spikes' random numbers: utils/compartmental_random.py.
 
-The model in brief (equation numbers of the paper's Methods): inputs send Poisson spikes at lambda_max x pixel;
-hidden neurons have basal B = W PSP + b (Eq. 5), apical A = Y PSP_fb and a soma C (Eqs. 1, 6) firing at lambda_C =
-lambda_max sigmoid(C) (Eq. 4); PSPs are spike trains through the truncated kernel kappa (Eq. 2); the output soma
-receives the teaching current in the target phase (Eq. 7). Each batch: a forward phase and a target phase (each
-lengthened by int(Wald(2, 1)) steps with extra_steps), plateau potentials alpha = sigmoid(mean A) at the end of each
-(Eq. 8), then the local updates (Eqs. 10-13) averaged over the batch (batch_size=1: the paper's online algorithm).
-Testing: the state at rest, one forward phase of l_f_phase_test steps, prediction = argmax of the output's mean C
-over its last l_f_phase_test - (l_f_phase - integration_time) steps (220 of 250, as in the authors' code).
+The model (equations of the paper's Methods): inputs send Poisson spikes at lambda_max x pixel; hidden neurons have
+basal B = W PSP + b (Eq. 5), apical A = Y PSP_fb and a soma C (Eqs. 1, 6) firing at lambda_C = lambda_max sigmoid(C)
+(Eq. 4); PSPs are spike trains through the truncated kernel kappa (Eq. 2); the output soma receives the teaching
+current in the target phase (Eq. 7). Each batch: a forward and a target phase (each lengthened by int(Wald(2, 1))
+steps with extra_steps), plateau potentials alpha = sigmoid(mean A) at the end of each (Eq. 8), then the local
+updates (Eqs. 10-13) averaged over the batch (batch_size=1: the paper's online algorithm). Testing: from rest, one
+forward phase of l_f_phase_test steps; the prediction is the argmax of the output's mean C over its last
+l_f_phase_test - (l_f_phase - integration_time) steps, as in the authors' code, which it follows
+(jordan-g/Segregated-Dendrite-Deep-Learning): steady-state output somas in the target phase, their learned-feedback
+error E_inv and feedback bias c, their initialisation avg + 3.465 sd U(-1, 1) (init="authors").
 
-Faithful to the authors' code (jordan-g/Segregated-Dendrite-Deep-Learning, deep_learning.py), where the paper's
-numbers come from: instantaneous output somas in the target phase take the steady state of the conductance equation
-C = (g_D B + g_E E_E + g_I E_I) / (g_L + g_D + g_E + g_I); learned feedback uses their E_inv = -(lambda_max
-sigmoid(mean C^f) - alpha^f) sigmoid'(mean A^f) and, with use_feedback_bias, learns c as well; the initial weights are
-avg + 3.465 sd U(-1, 1) with one random feedback matrix per hidden layer (init="authors").
-
-Deliberate differences from the authors' code, each with the option that gives their behaviour where it makes sense:
-* rate ("non-spiking") transmission filters the rate through the PSP kernel (the expectation of the spiking PSP, so
-  both modes share their scales); the authors pass the rate itself: rate_psp="rate".
-* init="paper" draws the paper's literal avg + sqrt(12) sd U(-1/2, 1/2) (half the authors' spread).
-* batches: the authors train one example at a time; batch_size > 1 simulates a batch at once and averages its
-  updates, with batch-scaled rates (batch_f_etas). batch_size=1 is their algorithm.
-* state carry-over: the network's state (potentials, PSP histories) carries over from example to example as in their
-  code; the example order is a fresh permutation per epoch, drawn from `seed`.
-* the learning-rate decay (lr_decay_examples) is not in the paper; off by default.
-* sparse plus learned feedback: the authors multiply the learned Y by 5 again after every example (their
-  update_Y re-applies the sparse initialisation's x5), which grows Y about 3.5e4-fold in 5 examples; here each
-  update only re-applies the mask (the dropped entries stay 0), the x5 happens once, at initialisation.
-* noisy symmetric weights without broadcast: the authors add one scalar N(0, 0.05) to the whole transposed matrix
-  (a draw without a size); here every entry gets its own N(0, 0.05) noise, as in their broadcast branch and as the
-  flag's description ("noisy weights") reads.
-* randomness: spike counts come from counter-based random numbers (utils/compartmental_random.py: inverse CDF of one
-  uniform each, a pure function of seed, epoch, phase, example position, step, layer and neuron), so a
-  run matches the authors' in distribution, not spike for spike; start both from the same weights with set_weights.
-
-Batches and learning rates: averaging a batch's updates leaves the paper's rates far too small for the hidden
-layers, but the output layer cannot take B times its online step: scale the hidden rates by 2 B and the output rate by
-2 (batch_f_etas; 2 hidden layers of 500 + 100 at batch 16: (3.68, 3.68, 0.72) reached 3.13 % MNIST test error after
-60 epochs with a cosine decay over 60 (measured with the first version of this module, whose initial spread was
-half the authors'), see README).
+Where it differs from the authors' code (the option that gives their behaviour, where there is one): rate mode
+filters the rate through the PSP kernel (rate_psp="rate": the rate itself); init="paper" is the paper's literal
+avg + sqrt(12) sd U(-1/2, 1/2); batch_size > 1 averages a batch's updates, with rates scaled by batch_f_etas; the
+example order is a fresh permutation per epoch from `seed`, the state carried from example to example as theirs;
+lr_decay_examples (not in the paper) is off by default; sparse learned feedback re-applies only the mask after each
+update (theirs multiplies Y by the initialisation's 5 again after every example); noisy symmetric weights without
+broadcast draw one N(0, 0.05) per entry (theirs one scalar); spikes come from counter-based random numbers, so a run
+matches theirs in distribution, not spike for spike (start both from the same weights with set_weights).
 """
 import math
 
@@ -68,8 +40,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from utils import compartmental_reference as R
 from utils.compartmental_engine import Population, fresh_state
-from utils.compartmental_population import (  # noqa: F401  (re-exported: fit_population, POPULATION_SHARED)
-    POPULATION_SHARED, _as_numpy, _n_features, phase_keys, _train, as_labels, as_pixels, fit_population)  # noqa: F401
+from utils.compartmental_population import _n_features, _train, as_labels, as_pixels, fit_population, phase_keys
 
 PAPER_F_ETAS = {1: (0.21, 0.21), 2: (0.23, 0.23, 0.12)}  # the paper's learning rates for 1 and 2 hidden layers
 PAPER_TEST_ERROR = {1: 4.1, 2: 3.2}   # the paper's MNIST test error (%) after 60 epochs, 1 and 2 hidden layers
@@ -81,8 +52,10 @@ _D = R.Config()       # the defaults
 
 def batch_f_etas(batch_size, f_etas=PAPER_F_ETAS[1], n_examples=None):
     """Online rates (hidden..., output) scaled for averaged batch updates: hidden x 2 B, output x 2 (batch 16:
-    (0.21, 0.21) -> (6.72, 0.42)); unchanged at batch_size=1. B is the batch that trains: batch_size, or the
-    n_examples of the training data when there are fewer."""
+    (0.21, 0.21) -> (6.72, 0.42)); unchanged at batch_size=1. (Averaging leaves the paper's rates too small for the
+    hidden layers, but the output layer cannot take B times its online step: docs/results.md, "Measurements moved
+    from the code".) B is the batch that trains: batch_size, or the n_examples of the training data when there are
+    fewer."""
     if n_examples is not None:
         batch_size = max(1, min(batch_size, int(n_examples)))
     if batch_size == 1:
@@ -90,10 +63,75 @@ def batch_f_etas(batch_size, f_etas=PAPER_F_ETAS[1], n_examples=None):
     return tuple(e * 2 * batch_size for e in f_etas[:-1]) + (f_etas[-1] * 2,)
 
 
+def _sizes(n_hidden):
+    """n_hidden as a sequence of hidden layer sizes (an integer is one layer)."""
+    return (n_hidden,) if isinstance(n_hidden, (int, np.integer)) else n_hidden
+
+
+def _at_least(v, least):
+    """v is an integer (a bool counts as one) >= least."""
+    return isinstance(v, (int, np.integer)) and v >= least
+
+
+def _is_device(v):
+    try:
+        torch.device(v) if v is not None else None
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+# The hyperparameters' validity, checked in this order (the first bad one is reported): (names, valid(value, clf),
+# how to fix it: formatted with c=the estimator, hidden=its hidden layer count, layers=hidden + 1).
+_VALID = (
+    (("n_hidden",), lambda v, c: isinstance(_sizes(v), (tuple, list)) and len(_sizes(v)) > 0,
+     "give at least one hidden layer, e.g. n_hidden=(500,)"),
+    (("n_hidden",), lambda v, c: all(_at_least(n, 1) for n in _sizes(v)),
+     "every hidden layer size must be a positive integer"),
+    (("tau_s", "tau_L", "dt", "lambda_max"), lambda v, c: float(v) > 0, "must be > 0"),
+    (("tau_s",), lambda v, c: not math.isclose(v, c.tau_L),
+     "must differ from tau_L={c.tau_L} (the kernel divides by tau_L - tau_s)"),
+    (("g_B", "g_D", "g_L", "g_A"), lambda v, c: float(v) >= 0, "conductances must be >= 0"),
+    (("g_L",), lambda v, c: v + c.g_B != 0 and v + c.g_D != 0, "g_L + g_B and g_L + g_D must be > 0"),
+    (("mem", "l_f_phase", "l_t_phase", "l_f_phase_test", "integration_time", "batch_size"),
+     lambda v, c: _at_least(v, 1) and not isinstance(v, bool), "must be a positive integer"),
+    (("max_epochs",), lambda v, c: _at_least(v, 0), "must be a non-negative integer"),
+    (("l_f_phase", "l_t_phase"), lambda v, c: v >= c.integration_time,
+     "must be >= integration_time={c.integration_time} (the averaging window); lengthen the phase or shorten "
+     "integration_time"),
+    (("l_f_phase_test",), lambda v, c: v >= c.integration_time, "must be >= integration_time={c.integration_time}"),
+    (("f_etas",), lambda v, c: v is None or (isinstance(v, (tuple, list)) and len(v) == len(_sizes(c.n_hidden)) + 1),
+     "give {layers} learning rates (one per hidden layer and one for the output), or None"),
+    (("f_etas",), lambda v, c: v is None or all(float(e) >= 0 for e in v), "learning rates must be >= 0"),
+    (("b_etas",), lambda v, c: v is None or (isinstance(v, (tuple, list)) and len(v) == len(_sizes(c.n_hidden))),
+     "give {hidden} learning rates (one per hidden layer), or None"),
+    (("b_etas",), lambda v, c: v is None or all(float(e) >= 0 for e in v), "learning rates must be >= 0"),
+    (("b_etas",), lambda v, c: v is not None or not c.update_feedback_weights,
+     "update_feedback_weights=True needs feedback learning rates, e.g. b_etas=(0.01,)"),
+    (("update_feedback_weights",), lambda v, c: not (v and c.use_symmetric_weights),
+     "cannot learn Y while use_symmetric_weights=True ties it to W; turn one of them off"),
+    (FLAGS, lambda v, c: isinstance(v, (bool, np.bool_)), "must be True or False"),
+    (("init",), lambda v, c: v in ("authors", "paper"),
+     'use "authors" (their code: avg + 3.465 sd U(-1, 1)) or "paper" (avg + sqrt(12) sd U(-1/2, 1/2))'),
+    (("rate_psp",), lambda v, c: v in ("kernel", "rate"),
+     'use "kernel" (rates through the PSP kernel) or "rate" (the rate itself, the authors\')'),
+    (("dtype",), lambda v, c: v in ("float32", "float64"), 'use "float32" or "float64"'),
+    (("lr_decay_examples",), lambda v, c: v is None or _at_least(v, 1),
+     "give the number of training examples over which the rates decay (e.g. max_epochs * len(X)), or None for "
+     "constant rates"),
+    (("hook_every",), lambda v, c: v is None or _at_least(v, 1), "must be a positive integer or None"),
+    (("hook",), lambda v, c: v is None or callable(v), "must be callable as hook(clf, info), or None"),
+    (("verbose",), lambda v, c: v in (0, 1, 2, True, False), "use 0 (silent) or 1 (progress bar)"),
+    (("seed",), lambda v, c: v is None or _at_least(v, 0), "use a non-negative integer, or None for fresh entropy"),
+    (("device",), lambda v, c: _is_device(v), 'use None, "cpu", "cuda" or "cuda:N"'),
+)
+
+
 class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
     """The segregated-dendrite network as a scikit-learn classifier (see the module docstring; the meaning of each
     number is in utils/compartmental_reference.Config, whose defaults these are)."""
 
+    # long by necessity: scikit-learn's get_params / clone need every hyperparameter as a named argument of __init__
     def __init__(self, n_hidden=(500,), f_etas=None, b_etas=None, batch_size=1, max_epochs=1, lr_decay_examples=None,
                  lambda_max=_D.lambda_max, tau_s=_D.tau_s, tau_L=_D.tau_L, dt=_D.dt, mem=_D.mem, g_B=_D.g_B,
                  g_A=_D.g_A, g_D=_D.g_D, g_L=_D.g_L, E_E=_D.E_E, E_I=_D.E_I, l_f_phase=_D.l_f_phase,
@@ -121,75 +159,16 @@ class CompartmentalClassifier(ClassifierMixin, BaseEstimator):
     # validation and set-up
 
     def _check_params(self):
-        """Raise ValueError naming the first bad hyperparameter and how to fix it; returns the hidden sizes."""
-        def bad(name, fix):
-            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: {fix}")
-        n_hidden = (self.n_hidden,) if isinstance(self.n_hidden, (int, np.integer)) else self.n_hidden
-        if not isinstance(n_hidden, (tuple, list)) or len(n_hidden) == 0:
-            bad("n_hidden", "give at least one hidden layer, e.g. n_hidden=(500,)")
-        if any(not isinstance(n, (int, np.integer)) or n < 1 for n in n_hidden):
-            bad("n_hidden", "every hidden layer size must be a positive integer")
-        for name in ("tau_s", "tau_L", "dt", "lambda_max"):
-            if not float(getattr(self, name)) > 0:
-                bad(name, "must be > 0")
-        if math.isclose(self.tau_s, self.tau_L):
-            bad("tau_s", f"must differ from tau_L={self.tau_L} (the kernel divides by tau_L - tau_s)")
-        for name in ("g_B", "g_D", "g_L", "g_A"):
-            if not float(getattr(self, name)) >= 0:
-                bad(name, "conductances must be >= 0")
-        if self.g_L + self.g_B == 0 or self.g_L + self.g_D == 0:
-            bad("g_L", "g_L + g_B and g_L + g_D must be > 0")
-        for name in ("mem", "l_f_phase", "l_t_phase", "l_f_phase_test", "integration_time", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                bad(name, "must be a positive integer")
-        if not isinstance(self.max_epochs, (int, np.integer)) or self.max_epochs < 0:
-            bad("max_epochs", "must be a non-negative integer")
-        for name in ("l_f_phase", "l_t_phase"):
-            if getattr(self, name) < self.integration_time:
-                bad(name, f"must be >= integration_time={self.integration_time} (the averaging window); "
-                          f"lengthen the phase or shorten integration_time")
-        if self.l_f_phase_test < self.integration_time:
-            bad("l_f_phase_test", f"must be >= integration_time={self.integration_time}")
-        M = len(n_hidden) + 1
-        for name, count, what in (("f_etas", M, "one per hidden layer and one for the output"),
-                                  ("b_etas", M - 1, "one per hidden layer")):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, (tuple, list)) or len(v) != count):
-                bad(name, f"give {count} learning rates ({what}), or None")
-            if v is not None and not all(float(e) >= 0 for e in v):
-                bad(name, "learning rates must be >= 0")
-        if self.update_feedback_weights and self.b_etas is None:
-            bad("b_etas", "update_feedback_weights=True needs feedback learning rates, e.g. b_etas=(0.01,)")
-        if self.update_feedback_weights and self.use_symmetric_weights:
-            bad("update_feedback_weights", "cannot learn Y while use_symmetric_weights=True ties it to W; "
-                                           "turn one of them off")
-        for name in FLAGS:
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                bad(name, "must be True or False")
-        if self.init not in ("authors", "paper"):
-            bad("init", 'use "authors" (their code: avg + 3.465 sd U(-1, 1)) or "paper" (avg + sqrt(12) sd U(-1/2, 1/2))')
-        if self.rate_psp not in ("kernel", "rate"):
-            bad("rate_psp", 'use "kernel" (rates through the PSP kernel) or "rate" (the rate itself, the authors\')')
-        if self.dtype not in ("float32", "float64"):
-            bad("dtype", 'use "float32" or "float64"')
-        if self.lr_decay_examples is not None and (not isinstance(self.lr_decay_examples, (int, np.integer))
-                                                   or self.lr_decay_examples < 1):
-            bad("lr_decay_examples", "give the number of training examples over which the rates decay "
-                                     "(e.g. max_epochs * len(X)), or None for constant rates")
-        if self.hook_every is not None and (not isinstance(self.hook_every, (int, np.integer)) or self.hook_every < 1):
-            bad("hook_every", "must be a positive integer or None")
-        if self.hook is not None and not callable(self.hook):
-            bad("hook", "must be callable as hook(clf, info), or None")
-        if self.verbose not in (0, 1, 2, True, False):
-            bad("verbose", "use 0 (silent) or 1 (progress bar)")
-        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
-            bad("seed", "use a non-negative integer, or None for fresh entropy")
-        try:
-            torch.device(self.device) if self.device is not None else None
-        except (RuntimeError, TypeError):
-            bad("device", 'use None, "cpu", "cuda" or "cuda:N"')
-        return tuple(int(n) for n in n_hidden)
+        """Raise ValueError naming the first bad hyperparameter (in the order of _VALID) and how to fix it; returns
+        the hidden sizes."""
+        sizes = _sizes(self.n_hidden)
+        hidden = len(sizes) if isinstance(sizes, (tuple, list)) else 0
+        for names, valid, fix in _VALID:
+            for name in names:
+                if not valid(getattr(self, name), self):
+                    raise ValueError(f"{name}={getattr(self, name)!r} is invalid: "
+                                     + fix.format(c=self, hidden=hidden, layers=hidden + 1))
+        return tuple(int(n) for n in sizes)
 
     def config(self):
         """The network's configuration as the reference's frozen Config (after fit or initialize)."""

@@ -192,29 +192,37 @@ def phase_keys(members, positions, epochs, phase, device):
     return rnd.example_keys(keys.view(-1, 1).to(device), torch.stack(list(positions)).to(device))
 
 
+def _class_indices(mb, y):
+    """The labels y as indices into the member's classes_ (a tensor on its device); ValueError for unknown ones."""
+    y_np = as_labels(y)
+    pos = np.clip(np.searchsorted(mb.classes_, y_np), 0, len(mb.classes_) - 1)
+    if not np.array_equal(mb.classes_[pos], y_np):
+        raise ValueError("y contains labels that are not in classes_; pass all classes to the first partial_fit")
+    return torch.as_tensor(pos, device=mb.device_)
+
+
+def _widen_state(mb, B):
+    """The member's state at batch width B: a fresh one, or its old one widened with slots at rest."""
+    old, mb.state_ = mb.state_, fresh_state(mb.config(), B, mb.device_, mb.dtype_)
+    if old is not None:
+        k = old["C"][0].shape[0]
+        for m in range(mb.M_):
+            mb.state_["C"][m][:k] = old["C"][m]
+            for kind in old["sig"][m]:
+                mb.state_["sig"][m][kind][:, :k] = old["sig"][m][kind]
+        mb.state_["hist"] = old["hist"]
+
+
 def _train(members, datasets, epochs, on_error="raise"):
     """Train the members side by side for epochs[p] passes over their data, batch after batch in lockstep; each
     member's batches, random numbers, updates and hook calls are those of a lone run."""
     m0 = members[0]
     Xs = [mb._to_tensor(X) for mb, (X, _) in zip(members, datasets)]
-    ys = []
-    for mb, (_, y) in zip(members, datasets):
-        y_np = as_labels(y)
-        pos = np.clip(np.searchsorted(mb.classes_, y_np), 0, len(mb.classes_) - 1)
-        if not np.array_equal(mb.classes_[pos], y_np):
-            raise ValueError("y contains labels that are not in classes_; pass all classes to the first partial_fit")
-        ys.append(torch.as_tensor(pos, device=mb.device_))
+    ys = [_class_indices(mb, y) for mb, (_, y) in zip(members, datasets)]
     B_state = max([min(m0.batch_size, len(X)) for X in Xs] +
                   [mb.state_["C"][0].shape[0] for mb in members if mb.state_ is not None])
-    for mb in members:                                       # a fresh state, or the old one widened with rest slots
-        old, mb.state_ = mb.state_, fresh_state(mb.config(), B_state, mb.device_, mb.dtype_)
-        if old is not None:
-            k = old["C"][0].shape[0]
-            for m in range(mb.M_):
-                mb.state_["C"][m][:k] = old["C"][m]
-                for kind in old["sig"][m]:
-                    mb.state_["sig"][m][kind][:, :k] = old["sig"][m][kind]
-            mb.state_["hist"] = old["hist"]
+    for mb in members:
+        _widen_state(mb, B_state)
     check_member_fits(m0, B_state)                           # before anything trains
     runs = [_Run(mb, X, y, ep) for mb, X, y, ep in zip(members, Xs, ys, epochs)]
     pop = population(members, B_state)

@@ -1,11 +1,10 @@
 """Training log: learning curves sampled several times per epoch and how fast each layer's weights move.
 
-One `TrainingLogger` serves every estimator of the workspace:
-
-* the skorch MLP and CNN, as a callback (``make_classifier("mlp", logger=log)`` appends it to the callbacks);
-* the compartmental network, as its hook (``make_classifier("compartmental", logger=log)`` passes ``hook=log``;
-  the estimator then calls ``log(clf, info)`` after its batches with each batch's training loss and accuracy:
-  the hook and hook_every parameters of utils/compartmental.CompartmentalClassifier).
+A TrainingLogger takes the progress reports of both protocols the workspace's estimators speak (each kind's build
+attaches it, utils.kinds):
+* skorch's callback events with the net (the MLP and CNN: on_train_begin, on_batch_end, on_epoch_end);
+* the hook ``log(clf, info)`` (the compartmental network's hook and hook_every): `info` holds examples_seen, epoch,
+  n_train and the batch's train_loss and train_acc (and bp_angle); `clf` answers named_weights() and predict_proba().
 
     from utils.logger import TrainingLogger
     log = TrainingLogger(X_valid, y_valid, records_per_epoch=10, name="mlp-mnist-s0")
@@ -14,24 +13,17 @@ One `TrainingLogger` serves every estimator of the workspace:
     log.save("runs/mlp-mnist-s0", config={"model": "mlp", "dataset": "mnist", "seed": 0, **hyperparameters})
     # read back, combine and split the tables with utils.runs: load_run, concat_runs, curves, weights, angles
 
-Both paths decide when to record by one rule (`_due`): at the first batch that reaches each multiple of
-n_train / records_per_epoch examples. Each record holds the examples seen so far, the wall time, the training loss
-and accuracy (mean over the training batches since the previous record, measured on the forward pass before each
-update; the logger is the only place that averages them), the validation loss and accuracy (on a fixed,
-class-balanced subset of at most `max_valid` validation examples, default 300, utils.data.stratified_indices) and,
-for every weight matrix or convolution kernel (parameters with ndim >= 2; the compartmental network's
-`named_weights()`), its Frobenius norm ||W_t||, the norm of its change since the previous record ||W_t - W_(t-1)||
-and the relative change ||W_t - W_(t-1)|| / ||W_t||. The first record (examples_seen = 0) is taken before the first
-update, so curves start at the initial state; its change columns are NaN. For the compartmental network with its
-backprop-angle diagnostic on, the hidden layers' angle to the backpropagation update (degrees, mean over the hook
-calls since the previous record) is recorded too; for the MLP and CNN (every learning rule of utils.rules) the
-angle between each hidden layer's gradient under the net's rule and the backprop gradient, both on the record's
-training batch from the weights after its update (`utils.rules.hidden_angles`; 0 for rule="backprop", recorded
-without computing it, so the backprop nets' logging costs what it did), in the same format. The other rules pay two
-extra forward and backward passes of one batch per record.
-
-The table (`to_frame`, records.csv) is long: one row per record and weight matrix (+ one per record and hidden layer
-with an angle); its layout and the functions that read it are utils/runs.py's.
+A record is taken before the first update (examples_seen = 0; its change columns are NaN) and at the first batch
+that reaches each multiple of n_train / records_per_epoch examples (`_due`, the one rule of both protocols). It
+holds the examples seen, the wall time, the training loss and accuracy (mean over the batches since the previous
+record, from the forward pass before each update), the validation loss and accuracy (on a fixed, class-balanced
+subset of at most `max_valid` validation examples) and, for every weight matrix or kernel (ndim >= 2), its norm
+||W_t||, its change ||W_t - W_(t-1)|| and the relative change ||W_t - W_(t-1)|| / ||W_t||. Hidden layers' angles to
+the backprop update (degrees): the compartmental network's own diagnostic (mean over the hook calls since the
+previous record), and for the MLP and CNN utils.rules.hidden_angles on the record's training batch (0 for backprop,
+not computed; two extra passes of ANGLE_EXAMPLES examples per record for the other rules). The table (`to_frame`,
+records.csv): one row per record and weight matrix, plus one per record and hidden layer with an angle; its layout
+and readers are utils/runs.py's.
 """
 import time
 import warnings
@@ -50,7 +42,7 @@ OVERHEAD_WARNING = 0.15  # warn once per log when the logger's time exceeds this
 #                          (not counting the first record's validation, which carries one-time costs: compilation)
 OVERHEAD_MIN_SECONDS = 1.0  # ... and this many seconds: less is not worth a warning, whatever the fraction (toy runs)
 ANGLE_EXAMPLES = 32  # a rule's angle to backprop: on this many examples of the last training batch (two extra
-#                      passes each record; on a whole batch of 100 they cost a small MLP as much as 5 batches)
+#                      passes each record; their cost: docs/results.md, "Measurements moved from the code")
 
 
 class LoggerOverheadWarning(UserWarning):

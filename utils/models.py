@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from utils.rules import (OutputError, RuleConv2d, RuleLinear, check_rule, init_rule_, make_learner, rule_forward,
-                         rule_param_groups)
+                         rule_param_groups, Wiring)
 
 
 def _xavier_(module):
@@ -75,8 +75,8 @@ class MLP(nn.Module):
         kw = dict(rule=rule, n_classes=n_classes, shared=self.output_error)
         layers = [nn.Flatten()]
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers += [RuleLinear(a, b, sends_back=i > 0, **kw), nn.ReLU()]
-        layers.append(RuleLinear(sizes[-1], n_classes, sends_back=len(sizes) > 1, is_output=True, **kw))
+            layers += [RuleLinear(a, b, Wiring(sends_back=i > 0, **kw)), nn.ReLU()]
+        layers.append(RuleLinear(sizes[-1], n_classes, Wiring(sends_back=len(sizes) > 1, is_output=True, **kw)))
         self.net = nn.Sequential(*layers)
         _xavier_(self)
         init_rule_(self)
@@ -157,11 +157,11 @@ class CNN(nn.Module):
         blocks, block_in = [], tuple(int(v) for v in in_shape)
         for i, (shape, k, s, p) in enumerate(zip(shapes, ks, ss, ps)):
             c = shape[0]
-            blocks += [RuleConv2d(block_in[0], c, k, s, p, sends_back=i > 0, in_shape=block_in, **kw),
+            blocks += [RuleConv2d(block_in[0], c, k, s, p, Wiring(sends_back=i > 0, **kw), in_shape=block_in),
                        nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
             block_in = shape
         self.features = nn.Sequential(*blocks)
-        self.classifier = RuleLinear(math.prod(shapes[-1]), n_classes, is_output=True, **kw)
+        self.classifier = RuleLinear(math.prod(shapes[-1]), n_classes, Wiring(is_output=True, **kw))
         _xavier_(self)
         init_rule_(self)
 

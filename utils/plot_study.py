@@ -270,11 +270,11 @@ def _distribution_panel(ax, sub, models, colors, reference, dataset):
 
 def main(argv=None):
     """python -m utils.plot_study FOLDER [--path PNG]: the study figure of the studies under FOLDER, with the seed
-    study's best (utils.workspace.SEED_STUDY) as the reference."""
+    study's best (utils.results.SEED_STUDY) as the reference."""
     import argparse
 
     from utils.study_log import load_results
-    from utils.workspace import SEED_STUDY
+    from utils.results import SEED_STUDY
     p = argparse.ArgumentParser(prog="python -m utils.plot_study", description=main.__doc__.splitlines()[0])
     p.add_argument("folder", help="a folder of studies (utils.study's --out)")
     p.add_argument("--path", default="study", help="where the PNG goes (relative: under figures/)")

@@ -20,8 +20,10 @@ How the loop treats awkward proposals (everything is logged, one line each in ev
   that common) is replaced the same way (source "bo-valid (duplicate)"); no point is ever registered twice.
 """
 import contextlib
+import dataclasses
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from bayes_opt import BayesianOptimization, acquisition
@@ -139,35 +141,48 @@ def _best_valid_candidate(optimizer, is_valid, pending=(), sample=None):
     return candidates[int(np.argmax(ucb))], rejected
 
 
-def propose(optimizer, rng, seed, iteration, init_points, check, start=None, size=1, sample=None):
-    """The points of the round of `size` evaluations that starts at evaluation number `iteration`: a list of
-    (params, source, rejected, invalid), deterministic in (seed, iteration, size, the registered data).
-    check(params) -> None when valid, else the reason. sample: the random draws (default uniform; flag_sampler for
-    the compartmental network, whose GP proposals are then the acquisition's maximum over such draws).
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """What every round of a study proposes from: its `seed`, its `init_points` random evaluations, check(params) ->
+    None when valid, else the reason; `start`: evaluation 0 (None: random); `sample`: the random draws (None:
+    uniform; flag_sampler for the compartmental network, whose GP proposals are then the acquisition's maximum over
+    such draws)."""
+    seed: int
+    init_points: int
+    check: Callable
+    start: dict | None = None
+    sample: Callable | None = None
+
+
+def propose(optimizer, rng, search, iteration, size=1):
+    """The points of the round of `size` evaluations that starts at evaluation number `iteration` of the `search`
+    (a Search): a list of (params, source, rejected, invalid), deterministic in (seed, iteration, size, the
+    registered data).
 
     source: "start" (evaluation 0 is `start` when given, valid and not yet evaluated), "random" (the first
     init_points evaluations), "bo" (bayes_opt's own suggestion, the round's earlier points lied in: with_lies),
-    "bo-prior" (the
-    acquisition's maximum over draws of `sample`), "bo-valid (invalid)" or "bo-valid (duplicate)" (bayes_opt's
-    suggestion was invalid or already evaluated or proposed, so the acquisition was maximized over random valid
-    candidates instead). rejected: random draws thrown away as invalid or seen. invalid: (params, reason) of an
-    invalid suggestion, for the log, else None."""
-    rng.seed((seed * 1_000_003 + iteration) % 2**32)
+    "bo-prior" (the acquisition's maximum over draws of `sample`), "bo-valid (invalid)" or "bo-valid (duplicate)"
+    (bayes_opt's suggestion was invalid or already evaluated or proposed, so the acquisition was maximized over
+    random valid candidates instead). rejected: random draws thrown away as invalid or seen. invalid: (params,
+    reason) of an invalid suggestion, for the log, else None."""
+    rng.seed((search.seed * 1_000_003 + iteration) % 2**32)
     picked = []
     for it in range(iteration, iteration + size):
         pending = [p[0] for p in picked]
-        picked.append(_propose_one(optimizer, it, init_points, check, start, pending, sample))
+        picked.append(_propose_one(optimizer, search, it, pending))
     return picked
 
 
-def _propose_one(optimizer, iteration, init_points, check, start, pending, sample):
+def _propose_one(optimizer, search, iteration, pending):
+    check, start, sample = search.check, search.start, search.sample
+
     def is_valid(p):
         return check(p) is None
 
     keys = {_key(optimizer, p) for p in pending}
     if iteration == 0 and start is not None and is_valid(start) and not _seen(optimizer, start):
         return dict(start), "start", 0, None
-    if iteration < init_points or len(optimizer.space) == 0:
+    if iteration < search.init_points or len(optimizer.space) == 0:
         (params,), rejected = _random_valid(optimizer, is_valid, exclude=keys, sample=sample)
         return params, "random", rejected, None
     if sample is not None:

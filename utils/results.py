@@ -36,7 +36,7 @@ from utils.plot_study import plot_rule_angles, plot_study
 from utils.plotting import plot_bp_angle, plot_learning_curves, plot_weight_dynamics
 from utils.runs import records_frame
 from utils.study_log import load_results, summarize
-from utils.train import train_epochs
+from utils.train import EpochRun, train_epochs
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 
@@ -154,8 +154,8 @@ def run_piece(piece, ds, root=None, prov=None, log=print):
         write_json(path, record)
 
     classes = np.arange(len(ds.classes)) if piece.model == "compartmental" else None
-    _, train = train_epochs(clf, X, y, ds.X_test, ds.y_test, piece.epochs, test_every=piece.test_every,
-                            config=config, classes=classes, log=save)
+    _, train = train_epochs(clf, X, y, ds.X_test, ds.y_test, EpochRun(
+        piece.epochs, test_every=piece.test_every, config=config, classes=classes, log=save))
     record.update(training=train, test_accuracy=train["test_accuracy"], finished=train["finished"],
                   records=logger.records_, wall_s=time.perf_counter() - t0)
     write_json(path, record)

@@ -117,14 +117,26 @@ def _fans(weight):
 # the backward passes
 
 
-def _input_signal(rule, grad_out, weight, feedback, scale, shared, is_output):
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+    """A rule layer's place in its network: its `rule`, whether it `sends_back` a signal to its input (False for the
+    first layer: its input needs no gradient), whether it `is_output` (the network's last layer), and, for DFA,
+    `n_classes` and the network's `shared` OutputError."""
+    rule: str = "backprop"
+    sends_back: bool = True
+    is_output: bool = False
+    n_classes: int = None
+    shared: OutputError = None
+
+
+def _input_signal(wiring, scale, grad_out, weight, feedback):
     """The kernel whose transpose carries grad_out back (FA / sign), or, for DFA, None after storing e."""
-    if rule == "fa":
+    if wiring.rule == "fa":
         return feedback
-    if rule == "sign":
+    if wiring.rule == "sign":
         return torch.sign(weight) * scale
-    if is_output:  # dfa: the output layer's delta is the output error
-        shared.error = grad_out
+    if wiring.is_output:  # dfa: the output layer's delta is the output error
+        wiring.shared.error = grad_out
     return None
 
 
@@ -137,40 +149,41 @@ def _dfa_input_grad(shared, feedback, x_shape):
 
 class _RuleLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, rule, scale, shared, is_output):
+    def forward(ctx, x, weight, bias, feedback, wiring, scale):
         ctx.save_for_backward(x, weight, feedback)
-        ctx.rule, ctx.scale, ctx.shared, ctx.is_output, ctx.has_bias = rule, scale, shared, is_output, bias is not None
+        ctx.wiring, ctx.scale, ctx.has_bias = wiring, scale, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, feedback = ctx.saved_tensors
-        kernel = _input_signal(ctx.rule, grad_out, weight, feedback, ctx.scale, ctx.shared, ctx.is_output)
+        kernel = _input_signal(ctx.wiring, ctx.scale, grad_out, weight, feedback)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ kernel if ctx.rule != "dfa" else _dfa_input_grad(ctx.shared, feedback, x.shape)
+            dfa = ctx.wiring.rule == "dfa"
+            grad_x = _dfa_input_grad(ctx.wiring.shared, feedback, x.shape) if dfa else grad_out @ kernel
         if ctx.needs_input_grad[1]:
             grad_w = grad_out.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 class _RuleConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, rule, scale, shared, is_output, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, feedback, wiring, scale, conv):
+        """`conv`: (stride, padding, dilation, groups) of the layer."""
         ctx.save_for_backward(x, weight, feedback)
-        ctx.rule, ctx.scale, ctx.shared, ctx.is_output = rule, scale, shared, is_output
-        ctx.conv = (stride, padding, dilation, groups)
+        ctx.wiring, ctx.scale, ctx.conv = wiring, scale, conv
         ctx.bias_sizes = None if bias is None else list(bias.shape)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, *conv)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, feedback = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
-        kernel = _input_signal(ctx.rule, grad_out, weight, feedback, ctx.scale, ctx.shared, ctx.is_output)
-        dfa = ctx.rule == "dfa"
+        kernel = _input_signal(ctx.wiring, ctx.scale, grad_out, weight, feedback)
+        dfa = ctx.wiring.rule == "dfa"
         need_x = ctx.needs_input_grad[0]
         mask = [need_x and not dfa, ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
         # one call: the input gradient through `kernel` (FA, sign) and the weight gradient from x, as backprop's
@@ -178,8 +191,8 @@ class _RuleConv2dFn(torch.autograd.Function):
             grad_out, x, weight if kernel is None else kernel, ctx.bias_sizes, list(stride), list(padding),
             list(dilation), False, [0, 0], groups, mask)
         if need_x and dfa:
-            grad_x = _dfa_input_grad(ctx.shared, feedback, x.shape)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+            grad_x = _dfa_input_grad(ctx.wiring.shared, feedback, x.shape)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,26 +200,28 @@ class _RuleConv2dFn(torch.autograd.Function):
 
 
 class _RuleLayer:
-    """What RuleLinear and RuleConv2d share: the rule, the feedback buffer and its drawing."""
+    """What RuleLinear and RuleConv2d share: the wiring (the rule...), the feedback buffer and its drawing."""
 
-    def _setup_rule(self, rule, sends_back, in_numel, n_classes, shared, is_output):
-        self.rule = check_rule(rule)
-        self.sends_back = bool(sends_back)   # False for the first layer: its input needs no gradient
-        self.is_output = bool(is_output)
-        self.shared = shared
+    def _setup_rule(self, wiring, in_numel):
+        check_rule(wiring.rule)
+        self.wiring = wiring
         fan_in, fan_out = _fans(self.weight)
         self.scale = math.sqrt(2.0 / (fan_in + fan_out))   # sign symmetry's fixed magnitude
-        shape = None
-        if rule == "fa" and sends_back:
+        rule, shape = wiring.rule, None
+        if rule == "fa" and wiring.sends_back:
             shape = tuple(self.weight.shape)
-        elif rule == "dfa" and sends_back:
-            if n_classes is None or in_numel is None or shared is None:
+        elif rule == "dfa" and wiring.sends_back:
+            if wiring.n_classes is None or in_numel is None or wiring.shared is None:
                 raise ValueError("a DFA layer that sends an error back needs n_classes, in_numel and the network's "
                                  "shared OutputError")
-            shape = (int(n_classes), int(in_numel))
-        if rule == "dfa" and is_output and shared is None:
+            shape = (int(wiring.n_classes), int(in_numel))
+        if rule == "dfa" and wiring.is_output and wiring.shared is None:
             raise ValueError("the DFA output layer needs the network's shared OutputError")
         self.register_buffer("feedback", None if shape is None else torch.empty(shape))
+
+    @property
+    def rule(self):
+        return self.wiring.rule
 
     def reset_feedback_(self):
         """Draw the fixed feedback matrix (see the module docstring for its scale) from torch's global generator."""
@@ -221,7 +236,7 @@ class _RuleLayer:
             self.feedback.uniform_(-a, a)
 
     def _rule_args(self):
-        return self.feedback, self.rule, self.scale, self.shared, self.is_output
+        return self.feedback, self.wiring, self.scale
 
     def extra_repr(self):
         return super().extra_repr() + f", rule={self.rule}"
@@ -230,10 +245,9 @@ class _RuleLayer:
 class RuleLinear(_RuleLayer, nn.Linear):
     """nn.Linear whose backward pass follows `rule` (see the module docstring)."""
 
-    def __init__(self, in_features, out_features, rule="backprop", sends_back=True, n_classes=None, shared=None,
-                 is_output=False):
+    def __init__(self, in_features, out_features, wiring=Wiring()):
         nn.Linear.__init__(self, in_features, out_features)
-        self._setup_rule(rule, sends_back, in_features, n_classes, shared, is_output)
+        self._setup_rule(wiring, in_features)
 
     def forward(self, x):
         if self.rule not in LAYER_RULES:   # backprop; the network rules compute the MLP's pass themselves
@@ -244,17 +258,15 @@ class RuleLinear(_RuleLayer, nn.Linear):
 class RuleConv2d(_RuleLayer, nn.Conv2d):
     """nn.Conv2d (zero padding) whose backward pass follows `rule`; `in_shape` (C, H, W) sizes DFA's matrix."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rule="backprop",
-                 sends_back=True, in_shape=None, n_classes=None, shared=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, wiring=Wiring(), in_shape=None):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding)
-        self._setup_rule(rule, sends_back, None if in_shape is None else math.prod(in_shape), n_classes, shared,
-                         False)
+        self._setup_rule(wiring, None if in_shape is None else math.prod(in_shape))
 
     def forward(self, x):
         if self.rule not in LAYER_RULES:
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return _RuleConv2dFn.apply(x, self.weight, self.bias, *self._rule_args(), self.stride, self.padding,
-                                   self.dilation, self.groups)
+        return _RuleConv2dFn.apply(x, self.weight, self.bias, *self._rule_args(),
+                                   (self.stride, self.padding, self.dilation, self.groups))
 
 
 def rule_layers(module):
@@ -411,17 +423,17 @@ def hidden_angles(module, X, y, loss_fn, skip_backprop=False):
     if skip_backprop and all(layer.rule == "backprop" for layer in layers):
         return {f"hidden{i + 1}": 0.0 for i in range(len(layers) - 1)}
     buffers = {k: v.clone() for k, v in module.named_buffers() if not k.endswith("feedback")}
-    rules = [layer.rule for layer in layers]
+    wirings = [layer.wiring for layer in layers]
     cuda = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
     try:   # torch's generators as they were (DTP's corruption draws from them): a logged run trains as an unlogged one
         with torch.enable_grad(), torch.random.fork_rng(devices=cuda):
             own = _hidden_grads(module, X, y, loss_fn)
             for layer in layers:
-                layer.rule = "backprop"
+                layer.wiring = dataclasses.replace(layer.wiring, rule="backprop")
             bp = _hidden_grads(module, X, y, loss_fn)
     finally:
-        for layer, rule in zip(layers, rules):
-            layer.rule = rule
+        for layer, wiring in zip(layers, wirings):
+            layer.wiring = wiring
         with torch.no_grad():
             for k, v in module.named_buffers():
                 if k in buffers:

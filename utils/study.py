@@ -56,7 +56,7 @@ from utils.cluster import ClusterError, Distributed, Local, connect, gpu_count, 
 from utils.data import Dataset, get_device, load_dataset, stratified_subset
 from utils.evaluation import estimator_accepts, retrain_task, seed_kw
 from utils.io import append_jsonl, dumps, library_versions, provenance, writable_folder, write_json
-from utils.propose import flag_sampler, make_optimizer, propose, register
+from utils.propose import Search, flag_sampler, make_optimizer, propose, register
 from utils.kinds import find_kind, get_kind
 from utils.rules import rule_models, split_model
 from utils.spaces import (FLIP_PROB, SPACES, check_hyperparameters, held_params, make_space, reference_params,
@@ -230,34 +230,17 @@ def run_study(model, dataset, settings=None, **overrides):
     evals (DataFrame), summary (one-row DataFrame), best (record), test_acc, complete (False when settings.deadline
     stopped it: run it again to resume), wall_s)."""
     t0 = time.time()
-    S = dataclasses.replace(settings or StudySettings(), **overrides)
-    if find_kind(model) is None:
-        raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
-    if not isinstance(dataset, (str, Dataset)):
-        raise TypeError(f"dataset must be a dataset name or a utils.data.Dataset, not {type(dataset).__name__}")
-    S = dataclasses.replace(S, name=S.name or (dataset if isinstance(dataset, str) else "custom"))
-    study_dir = Path(S.out) / f"{model}_{S.name}"
-    writable_folder(study_dir, _refused_out(study_dir))
-    ds = load_dataset(dataset, root=S.data_root, device=S.device) if isinstance(dataset, str) else dataset
-    _check_data_sizes(S, ds)
+    S, ds, study_dir = _opened(model, dataset, dataclasses.replace(settings or StudySettings(), **overrides))
     X, y = ds.X_train, ds.y_train
     if S.subset:
         X, y = stratified_subset(X, y, int(S.subset), seed=S.seed)
-    dev = get_device(S.device) if S.device is not None else X.device
-    n_classes, in_shape = len(ds.classes), tuple(int(d) for d in X.shape[1:])
+    dev = _data_device(S, X)
     fixed = dict(S.fixed or {})
     held = held_params(model, S.hold, S.max_phase, fixed.get("batch_size"))
     space = make_space(model, S.max_phase, held)
     S = dataclasses.replace(S, fixed=fixed, start=start_point(model, space, S.start, fixed.get("batch_size")),
                             flip_prob=S.flip_prob if get_kind(model).flags else None)
-
-    config = dict(model=model, dataset=S.name, folds=S.folds, epochs=S.epochs, seed=S.seed, subset=S.subset,
-                  n_train=len(y), n_classes=n_classes, in_shape=list(in_shape), init_points=S.init_points,
-                  fixed=S.fixed, max_phase=S.max_phase, space=space, start=S.start, flip_prob=S.flip_prob)
-    if held:                                 # (absent when nothing is held: older studies resume unchanged)
-        config["held"] = held
-    if S.protocol:
-        config["protocol"] = S.protocol
+    config = _study_config(model, S, len(ds.classes), X, space, held)
     prov = provenance(device=dev)
     client, own_cluster = connect(S.cluster, S.verbose)
     try:
@@ -267,7 +250,7 @@ def run_study(model, dataset, settings=None, **overrides):
             write_json(study_dir / "config.json", {**config, "iterations": S.iterations, "q": S.q,
                                                    "retrain_subset": S.retrain_subset, "test_subset": S.test_subset,
                                                    "versions": library_versions(dev), "provenance": prov})
-            run = _make_run(model, S, ds, study_dir, space, held, (X, y), dev, client)
+            run = _make_run(model, S, ds, study_dir, (space, held), (X, y), client)
             n_before = len(load_done(study_dir / "evals.jsonl")[1])
             try:
                 records = _run_rounds(run)
@@ -287,6 +270,39 @@ def run_study(model, dataset, settings=None, **overrides):
                 complete=complete, wall_s=round(time.time() - t0, 1))
 
 
+def _opened(model, dataset, S):
+    """(settings with the dataset's name, the Dataset, the study's folder) once the model and dataset are known, the
+    folder writable (else StudyError) and the data large enough for the sizes (else ValueError)."""
+    if find_kind(model) is None:
+        raise ValueError(f"unknown model {model!r}; valid: {', '.join(SPACES)}")
+    if not isinstance(dataset, (str, Dataset)):
+        raise TypeError(f"dataset must be a dataset name or a utils.data.Dataset, not {type(dataset).__name__}")
+    S = dataclasses.replace(S, name=S.name or (dataset if isinstance(dataset, str) else "custom"))
+    study_dir = Path(S.out) / f"{model}_{S.name}"
+    writable_folder(study_dir, _refused_out(study_dir))
+    ds = load_dataset(dataset, root=S.data_root, device=S.device) if isinstance(dataset, str) else dataset
+    _check_data_sizes(S, ds)
+    return S, ds, study_dir
+
+
+def _data_device(S, X):
+    """The torch.device of this process's data: settings.device when given, else where the data is."""
+    return get_device(S.device) if S.device is not None else X.device
+
+
+def _study_config(model, S, n_classes, X, space, held):
+    """config.json's settings that shape the results (check_config refuses to resume a study with others)."""
+    config = dict(model=model, dataset=S.name, folds=S.folds, epochs=S.epochs, seed=S.seed, subset=S.subset,
+                  n_train=len(X), n_classes=n_classes, in_shape=[int(d) for d in X.shape[1:]],
+                  init_points=S.init_points, fixed=S.fixed, max_phase=S.max_phase, space=space, start=S.start,
+                  flip_prob=S.flip_prob)
+    if held:                                 # (absent when nothing is held: older studies resume unchanged)
+        config["held"] = held
+    if S.protocol:
+        config["protocol"] = S.protocol
+    return config
+
+
 def _check_data_sizes(S, ds):
     """Refuse sizes the data cannot serve: fewer examples than folds x classes (a fold without some class), a
     retraining or test subset without every class."""
@@ -304,10 +320,11 @@ def _check_data_sizes(S, ds):
                              f"(one example of each class), or leave it out to use the whole split")
 
 
-def _make_run(model, S, ds, study_dir, space, held, data, dev, client):
-    """The _Run of a study: the base arguments of every evaluation and the executor where they run."""
-    X, y = data
-    n_classes = len(ds.classes)
+def _make_run(model, S, ds, study_dir, searched, data, client):
+    """The _Run of a study: the base arguments of every evaluation and the executor where they run. `searched`:
+    (the space, the parameters held at the reference), `data` (X, y) cross-validated."""
+    (space, held), (X, y) = searched, data
+    dev, n_classes = _data_device(S, X), len(ds.classes)
     accepts = estimator_accepts(model)
     device = str(dev) if client is None else S.device
     base = {k: v for k, v in dict(max_epochs=S.epochs, device=device, verbose=0).items() if k in accepts}
@@ -364,18 +381,7 @@ def _run_rounds(run):
     log_path = run.study_dir / "evals.jsonl"
     rng = np.random.RandomState(S.seed)
     optimizer = make_optimizer(run.space, rng)
-    sample = None
-    if S.flip_prob is not None:
-        ref = reference_params(model, run.space)
-        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in get_kind(model).flags if f in run.space},
-                              S.flip_prob)
-
-    def hyperparameters(params):
-        return to_hyperparameters(model, {**run.held, **params})
-
-    def check(params):
-        return check_hyperparameters(model, hyperparameters(params), run.in_shape)
-
+    search = _search(run, optimizer, rng)
     records, done = load_done(log_path)
     registered = set()
 
@@ -393,15 +399,7 @@ def _run_rounds(run):
     while len(done) < S.iterations and not _past(S.deadline):
         first, size = _next_round(done, S.iterations, S.q)
         register_below(first)
-        picked = propose(optimizer, rng, S.seed, first, S.init_points, check, S.start, size=size, sample=sample)
-        meta, jobs = {}, []
-        for it, (params, source, rejected, invalid) in enumerate(picked, start=first):
-            if it in done:
-                continue
-            hp = hyperparameters(params)
-            invalid_hp = None if invalid is None else hyperparameters(invalid[0])
-            meta[it] = (params, source, rejected, invalid, hp, invalid_hp)
-            jobs.append((it, {**run.base, **seed_kw(run.accepts, S.seed + it), **hp, **S.fixed}))
+        meta, jobs = _round_jobs(run, propose(optimizer, rng, search, first, size), first, done)
         for _, results in run.executor.run(groups(model, jobs, S.evaluate)):
             for it, result in results:
                 new = log_records(model, it, first, size, S.seed, meta[it], result)
@@ -412,6 +410,41 @@ def _run_rounds(run):
         register_below(first + size)
     bar.close()
     return records
+
+
+def _hyperparameters(run, params):
+    """make_classifier's arguments at a point of the space (the held parameters added)."""
+    return to_hyperparameters(run.model, {**run.held, **params})
+
+
+def _search(run, optimizer, rng):
+    """The study's Search: its validity check, start point and random draws (the flag prior where flip_prob is set)."""
+    S, model = run.settings, run.model
+    sample = None
+    if S.flip_prob is not None:
+        ref = reference_params(model, run.space)
+        sample = flag_sampler(optimizer, rng, {f: ref[f] for f in get_kind(model).flags if f in run.space},
+                              S.flip_prob)
+
+    def check(params):
+        return check_hyperparameters(model, _hyperparameters(run, params), run.in_shape)
+
+    return Search(S.seed, S.init_points, check, S.start, sample)
+
+
+def _round_jobs(run, picked, first, done):
+    """What the round of points `picked` (from propose, the round starting at evaluation `first`) runs: ({iteration:
+    (params, source, rejected, invalid, hyperparameters, the invalid suggestion's)}, [(iteration, make_classifier
+    arguments)]) for the evaluations not yet `done`."""
+    S, meta, jobs = run.settings, {}, []
+    for it, (params, source, rejected, invalid) in enumerate(picked, start=first):
+        if it in done:
+            continue
+        hp = _hyperparameters(run, params)
+        invalid_hp = None if invalid is None else _hyperparameters(run, invalid[0])
+        meta[it] = (params, source, rejected, invalid, hp, invalid_hp)
+        jobs.append((it, {**run.base, **seed_kw(run.accepts, S.seed + it), **hp, **S.fixed}))
+    return meta, jobs
 
 
 def _progress(bar, tag, result, done, source):

@@ -8,9 +8,9 @@
     python -m utils.train --model mlp-fa --n-hidden 1000 1000 --quiet    # feedback alignment (or --rule fa), no bar
 
     from utils.classifiers import make_classifier
-    from utils.train import train_epochs
+    from utils.train import EpochRun, train_epochs
     clf = make_classifier("mlp", hidden_sizes=(500,), lr=1e-3, batch_size=100, max_epochs=10, seed=0)
-    clf, record = train_epochs(clf, X, y, X_test, y_test, epochs=10)   # cross-validation: utils.evaluation
+    clf, record = train_epochs(clf, X, y, X_test, y_test, EpochRun(epochs=10))   # cross-validation: utils.evaluation
 
 A run (train_epochs) trains epoch by epoch, tests on the official test split every --test-every-epochs epochs and at
 the end, and after every epoch writes its record (runs/NAME.json: configuration, library versions, per-epoch
@@ -22,6 +22,7 @@ Estimators: utils.classifiers; checkpoints: utils.checkpoint.
 """
 import argparse
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -48,24 +49,31 @@ RUN_FREE = ("epochs", "test_every_epochs", "max_minutes", "threads", "device")  
 # logged runs
 
 
-def train_logged(kind, X, y, X_valid=None, y_valid=None, run_dir=None, name=None, records_per_epoch=10,
-                 max_valid=None, config=None, **hyperparameters):
-    """Fit make_classifier(kind, **hyperparameters) with a TrainingLogger validating on (X_valid, y_valid).
+@dataclasses.dataclass(frozen=True)
+class LoggedRun:
+    """How train_logged records a run: saved to `run_dir` (config.json with every hyperparameter, `config` and
+    library versions, plus records.csv) when given; `name` of the logger (default: the kind); `records_per_epoch`;
+    `max_valid`: validation examples per record (None: the logger's default)."""
+    run_dir: object = None
+    name: str = None
+    records_per_epoch: int = 10
+    max_valid: int = None
+    config: dict = None
 
-    The run is saved to `run_dir` (config.json with every hyperparameter, `config` and library versions, plus
-    records.csv) when given. `max_valid`: validation examples per record (None: the logger's default). Returns
-    (estimator, logger).
-    """
-    extra = {} if max_valid is None else {"max_valid": max_valid}
-    logger = TrainingLogger(X_valid, y_valid, records_per_epoch=records_per_epoch, name=name or kind, **extra)
+
+def train_logged(kind, X, y, X_valid=None, y_valid=None, run=LoggedRun(), **hyperparameters):
+    """Fit make_classifier(kind, **hyperparameters) with a TrainingLogger validating on (X_valid, y_valid), recorded
+    as `run` (a LoggedRun) says. Returns (estimator, logger)."""
+    extra = {} if run.max_valid is None else {"max_valid": run.max_valid}
+    logger = TrainingLogger(X_valid, y_valid, records_per_epoch=run.records_per_epoch, name=run.name or kind, **extra)
     clf = make_classifier(kind, logger=logger, **hyperparameters)
     t = time.perf_counter()
     clf.fit(X, y)
-    if run_dir is not None:
+    if run.run_dir is not None:
         params = {k: v for k, v in clf.get_params().items()
                   if not k.startswith("callbacks") and k not in ("hook", "module", "criterion", "optimizer")}
-        logger.save(run_dir, config={"model": kind, **(config or {}), "n_train": len(y),
-                                     "fit_seconds": time.perf_counter() - t, "hyperparameters": params})
+        logger.save(run.run_dir, config={"model": kind, **(run.config or {}), "n_train": len(y),
+                                         "fit_seconds": time.perf_counter() - t, "hyperparameters": params})
     return clf, logger
 
 
@@ -83,20 +91,30 @@ class RunInUse(RuntimeError):
     """Another process is training into the same --out."""
 
 
-def train_epochs(clf, X, y, X_test, y_test, epochs, test_every=1, out=None, config=None, resume=False,
-                 max_minutes=None, classes=None, log=print):
-    """Train `clf` (from make_classifier, not yet fitted) epoch by epoch up to `epochs`; returns (clf, record).
+@dataclasses.dataclass(frozen=True)
+class EpochRun:
+    """How train_epochs runs: up to `epochs`, the test split scored after every `test_every`-th epoch and the last.
+    With `out` (a .json path) the record is written there and the checkpoint to out.ckpt.pt after every epoch
+    (atomically), while the run holds the lock out.lock (RunInUse when another process holds it; a dead one's is
+    gone); `resume` continues from that checkpoint (ResumeError when it holds another `config`, RUN_FREE keys
+    aside). `max_minutes`: stop at the first test after this much wall time (the record says finished=False;
+    --resume goes on). `classes`: every label (compartmental; default: those in y). `log`: takes each line."""
+    epochs: int
+    test_every: int = 1
+    out: object = None
+    config: dict = None
+    resume: bool = False
+    max_minutes: float = None
+    classes: object = None
+    log: object = print
 
-    The test split is scored after every `test_every`-th epoch and the last. With `out` (a .json path) the record
-    is written there and the checkpoint to out.ckpt.pt after every epoch (atomically), while the run holds the lock
-    out.lock (RunInUse when another process holds it; a dead one's is gone); `resume` continues from that
-    checkpoint (ResumeError when it holds another `config`, RUN_FREE keys aside). `max_minutes`: stop at the first
-    test after this much wall time (the record says finished=False; --resume goes on). `classes`: every label
-    (compartmental; default: those in y)."""
-    out = Path(out) if out is not None else None
+
+def train_epochs(clf, X, y, X_test, y_test, run):
+    """Train `clf` (from make_classifier, not yet fitted) epoch by epoch as `run` (an EpochRun) says; returns
+    (clf, record)."""
+    out = Path(run.out) if run.out is not None else None
     with _run_lock(out):
-        return _train_epochs(clf, (X, y, X_test, y_test), epochs, test_every, out, config, resume,
-                             dict(max_minutes=max_minutes, classes=classes, log=log))
+        return _train_epochs(clf, (X, y, X_test, y_test), dataclasses.replace(run, out=out))
 
 
 def _run_lock(out):
@@ -138,16 +156,17 @@ def _resume(ckpt, record, epochs, X, log):
     return clf, record
 
 
-def _train_epochs(clf, data, epochs, test_every, out, config, resume, options):
-    """train_epochs under its lock: `data` is (X, y, X_test, y_test), `options` max_minutes, classes and log."""
+def _train_epochs(clf, data, run):
+    """train_epochs under its lock: `data` is (X, y, X_test, y_test), `run` the EpochRun (`out` a Path or None)."""
     X, y, X_test, y_test = data
-    max_minutes, classes, log = (options[k] for k in ("max_minutes", "classes", "log"))
+    epochs, test_every, out, max_minutes, classes, log = (
+        run.epochs, run.test_every, run.out, run.max_minutes, run.classes, run.log)
     ckpt = out.with_suffix(".ckpt.pt") if out is not None else None
-    record = dict(kind="train", config=jsonable(config or {}), versions=library_versions(X.device), epochs=[],
+    record = dict(kind="train", config=jsonable(run.config or {}), versions=library_versions(X.device), epochs=[],
                   curve=[], finished=False, wall_s=0.0, train_s=0.0, test_accuracy=None)
-    if resume and ckpt is not None and ckpt.exists():
+    if run.resume and ckpt is not None and ckpt.exists():
         clf, record = _resume(ckpt, record, epochs, X, log)
-    elif resume:
+    elif run.resume:
         log(f"--resume: no checkpoint {ckpt} yet, starting afresh")
     if classes is None:
         classes = np.unique(y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y))
@@ -395,10 +414,9 @@ def main(argv=None):
           f"device {X.device}" + (f", f_etas {model['f_etas']}" if "f_etas" in model else ""), flush=True)
     try:
         clf = make_classifier(kind.network, **hp, **model)
-        clf, record = train_epochs(clf, X, y, X_test, y_test, epochs, test_every=args.test_every_epochs, out=out,
-                                   config=config, resume=args.resume, max_minutes=args.max_minutes,
-                                   classes=np.arange(len(classes)),
-                                   log=lambda line: print(line, flush=True))
+        clf, record = train_epochs(clf, X, y, X_test, y_test, EpochRun(
+            epochs, test_every=args.test_every_epochs, out=out, config=config, resume=args.resume,
+            max_minutes=args.max_minutes, classes=np.arange(len(classes)), log=lambda line: print(line, flush=True)))
     except (ValueError, TrainingDiverged, InsufficientMemory, RunInUse) as e:
         sys.exit(f"error: {e}")
     acc = record["test_accuracy"]

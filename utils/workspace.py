@@ -29,13 +29,9 @@ from utils.rules import RULES, rule_models, rules_for, split_model
 from utils.runs import concat_runs
 from utils.study import StudySettings, run_study
 from utils.study_log import load_results, summarize
-from utils.train import train_logged
+from utils.train import LoggedRun, train_logged
 
 KINDS = networks()   # the networks the notebooks train and study ("mlp", "cnn", "compartmental")
-
-# ----------------------------------------------------------------------------------------------------------------
-# reference numbers (accuracy, %)
-SEED_STUDY, PAPER = results.SEED_STUDY, results.PAPER   # the seed study's best CV and the paper's test accuracy
 
 # ----------------------------------------------------------------------------------------------------------------
 # the small models of quick mode, per kind (full mode trains utils.results' reference configurations per dataset)
@@ -200,9 +196,9 @@ def train_models(ds, S, kinds=KINDS, device=None, seed=0, out="runs"):
             hp[test_steps] = own("test_steps")
         n = S.get(f"{kind}_n_train")   # a kind's own subset of the training examples (else all of X)
         Xk, yk = stratified_subset(X, y, n, seed=seed) if n else (X, y)
-        clf, log = train_logged(kind, Xk, yk, Xv, yv, run_dir=f"{out}/{dataset}_{kind}", name=kind,
-                                records_per_epoch=own("records_per_epoch"), max_valid=own("max_valid"),
-                                config={"dataset": dataset, "seed": seed, "quick": S["quick"]}, **hp)
+        run = LoggedRun(run_dir=f"{out}/{dataset}_{kind}", name=kind, records_per_epoch=own("records_per_epoch"),
+                        max_valid=own("max_valid"), config={"dataset": dataset, "seed": seed, "quick": S["quick"]})
+        clf, log = train_logged(kind, Xk, yk, Xv, yv, run, **hp)
         logs[kind], models[kind] = log, clf
     return logs, models
 
@@ -372,14 +368,14 @@ def results_table(summary):
         rows.append({"model": r.model, "dataset": r.dataset, "best CV %": round(100 * r.best, 2),
                      "mean CV %": round(100 * r.mean, 2), "std CV %": round(100 * r.std, 2),
                      "test % (best, retrained)": round(100 * r.test_acc, 2),
-                     "seed study best CV %": SEED_STUDY.get(key), "paper test %": PAPER.get(key),
+                     "seed study best CV %": results.SEED_STUDY.get(key), "paper test %": results.PAPER.get(key),
                      "evaluations": r.n_evals})
     return pd.DataFrame(rows)
 
 
 def reference_columns(summary):
     """The summary with the seed study's best CV accuracy as column seed_best (fraction), for plot_comparison."""
-    ref = [SEED_STUDY.get((m, d)) for m, d in zip(summary["model"], summary["dataset"])]
+    ref = [results.SEED_STUDY.get((m, d)) for m, d in zip(summary["model"], summary["dataset"])]
     return summary.assign(seed_best=[None if v is None else v / 100 for v in ref])
 
 
@@ -402,10 +398,10 @@ def train_rules(ds, S, device=None, seed=0, out="runs"):
             reference = kind if rule == "backprop" else name   # the committed results name backprop's MLP "mlp"
             hp = dict(model_hyperparameters(reference, dataset, S), rule=rule, max_epochs=S["epochs"], seed=seed,
                       device=device)
-            models[name], logs[name] = train_logged(
-                name, X, y, Xv, yv, run_dir=f"{out}/{dataset}_{name}", name=name,
-                records_per_epoch=S["records_per_epoch"], max_valid=S["max_valid"],
-                config={"dataset": dataset, "seed": seed, "quick": S["quick"], "rule": rule}, **hp)
+            run = LoggedRun(run_dir=f"{out}/{dataset}_{name}", name=name, records_per_epoch=S["records_per_epoch"],
+                            max_valid=S["max_valid"],
+                            config={"dataset": dataset, "seed": seed, "quick": S["quick"], "rule": rule})
+            models[name], logs[name] = train_logged(name, X, y, Xv, yv, run, **hp)
     return logs, models
 
 
