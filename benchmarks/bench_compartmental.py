@@ -7,7 +7,7 @@
     ... --n-hidden 500 100 --f-etas 7.36 7.36 0.48; --dataset fashion / cifar10 (--subset, --test-subset)
     ... --max-minutes 30                        # stop at the first test after 30 minutes (--resume goes on)
     ... --epochs 30 --lr-decay-epochs 30        # cosine decay of the rates to 0 over 30 epochs (not in the paper)
-    ... --epochs 60 --test-every-epochs 10      # a full MNIST test costs a third of an epoch: test every 10th only
+    ... --epochs 60 --test-every-epochs 10      # test every 10th epoch only (a full test's cost: docs/results.md)
     ... --resume                                # after an interruption: same arguments, continues from the checkpoint
     python benchmarks/bench_compartmental.py --plot runs/a.json runs/b.json   # figures/compartmental_test_error.png
     BIODL_DATA=/path/to/datasets python benchmarks/bench_compartmental.py --compare de26ccd~2   # engines side by side
@@ -409,7 +409,7 @@ def _parser():
     p.add_argument("--resume", action="store_true", help="--accuracy: continue from the checkpoint saved next to "
                    "--out after every epoch (same arguments); without it a run starts afresh")
     p.add_argument("--test-every-epochs", type=int, default=1, help="--accuracy: test only after every Kth epoch "
-                   "and the last (a full MNIST test costs about a third of an epoch on the CPU)")
+                   "and the last (a full test's cost: docs/results.md)")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSON",
                    help="draw the test error curves of saved --accuracy runs into --figure")
     p.add_argument("--figure", default="compartmental_test_error.png", help="--plot: file under figures/")
