@@ -25,6 +25,8 @@ How it is fast (see utils/compartmental.py's docstring for the model):
   member's phase key, the example's position, the time step, the layer and the neuron, computed inside the sampling
   kernel, so a member's spikes do not depend on the population, the batch or the device.
 """
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -41,6 +43,22 @@ def segments(T):
     T_min, T_max = int(np.min(T)), int(np.max(T))
     starts = list(range(0, T_min, SEGMENT))
     return starts, [SEGMENT] * (len(starts) - 1) + [T_max - starts[-1]]
+
+
+@dataclasses.dataclass
+class Segment:
+    """What the layers of one segment of a phase read, and the phase's window sums they add into."""
+    s: int                  # its first step in the phase
+    Ts: int                 # its steps
+    U0: torch.Tensor        # the input layer's projected signal W S, (P, mem + Ts, B, n_1) (rows [0, mem): history)
+    base: object            # (P, Ts, B) int64 keys of its steps' random numbers, or None (no spikes)
+    I0: object              # the teaching input g_E E_E + g_I E_I (P, B, n_out), or None (forward phase)
+    wsteps: list            # (t, w (P, 1, 1)): its steps inside the members' averaging windows, in time order
+    means: dict             # the phase's window sums: C per layer, lam (output, target phase); added into
+    Wt: list                # feedforward weights transposed per layer, (P, n_in, n_out)
+    Yt: list                # feedback weights transposed per hidden layer
+    target: bool            # the target phase (the output layer is taught)
+    record: bool            # training (every window mean); False: testing (the output's C only)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,8 +238,8 @@ class Population:
             last = s == starts[-1]                            # (the history: buffer rows from Ts, or each member's)
             U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], int(T.min()) - s if last else Ts,
                                      last)
-            args = (U0, Ts, s, buf, Wt, base, I0, wsteps, means["C"], means["lam"], target, record)
-            C_last = self._segment_layers(*args) if not A_step else self._segment_steps(*args[:5], Yt, *args[5:])
+            seg = Segment(s, Ts, U0, base, I0, wsteps, means, Wt, Yt, target is not None, record)
+            C_last = self._segment_steps(seg) if A_step else self._segment_layers(seg)
             if record:                                        # window means of the PSPs from this segment's rows
                 self._psp_means(buf, Ts, s, w0, T, window, w_in, means)
             if s != starts[-1]:
@@ -370,30 +388,30 @@ class Population:
             return self.lmax_shared
         return self.lmax.view(-1, *[1] * (len(shape) - 1)).expand(shape).reshape(-1, 1)
 
-    def _segment_layers(self, U0, Ts, s, buf, Wt, base, I0, wsteps, Csum, lam_sum, target, record=True):
+    def _segment_layers(self, seg):
         """Ts steps of every layer, one whole layer after the other (valid when A does not drive the soma): the
         projected input U = W S of every row, then the PSP and soma recurrences step by step (_filter, Eqs. 1, 2, 5,
         6, 7), then the layer's spikes for the whole segment. Returns each layer's C of the segment."""
-        M, mem, P, B = self.M, self.mem, self.P, self.B
-        rows = mem + Ts
+        M, mem, P, B, buf = self.M, self.mem, self.P, self.B, self.buf
+        rows, Csum = mem + seg.Ts, seg.means["C"]
         C_seg = []
         for m in range(M):
             out = m == M - 1
             if m == 0:
-                U = U0
+                U = seg.U0
             else:                                             # U = W S of the layer below, every row
                 below = buf[m - 1][self.ffk][:, :rows]
-                U = torch.bmm(below.reshape(P, rows * B, -1), Wt[m]).view(P, rows, B, -1)
-            C = self._filter(m, U, Ts, I0 if out and target is not None else None)
-            if out and not record and target is None:        # testing: nothing reads the output's spikes
-                self._window_sum(Csum[m], C, wsteps)
+                U = torch.bmm(below.reshape(P, rows * B, -1), seg.Wt[m]).view(P, rows, B, -1)
+            C = self._filter(m, U, seg.Ts, seg.I0 if out and seg.target else None)
+            if out and not seg.record and not seg.target:    # testing: nothing reads the output's spikes
+                self._window_sum(Csum[m], C, seg.wsteps)
                 C_seg.append(C)
                 continue
-            lam = self._emit(m, C, base, buf, (slice(None), slice(mem, rows)))
-            if record or out:
-                self._window_sum(Csum[m], C, wsteps)
-            if out and target is not None:
-                self._window_sum(lam_sum, lam.expand_as(C), wsteps)
+            lam = self._emit(m, C, seg.base, buf, (slice(None), slice(mem, rows)))
+            if seg.record or out:
+                self._window_sum(Csum[m], C, seg.wsteps)
+            if out and seg.target:
+                self._window_sum(seg.means["lam"], lam.expand_as(C), seg.wsteps)
             C_seg.append(C)
         return C_seg
 
@@ -448,16 +466,17 @@ class Population:
             self.cache[key] = tuple(self._col([v[k] for v in vals]) for k in range(4))
         return self.cache[key]
 
-    def _segment_steps(self, U0, Ts, s, buf, Wt, Yt, base, I0, wsteps, Csum, lam_sum, target, record=True):
+    def _segment_steps(self, seg):
         """Ts steps of all layers together, one time step after the other (apical conductance drives the soma):
         B = W PSP + b (Eq. 5), A = Y PSP_fb (+ c) as of the step before, C = dec C + k_B B + k_A A (Eq. 6, the
         reference's soma_coefficients); output as in _segment_layers. The input layer's PSP by _psp_band, the others
         as explicit kernel sums over the buffers' last mem rows."""
-        M, mem, P, B = self.M, self.mem, self.P, self.B
+        M, mem, P, B, buf, Ts = self.M, self.mem, self.P, self.B, self.buf, seg.Ts
+        Wt, Yt, base, I0 = seg.Wt, seg.Yt, seg.base, seg.I0
         kap = {k: self._tensor(v[:, ::-1].copy()).unsqueeze(1) for k, v in self.kappa.items()}   # oldest row first
-        basal0 = self._psp_band(U0, Ts) + self.b[0].view(P, 1, 1, -1)
+        basal0 = self._psp_band(seg.U0, Ts) + self.b[0].view(P, 1, 1, -1)
         C_seg = [torch.empty(P, Ts, B, self.n[m + 1], device=self.dev, dtype=self.dty) for m in range(M)]
-        consts = [self._soma(m, target is not None) for m in range(M)]
+        consts = [self._soma(m, seg.target) for m in range(M)]
 
         def psp(layer, kind, r, path):                      # PSP of the rows (r - mem, r] (Eq. 2)
             src = buf[layer][kind][:, r - mem + 1:r + 1]
@@ -475,16 +494,16 @@ class Population:
                     if self.flags["use_feedback_bias"]:
                         A = A + self.c[m].unsqueeze(1)
                     C = C + A * gA
-                elif target is not None:
+                elif seg.target:
                     C = C + I0 * c_I
                 self.C[m] = C
                 C_seg[m][:, t] = C
                 self._emit(m, C, None if base is None else base[:, t], buf, (slice(None), r))
         for m in range(M):
-            if record or m == M - 1:
-                self._window_sum(Csum[m], C_seg[m], wsteps)
-        if target is not None:
-            self._window_sum(lam_sum, torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1), wsteps)
+            if seg.record or m == M - 1:
+                self._window_sum(seg.means["C"][m], C_seg[m], seg.wsteps)
+        if seg.target:
+            self._window_sum(seg.means["lam"], torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1), seg.wsteps)
         return C_seg
 
     # -- learning -------------------------------------------------------------------------------------------------

@@ -250,7 +250,7 @@ def run_study(model, dataset, settings=None, **overrides):
             write_json(study_dir / "config.json", {**config, "iterations": S.iterations, "q": S.q,
                                                    "retrain_subset": S.retrain_subset, "test_subset": S.test_subset,
                                                    "versions": library_versions(dev), "provenance": prov})
-            run = _make_run(model, S, ds, study_dir, (space, held), (X, y), client)
+            run = _make_run(model, S, ds, study_dir, (space, held), (X, y), client, dev)
             n_before = len(load_done(study_dir / "evals.jsonl")[1])
             try:
                 records = _run_rounds(run)
@@ -320,11 +320,11 @@ def _check_data_sizes(S, ds):
                              f"(one example of each class), or leave it out to use the whole split")
 
 
-def _make_run(model, S, ds, study_dir, searched, data, client):
+def _make_run(model, S, ds, study_dir, searched, data, client, dev):
     """The _Run of a study: the base arguments of every evaluation and the executor where they run. `searched`:
-    (the space, the parameters held at the reference), `data` (X, y) cross-validated."""
+    (the space, the parameters held at the reference), `data` (X, y) cross-validated on `dev` (_data_device)."""
     (space, held), (X, y) = searched, data
-    dev, n_classes = _data_device(S, X), len(ds.classes)
+    n_classes = len(ds.classes)
     accepts = estimator_accepts(model)
     device = str(dev) if client is None else S.device
     base = {k: v for k, v in dict(max_epochs=S.epochs, device=device, verbose=0).items() if k in accepts}
@@ -518,7 +518,7 @@ def build_parser():
                                        "with --out logs/full (README, 'The full replication'). --protocol cpu: "
                                        "the study sized for a 2-core CPU, in pieces of --max-minutes.",
                                 formatter_class=_Help)
-    p.add_argument("--model", nargs="+", default=["mlp"], choices=(*SPACES, *rule_models()),
+    p.add_argument("--model", nargs="+", default=["mlp"], choices=tuple(dict.fromkeys((*SPACES, *rule_models()))),
                    help="models to tune (mlp-fa, cnn-sign, ...: the MLP or CNN under another learning rule)")
     p.add_argument("--dataset", nargs="+", default=["mnist"], choices=("mnist", "fashion", "cifar10"),
                    help="datasets, one study per model and dataset")
