@@ -31,6 +31,7 @@ from utils.classifiers import make_classifier
 from utils.compartmental import PAPER_TEST_ERROR, batch_f_etas
 from utils.data import load_dataset
 from utils.io import jsonable, provenance, write_json
+from utils.kinds import get_kind
 from utils.logger import TrainingLogger
 from utils.plot_study import plot_rule_angles, plot_study
 from utils.plotting import plot_bp_angle, plot_learning_curves, plot_weight_dynamics
@@ -153,9 +154,8 @@ def run_piece(piece, ds, root=None, prov=None, log=print):
         record.update(records=logger.records_, wall_s=time.perf_counter() - t0)
         write_json(path, record)
 
-    classes = np.arange(len(ds.classes)) if piece.model == "compartmental" else None
     _, train = train_epochs(clf, X, y, ds.X_test, ds.y_test, EpochRun(
-        piece.epochs, test_every=piece.test_every, config=config, classes=classes, log=save))
+        piece.epochs, test_every=piece.test_every, config=config, classes=np.arange(len(ds.classes)), log=save))
     record.update(training=train, test_accuracy=train["test_accuracy"], finished=train["finished"],
                   records=logger.records_, wall_s=time.perf_counter() - t0)
     write_json(path, record)
@@ -215,7 +215,8 @@ def _angle(df, path):
 
 
 def _rule_angles(df, path):
-    return plot_rule_angles(df[df["model"] != "mlp"], by="dataset", line="model", path=path,
+    local = df["model"].map(lambda m: get_kind(m).learning != "backprop")   # backprop has no angle to itself
+    return plot_rule_angles(df[local], by="dataset", line="model", path=path,
                             title="each rule's hidden-layer updates against backprop's")
 
 
