@@ -111,3 +111,34 @@ def test_compare_measures_one_engine_and_prints_the_ratio(monkeypatch, capsys):
     bench.compare(args)
     out = capsys.readouterr().out
     assert "ratio       3.00      2.00                3.00      2.00" in out
+
+
+def test_gpu_readiness_runs_both_engines_and_survives_a_failed_row(monkeypatch, capsys, tmp_path):
+    """benchmarks/bench_gpu.py: each row runs compiled and eager in its own process (BIODL_COMPILE 1 / 0) and prints
+    the ratio; a failing row (out of memory) prints its error and the run goes on; --out keeps every row."""
+    import subprocess
+    import types
+    gspec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
+    gpu = importlib.util.module_from_spec(gspec)
+    gspec.loader.exec_module(gpu)
+    calls = []
+
+    def fake_run(cmd, env, **kw):
+        calls.append((cmd, env["BIODL_COMPILE"]))
+        if "--one-population" in cmd and cmd[cmd.index("--one-population") + 1] == "8":
+            return types.SimpleNamespace(returncode=1, stdout="", stderr="Traceback\nMemoryError: 9 GiB needed")
+        fast = env["BIODL_COMPILE"] == "1"
+        row = dict(train_ex_s=40.0 if fast else 10.0, peak_mib=100.0)
+        if "--one" in cmd:
+            row["test_ex_s"] = 30.0 if fast else 20.0
+        return types.SimpleNamespace(returncode=0, stdout=json.dumps(row), stderr="")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    gpu.main(["--device", "cpu", "--populations", "2", "8", "--out", str(tmp_path / "g.json")])
+    out = capsys.readouterr().out
+    assert [e for _, e in calls] == ["1", "0"] * 3
+    assert "one network, batch 16 compiled / eager: training 4.00x, test 1.50x" in out
+    assert "population of 2, batch 16 each compiled / eager: training 4.00x" in out
+    assert "failed: MemoryError: 9 GiB needed" in out
+    saved = json.loads((tmp_path / "g.json").read_text())
+    assert [r["row"] for r in saved["rows"]] == ["one network, batch 16", "population of 2, batch 16 each",
+                                                 "population of 8, batch 16 each"]
