@@ -8,6 +8,7 @@ import pytest
 import torch
 from sklearn.base import clone
 
+from utils import compartmental_native as native
 from utils import compartmental_random as rnd
 from utils.compartmental import CompartmentalClassifier
 from utils.compartmental_population import fit_population
@@ -99,7 +100,7 @@ def test_native_uniforms_equal_torch_ops(monkeypatch, dtype):
     bit for bit: per-row keys (R, 1), a key per entry (R, n), broadcast ranks above 2, words with the top bit set;
     offsets that differ between rows fall back (None); spike_counts gives the same counts either way."""
     monkeypatch.setattr(rnd, "NATIVE", True)
-    if rnd._native() is None:
+    if native.library() is None:
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(2)
     words = lambda *s: torch.randint(-2 ** 63, 2 ** 63 - 1, s, generator=g, dtype=torch.int64)   # noqa: E731

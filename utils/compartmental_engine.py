@@ -30,6 +30,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from utils import compartmental_native as native
 from utils import compartmental_random as rnd
 from utils import compartmental_reference as R
 
@@ -402,6 +403,15 @@ class Population:
             else:                                             # U = W S of the layer below, every row
                 below = buf[m - 1][self.ffk][:, :rows]
                 U = torch.bmm(below.reshape(P, rows * B, -1), seg.Wt[m]).view(P, rows, B, -1)
+            fast = self._native_layer(m, U, seg)
+            if fast is not None:                              # the C kernel did filter and emit (spikes, rates)
+                C, lam = fast
+                if seg.record or out:
+                    self._window_sum(Csum[m], C, seg.wsteps)
+                if out and seg.target:
+                    self._window_sum(seg.means["lam"], lam, seg.wsteps)
+                C_seg.append(C)
+                continue
             C = self._filter(m, U, seg.Ts, seg.I0 if out and seg.target else None)
             if out and not seg.record and not seg.target:    # testing: nothing reads the output's spikes
                 self._window_sum(Csum[m], C, seg.wsteps)
@@ -414,6 +424,33 @@ class Population:
                 self._window_sum(seg.means["lam"], lam.expand_as(C), seg.wsteps)
             C_seg.append(C)
         return C_seg
+
+    def _native_layer(self, m, U, seg):
+        """Layer m's segment by the C kernel (compartmental_native.layer_segment: _filter and _emit in one pass),
+        spiking layers on the CPU only; (C, lambda or None) of the segment, or None (then the torch ops)."""
+        layer, out, P, mem = self.buf[m], m == self.M - 1, self.P, self.mem
+        if seg.base is None or "spike" not in layer or self.dev.type != "cpu" or native.library() is None:
+            return None
+        testing = out and not seg.record and not seg.target   # nothing reads the output's spikes
+        dec, k_B, _, k_I = self._soma(m, out and seg.target)
+        drive_I = (k_I * seg.I0).contiguous() if out and seg.target else None
+        lam = None
+        if "rate" in layer and not testing:
+            lam = (layer["rate"], mem)
+        elif out and seg.target:
+            lam = (torch.empty(P, seg.Ts, self.B, self.n[m + 1], dtype=self.dty), 0)
+        C = self.C[m].contiguous().clone()
+        C_seg = native.layer_segment(
+            U, self._kernel("ff").view(P, mem), self.b[m].reshape(P, -1), k_B.view(P),
+            dec.view(P) if self.flags["use_conductances"] else None, drive_I, C, self.lmax.view(P),
+            seg.base, rnd.neuron_offsets(m + 1, self.n[m + 1]).view(-1),
+            None if testing else (layer["spike"], mem), lam)
+        if C_seg is None:
+            return None
+        self.C[m] = C
+        if lam is None:
+            return C_seg, None
+        return C_seg, lam[0][:, lam[1]:lam[1] + seg.Ts]
 
     @staticmethod
     def _window_sum(acc, V, wsteps):

@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from utils import compartmental_native as native
+
 MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15      # Weyl increment between counters
 MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB   # SplitMix64's finaliser multipliers
@@ -114,92 +116,9 @@ def _counts(x, base, offs, lmax, from_potential: bool, f64: bool):
 
 _fused = {}   # (device type, kernel) -> compiled _counts / _thresholds, or None where compiling failed
 
-# The keyed uniforms in C (the same integers, so the same numbers, as `uniforms`): torch's int64 multiply is not
-# vectorised on every CPU (AVX2 has no 64-bit lane product); C compilers build it from 32-bit ones. Built once per
-# machine with the system's C compiler into a cache folder, loaded with ctypes; without a compiler (or with
-# BIODL_COMPILE=0) the torch ops compute them.
+# The keyed uniforms in C (the same integers, so the same numbers, as `uniforms`): utils/compartmental_native.py;
+# without a compiler (or with BIODL_COMPILE=0) the torch ops compute them.
 NATIVE = FUSE
-_NATIVE_SRC = r"""
-#include <stdint.h>
-static inline uint64_t mix(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-/* out[r, c] = unit(mix(base[r sr + c sc] + offs[c])), r < R, c < n, sc 0 or 1; float (top 24 bits) or double
-   (top 53 bits, as two exact int32 parts) */
-void keyed_uniforms(const int64_t* base, int64_t sr, int64_t sc, const int64_t* offs, int64_t R, int64_t n,
-                    void* out, int f64) {
-    const uint64_t* o = (const uint64_t*)offs;
-    for (int64_t r = 0; r < R; r++) {
-        const uint64_t* b = (const uint64_t*)(base + r * sr);
-        if (f64) {
-            double* y = (double*)out + r * n;
-            if (sc == 0) {
-                uint64_t b0 = b[0];
-                for (int64_t c = 0; c < n; c++) {
-                    uint64_t z = mix(b0 + o[c]);
-                    y[c] = ((double)(int32_t)(z >> 35) * 16777216.0 + (double)(int32_t)((z >> 11) & 0xFFFFFF))
-                           * 0x1p-53;
-                }
-            } else {
-                for (int64_t c = 0; c < n; c++) {
-                    uint64_t z = mix(b[c] + o[c]);
-                    y[c] = ((double)(int32_t)(z >> 35) * 16777216.0 + (double)(int32_t)((z >> 11) & 0xFFFFFF))
-                           * 0x1p-53;
-                }
-            }
-        } else {
-            float* y = (float*)out + r * n;
-            if (sc == 0) {
-                uint64_t b0 = b[0];
-                for (int64_t c = 0; c < n; c++) y[c] = (float)(int32_t)(mix(b0 + o[c]) >> 40) * 0x1p-24f;
-            } else {
-                for (int64_t c = 0; c < n; c++) y[c] = (float)(int32_t)(mix(b[c] + o[c]) >> 40) * 0x1p-24f;
-            }
-        }
-    }
-}
-"""
-_native_lib = {}   # "lib" -> the loaded library, or None where building or loading failed
-
-
-def _native():
-    """The C library of keyed_uniforms (built on first use), or None."""
-    if "lib" in _native_lib:
-        return _native_lib["lib"]
-    lib = None
-    try:
-        import ctypes
-        import hashlib
-        import platform
-        import shutil
-        import subprocess
-        import tempfile
-        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-        if cc:
-            flags = ["-O3", "-march=native", "-fPIC", "-shared"]
-            tag = hashlib.sha256("\0".join([_NATIVE_SRC, cc, *flags, platform.node(), platform.machine()])
-                                 .encode()).hexdigest()[:16]
-            folder = os.path.join(tempfile.gettempdir(), f"biodl-native-{os.getuid()}")
-            os.makedirs(folder, exist_ok=True)
-            so = os.path.join(folder, f"keyed_uniforms-{tag}.so")
-            if not os.path.exists(so):
-                src = os.path.join(folder, f"keyed_uniforms-{tag}-{os.getpid()}.c")
-                with open(src, "w") as f:
-                    f.write(_NATIVE_SRC)
-                subprocess.run([cc, *flags, src, "-o", so + f".{os.getpid()}"], check=True, capture_output=True,
-                               timeout=60)
-                os.replace(so + f".{os.getpid()}", so)
-                os.remove(src)
-            lib = ctypes.CDLL(so)
-            lib.keyed_uniforms.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                           ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-            lib.keyed_uniforms.restype = None
-    except Exception:                                    # no compiler, no write access, no ctypes: the torch ops
-        lib = None
-    _native_lib["lib"] = lib
-    return lib
 
 
 def native_uniforms(base, offs, shape, dtype):
@@ -208,7 +127,7 @@ def native_uniforms(base, offs, shape, dtype):
     if not NATIVE or base.device.type != "cpu" or base.dtype != torch.int64 or offs.dtype != torch.int64 or \
             dtype not in (torch.float32, torch.float64) or not len(shape):
         return None
-    lib = _native()
+    lib = native.library()
     if lib is None:
         return None
     n = shape[-1]

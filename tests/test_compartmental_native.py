@@ -1,0 +1,80 @@
+"""utils/compartmental_native.py: the C layer kernel against the torch ops it replaces (skipped where no C compiler
+works here): the same potentials, the same spikes but where a uniform falls within rounding of a threshold."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from utils import compartmental_native as native
+from utils.compartmental import CompartmentalClassifier
+
+SMALL = dict(n_hidden=(40, 20), l_f_phase=30, l_t_phase=12, integration_time=5, mem=6)
+
+
+@pytest.fixture
+def lib():
+    if native.library() is None:
+        pytest.skip("no C compiler here")
+    return native.library()
+
+
+def data(n, seed=0):
+    g = np.random.default_rng(seed)
+    X = torch.tensor(g.random((n, 30)) * (g.random((n, 30)) < 0.5))
+    return X, torch.tensor(np.arange(n) % 4)
+
+
+def fits(monkeypatch, **kw):
+    """The same network fitted with the C kernel and with the torch ops, then its test potentials."""
+    X, y = data(48)
+    out = []
+    for use in (True, False):
+        if not use:
+            monkeypatch.setitem(native._lib, "lib", None)
+        clf = CompartmentalClassifier(**SMALL, **kw, batch_size=8, seed=3, max_epochs=2).fit(X, y)
+        out.append((clf, clf.decision_function(data(32, 1)[0])))
+    return out
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(use_conductances=False), dict(use_spiking_feedback=False)],
+                         ids=["conductances", "instantaneous", "rate feedback"])
+def test_kernel_equals_torch_ops_in_float64(lib, monkeypatch, extra):
+    """float64: every spike the same (the exponential's last-place error never moves a count here), so weights and
+    test potentials agree to rounding."""
+    (a, da), (b, db) = fits(monkeypatch, dtype="float64", **extra)
+    for wa, wb in zip(a.W_ + a.b_ + a.Y_, b.W_ + b.b_ + b.Y_):
+        torch.testing.assert_close(wa, wb, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(da, db, rtol=1e-10, atol=1e-10)
+
+
+def test_exponential_is_within_a_few_units_in_the_last_place(lib):
+    xs = np.linspace(-80.0, 80.0, 20001)
+    assert max(abs(lib.exp_of_d(float(x)) / math.exp(x) - 1) for x in xs) < 4 * 2.0 ** -52
+    assert max(abs(lib.exp_of_f(float(x)) / math.exp(float(np.float32(x))) - 1) for x in xs) < 4 * 2.0 ** -23
+    assert math.isnan(lib.exp_of_d(float("nan"))) and math.isnan(lib.exp_of_f(float("nan")))
+
+
+def test_counts_follow_the_poisson_law_up_to_large_counts(lib):
+    """A layer at lambda_max = 4 per step (counts beyond the branch-free four): the counts' frequencies are
+    Poisson's at each neuron's rate, within 5 standard errors."""
+    P, Ts, B, n, mem = 1, 400, 25, 40, 3
+    U = torch.zeros(P, mem + Ts, B, n, dtype=torch.float64)
+    bias = torch.linspace(-3, 3, n, dtype=torch.float64).view(1, n)
+    one = torch.ones(1, dtype=torch.float64)
+    C = torch.zeros(P, B, n, dtype=torch.float64)
+    base = torch.arange(P * Ts * B, dtype=torch.int64).view(P, Ts, B) * 7919 + 11
+    offs = torch.arange(n, dtype=torch.int64) * 104729 + 5
+    spk = torch.zeros(P, mem + Ts, B, n, dtype=torch.float64)
+    lam = torch.zeros(P, mem + Ts, B, n, dtype=torch.float64)
+    native.layer_segment(U, torch.ones(P, mem, dtype=torch.float64), bias, one, None, None, C, 4 * one, base, offs,
+                         (spk, mem), (lam, mem))
+    rate = 4 / (1 + torch.exp(-bias.view(-1)))
+    torch.testing.assert_close(lam[0, mem:].reshape(-1, n)[0], rate)
+    counts = spk[0, mem:].reshape(-1, n)
+    assert counts.max() > 8
+    for j in (0, n // 2, n - 1):
+        c, lj, N = counts[:, j], float(rate[j]), counts.shape[0]
+        for k in range(6):
+            pk = math.exp(-lj) * lj ** k / math.factorial(k)
+            assert abs(float((c == k).double().mean()) - pk) < 5 * math.sqrt(pk * (1 - pk) / N) + 1e-3

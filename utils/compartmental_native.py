@@ -1,0 +1,219 @@
+"""The compartmental network's C kernels on the CPU, built once per machine with the system's C compiler (`cc -O3
+-march=native`) into a cache folder and loaded with ctypes; where no compiler works (or BIODL_COMPILE=0) `library()`
+is None and the torch ops compute the same quantities.
+
+* keyed_uniforms: the counter-based uniforms of utils/compartmental_random.py, the same integers, so the same numbers
+  (torch's int64 product is not vectorised on AVX2; C compilers build it from 32-bit ones).
+* layer_segment: one layer over a segment of Ts steps, every step of an (example, neuron) chain in one pass: the PSP
+  as the kernel's band over the projected input U (Eq. 2), the soma C = dec C + k_B (PSP + b) + k_I I0 (Eqs. 5-7, the
+  reference's soma_coefficients), the rate lambda = lambda_max sigmoid(C) (Eq. 4) and the Poisson count of the keyed
+  uniform by inverse CDF. Its exponentials are a range-reduced polynomial (a few units in the last place, so a count
+  can differ from the torch ops' where a uniform falls within that of a threshold: the spikes agree in distribution,
+  and a network's spikes still do not depend on its population or batch).
+"""
+import ctypes
+import os
+
+import torch
+
+ENABLED = os.environ.get("BIODL_COMPILE", "1") != "0"
+
+_SRC = r"""
+#include <stdint.h>
+#include <string.h>
+static inline uint64_t mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+static inline float unit_f(uint64_t z) { return (float)(int32_t)(z >> 40) * 0x1p-24f; }
+static inline double unit_d(uint64_t z) {
+    return ((double)(int32_t)(z >> 35) * 16777216.0 + (double)(int32_t)((z >> 11) & 0xFFFFFF)) * 0x1p-53;
+}
+/* out[r, c] = unit(mix(base[r sr + c sc] + offs[c])), r < R, c < n, sc 0 or 1; float (top 24 bits) or double
+   (top 53 bits, as two exact int32 parts) */
+void keyed_uniforms(const int64_t* base, int64_t sr, int64_t sc, const int64_t* offs, int64_t R, int64_t n,
+                    void* out, int f64) {
+    const uint64_t* o = (const uint64_t*)offs;
+    for (int64_t r = 0; r < R; r++) {
+        const uint64_t* b = (const uint64_t*)(base + r * sr);
+        if (f64) {
+            double* y = (double*)out + r * n;
+            if (sc == 0) { uint64_t b0 = b[0]; for (int64_t c = 0; c < n; c++) y[c] = unit_d(mix(b0 + o[c])); }
+            else for (int64_t c = 0; c < n; c++) y[c] = unit_d(mix(b[c] + o[c]));
+        } else {
+            float* y = (float*)out + r * n;
+            if (sc == 0) { uint64_t b0 = b[0]; for (int64_t c = 0; c < n; c++) y[c] = unit_f(mix(b0 + o[c])); }
+            else for (int64_t c = 0; c < n; c++) y[c] = unit_f(mix(b[c] + o[c]));
+        }
+    }
+}
+/* e^x: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial (Horner), times 2^n from the exponent bits;
+   x clamped to the normal range, NaN stays NaN */
+static inline float exp_f(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float t = x * 1.44269504088896341f + 12582912.0f, fn = t - 12582912.0f;
+    int32_t ni; memcpy(&ni, &t, 4); ni -= 0x4B400000;
+    float r = x - fn * 0.693359375f - fn * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f; p = p * r + 8.3334519073e-3f; p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f; p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = (ni + 127) << 23; float s; memcpy(&s, &bits, 4);
+    return p * s;
+}
+static inline double exp_d(double x) {
+    x = x < -708.0 ? -708.0 : (x > 709.0 ? 709.0 : x);
+    double t = x * 1.4426950408889634074 + 6755399441055744.0, fn = t - 6755399441055744.0;
+    int64_t ni; memcpy(&ni, &t, 8); ni -= 0x4338000000000000LL;
+    double r = x - fn * 6.93145751953125e-1 - fn * 1.42860682030941723212e-6;
+    double p = 1.0 / 6227020800.0;                                   /* 1/13! */
+    static const double inv[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                   1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0,
+                                   0.5, 1.0, 1.0};
+    for (int k = 0; k < 13; k++) p = p * r + inv[k];
+    int64_t bits = (ni + 1023) << 52; double s; memcpy(&s, &bits, 8);
+    return p * s;
+}
+#define LAYER_SEGMENT(NAME, T, EXP, UNIT)                                                                        \
+void NAME(int64_t P, int64_t Ts, int64_t B, int64_t n, int64_t mem, int64_t b0, int64_t b1,                      \
+          const T* U, const T* kap, const T* bias, const T* kB, const T* dec, const T* drive_I, T* C, T* Cseg,    \
+          const T* lmax, const int64_t* base, const int64_t* offs, T* spk, int64_t spk_p, int64_t spk_r0,         \
+          T* lam, int64_t lam_p, int64_t lam_r0, T* work) {                                                      \
+    int64_t rows = mem + Ts;                                                                                     \
+    T* acc = work; T* rate = work + n; T* e0 = work + 2 * n; T* u = work + 3 * n;                                 \
+    for (int64_t p = 0; p < P; p++) for (int64_t b = b0; b < b1; b++) {                                           \
+        T* c = C + (p * B + b) * n;                                                                               \
+        const T* kp = kap + p * mem; const T* bp = bias + p * n;                                                 \
+        const T* dI = drive_I ? drive_I + (p * B + b) * n : 0;                                                   \
+        T g = kB[p], d = dec ? dec[p] : (T)0, lm = lmax[p];                                                      \
+        for (int64_t t = 0; t < Ts; t++) {                                                                       \
+            const T* u0 = U + ((p * rows + mem + t) * B + b) * n;                                                \
+            for (int64_t j = 0; j < n; j++) acc[j] = u0[j] * kp[0];                                              \
+            for (int64_t k = 1; k < mem; k++) {                                                                  \
+                const T* uk = U + ((p * rows + mem + t - k) * B + b) * n; T kk = kp[k];                         \
+                for (int64_t j = 0; j < n; j++) acc[j] += uk[j] * kk;                                            \
+            }                                                                                                    \
+            T* cs = Cseg + ((p * Ts + t) * B + b) * n;                                                           \
+            for (int64_t j = 0; j < n; j++) {                                                                    \
+                T v = (acc[j] + bp[j]) * g;                                                                      \
+                if (dI) v += dI[j];                                                                              \
+                if (dec) v += c[j] * d;                                                                          \
+                c[j] = v; cs[j] = v;                                                                             \
+            }                                                                                                    \
+            if (!spk && !lam) continue;                                                                          \
+            for (int64_t j = 0; j < n; j++) rate[j] = lm / ((T)1 + EXP(-c[j]));                                  \
+            if (lam) memcpy(lam + p * lam_p + ((lam_r0 + t) * B + b) * n, rate, n * sizeof(T));                  \
+            if (!spk) continue;                                                                                  \
+            const uint64_t k0 = (uint64_t)base[(p * Ts + t) * B + b]; const uint64_t* o = (const uint64_t*)offs; \
+            for (int64_t j = 0; j < n; j++) { e0[j] = EXP(-rate[j]); u[j] = UNIT(mix(k0 + o[j])); }              \
+            T* s = spk + p * spk_p + ((spk_r0 + t) * B + b) * n;                                                 \
+            int any = 0;                         /* N >= k iff u > F(k - 1; lambda): the first 4 branch-free */  \
+            for (int64_t j = 0; j < n; j++) {                                                                    \
+                T l = rate[j], uu = u[j], term = e0[j], cdf = term, cnt = (T)(uu > cdf);                         \
+                term = term * l / (T)1; cdf = cdf + term; cnt += (T)(uu > cdf);                                  \
+                term = term * l / (T)2; cdf = cdf + term; cnt += (T)(uu > cdf);                                  \
+                term = term * l / (T)3; cdf = cdf + term; cnt += (T)(uu > cdf);                                  \
+                s[j] = cnt; any |= cnt == (T)4;                                                                  \
+            }                                                                                                    \
+            if (any) for (int64_t j = 0; j < n; j++) if (s[j] == (T)4) {     /* the rare rest: term by term */  \
+                T term = e0[j], cdf = term, l = rate[j];                                                         \
+                int k = 0;                                                                                       \
+                while (u[j] > cdf && k < 1000) { k++; term = term * l / (T)k; cdf = cdf + term; }                \
+                s[j] = (T)k;                                                                                     \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+}
+LAYER_SEGMENT(layer_segment_f, float, exp_f, unit_f)
+LAYER_SEGMENT(layer_segment_d, double, exp_d, unit_d)
+double exp_of_d(double x) { return exp_d(x); }
+float exp_of_f(float x) { return exp_f(x); }
+"""
+_lib = {}   # "lib" -> the loaded library, or None where building or loading failed
+
+
+def library():
+    """The C library (built on first use), or None: no compiler, no write access, or disabled."""
+    if "lib" in _lib:
+        return _lib["lib"]
+    lib = None
+    try:
+        lib = _build() if ENABLED else None
+    except Exception:                                    # no compiler, no write access, no ctypes: the torch ops
+        lib = None
+    _lib["lib"] = lib
+    return lib
+
+
+def _build():
+    import hashlib
+    import platform
+    import shutil
+    import subprocess
+    import tempfile
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if not cc:
+        return None
+    flags = ["-O3", "-march=native", "-fPIC", "-shared"]
+    tag = hashlib.sha256("\0".join([_SRC, cc, *flags, platform.node(), platform.machine()]).encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), f"biodl-native-{os.getuid()}")
+    os.makedirs(folder, exist_ok=True)
+    so = os.path.join(folder, f"compartmental-{tag}.so")
+    if not os.path.exists(so):
+        src = os.path.join(folder, f"compartmental-{tag}-{os.getpid()}.c")
+        with open(src, "w") as f:
+            f.write(_SRC)
+        subprocess.run([cc, *flags, src, "-o", so + f".{os.getpid()}"], check=True, capture_output=True, timeout=60)
+        os.replace(so + f".{os.getpid()}", so)
+        os.remove(src)
+    lib = ctypes.CDLL(so)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.keyed_uniforms.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.keyed_uniforms.restype = None
+    for name in ("layer_segment_f", "layer_segment_d"):
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 7 + [ptr] * 12 + [i64, i64, ptr, i64, i64, ptr]
+        fn.restype = None
+    lib.exp_of_d.argtypes, lib.exp_of_d.restype = [ctypes.c_double], ctypes.c_double
+    lib.exp_of_f.argtypes, lib.exp_of_f.restype = [ctypes.c_float], ctypes.c_float
+    return lib
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def layer_segment(U, kap, bias, kB, dec, drive_I, C, lmax, base, offs, spikes, lam):
+    """One layer over a segment in C (see the module docstring), or None where it does not apply (no library, not
+    on the CPU, not float32 / float64). U (P, mem + Ts, B, n) the projected input (rows [0, mem): history); kap
+    (P, mem); bias (P, n); kB, dec, lmax (P,) (dec None: no conductances, C = the drive); drive_I (P, B, n) or None;
+    C (P, B, n) the soma before, updated to after the last step; base (P, Ts, B) int64 keys and offs (n,) int64
+    (None: no spikes); spikes, lam: (buffer (P, rows, B, n), its first row) to write the counts and rates into, or
+    None. Returns C of every step, (P, Ts, B, n)."""
+    lib = library()
+    if lib is None or U.device.type != "cpu" or U.dtype not in (torch.float32, torch.float64):
+        return None
+    P, rows, B, n = U.shape
+    mem = kap.shape[1]
+    Ts = rows - mem
+    dt = U.dtype
+    cont = lambda t: None if t is None else t.to(dt).contiguous()   # noqa: E731
+    U, kap, bias, kB, dec, drive_I, lmax = (cont(t) for t in (U, kap, bias, kB, dec, drive_I, lmax))
+    if base is not None:
+        base, offs = base.contiguous(), offs.contiguous()
+    for buf in (spikes, lam):
+        if buf is not None and (not buf[0].is_contiguous() or buf[0].dtype != dt or buf[0].shape[2:] != (B, n)):
+            return None
+    if not C.is_contiguous():
+        return None
+    Cseg = torch.empty(P, Ts, B, n, dtype=dt)
+    work = torch.empty(4 * n, dtype=dt)
+    spk, spk_r0 = spikes if spikes is not None else (None, 0)
+    lm, lam_r0 = lam if lam is not None else (None, 0)
+    fn = lib.layer_segment_d if dt == torch.float64 else lib.layer_segment_f
+    fn(P, Ts, B, n, mem, 0, B, _ptr(U), _ptr(kap), _ptr(bias), _ptr(kB), _ptr(dec), _ptr(drive_I), _ptr(C),
+       _ptr(Cseg), _ptr(lmax), _ptr(base), _ptr(offs) if base is not None else None, _ptr(spk),
+       0 if spk is None else spk.stride(0), spk_r0, _ptr(lm), 0 if lm is None else lm.stride(0), lam_r0,
+       _ptr(work))
+    return Cseg
