@@ -9,6 +9,7 @@ import torch
 from sklearn.base import clone
 
 from utils import compartmental_engine as engine
+from utils import compartmental_native as native
 from utils import compartmental_reference as R
 from utils.compartmental import CompartmentalClassifier, batch_f_etas
 from utils.compartmental_population import fit_population
@@ -815,18 +816,28 @@ def test_dense_input_path_equals_sparse_bit_for_bit(monkeypatch, dtype):
     cfg = dict(SMALL, dtype=dtype, use_spiking_feedforward=True, use_spiking_feedback=True, extra_steps=True,
                l_f_phase=engine.SEGMENT + 6, batch_size=4, max_epochs=2, l_f_phase_test=engine.SEGMENT + 3)
     runs = {}
-    for dense in (None, 0.0):
+    for path, dense in (("native", None), ("sparse", None), ("dense", 0.0)):   # the C kernels, then the torch ops
+        if path != "native":
+            monkeypatch.setitem(native._lib, "lib", None)
+        elif native.library() is None:
+            continue
         monkeypatch.setattr(engine, "INPUT_DENSE", dense)
         a, b = CompartmentalClassifier(seed=1, **cfg), CompartmentalClassifier(seed=2, **cfg)
         alone = clone(a).fit(X, y)
         fit_population([a, b], [(X, y), (X[:13], y[:13])])
-        runs[dense] = [(m, m.decision_function(X[:7])) for m in (alone, a, b)]
-    for (one, d_one), (other, d_other) in zip(runs[None], runs[0.0]):
+        runs[path] = [(m, m.decision_function(X[:7])) for m in (alone, a, b)]
+    for (one, d_one), (other, d_other) in zip(runs["sparse"], runs["dense"]):
         for u, v in zip(one.W_ + one.b_, other.W_ + other.b_):
             assert torch.equal(u, v)
         assert np.array_equal(d_one, d_other)
-    for u, v in zip(runs[None][0][0].W_, runs[None][1][0].W_):   # (and the population member is its lone run:
-        if dtype == "float64":                                     # float32 within a rounding step of the
-            assert torch.equal(u, v)                               # largest weight: the population's products
-        else:                                                      # may take another BLAS kernel)
-            torch.testing.assert_close(u, v, rtol=2 ** -22, atol=2 ** -22 * float(u.abs().max()))
+    if "native" in runs and dtype == "float64":                 # the C kernels: the same spikes, other rounding
+        for (one, d_one), (other, d_other) in zip(runs["sparse"], runs["native"]):
+            for u, v in zip(one.W_ + one.b_, other.W_ + other.b_):
+                torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(d_one, d_other, rtol=1e-10, atol=1e-10)
+    for path, members in runs.items():                         # (and the population member is its lone run:
+        for u, v in zip(members[0][0].W_, members[1][0].W_):   # float32 within a rounding step of the largest
+            if dtype == "float64":                             # weight: the population's products may take
+                assert torch.equal(u, v), path                 # another BLAS kernel)
+            else:
+                torch.testing.assert_close(u, v, rtol=2 ** -22, atol=2 ** -22 * float(u.abs().max()))

@@ -258,6 +258,10 @@ class Population:
         """The active inputs of x (P, B, n_in): (member-major index (p, b, i), rates lambda_max x pixel, example
         index p B + b, the inputs' random-number counters); or ("dense", rates (P, B, n_in), the counters) for spikes
         where at least INPUT_DENSE of the pixels are nonzero (CIFAR-10: nearly all), sampled densely."""
+        if self.flags["use_spiking_feedforward"] and self.dev.type == "cpu":
+            events = native.input_events(x, self.lmax)       # the C kernel's: dense or sparse alike
+            if events is not None:
+                return "native", events
         if INPUT_DENSE is not None and self.flags["use_spiking_feedforward"] and x.numel() and \
                 float((x != 0).sum()) >= INPUT_DENSE * x.numel():
             return "dense", x * self.lmax, rnd.neuron_offsets(0, x.shape[-1]).to(x.device).view(1, 1, 1, -1)
@@ -274,6 +278,10 @@ class Population:
         (a pixel of 0 has rate 0 and never spikes) from the same keyed uniforms, without gathering keys per event;
         the events come in the same order, so the sums are the same."""
         P, B, mem, n, dev = self.P, self.B, self.mem, self.n, self.dev
+        if inp[0] == "native":                                # the C kernel: the same steps in one pass
+            U0, self.hist = native.input_segment(inp[1], base, self._W0t(), self.hist, (P, mem, Ts, B, n[0], n[1]),
+                                                 w_in, in_mean, keep_from, 0 if last else Ts)
+            return U0
         rows = mem + Ts
         ht, hx, hi, hv = self.hist
         if inp[0] == "dense":                                 # spikes of every input: Poisson counts, (P, Ts, B, n_in)

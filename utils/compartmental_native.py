@@ -127,6 +127,52 @@ void NAME(int64_t P, int64_t Ts, int64_t B, int64_t n, int64_t mem, int64_t b0, 
 }
 LAYER_SEGMENT(layer_segment_f, float, exp_f, unit_f)
 LAYER_SEGMENT(layer_segment_d, double, exp_d, unit_d)
+/* The input layer over a segment: U (P, mem + Ts, B, n1) = W S of every row, from the history events (rows
+   [0, mem)) and the Poisson counts of the active inputs (CSR per example p B + b: pix, their rates lam, e^-lam
+   e0 and counters off) drawn from the keys base (P, Ts, B); in_mean[ex n0 + i] += count w_in[p, row] (w_in may
+   be 0); the events of the rows >= keep_from kept (row - shift) into k_*, at most cap. Returns the kept count,
+   or -1 past cap. Example after example, so that its active inputs' weight rows stay in the cache. */
+#define INPUT_SEGMENT(NAME, T, UNIT)                                                                             \
+int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t mem, const int64_t* act_ptr,      \
+             const int64_t* pix, const T* lam, const T* e0, const int64_t* off, const int64_t* base,             \
+             const T* W0t, int64_t nh, const int64_t* h_t, const int64_t* h_x, const int64_t* h_i, const T* h_v, \
+             T* U, const T* w_in, T* in_mean, int64_t keep_from, int64_t shift, int64_t cap, int64_t* k_t,        \
+             int64_t* k_x, int64_t* k_i, T* k_v) {                                                               \
+    int64_t rows = mem + Ts, kept = 0;                                                                           \
+    memset(U, 0, (size_t)(P * rows * B * n1) * sizeof(T));                                                      \
+    for (int64_t e = 0; e < nh; e++) {                                                                           \
+        int64_t p = h_x[e] / B, b = h_x[e] % B, r = h_t[e];                                                      \
+        T v = h_v[e];                                                                                            \
+        T* u = U + ((p * rows + r) * B + b) * n1; const T* w = W0t + (p * n0 + h_i[e]) * n1;                     \
+        for (int64_t j = 0; j < n1; j++) u[j] += v * w[j];                                                       \
+        if (in_mean) in_mean[h_x[e] * n0 + h_i[e]] += v * w_in[p * rows + r];                                    \
+        if (r >= keep_from) {                                                                                    \
+            if (kept >= cap) return -1;                                                                          \
+            k_t[kept] = r - shift; k_x[kept] = h_x[e]; k_i[kept] = h_i[e]; k_v[kept] = v; kept++;                 \
+        }                                                                                                        \
+    }                                                                                                            \
+    for (int64_t p = 0; p < P; p++) for (int64_t b = 0; b < B; b++) for (int64_t t = 0; t < Ts; t++) {            \
+        int64_t ex = p * B + b, r = mem + t;                                                                     \
+        const uint64_t key = (uint64_t)base[(p * Ts + t) * B + b];                                               \
+        T* u = U + ((p * rows + r) * B + b) * n1;                                                                \
+        for (int64_t a = act_ptr[ex]; a < act_ptr[ex + 1]; a++) {                                                \
+            T uu = UNIT(mix(key + (uint64_t)off[a])), term = e0[a], cdf = term, l = lam[a];                      \
+            if (!(uu > cdf)) continue;                   /* N >= k iff u > F(k - 1; lambda) */                   \
+            int k = 0;                                                                                           \
+            while (uu > cdf && k < 1000) { k++; term = term * l / (T)k; cdf = cdf + term; }                      \
+            T v = (T)k; const T* w = W0t + (p * n0 + pix[a]) * n1;                                               \
+            for (int64_t j = 0; j < n1; j++) u[j] += v * w[j];                                                   \
+            if (in_mean) in_mean[ex * n0 + pix[a]] += v * w_in[p * rows + r];                                     \
+            if (r >= keep_from) {                                                                                \
+                if (kept >= cap) return -1;                                                                      \
+                k_t[kept] = r - shift; k_x[kept] = ex; k_i[kept] = pix[a]; k_v[kept] = v; kept++;                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    return kept;                                                                                                 \
+}
+INPUT_SEGMENT(input_segment_f, float, unit_f)
+INPUT_SEGMENT(input_segment_d, double, unit_d)
 double exp_of_d(double x) { return exp_d(x); }
 float exp_of_f(float x) { return exp_f(x); }
 """
@@ -175,6 +221,10 @@ def _build():
         fn = getattr(lib, name)
         fn.argtypes = [i64] * 7 + [ptr] * 12 + [i64, i64, ptr, i64, i64, ptr]
         fn.restype = None
+    for name in ("input_segment_f", "input_segment_d"):
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 6 + [ptr] * 7 + [i64] + [ptr] * 7 + [i64] * 3 + [ptr] * 4
+        fn.restype = i64
     lib.exp_of_d.argtypes, lib.exp_of_d.restype = [ctypes.c_double], ctypes.c_double
     lib.exp_of_f.argtypes, lib.exp_of_f.restype = [ctypes.c_float], ctypes.c_float
     return lib
@@ -217,3 +267,39 @@ def layer_segment(U, kap, bias, kB, dec, drive_I, C, lmax, base, offs, spikes, l
        0 if spk is None else spk.stride(0), spk_r0, _ptr(lm), 0 if lm is None else lm.stride(0), lam_r0,
        _ptr(work))
     return Cseg
+
+
+def input_events(x, lmax):
+    """The active inputs of x (P, B, n0) for input_segment: (CSR offsets per example (P B + 1), their input
+    indices, rates lambda = lmax x, e^-lambda, counters), member-major; None where the kernel does not apply."""
+    if library() is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    from utils.compartmental_random import neuron_offsets
+    P, B, n0 = x.shape
+    p, b, i = x.nonzero(as_tuple=True)
+    lam = (x[p, b, i] * lmax.view(-1)[p]).contiguous()
+    ptr = torch.zeros(P * B + 1, dtype=torch.int64)
+    ptr[1:] = torch.bincount(p * B + b, minlength=P * B).cumsum(0)
+    return ptr, i.contiguous(), lam, torch.exp(-lam), neuron_offsets(0, i).view(-1).contiguous()
+
+
+def input_segment(events, base, W0t, hist, shape, w_in, in_mean, keep_from, shift):
+    """The input layer over a segment in C (see the kernel's comment): events from input_events, base (P, Ts, B)
+    keys, W0t (P n0, n1), hist the history events (row, example, input, value), shape (P, mem, Ts, B, n0, n1),
+    w_in (P, mem + Ts) or None, in_mean (P B n0) added into. Returns (U (P, mem + Ts, B, n1), the kept events)."""
+    P, mem, Ts, B, n0, n1 = shape
+    ptr, pix, lam, e0, off = events
+    dt = lam.dtype
+    ht, hx, hi, hv = (h.contiguous() for h in hist)
+    hv = hv.to(dt)
+    cap = len(ht) + len(pix) * max(0, mem + Ts - keep_from)
+    kept = [torch.empty(cap, dtype=torch.int64) for _ in range(3)] + [torch.empty(cap, dtype=dt)]
+    U = torch.empty(P, mem + Ts, B, n1, dtype=dt)
+    w = None if w_in is None else w_in.to(dt).contiguous()
+    fn = library().input_segment_d if dt == torch.float64 else library().input_segment_f
+    k = fn(P, B, n0, n1, Ts, mem, _ptr(ptr), _ptr(pix), _ptr(lam), _ptr(e0), _ptr(off), _ptr(base.contiguous()),
+           _ptr(W0t), len(ht), _ptr(ht), _ptr(hx), _ptr(hi), _ptr(hv), _ptr(U), _ptr(w),
+           None if w is None else _ptr(in_mean), keep_from, shift, cap, *(_ptr(t) for t in kept))
+    if k < 0:
+        raise RuntimeError("input_segment: more kept events than its bound (a bug)")
+    return U, tuple(t[:k].clone() for t in kept)
