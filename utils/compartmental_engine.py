@@ -128,7 +128,7 @@ class Population:
         self.hist = (torch.cat([h[0] for h in hist]), p * self.B + torch.cat([h[1] for h in hist]),
                      torch.cat([h[2] for h in hist]), torch.cat([h[3] for h in hist]))
         self.kappa = {path: np.stack([R.kappa(c, path) for c in cs]) for path in ("ff", "fb")}   # (P, mem), Eq. 2
-        self.cache, self.version, self.buf, self._inp = {}, 0, None, None
+        self.cache, self.version, self.buf, self._inp, self.scratch = {}, 0, None, None, {}
 
     def member(self, q):
         """Member q's weights as views of the stacks: dict(W, b, Y, c) of lists (they follow the updates)."""
@@ -279,8 +279,9 @@ class Population:
         the events come in the same order, so the sums are the same."""
         P, B, mem, n, dev = self.P, self.B, self.mem, self.n, self.dev
         if inp[0] == "native":                                # the C kernel: the same steps in one pass
-            U0, self.hist = native.input_segment(inp[1], base, self._W0t(), self.hist, (P, mem, Ts, B, n[0], n[1]),
-                                                 w_in, in_mean, keep_from, 0 if last else Ts)
+            U0, self.hist = native.input_segment(
+                inp[1], base, self._W0t(), self.hist, (P, mem, Ts, B, n[0], n[1]), w_in, in_mean, keep_from,
+                0 if last else Ts, out=native.scratch(self.scratch, "U0", (P, mem + Ts, B, n[1]), self.dty))
             return U0
         rows = mem + Ts
         ht, hx, hi, hv = self.hist
@@ -446,13 +447,14 @@ class Population:
         if "rate" in layer and not testing:
             lam = (layer["rate"], mem)
         elif out and seg.target:
-            lam = (torch.empty(P, seg.Ts, self.B, self.n[m + 1], dtype=self.dty), 0)
+            lam = (native.scratch(self.scratch, ("lam", m), (P, seg.Ts, self.B, self.n[m + 1]), self.dty), 0)
         C = self.C[m].contiguous().clone()
         C_seg = native.layer_segment(
             U, self._kernel("ff").view(P, mem), self.b[m].reshape(P, -1), k_B.view(P),
             dec.view(P) if self.flags["use_conductances"] else None, drive_I, C, self.lmax.view(P),
             seg.base, rnd.neuron_offsets(m + 1, self.n[m + 1]).view(-1),
-            None if testing else (layer["spike"], mem), lam)
+            None if testing else (layer["spike"], mem), lam,
+            out=native.scratch(self.scratch, ("C", m), (P, seg.Ts, self.B, self.n[m + 1]), self.dty))
         if C_seg is None:
             return None
         self.C[m] = C

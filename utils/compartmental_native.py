@@ -111,9 +111,9 @@ void NAME(int64_t P, int64_t Ts, int64_t B, int64_t n, int64_t mem, int64_t b0, 
             int any = 0;                         /* N >= k iff u > F(k - 1; lambda): the first 4 branch-free */  \
             for (int64_t j = 0; j < n; j++) {                                                                    \
                 T l = rate[j], uu = u[j], term = e0[j], cdf = term, cnt = (T)(uu > cdf);                         \
-                term = term * l / (T)1; cdf = cdf + term; cnt += (T)(uu > cdf);                                  \
-                term = term * l / (T)2; cdf = cdf + term; cnt += (T)(uu > cdf);                                  \
-                term = term * l / (T)3; cdf = cdf + term; cnt += (T)(uu > cdf);                                  \
+                term = term * l; cdf = cdf + term; cnt += (T)(uu > cdf);                                         \
+                term = term * l * (T)0.5; cdf = cdf + term; cnt += (T)(uu > cdf);                                \
+                term = term * l * (T)(1.0 / 3.0); cdf = cdf + term; cnt += (T)(uu > cdf);                        \
                 s[j] = cnt; any |= cnt == (T)4;                                                                  \
             }                                                                                                    \
             if (any) for (int64_t j = 0; j < n; j++) if (s[j] == (T)4) {     /* the rare rest: term by term */  \
@@ -139,7 +139,8 @@ int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t m
              T* U, const T* w_in, T* in_mean, int64_t keep_from, int64_t shift, int64_t cap, int64_t* k_t,        \
              int64_t* k_x, int64_t* k_i, T* k_v) {                                                               \
     int64_t rows = mem + Ts, kept = 0;                                                                           \
-    memset(U, 0, (size_t)(P * rows * B * n1) * sizeof(T));                                                      \
+    for (int64_t p = 0; p < P; p++)                      /* the history rows; each example's new rows below */   \
+        memset(U + p * rows * B * n1, 0, (size_t)(mem * B * n1) * sizeof(T));                                  \
     for (int64_t e = 0; e < nh; e++) {                                                                           \
         int64_t p = h_x[e] / B, b = h_x[e] % B, r = h_t[e];                                                      \
         T v = h_v[e];                                                                                            \
@@ -155,6 +156,7 @@ int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t m
         int64_t ex = p * B + b, r = mem + t;                                                                     \
         const uint64_t key = (uint64_t)base[(p * Ts + t) * B + b];                                               \
         T* u = U + ((p * rows + r) * B + b) * n1;                                                                \
+        memset(u, 0, (size_t)n1 * sizeof(T));                                                                    \
         for (int64_t a = act_ptr[ex]; a < act_ptr[ex + 1]; a++) {                                                \
             T uu = UNIT(mix(key + (uint64_t)off[a])), term = e0[a], cdf = term, l = lam[a];                      \
             if (!(uu > cdf)) continue;                   /* N >= k iff u > F(k - 1; lambda) */                   \
@@ -234,13 +236,25 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def layer_segment(U, kap, bias, kB, dec, drive_I, C, lmax, base, offs, spikes, lam):
+def scratch(store, name, shape, dtype):
+    """A tensor of `shape` reused from store[name] (a dict the caller keeps) when large enough: fresh large
+    tensors are fresh pages from the system, and faulting them in cost as much as the kernels' work."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    buf = store.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        buf = store[name] = torch.empty(max(n, 1), dtype=dtype)
+    return buf[:n].view(*shape)
+
+
+def layer_segment(U, kap, bias, kB, dec, drive_I, C, lmax, base, offs, spikes, lam, out=None):
     """One layer over a segment in C (see the module docstring), or None where it does not apply (no library, not
     on the CPU, not float32 / float64). U (P, mem + Ts, B, n) the projected input (rows [0, mem): history); kap
     (P, mem); bias (P, n); kB, dec, lmax (P,) (dec None: no conductances, C = the drive); drive_I (P, B, n) or None;
     C (P, B, n) the soma before, updated to after the last step; base (P, Ts, B) int64 keys and offs (n,) int64
     (None: no spikes); spikes, lam: (buffer (P, rows, B, n), its first row) to write the counts and rates into, or
-    None. Returns C of every step, (P, Ts, B, n)."""
+    None; out: (P, Ts, B, n) to write C into (default: a new tensor). Returns C of every step, (P, Ts, B, n)."""
     lib = library()
     if lib is None or U.device.type != "cpu" or U.dtype not in (torch.float32, torch.float64):
         return None
@@ -257,7 +271,7 @@ def layer_segment(U, kap, bias, kB, dec, drive_I, C, lmax, base, offs, spikes, l
             return None
     if not C.is_contiguous():
         return None
-    Cseg = torch.empty(P, Ts, B, n, dtype=dt)
+    Cseg = torch.empty(P, Ts, B, n, dtype=dt) if out is None else out
     work = torch.empty(4 * n, dtype=dt)
     spk, spk_r0 = spikes if spikes is not None else (None, 0)
     lm, lam_r0 = lam if lam is not None else (None, 0)
@@ -283,10 +297,11 @@ def input_events(x, lmax):
     return ptr, i.contiguous(), lam, torch.exp(-lam), neuron_offsets(0, i).view(-1).contiguous()
 
 
-def input_segment(events, base, W0t, hist, shape, w_in, in_mean, keep_from, shift):
+def input_segment(events, base, W0t, hist, shape, w_in, in_mean, keep_from, shift, out=None):
     """The input layer over a segment in C (see the kernel's comment): events from input_events, base (P, Ts, B)
     keys, W0t (P n0, n1), hist the history events (row, example, input, value), shape (P, mem, Ts, B, n0, n1),
-    w_in (P, mem + Ts) or None, in_mean (P B n0) added into. Returns (U (P, mem + Ts, B, n1), the kept events)."""
+    w_in (P, mem + Ts) or None, in_mean (P B n0) added into; out: U's tensor (default: a new one). Returns (U (P,
+    mem + Ts, B, n1), the kept events)."""
     P, mem, Ts, B, n0, n1 = shape
     ptr, pix, lam, e0, off = events
     dt = lam.dtype
@@ -294,7 +309,7 @@ def input_segment(events, base, W0t, hist, shape, w_in, in_mean, keep_from, shif
     hv = hv.to(dt)
     cap = len(ht) + len(pix) * max(0, mem + Ts - keep_from)
     kept = [torch.empty(cap, dtype=torch.int64) for _ in range(3)] + [torch.empty(cap, dtype=dt)]
-    U = torch.empty(P, mem + Ts, B, n1, dtype=dt)
+    U = torch.empty(P, mem + Ts, B, n1, dtype=dt) if out is None else out
     w = None if w_in is None else w_in.to(dt).contiguous()
     fn = library().input_segment_d if dt == torch.float64 else library().input_segment_f
     k = fn(P, B, n0, n1, Ts, mem, _ptr(ptr), _ptr(pix), _ptr(lam), _ptr(e0), _ptr(off), _ptr(base.contiguous()),
