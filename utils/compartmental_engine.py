@@ -281,7 +281,7 @@ class Population:
         if inp[0] == "native":                                # the C kernel: the same steps in one pass
             U0, self.hist = native.input_segment(
                 inp[1], base, self._W0t(), self.hist, (P, mem, Ts, B, n[0], n[1]), w_in, in_mean, keep_from,
-                0 if last else Ts, out=native.scratch(self.scratch, "U0", (P, mem + Ts, B, n[1]), self.dty))
+                0 if last else Ts, store=self.scratch)
             return U0
         rows = mem + Ts
         ht, hx, hi, hv = self.hist

@@ -137,7 +137,7 @@ int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t m
              const int64_t* pix, const T* lam, const T* e0, const int64_t* off, const int64_t* base,             \
              const T* W0t, int64_t nh, const int64_t* h_t, const int64_t* h_x, const int64_t* h_i, const T* h_v, \
              T* U, const T* w_in, T* in_mean, int64_t keep_from, int64_t shift, int64_t cap, int64_t* k_t,        \
-             int64_t* k_x, int64_t* k_i, T* k_v) {                                                               \
+             int64_t* k_x, int64_t* k_i, T* k_v, int64_t* row_ptr, int32_t* ev_i, T* ev_v) {                     \
     int64_t rows = mem + Ts, kept = 0;                                                                           \
     for (int64_t p = 0; p < P; p++)                      /* the history rows; each example's new rows below */   \
         memset(U + p * rows * B * n1, 0, (size_t)(mem * B * n1) * sizeof(T));                                  \
@@ -152,23 +152,48 @@ int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t m
             k_t[kept] = r - shift; k_x[kept] = h_x[e]; k_i[kept] = h_i[e]; k_v[kept] = v; kept++;                 \
         }                                                                                                        \
     }                                                                                                            \
+    int64_t nev = 0;                                      /* the new rows' events: (input, count), by row */   \
     for (int64_t p = 0; p < P; p++) for (int64_t b = 0; b < B; b++) for (int64_t t = 0; t < Ts; t++) {            \
         int64_t ex = p * B + b, r = mem + t;                                                                     \
         const uint64_t key = (uint64_t)base[(p * Ts + t) * B + b];                                               \
-        T* u = U + ((p * rows + r) * B + b) * n1;                                                                \
-        memset(u, 0, (size_t)n1 * sizeof(T));                                                                    \
+        row_ptr[(p * B + b) * Ts + t] = nev;                                                                     \
         for (int64_t a = act_ptr[ex]; a < act_ptr[ex + 1]; a++) {                                                \
             T uu = UNIT(mix(key + (uint64_t)off[a])), term = e0[a], cdf = term, l = lam[a];                      \
             if (!(uu > cdf)) continue;                   /* N >= k iff u > F(k - 1; lambda) */                   \
             int k = 0;                                                                                           \
             while (uu > cdf && k < 1000) { k++; term = term * l / (T)k; cdf = cdf + term; }                      \
-            T v = (T)k; const T* w = W0t + (p * n0 + pix[a]) * n1;                                               \
-            for (int64_t j = 0; j < n1; j++) u[j] += v * w[j];                                                   \
+            T v = (T)k;                                                                                          \
+            ev_i[nev] = pix[a]; ev_v[nev] = v; nev++;                                                            \
             if (in_mean) in_mean[ex * n0 + pix[a]] += v * w_in[p * rows + r];                                     \
             if (r >= keep_from) {                                                                                \
                 if (kept >= cap) return -1;                                                                      \
                 k_t[kept] = r - shift; k_x[kept] = ex; k_i[kept] = pix[a]; k_v[kept] = v; kept++;                \
             }                                                                                                    \
+        }                                                                                                        \
+    }                                                                                                            \
+    row_ptr[P * B * Ts] = nev;                                                                                   \
+    typedef T V __attribute__((vector_size(64)));                                                               \
+    enum { L = 64 / sizeof(T) };                          /* W S of each new row, 4 L outputs at a time: the   */ \
+    int64_t j0 = 0;                                       /* weights' column block stays in the cache          */ \
+    for (; j0 + 4 * L <= n1; j0 += 4 * L)                                                                        \
+        for (int64_t p = 0; p < P; p++) for (int64_t b = 0; b < B; b++) for (int64_t t = 0; t < Ts; t++) {        \
+            int64_t q = (p * B + b) * Ts + t;                                                                    \
+            V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, w0, w1, w2, w3;                                            \
+            for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; e++) {                                              \
+                const T* w = W0t + (p * n0 + ev_i[e]) * n1 + j0; T v = ev_v[e];                                  \
+                memcpy(&w0, w, 64); memcpy(&w1, w + L, 64); memcpy(&w2, w + 2 * L, 64); memcpy(&w3, w + 3 * L, 64); \
+                a0 += v * w0; a1 += v * w1; a2 += v * w2; a3 += v * w3;                                          \
+            }                                                                                                    \
+            T* u = U + ((p * rows + mem + t) * B + b) * n1 + j0;                                                 \
+            memcpy(u, &a0, 64); memcpy(u + L, &a1, 64); memcpy(u + 2 * L, &a2, 64); memcpy(u + 3 * L, &a3, 64);  \
+        }                                                                                                        \
+    for (int64_t p = 0; p < P; p++) for (int64_t b = 0; b < B; b++) for (int64_t t = 0; t < Ts; t++) {            \
+        int64_t q = (p * B + b) * Ts + t;                                                                        \
+        T* u = U + ((p * rows + mem + t) * B + b) * n1;                                                          \
+        for (int64_t j = j0; j < n1; j++) u[j] = 0;                                                              \
+        for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; e++) {                                                  \
+            const T* w = W0t + (p * n0 + ev_i[e]) * n1; T v = ev_v[e];                                           \
+            for (int64_t j = j0; j < n1; j++) u[j] += v * w[j];                                                  \
         }                                                                                                        \
     }                                                                                                            \
     return kept;                                                                                                 \
@@ -225,7 +250,7 @@ def _build():
         fn.restype = None
     for name in ("input_segment_f", "input_segment_d"):
         fn = getattr(lib, name)
-        fn.argtypes = [i64] * 6 + [ptr] * 7 + [i64] + [ptr] * 7 + [i64] * 3 + [ptr] * 4
+        fn.argtypes = [i64] * 6 + [ptr] * 7 + [i64] + [ptr] * 7 + [i64] * 3 + [ptr] * 7
         fn.restype = i64
     lib.exp_of_d.argtypes, lib.exp_of_d.restype = [ctypes.c_double], ctypes.c_double
     lib.exp_of_f.argtypes, lib.exp_of_f.restype = [ctypes.c_float], ctypes.c_float
@@ -297,11 +322,11 @@ def input_events(x, lmax):
     return ptr, i.contiguous(), lam, torch.exp(-lam), neuron_offsets(0, i).view(-1).contiguous()
 
 
-def input_segment(events, base, W0t, hist, shape, w_in, in_mean, keep_from, shift, out=None):
+def input_segment(events, base, W0t, hist, shape, w_in, in_mean, keep_from, shift, store=None):
     """The input layer over a segment in C (see the kernel's comment): events from input_events, base (P, Ts, B)
     keys, W0t (P n0, n1), hist the history events (row, example, input, value), shape (P, mem, Ts, B, n0, n1),
-    w_in (P, mem + Ts) or None, in_mean (P B n0) added into; out: U's tensor (default: a new one). Returns (U (P,
-    mem + Ts, B, n1), the kept events)."""
+    w_in (P, mem + Ts) or None, in_mean (P B n0) added into; store: a dict whose tensors are reused from call to
+    call (scratch). Returns (U (P, mem + Ts, B, n1), the kept events)."""
     P, mem, Ts, B, n0, n1 = shape
     ptr, pix, lam, e0, off = events
     dt = lam.dtype
@@ -309,12 +334,17 @@ def input_segment(events, base, W0t, hist, shape, w_in, in_mean, keep_from, shif
     hv = hv.to(dt)
     cap = len(ht) + len(pix) * max(0, mem + Ts - keep_from)
     kept = [torch.empty(cap, dtype=torch.int64) for _ in range(3)] + [torch.empty(cap, dtype=dt)]
-    U = torch.empty(P, mem + Ts, B, n1, dtype=dt) if out is None else out
+    store = {} if store is None else store
+    U = scratch(store, "U0", (P, mem + Ts, B, n1), dt)
     w = None if w_in is None else w_in.to(dt).contiguous()
+    most = P * B * Ts * (int((ptr[1:] - ptr[:-1]).max()) if len(pix) else 0)   # events at most (pages: as used)
+    row_ptr = scratch(store, "row_ptr", (P * B * Ts + 1,), torch.int64)
+    ev_i, ev_v = scratch(store, "ev_i", (most,), torch.int32), scratch(store, "ev_v", (most,), dt)
     fn = library().input_segment_d if dt == torch.float64 else library().input_segment_f
     k = fn(P, B, n0, n1, Ts, mem, _ptr(ptr), _ptr(pix), _ptr(lam), _ptr(e0), _ptr(off), _ptr(base.contiguous()),
            _ptr(W0t), len(ht), _ptr(ht), _ptr(hx), _ptr(hi), _ptr(hv), _ptr(U), _ptr(w),
-           None if w is None else _ptr(in_mean), keep_from, shift, cap, *(_ptr(t) for t in kept))
+           None if w is None else _ptr(in_mean), keep_from, shift, cap, *(_ptr(t) for t in kept), _ptr(row_ptr),
+           _ptr(ev_i), _ptr(ev_v))
     if k < 0:
         raise RuntimeError("input_segment: more kept events than its bound (a bug)")
     return U, tuple(t[:k].clone() for t in kept)
