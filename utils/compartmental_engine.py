@@ -21,6 +21,9 @@ How it is fast (see utils/compartmental.py's docstring for the model):
 * window means of linear quantities (PSPs, A = Y PSP_fb + c) are taken once per segment from the stored signals.
 * members of different phase lengths run max_p T_p steps; each member's window means use only its own window, and its
   state for the next phase is gathered at its own last step (the extra steps are discarded).
+* on the CPU, C kernels (utils/compartmental_native.py) do a spiking layer's segment (band, soma, rate, counts) and
+  the input layer's (counts, W S, the input PSP's mean, the history) in one pass each, into reused buffers; the
+  torch ops below are the same steps where no C compiler works (and the GPU's path).
 * random numbers: counter-based (utils/compartmental_random.py): each spike's uniform is a pure function of the
   member's phase key, the example's position, the time step, the layer and the neuron, computed inside the sampling
   kernel, so a member's spikes do not depend on the population, the batch or the device.
