@@ -67,7 +67,7 @@ def test_counts_follow_the_poisson_law_up_to_large_counts(lib):
     offs = torch.arange(n, dtype=torch.int64) * 104729 + 5
     spk = torch.zeros(P, mem + Ts, B, n, dtype=torch.float64)
     lam = torch.zeros(P, mem + Ts, B, n, dtype=torch.float64)
-    native.layer_segment(U, torch.ones(P, mem, dtype=torch.float64), bias, one, None, None, C, 4 * one, base, offs,
+    native.layer_segment(U, (torch.ones(P, mem, dtype=torch.float64), bias, one, None, 4 * one), C, (base, offs),
                          (spk, mem), (lam, mem))
     rate = 4 / (1 + torch.exp(-bias.view(-1)))
     torch.testing.assert_close(lam[0, mem:].reshape(-1, n)[0], rate)

@@ -283,8 +283,8 @@ class Population:
         P, B, mem, n, dev = self.P, self.B, self.mem, self.n, self.dev
         if inp[0] == "native":                                # the C kernel: the same steps in one pass
             U0, self.hist = native.input_segment(
-                inp[1], base, self._W0t(), self.hist, (P, mem, Ts, B, n[0], n[1]), w_in, in_mean, keep_from,
-                0 if last else Ts, store=self.scratch)
+                inp[1], base, self._W0t(), self.hist, (P, mem, Ts, B, n[0], n[1]),
+                None if w_in is None else (w_in, in_mean), (keep_from, 0 if last else Ts), store=self.scratch)
             return U0
         rows = mem + Ts
         ht, hx, hi, hv = self.hist
@@ -452,11 +452,11 @@ class Population:
         elif out and seg.target:
             lam = (native.scratch(self.scratch, ("lam", m), (P, seg.Ts, self.B, self.n[m + 1]), self.dty), 0)
         C = self.C[m].contiguous().clone()
+        soma = (self._kernel("ff").view(P, mem), self.b[m].reshape(P, -1), k_B.view(P),
+                dec.view(P) if self.flags["use_conductances"] else None, self.lmax.view(P))
         C_seg = native.layer_segment(
-            U, self._kernel("ff").view(P, mem), self.b[m].reshape(P, -1), k_B.view(P),
-            dec.view(P) if self.flags["use_conductances"] else None, drive_I, C, self.lmax.view(P),
-            seg.base, rnd.neuron_offsets(m + 1, self.n[m + 1]).view(-1),
-            None if testing else (layer["spike"], mem), lam,
+            U, soma, C, (seg.base, rnd.neuron_offsets(m + 1, self.n[m + 1]).view(-1)),
+            None if testing else (layer["spike"], mem), lam, drive_I,
             out=native.scratch(self.scratch, ("C", m), (P, seg.Ts, self.B, self.n[m + 1]), self.dty))
         if C_seg is None:
             return None

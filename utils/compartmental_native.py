@@ -273,16 +273,19 @@ def scratch(store, name, shape, dtype):
     return buf[:n].view(*shape)
 
 
-def layer_segment(U, kap, bias, kB, dec, drive_I, C, lmax, base, offs, spikes, lam, out=None):
+def layer_segment(U, soma, C, draws, spikes, lam, drive_I=None, out=None):
     """One layer over a segment in C (see the module docstring), or None where it does not apply (no library, not
-    on the CPU, not float32 / float64). U (P, mem + Ts, B, n) the projected input (rows [0, mem): history); kap
-    (P, mem); bias (P, n); kB, dec, lmax (P,) (dec None: no conductances, C = the drive); drive_I (P, B, n) or None;
-    C (P, B, n) the soma before, updated to after the last step; base (P, Ts, B) int64 keys and offs (n,) int64
-    (None: no spikes); spikes, lam: (buffer (P, rows, B, n), its first row) to write the counts and rates into, or
-    None; out: (P, Ts, B, n) to write C into (default: a new tensor). Returns C of every step, (P, Ts, B, n)."""
+    on the CPU, not float32 / float64). U (P, mem + Ts, B, n) the projected input (rows [0, mem): history); soma
+    (kap (P, mem), bias (P, n), kB, dec, lmax (P,) each; dec None: no conductances, C = the drive); C (P, B, n) the
+    soma before, updated to after the last step; draws (base (P, Ts, B), offs (n,)) int64 keys and counters, or
+    None (no spikes); spikes, lam: (buffer (P, rows, B, n), its first row) to write the counts and rates into, or
+    None; drive_I (P, B, n) the teaching drive or None; out: (P, Ts, B, n) to write C into (default: a new tensor).
+    Returns C of every step, (P, Ts, B, n)."""
     lib = library()
     if lib is None or U.device.type != "cpu" or U.dtype not in (torch.float32, torch.float64):
         return None
+    kap, bias, kB, dec, lmax = soma
+    base, offs = draws if draws is not None else (None, None)
     P, rows, B, n = U.shape
     mem = kap.shape[1]
     Ts = rows - mem
@@ -322,19 +325,21 @@ def input_events(x, lmax):
     return ptr, i.contiguous(), lam, torch.exp(-lam), neuron_offsets(0, i).view(-1).contiguous()
 
 
-def input_segment(events, base, W0t, hist, shape, w_in, in_mean, keep_from, shift, store=None):
+def input_segment(events, base, W0t, hist, shape, mean, keep, store=None):
     """The input layer over a segment in C (see the kernel's comment): events from input_events, base (P, Ts, B)
     keys, W0t (P n0, n1), hist the history events (row, example, input, value), shape (P, mem, Ts, B, n0, n1),
-    w_in (P, mem + Ts) or None, in_mean (P B n0) added into; store: a dict whose tensors are reused from call to
-    call (scratch). Returns (U (P, mem + Ts, B, n1), the kept events)."""
+    mean (w_in (P, mem + Ts), in_mean (P B n0) added into) or None, keep (keep_from, shift); store: a dict whose
+    tensors are reused from call to call (scratch). Returns (U (P, mem + Ts, B, n1), the kept events)."""
     P, mem, Ts, B, n0, n1 = shape
+    (w_in, in_mean), (keep_from, shift) = mean or (None, None), keep
     ptr, pix, lam, e0, off = events
     dt = lam.dtype
     ht, hx, hi, hv = (h.contiguous() for h in hist)
     hv = hv.to(dt)
     cap = len(ht) + len(pix) * max(0, mem + Ts - keep_from)
-    kept = [torch.empty(cap, dtype=torch.int64) for _ in range(3)] + [torch.empty(cap, dtype=dt)]
     store = {} if store is None else store
+    kept = [scratch(store, ("kept", k), (cap,), torch.int64) for k in range(3)] + \
+        [scratch(store, "kept_v", (cap,), dt)]
     U = scratch(store, "U0", (P, mem + Ts, B, n1), dt)
     w = None if w_in is None else w_in.to(dt).contiguous()
     most = P * B * Ts * (int((ptr[1:] - ptr[:-1]).max()) if len(pix) else 0)   # events at most (pages: as used)
