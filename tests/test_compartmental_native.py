@@ -78,3 +78,41 @@ def test_counts_follow_the_poisson_law_up_to_large_counts(lib):
         for k in range(6):
             pk = math.exp(-lj) * lj ** k / math.factorial(k)
             assert abs(float((c == k).double().mean()) - pk) < 5 * math.sqrt(pk * (1 - pk) / N) + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_split_over_threads_give_the_same_numbers(lib, monkeypatch, dtype):
+    """With several torch threads the kernels' calls split the examples between threads: the same U, events, kept
+    history, input mean, potentials and spikes to the last bit as one call (each range writes only its own
+    examples; the kept events come per range, each example's in its order)."""
+    g = torch.Generator().manual_seed(0)
+    P, B, Ts, mem, n0, n1 = 2, 7, 20, 4, 30, 24
+    x = torch.rand(P, B, n0, generator=g, dtype=dtype) * (torch.rand(P, B, n0, generator=g) < 0.6)
+    base = torch.randint(-2 ** 62, 2 ** 62, (P, Ts, B), generator=g)
+    W0t = torch.randn(P * n0, n1, generator=g, dtype=dtype)
+    hist = (torch.randint(0, mem, (50,), generator=g), torch.randint(0, P * B, (50,), generator=g),
+            torch.randint(0, n0, (50,), generator=g), torch.ones(50, dtype=dtype))
+    soma = (torch.rand(P, mem, generator=g, dtype=dtype), torch.randn(P, n1, generator=g, dtype=dtype),
+            torch.ones(P, dtype=dtype), torch.full((P,), 0.8, dtype=dtype), torch.ones(P, dtype=dtype))
+    offs = torch.arange(n1, dtype=torch.int64) * 31 + 7
+    w_in = torch.rand(P, mem + Ts, generator=g, dtype=dtype)
+    runs = []
+    old = torch.get_num_threads()
+    monkeypatch.setattr(native, "SPLIT_MIN", 1)
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            assert len(native._chunks(B, 10 ** 6)) == threads
+            in_mean = torch.zeros(P * B * n0, dtype=dtype)
+            U, kept = native.input_segment(native.input_events(x, torch.full((P,), 0.7, dtype=dtype)), base, W0t,
+                                           hist, (P, mem, Ts, B, n0, n1), (w_in, in_mean), (Ts, Ts))
+            C = torch.zeros(P, B, n1, dtype=dtype)
+            spk = torch.zeros(P, mem + Ts, B, n1, dtype=dtype)
+            Cseg = native.layer_segment(U.clone(), soma, C, (base, offs), (spk, mem), None)
+            order = torch.argsort(kept[1] * 10 ** 6 + kept[0] * 1000 + kept[2], stable=True)   # per example
+            runs.append([U.clone(), in_mean, C, Cseg.clone(), spk] + [k[order] for k in kept])
+    finally:
+        torch.set_num_threads(old)
+    assert runs[0][-1].numel() > 0 and runs[0][4].sum() > 0
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -12,6 +12,7 @@ is None and the torch ops compute the same quantities.
   and a network's spikes still do not depend on its population or batch).
 """
 import ctypes
+import functools
 import os
 
 import torch
@@ -133,16 +134,18 @@ LAYER_SEGMENT(layer_segment_d, double, exp_d, unit_d)
    be 0); the events of the rows >= keep_from kept (row - shift) into k_*, at most cap. Returns the kept count,
    or -1 past cap. Example after example, so that its active inputs' weight rows stay in the cache. */
 #define INPUT_SEGMENT(NAME, T, UNIT)                                                                             \
-int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t mem, const int64_t* act_ptr,      \
+int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t mem, int64_t b0, int64_t b1,     \
+             const int64_t* act_ptr,                                                                             \
              const int64_t* pix, const T* lam, const T* e0, const int64_t* off, const int64_t* base,             \
              const T* W0t, int64_t nh, const int64_t* h_t, const int64_t* h_x, const int64_t* h_i, const T* h_v, \
              T* U, const T* w_in, T* in_mean, int64_t keep_from, int64_t shift, int64_t cap, int64_t* k_t,        \
              int64_t* k_x, int64_t* k_i, T* k_v, int64_t* row_ptr, int32_t* ev_i, T* ev_v) {                     \
     int64_t rows = mem + Ts, kept = 0;                                                                           \
-    for (int64_t p = 0; p < P; p++)                      /* the history rows; each example's new rows below */   \
-        memset(U + p * rows * B * n1, 0, (size_t)(mem * B * n1) * sizeof(T));                                  \
+    for (int64_t p = 0; p < P; p++) for (int64_t r = 0; r < mem; r++)   /* the history rows of examples b0..b1 */ \
+        memset(U + ((p * rows + r) * B + b0) * n1, 0, (size_t)((b1 - b0) * n1) * sizeof(T));                     \
     for (int64_t e = 0; e < nh; e++) {                                                                           \
         int64_t p = h_x[e] / B, b = h_x[e] % B, r = h_t[e];                                                      \
+        if (b < b0 || b >= b1) continue;                                                                         \
         T v = h_v[e];                                                                                            \
         T* u = U + ((p * rows + r) * B + b) * n1; const T* w = W0t + (p * n0 + h_i[e]) * n1;                     \
         for (int64_t j = 0; j < n1; j++) u[j] += v * w[j];                                                       \
@@ -153,10 +156,10 @@ int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t m
         }                                                                                                        \
     }                                                                                                            \
     int64_t nev = 0;                                      /* the new rows' events: (input, count), by row */   \
-    for (int64_t p = 0; p < P; p++) for (int64_t b = 0; b < B; b++) for (int64_t t = 0; t < Ts; t++) {            \
+    for (int64_t p = 0; p < P; p++) for (int64_t b = b0; b < b1; b++) for (int64_t t = 0; t < Ts; t++) {          \
         int64_t ex = p * B + b, r = mem + t;                                                                     \
         const uint64_t key = (uint64_t)base[(p * Ts + t) * B + b];                                               \
-        row_ptr[(p * B + b) * Ts + t] = nev;                                                                     \
+        row_ptr[2 * ((p * B + b) * Ts + t)] = nev;                                                               \
         for (int64_t a = act_ptr[ex]; a < act_ptr[ex + 1]; a++) {                                                \
             T uu = UNIT(mix(key + (uint64_t)off[a])), term = e0[a], cdf = term, l = lam[a];                      \
             if (!(uu > cdf)) continue;                   /* N >= k iff u > F(k - 1; lambda) */                   \
@@ -170,16 +173,16 @@ int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t m
                 k_t[kept] = r - shift; k_x[kept] = ex; k_i[kept] = pix[a]; k_v[kept] = v; kept++;                \
             }                                                                                                    \
         }                                                                                                        \
+        row_ptr[2 * ((p * B + b) * Ts + t) + 1] = nev;                                                           \
     }                                                                                                            \
-    row_ptr[P * B * Ts] = nev;                                                                                   \
     typedef T V __attribute__((vector_size(64)));                                                               \
     enum { L = 64 / sizeof(T) };                          /* W S of each new row, 4 L outputs at a time: the   */ \
     int64_t j0 = 0;                                       /* weights' column block stays in the cache          */ \
     for (; j0 + 4 * L <= n1; j0 += 4 * L)                                                                        \
-        for (int64_t p = 0; p < P; p++) for (int64_t b = 0; b < B; b++) for (int64_t t = 0; t < Ts; t++) {        \
+        for (int64_t p = 0; p < P; p++) for (int64_t b = b0; b < b1; b++) for (int64_t t = 0; t < Ts; t++) {      \
             int64_t q = (p * B + b) * Ts + t;                                                                    \
             V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, w0, w1, w2, w3;                                            \
-            for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; e++) {                                              \
+            for (int64_t e = row_ptr[2 * q]; e < row_ptr[2 * q + 1]; e++) {                                      \
                 const T* w = W0t + (p * n0 + ev_i[e]) * n1 + j0; T v = ev_v[e];                                  \
                 memcpy(&w0, w, 64); memcpy(&w1, w + L, 64); memcpy(&w2, w + 2 * L, 64); memcpy(&w3, w + 3 * L, 64); \
                 a0 += v * w0; a1 += v * w1; a2 += v * w2; a3 += v * w3;                                          \
@@ -187,11 +190,11 @@ int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t m
             T* u = U + ((p * rows + mem + t) * B + b) * n1 + j0;                                                 \
             memcpy(u, &a0, 64); memcpy(u + L, &a1, 64); memcpy(u + 2 * L, &a2, 64); memcpy(u + 3 * L, &a3, 64);  \
         }                                                                                                        \
-    for (int64_t p = 0; p < P; p++) for (int64_t b = 0; b < B; b++) for (int64_t t = 0; t < Ts; t++) {            \
+    for (int64_t p = 0; p < P; p++) for (int64_t b = b0; b < b1; b++) for (int64_t t = 0; t < Ts; t++) {          \
         int64_t q = (p * B + b) * Ts + t;                                                                        \
         T* u = U + ((p * rows + mem + t) * B + b) * n1;                                                          \
         for (int64_t j = j0; j < n1; j++) u[j] = 0;                                                              \
-        for (int64_t e = row_ptr[q]; e < row_ptr[q + 1]; e++) {                                                  \
+        for (int64_t e = row_ptr[2 * q]; e < row_ptr[2 * q + 1]; e++) {                                          \
             const T* w = W0t + (p * n0 + ev_i[e]) * n1; T v = ev_v[e];                                           \
             for (int64_t j = j0; j < n1; j++) u[j] += v * w[j];                                                  \
         }                                                                                                        \
@@ -250,7 +253,7 @@ def _build():
         fn.restype = None
     for name in ("input_segment_f", "input_segment_d"):
         fn = getattr(lib, name)
-        fn.argtypes = [i64] * 6 + [ptr] * 7 + [i64] + [ptr] * 7 + [i64] * 3 + [ptr] * 7
+        fn.argtypes = [i64] * 8 + [ptr] * 7 + [i64] + [ptr] * 7 + [i64] * 3 + [ptr] * 7
         fn.restype = i64
     lib.exp_of_d.argtypes, lib.exp_of_d.restype = [ctypes.c_double], ctypes.c_double
     lib.exp_of_f.argtypes, lib.exp_of_f.restype = [ctypes.c_float], ctypes.c_float
@@ -259,6 +262,28 @@ def _build():
 
 def _ptr(t):
     return None if t is None else t.data_ptr()
+
+
+_pool = {}   # threads -> a ThreadPoolExecutor (ctypes releases the GIL: the kernels' calls run side by side)
+SPLIT_MIN = 200_000   # neuron-steps per thread at least, else one call
+
+
+def _chunks(B, work):
+    """The example ranges [b0, b1) the kernel's calls take: one per torch thread (torch.get_num_threads()) when
+    there are `work` neuron-steps enough to pay for it (else one). Each range writes its own examples' rows
+    only, so the numbers do not depend on the split."""
+    k = max(1, min(torch.get_num_threads(), B, work // SPLIT_MIN))
+    return [(B * i // k, B * (i + 1) // k) for i in range(k)]
+
+
+def _run(calls):
+    """Run the zero-argument callables (one per range) side by side; their results in order."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    if len(calls) not in _pool:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool[len(calls)] = ThreadPoolExecutor(len(calls))
+    return list(_pool[len(calls)].map(lambda f: f(), calls))
 
 
 def scratch(store, name, shape, dtype):
@@ -300,14 +325,17 @@ def layer_segment(U, soma, C, draws, spikes, lam, drive_I=None, out=None):
     if not C.is_contiguous():
         return None
     Cseg = torch.empty(P, Ts, B, n, dtype=dt) if out is None else out
-    work = torch.empty(4 * n, dtype=dt)
     spk, spk_r0 = spikes if spikes is not None else (None, 0)
     lm, lam_r0 = lam if lam is not None else (None, 0)
     fn = lib.layer_segment_d if dt == torch.float64 else lib.layer_segment_f
-    fn(P, Ts, B, n, mem, 0, B, _ptr(U), _ptr(kap), _ptr(bias), _ptr(kB), _ptr(dec), _ptr(drive_I), _ptr(C),
-       _ptr(Cseg), _ptr(lmax), _ptr(base), _ptr(offs) if base is not None else None, _ptr(spk),
-       0 if spk is None else spk.stride(0), spk_r0, _ptr(lm), 0 if lm is None else lm.stride(0), lam_r0,
-       _ptr(work))
+
+    def call(b0, b1):                                    # examples b0 .. b1 - 1: their own rows, their own work
+        work = torch.empty(4 * n, dtype=dt)
+        fn(P, Ts, B, n, mem, b0, b1, _ptr(U), _ptr(kap), _ptr(bias), _ptr(kB), _ptr(dec), _ptr(drive_I), _ptr(C),
+           _ptr(Cseg), _ptr(lmax), _ptr(base), _ptr(offs) if base is not None else None, _ptr(spk),
+           0 if spk is None else spk.stride(0), spk_r0, _ptr(lm), 0 if lm is None else lm.stride(0), lam_r0,
+           _ptr(work))
+    _run([functools.partial(call, b0, b1) for b0, b1 in _chunks(B, P * Ts * B * n)])
     return Cseg
 
 
@@ -338,18 +366,23 @@ def input_segment(events, base, W0t, hist, shape, mean, keep, store=None):
     hv = hv.to(dt)
     cap = len(ht) + len(pix) * max(0, mem + Ts - keep_from)
     store = {} if store is None else store
-    kept = [scratch(store, ("kept", k), (cap,), torch.int64) for k in range(3)] + \
-        [scratch(store, "kept_v", (cap,), dt)]
     U = scratch(store, "U0", (P, mem + Ts, B, n1), dt)
     w = None if w_in is None else w_in.to(dt).contiguous()
     most = P * B * Ts * (int((ptr[1:] - ptr[:-1]).max()) if len(pix) else 0)   # events at most (pages: as used)
-    row_ptr = scratch(store, "row_ptr", (P * B * Ts + 1,), torch.int64)
-    ev_i, ev_v = scratch(store, "ev_i", (most,), torch.int32), scratch(store, "ev_v", (most,), dt)
+    row_ptr = scratch(store, "row_ptr", (2 * P * B * Ts,), torch.int64)
+    base = base.contiguous()
     fn = library().input_segment_d if dt == torch.float64 else library().input_segment_f
-    k = fn(P, B, n0, n1, Ts, mem, _ptr(ptr), _ptr(pix), _ptr(lam), _ptr(e0), _ptr(off), _ptr(base.contiguous()),
-           _ptr(W0t), len(ht), _ptr(ht), _ptr(hx), _ptr(hi), _ptr(hv), _ptr(U), _ptr(w),
-           None if w is None else _ptr(in_mean), keep_from, shift, cap, *(_ptr(t) for t in kept), _ptr(row_ptr),
-           _ptr(ev_i), _ptr(ev_v))
-    if k < 0:
-        raise RuntimeError("input_segment: more kept events than its bound (a bug)")
-    return U, tuple(t[:k].clone() for t in kept)
+
+    def call(c, b0, b1):                                 # examples b0 .. b1 of every member: their own rows, events
+        kept = [scratch(store, ("kept", c, k), (cap,), torch.int64) for k in range(3)] + \
+            [scratch(store, ("kept_v", c), (cap,), dt)]
+        ev_i, ev_v = scratch(store, ("ev_i", c), (most,), torch.int32), scratch(store, ("ev_v", c), (most,), dt)
+        k = fn(P, B, n0, n1, Ts, mem, b0, b1, _ptr(ptr), _ptr(pix), _ptr(lam), _ptr(e0), _ptr(off), _ptr(base),
+               _ptr(W0t), len(ht), _ptr(ht), _ptr(hx), _ptr(hi), _ptr(hv), _ptr(U), _ptr(w),
+               None if w is None else _ptr(in_mean), keep_from, shift, cap, *(_ptr(t) for t in kept),
+               _ptr(row_ptr), _ptr(ev_i), _ptr(ev_v))
+        if k < 0:
+            raise RuntimeError("input_segment: more kept events than its bound (a bug)")
+        return [t[:k] for t in kept]
+    parts = _run([functools.partial(call, c, b0, b1) for c, (b0, b1) in enumerate(_chunks(B, P * Ts * B * n1))])
+    return U, tuple(torch.cat([part[k] for part in parts]) for k in range(4))
