@@ -10,6 +10,10 @@ is None and the torch ops compute the same quantities.
   uniform by inverse CDF. Its exponentials are a range-reduced polynomial (a few units in the last place, so a count
   can differ from the torch ops' where a uniform falls within that of a threshold: the spikes agree in distribution,
   and a network's spikes still do not depend on its population or batch).
+* input_segment: the input layer over a segment: the active inputs' Poisson counts, W S of every row (a block of
+  outputs at a time, so that the weights' columns stay in the cache), the input PSP's window mean and the events
+  kept as the next segment's history.
+Both split their examples between torch's threads (torch.get_num_threads()), with the same numbers for any split.
 """
 import ctypes
 import functools
@@ -264,7 +268,7 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-_pool = {}   # threads -> a ThreadPoolExecutor (ctypes releases the GIL: the kernels' calls run side by side)
+_pool = {}   # (process, threads) -> a ThreadPoolExecutor (ctypes releases the GIL: the calls run side by side)
 SPLIT_MIN = 200_000   # neuron-steps per thread at least, else one call
 
 
@@ -280,10 +284,11 @@ def _run(calls):
     """Run the zero-argument callables (one per range) side by side; their results in order."""
     if len(calls) == 1:
         return [calls[0]()]
-    if len(calls) not in _pool:
+    key = (os.getpid(), len(calls))                      # (a forked child starts its own threads)
+    if key not in _pool:
         from concurrent.futures import ThreadPoolExecutor
-        _pool[len(calls)] = ThreadPoolExecutor(len(calls))
-    return list(_pool[len(calls)].map(lambda f: f(), calls))
+        _pool[key] = ThreadPoolExecutor(len(calls))
+    return list(_pool[key].map(lambda f: f(), calls))
 
 
 def scratch(store, name, shape, dtype):
