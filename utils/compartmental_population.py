@@ -383,7 +383,8 @@ def _step(pop, runs, batches):
 def _diverged(pop, Cf, active):
     """[(member, why)] of the members whose weights or potentials are NaN/inf, whose weights passed WEIGHT_BOUND, or
     whose every hidden neuron fires at 0 or lambda_max in every example of the batch (window means of C, Cf)."""
-    big = torch.stack([torch.stack(torch.aminmax(w.flatten(1), dim=1)).abs().amax(0) for w in pop.W + pop.b]).amax(0)
+    big = torch.stack([torch.maximum(w.flatten(1).amax(1), -w.flatten(1).amin(1))   # max |w|, NaN stays NaN
+                       for w in pop.W + pop.b]).amax(0)                              # (faster than aminmax)
     finite = torch.isfinite(big) & torch.isfinite(Cf[-1]).flatten(1).all(1)
     a = active.unsqueeze(-1)
     pinned = torch.stack([((c.abs() > SATURATED) | ~a).flatten(1).all(1) for c in Cf[:-1]]).all(0) \
