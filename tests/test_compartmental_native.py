@@ -116,3 +116,36 @@ def test_kernels_split_over_threads_give_the_same_numbers(lib, monkeypatch, dtyp
     assert runs[0][-1].numel() > 0 and runs[0][4].sum() > 0
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_sums_equal_the_torch_loop_at_any_thread_split(lib, monkeypatch, dtype):
+    """row_sums: acc += sum_r w[:, r] src[:, r] over the first R rows of a larger buffer (rows of weight 0 skipped),
+    equal to the row-by-row torch loop to rounding, the same bits at 1 and 3 threads; False (acc untouched) for a
+    source whose rows are not contiguous blocks."""
+    g = torch.Generator().manual_seed(1)
+    P, rows, R, B, n = 3, 30, 22, 5, 17
+    buf = torch.randn(P, rows, B, n, generator=g, dtype=dtype)
+    w = torch.rand(P, R, generator=g, dtype=dtype) * (torch.rand(P, R, generator=g) < 0.5)
+    w[:, 3] = 0.0                                         # a row no member weighs
+    acc0 = torch.randn(P, B, n, generator=g, dtype=dtype)
+    want = acc0.clone()
+    for r in range(R):
+        want.addcmul_(buf[:, r], w[:, r].view(-1, 1, 1))
+    old = torch.get_num_threads()
+    monkeypatch.setattr(native, "SPLIT_MIN", 1)
+    got = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            acc = acc0.clone()
+            assert native.row_sums(acc, buf, w)
+            got.append(acc)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(got[0], got[1])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got[0], want, rtol=tol, atol=tol)
+    acc = acc0.clone()
+    assert not native.row_sums(acc, buf[:, :, :1].expand(P, rows, B, n), w)
+    assert torch.equal(acc, acc0)

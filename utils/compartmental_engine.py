@@ -57,7 +57,8 @@ class Segment:
     U0: torch.Tensor        # the input layer's projected signal W S, (P, mem + Ts, B, n_1) (rows [0, mem): history)
     base: object            # (P, Ts, B) int64 keys of its steps' random numbers, or None (no spikes)
     I0: object              # the teaching input g_E E_E + g_I E_I (P, B, n_out), or None (forward phase)
-    wsteps: list            # (t, w (P, 1, 1)): its steps inside the members' averaging windows, in time order
+    win: torch.Tensor       # (P, Ts) each step's weight in the members' averaging windows (1 / window or 0)
+    wsteps: list            # (t, w (P, 1, 1)): its steps inside some member's window, in time order (torch ops)
     means: dict             # the phase's window sums: C per layer, lam (output, target phase); added into
     Wt: list                # feedforward weights transposed per layer, (P, n_in, n_out)
     Yt: list                # feedback weights transposed per hidden layer
@@ -235,14 +236,15 @@ class Population:
         for s, Ts in zip(starts, lens):
             t_abs = np.arange(s, s + Ts)
             win = ((t_abs[None, :] >= w0[:, None]) & (t_abs[None, :] < T[:, None])) / window      # (P, Ts)
-            win_t = self._tensor(win).T.reshape(Ts, P, 1, 1)
+            win_w = self._tensor(win)
+            win_t = win_w.T.reshape(Ts, P, 1, 1)
             wsteps = [(t, win_t[t]) for t in np.flatnonzero(win.any(0)).tolist()]
             base = None if keys is None else rnd.step_keys(keys, s, Ts)   # (P, Ts, B) keys of the segment's steps
             w_in = self._row_weights(mem + Ts, s, w0, T - 1, window, "ff") if record else None
             last = s == starts[-1]                            # (the history: buffer rows from Ts, or each member's)
             U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], int(T.min()) - s if last else Ts,
                                      last)
-            seg = Segment(s, Ts, U0, base, I0, wsteps, means, Wt, Yt, target is not None, record)
+            seg = Segment(s, Ts, U0, base, I0, win_w, wsteps, means, Wt, Yt, target is not None, record)
             C_last = self._segment_steps(seg) if A_step else self._segment_layers(seg)
             if record:                                        # window means of the PSPs from this segment's rows
                 self._psp_means(buf, Ts, s, w0, T, window, w_in, means)
@@ -338,6 +340,8 @@ class Population:
 
     def _row_sum(self, acc, src, w):
         """acc (P, B, n) += sum_r w[:, r] src[:, r] over the rows r of nonzero weight, in row order."""
+        if native.row_sums(acc, src, w):
+            return
         nz = (w != 0).any(0).nonzero().view(-1).tolist()
         for r in nz:
             acc.addcmul_(src[:, r], w[:, r].view(-1, 1, 1))
@@ -346,11 +350,16 @@ class Population:
         """Each member's state as of its own last step T_p - 1 of the last segment (starting at s; its extra steps
         are discarded): C, the signals' last mem rows and the input history's events."""
         P, B, mem, dev = self.P, self.B, self.mem, self.dev
-        q = torch.arange(P, device=dev)
-        last = torch.as_tensor(T - 1 - s, device=dev)
-        self.C = [c[q, last] for c in C_last]
-        hist_rows = torch.as_tensor(T - s, device=dev)[:, None] + torch.arange(mem, device=dev)   # (P, mem)
-        self.sig = [{k: v[q[:, None], hist_rows] for k, v in layer.items()} for layer in buf]
+        if (T == T[0]).all():                                 # one length: slices (the same numbers, no gathers)
+            e = int(T[0]) - s
+            self.C = [c[:, e - 1].clone() for c in C_last]
+            self.sig = [{k: v[:, e:e + mem].clone() for k, v in layer.items()} for layer in buf]
+        else:
+            q = torch.arange(P, device=dev)
+            last = torch.as_tensor(T - 1 - s, device=dev)
+            self.C = [c[q, last] for c in C_last]
+            hist_rows = torch.as_tensor(T - s, device=dev)[:, None] + torch.arange(mem, device=dev)   # (P, mem)
+            self.sig = [{k: v[q[:, None], hist_rows] for k, v in layer.items()} for layer in buf]
         et, ee, ei, ev = self.hist                            # buffer rows r of the last segment: step s - mem + r
         et = et - torch.as_tensor(T - s, device=dev)[ee // B]  # row of the member's history [T_p - mem, T_p)
         keep = (et >= 0) & (et < mem)
@@ -419,21 +428,21 @@ class Population:
             if fast is not None:                              # the C kernel did filter and emit (spikes, rates)
                 C, lam = fast
                 if seg.record or out:
-                    self._window_sum(Csum[m], C, seg.wsteps)
+                    self._window_sum(Csum[m], C, seg)
                 if out and seg.target:
-                    self._window_sum(seg.means["lam"], lam, seg.wsteps)
+                    self._window_sum(seg.means["lam"], lam, seg)
                 C_seg.append(C)
                 continue
             C = self._filter(m, U, seg.Ts, seg.I0 if out and seg.target else None)
             if out and not seg.record and not seg.target:    # testing: nothing reads the output's spikes
-                self._window_sum(Csum[m], C, seg.wsteps)
+                self._window_sum(Csum[m], C, seg)
                 C_seg.append(C)
                 continue
             lam = self._emit(m, C, seg.base, buf, (slice(None), slice(mem, rows)))
             if seg.record or out:
-                self._window_sum(Csum[m], C, seg.wsteps)
+                self._window_sum(Csum[m], C, seg)
             if out and seg.target:
-                self._window_sum(seg.means["lam"], lam.expand_as(C), seg.wsteps)
+                self._window_sum(seg.means["lam"], lam.expand_as(C), seg)
             C_seg.append(C)
         return C_seg
 
@@ -466,10 +475,12 @@ class Population:
         return C_seg, lam[0][:, lam[1]:lam[1] + seg.Ts]
 
     @staticmethod
-    def _window_sum(acc, V, wsteps):
-        """acc += sum_t w_t V[:, t] over the steps (t, w (P, 1, 1)) of the members' averaging windows, in time order
-        (so a member's sums do not depend on the population or the segments)."""
-        for t, w in wsteps:
+    def _window_sum(acc, V, seg):
+        """acc += sum_t w_t V[:, t] over the steps t of the segment seg in the members' averaging windows (weights
+        seg.win), in time order (so a member's sums do not depend on the population or the segments)."""
+        if native.row_sums(acc, V, seg.win):
+            return
+        for t, w in seg.wsteps:
             acc.addcmul_(V[:, t], w)
 
     def _kernel(self, path):
@@ -551,9 +562,9 @@ class Population:
                 self._emit(m, C, None if base is None else base[:, t], buf, (slice(None), r))
         for m in range(M):
             if seg.record or m == M - 1:
-                self._window_sum(seg.means["C"][m], C_seg[m], seg.wsteps)
+                self._window_sum(seg.means["C"][m], C_seg[m], seg)
         if seg.target:
-            self._window_sum(seg.means["lam"], torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1), seg.wsteps)
+            self._window_sum(seg.means["lam"], torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1), seg)
         return C_seg
 
     # -- learning -------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ is None and the torch ops compute the same quantities.
   uniform by inverse CDF. Its exponentials are a range-reduced polynomial (a few units in the last place, so a count
   can differ from the torch ops' where a uniform falls within that of a threshold: the spikes agree in distribution,
   and a network's spikes still do not depend on its population or batch).
+* row_sums: the window sums of a segment's rows, acc += sum_r w_r V_r in row order (as the torch ops add them).
 * input_segment: the input layer over a segment: the active inputs' Poisson counts, W S of every row (a block of
   outputs at a time, so that the weights' columns stay in the cache), the input PSP's window mean and the events
   kept as the next segment's history.
@@ -207,6 +208,23 @@ int64_t NAME(int64_t P, int64_t B, int64_t n0, int64_t n1, int64_t Ts, int64_t m
 }
 INPUT_SEGMENT(input_segment_f, float, unit_f)
 INPUT_SEGMENT(input_segment_d, double, unit_d)
+/* acc[p, x] += w[p, r] src[p, r, x] for the rows r of nonzero weight, in row order, x in [x0, x1): the window
+   sums of a segment's signals (PSPs, C, lambda) */
+#define ROW_SUMS(NAME, T)                                                                                        \
+void NAME(int64_t P, int64_t R, int64_t X, int64_t x0, int64_t x1, const T* src, int64_t sp, int64_t sr,        \
+          const T* w, T* acc) {                                                                                  \
+    for (int64_t p = 0; p < P; p++) {                                                                            \
+        T* a = acc + p * X;                                                                                      \
+        for (int64_t r = 0; r < R; r++) {                                                                        \
+            T c = w[p * R + r];                                                                                  \
+            if (c == (T)0) continue;                                                                             \
+            const T* v = src + p * sp + r * sr;                                                                  \
+            for (int64_t x = x0; x < x1; x++) a[x] += v[x] * c;                                                  \
+        }                                                                                                        \
+    }                                                                                                            \
+}
+ROW_SUMS(row_sums_f, float)
+ROW_SUMS(row_sums_d, double)
 double exp_of_d(double x) { return exp_d(x); }
 float exp_of_f(float x) { return exp_f(x); }
 """
@@ -259,6 +277,10 @@ def _build():
         fn = getattr(lib, name)
         fn.argtypes = [i64] * 8 + [ptr] * 7 + [i64] + [ptr] * 7 + [i64] * 3 + [ptr] * 7
         fn.restype = i64
+    for name in ("row_sums_f", "row_sums_d"):
+        fn = getattr(lib, name)
+        fn.argtypes = [i64] * 5 + [ptr, i64, i64, ptr, ptr]
+        fn.restype = None
     lib.exp_of_d.argtypes, lib.exp_of_d.restype = [ctypes.c_double], ctypes.c_double
     lib.exp_of_f.argtypes, lib.exp_of_f.restype = [ctypes.c_float], ctypes.c_float
     return lib
@@ -391,3 +413,23 @@ def input_segment(events, base, W0t, hist, shape, mean, keep, store=None):
         return [t[:k] for t in kept]
     parts = _run([functools.partial(call, c, b0, b1) for c, (b0, b1) in enumerate(_chunks(B, P * Ts * B * n1))])
     return U, tuple(torch.cat([part[k] for part in parts]) for k in range(4))
+
+
+def row_sums(acc, src, w):
+    """acc (P, ...) += sum_r w[:, r] src[:, r] over the rows r < w.shape[1] of nonzero weight, in row order, in C;
+    False (nothing done) where the kernel does not apply: no library, not the CPU, other dtypes, or a row of src
+    (src[p, r]) that is not one contiguous block of acc[p]'s shape."""
+    lib = library()
+    if lib is None or acc.device.type != "cpu" or acc.dtype not in (torch.float32, torch.float64) or \
+            src.dtype != acc.dtype or not acc.is_contiguous():
+        return False
+    P, R = w.shape
+    if src.shape[0] != P or src.shape[1] < R or src.shape[2:] != acc.shape[1:] or not src[0, 0].is_contiguous():
+        return False
+    X = acc[0].numel()
+    w = w.to(acc.dtype).contiguous()
+    fn = lib.row_sums_d if acc.dtype == torch.float64 else lib.row_sums_f
+    sp, sr = src.stride(0), src.stride(1)
+    _run([functools.partial(fn, P, R, X, x0, x1, _ptr(src), sp, sr, _ptr(w), _ptr(acc))
+          for x0, x1 in _chunks(X, P * R * X)])
+    return True
