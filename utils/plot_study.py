@@ -184,8 +184,9 @@ def plot_study(evals, reference=None, title=None, path=None):
     reference = {k: 100 * float(v) for k, v in (reference or {}).items() if v is not None}
     datasets, models = _ordered(df["dataset"], DATASET_ORDER), _ordered(df["model"], MODEL_ORDER)
     with style():
-        fig, axes = plt.subplots(2, len(datasets), figsize=(PANEL[0] * len(datasets), 2 * PANEL[1] + 0.6),
-                                 squeeze=False)
+        width = [max(3, df.loc[df["dataset"] == d, "model"].nunique()) / 3 for d in datasets]   # room per model
+        fig, axes = plt.subplots(2, len(datasets), figsize=(PANEL[0] * sum(width), 2 * PANEL[1] + 0.6),
+                                 squeeze=False, gridspec_kw=dict(width_ratios=width))
         colors = {m: c for m, c in zip(models, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3)}
         for j, dataset in enumerate(datasets):
             sub = df[df["dataset"] == dataset]
@@ -257,8 +258,9 @@ def _distribution_panel(ax, sub, models, colors, reference, dataset):
         if (model, dataset) in reference:
             ax.plot([i + 0.38], [reference[(model, dataset)]], "*", color=c, ms=11, mec="k", mew=0.6)
     ax.set_xticks(range(len(present)))
-    ax.set_xticklabels([f"{m}\n({(sub['model'] == m).sum()} evaluations)" for m in present],
-                       rotation=20 if len(present) > 3 else 0)
+    many = len(present) > 3                               # narrower ticks, so that the labels do not overlap
+    ax.set_xticklabels([f"{m}\n({(sub['model'] == m).sum()}{'' if many else ' evaluations'})" for m in present],
+                       fontsize="small" if many else None)
     ax.set_xlim(-0.6, len(present) - 0.4)
     ax.grid(axis="x", visible=False)
     ax.plot([], [], "-", color="k", lw=1.5, label="best of a model")
