@@ -101,7 +101,7 @@ def test_study_table_and_figure_from_study_rows_under_results(tmp_path):
     run_study("mlp", tiny_dataset(), protocol_settings("cpu", "mlp", "mnist", out=tmp_path / "study", iterations=2,
                                                        init_points=1, name="mnist", verbose=0), epochs=1)
     rows = results.study_table(tmp_path).splitlines()[2:]
-    assert len(rows) == 1 and rows[0].startswith("| mlp | mnist | 2 of 2 | **") and "| 96.8 |" in rows[0]
+    assert len(rows) == 1 and rows[0].startswith("| mlp | mnist | 2 of 2 | 30,000 x 1 | **") and "| 96.8 |" in rows[0]
     manifest = results.draw_figures(root=tmp_path, figures_dir=tmp_path / "fig", log=lambda line: None)
     assert manifest["figures/results_study.png"]["files"] == ["study/mlp_mnist/evals.jsonl"]
     assert (tmp_path / "fig" / "results_study.png").stat().st_size > 10_000

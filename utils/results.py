@@ -33,7 +33,7 @@ from utils.data import load_dataset
 from utils.io import jsonable, provenance, write_json
 from utils.kinds import get_kind
 from utils.logger import TrainingLogger
-from utils.plot_study import plot_rule_angles, plot_study
+from utils.plot_study import DATASET_ORDER, plot_rule_angles, plot_study
 from utils.plotting import plot_bp_angle, plot_learning_curves, plot_weight_dynamics
 from utils.runs import records_frame
 from utils.study_log import load_results, summarize
@@ -297,20 +297,30 @@ def single_table(root=None):
     return "\n".join(lines)
 
 
+STUDY_ROWS = ("mlp", "cnn", "compartmental", "mlp-fa", "mlp-dfa", "mlp-sign")   # the study table's order per dataset
+
+
 def study_table(root=None):
     """README's study table: one markdown row per committed study row under root/study (utils.study_log.summarize):
     the evaluations, the best, worst, mean and sd of their 3-fold CV accuracy, the best retrained on the whole
     training split and tested on the whole test split, beside the seed study's best, and the row's folder."""
     folder = Path(root or RESULTS) / "study"
-    lines = ["| model | dataset | evaluations | best CV % | worst | mean +- sd | best retrained, test % | seed's best "
-             "CV % | wall time | log |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | dataset | evaluations | examples x epochs | best CV % | worst | mean +- sd | best retrained, "
+             "test % | seed's best CV % | wall time | log |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     if not folder.is_dir():
         return "\n".join(lines)
-    for r in summarize(folder).itertuples():
+    rows = summarize(folder)
+    rank = lambda v, order: order.index(v) if v in order else len(order)   # noqa: E731
+    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: (rank(rows["dataset"].iloc[i], DATASET_ORDER),
+                                                            rank(rows["model"].iloc[i], STUDY_ROWS)))]
+    for r in rows.itertuples():
         config = json.loads((folder / f"{r.model}_{r.dataset}" / "config.json").read_text())
+        size = f"{config['subset']:,}" if config.get("subset") else "all"   # each fold's share: (F - 1) / F
         test = "" if r.test_acc != r.test_acc else f"{100 * r.test_acc:.2f}"
         hours = "" if r.wall_s != r.wall_s else f"{r.wall_s / 3600:.1f} h"
-        lines.append(f"| {r.model} | {r.dataset} | {r.n_evals} of {config['iterations']} | **{100 * r.best:.2f}** | "
+        lines.append(f"| {r.model} | {r.dataset} | {r.n_evals} of {config['iterations']} | {size} x "
+                     f"{config['epochs']} | **{100 * r.best:.2f}** | "
                      f"{100 * r.worst:.2f} | {100 * r.mean:.2f} +- {100 * r.std:.2f} | {test} | "
                      f"{SEED_STUDY.get((r.model, r.dataset), '')} | {hours} | "
                      f"`results/study/{r.model}_{r.dataset}/` |")
