@@ -105,3 +105,28 @@ def test_study_table_and_figure_from_study_rows_under_results(tmp_path):
     manifest = results.draw_figures(root=tmp_path, figures_dir=tmp_path / "fig", log=lambda line: None)
     assert manifest["figures/results_study.png"]["files"] == ["study/mlp_mnist/evals.jsonl"]
     assert (tmp_path / "fig" / "results_study.png").stat().st_size > 10_000
+
+
+def test_rule_pieces_take_the_settings_the_rules_benchmark_measured():
+    """Each MLP rule piece trains at the learning rate and with the rule settings that benchmarks/bench_training.py
+    found for its dataset (RULE_LR, RULE_SETTINGS; backprop's rate where it names none), so that a piece does not
+    run a rule at settings the benchmark showed to fail (SDTP on CIFAR-10 at backprop's rate: 27 %)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
+    spec = importlib.util.spec_from_file_location("bench_training", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    checked = 0
+    for piece in results.PIECES.values():
+        network, _, rule = piece.model.partition("-")
+        if network != "mlp" or not rule or (network, piece.dataset) not in bench.RULE_LR | bench.RULE_SETTINGS:
+            continue
+        hp = piece.hyperparameters
+        lr = bench.RULE_LR.get((network, piece.dataset), {}).get(rule)
+        assert hp["lr"] == (lr if lr is not None else results.PIECES[f"{piece.dataset}/mlp"].hyperparameters["lr"]), \
+            piece.name
+        for setting, value in bench.RULE_SETTINGS.get((network, piece.dataset), {}).get(rule, {}).items():
+            assert hp.get(setting) == value, (piece.name, setting)
+        checked += 1
+    assert checked >= 12

@@ -72,7 +72,8 @@ class Piece:
         return Path(root or RESULTS) / "single" / f"{self.dataset}_{self.model}.json"
 
 
-# the reference configurations (README's accuracy table; benchmarks/bench_training.py ACCURACY_MODELS and RULE_LR)
+# the reference configurations (README's accuracy table; benchmarks/bench_training.py ACCURACY_MODELS, RULE_LR and
+# RULE_SETTINGS)
 _MLP = {"mnist": dict(hidden_sizes=(1000, 1000), lr=1e-3, batch_size=100),
         "fashion": dict(hidden_sizes=(1000, 1000), lr=1e-3, batch_size=100),
         "cifar10": dict(hidden_sizes=(1024, 512), lr=5e-4, batch_size=100)}
@@ -83,7 +84,8 @@ _CNN = {"mnist": dict(channels=(32, 64, 128), kernel_sizes=(3, 3, 3), padding=1,
         "cifar10": dict(channels=(64, 128, 256), kernel_sizes=(3, 3, 3), padding=1, lr=1e-3, batch_size=100,
                         lr_schedule="cosine")}
 _RULE_LR = {("mnist", "fa"): 3e-4, ("mnist", "dfa"): 3e-4, ("fashion", "fa"): 3e-4, ("fashion", "dfa"): 3e-4,
-            ("cifar10", "fa"): 1.25e-4, ("mnist", "sdtp"): 3e-4, ("fashion", "sdtp"): 3e-4}
+            ("cifar10", "fa"): 1.25e-4, ("mnist", "sdtp"): 3e-4, ("fashion", "sdtp"): 3e-4, ("cifar10", "sdtp"): 1e-4}
+_RULE_SETTINGS = {("cifar10", "sdtp"): dict(noise=1.0), ("cifar10", "pc"): dict(output_weight=0.1)}   # RULE_SETTINGS
 _RULE_COST = {"fa": 1, "dfa": 1, "sign": 1, "dtp": 2, "sdtp": 2, "pc": 5}   # epoch time / backprop's, planning only
 _COMPARTMENTAL = dict(n_hidden=(500,), batch_size=16, f_etas=batch_f_etas(16), record_backprop_angle=True)
 _MINUTES = {("mnist", "mlp"): 9, ("fashion", "mlp"): 9, ("cifar10", "mlp"): 12, ("mnist", "cnn"): 15,
@@ -106,7 +108,7 @@ def _pieces():
                          test_every=5 if cifar else 1, minutes=_MINUTES[ds, "compartmental"]))
     for ds in ("mnist", "fashion", "cifar10"):   # target propagation and predictive coding, the same MLP
         for rule in ("dtp", "sdtp", "pc"):
-            hp = dict(_MLP[ds], lr=_RULE_LR.get((ds, rule), _MLP[ds]["lr"]))
+            hp = dict(_MLP[ds], lr=_RULE_LR.get((ds, rule), _MLP[ds]["lr"]), **_RULE_SETTINGS.get((ds, rule), {}))
             out.append(Piece(ds, f"mlp-{rule}", hp, minutes=_MINUTES[ds, "mlp"] * _RULE_COST[rule]))
     return {p.name: p for p in out}
 
