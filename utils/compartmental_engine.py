@@ -58,7 +58,6 @@ class Segment:
     base: object            # (P, Ts, B) int64 keys of its steps' random numbers, or None (no spikes)
     I0: object              # the teaching input g_E E_E + g_I E_I (P, B, n_out), or None (forward phase)
     win: torch.Tensor       # (P, Ts) each step's weight in the members' averaging windows (1 / window or 0)
-    wsteps: list            # (t, w (P, 1, 1)): its steps inside some member's window, in time order (torch ops)
     means: dict             # the phase's window sums: C per layer, lam (output, target phase); added into
     Wt: list                # feedforward weights transposed per layer, (P, n_in, n_out)
     Yt: list                # feedback weights transposed per hidden layer
@@ -237,14 +236,12 @@ class Population:
             t_abs = np.arange(s, s + Ts)
             win = ((t_abs[None, :] >= w0[:, None]) & (t_abs[None, :] < T[:, None])) / window      # (P, Ts)
             win_w = self._tensor(win)
-            win_t = win_w.T.reshape(Ts, P, 1, 1)
-            wsteps = [(t, win_t[t]) for t in np.flatnonzero(win.any(0)).tolist()]
             base = None if keys is None else rnd.step_keys(keys, s, Ts)   # (P, Ts, B) keys of the segment's steps
             w_in = self._row_weights(mem + Ts, s, w0, T - 1, window, "ff") if record else None
             last = s == starts[-1]                            # (the history: buffer rows from Ts, or each member's)
             U0 = self._input_segment(inp, s, Ts, base, w_in, means["psp_in"][0], int(T.min()) - s if last else Ts,
                                      last)
-            seg = Segment(s, Ts, U0, base, I0, win_w, wsteps, means, Wt, Yt, target is not None, record)
+            seg = Segment(s, Ts, U0, base, I0, win_w, means, Wt, Yt, target is not None, record)
             C_last = self._segment_steps(seg) if A_step else self._segment_layers(seg)
             if record:                                        # window means of the PSPs from this segment's rows
                 self._psp_means(buf, Ts, s, w0, T, window, w_in, means)
@@ -339,7 +336,9 @@ class Population:
             self._row_sum(means["psp_in"][m], buf[m - 1][self.ffk], w_in)
 
     def _row_sum(self, acc, src, w):
-        """acc (P, B, n) += sum_r w[:, r] src[:, r] over the rows r of nonzero weight, in row order."""
+        """acc (P, ...) += sum_r w[:, r] src[:, r] over the rows r of nonzero weight, in row order (so a member's sums
+        do not depend on the population or the segments): the PSPs' window means from the buffers' rows, and those
+        of C and lambda over a segment's steps (w = Segment.win)."""
         if native.row_sums(acc, src, w):
             return
         nz = (w != 0).any(0).nonzero().view(-1).tolist()
@@ -428,21 +427,21 @@ class Population:
             if fast is not None:                              # the C kernel did filter and emit (spikes, rates)
                 C, lam = fast
                 if seg.record or out:
-                    self._window_sum(Csum[m], C, seg)
+                    self._row_sum(Csum[m], C, seg.win)
                 if out and seg.target:
-                    self._window_sum(seg.means["lam"], lam, seg)
+                    self._row_sum(seg.means["lam"], lam, seg.win)
                 C_seg.append(C)
                 continue
             C = self._filter(m, U, seg.Ts, seg.I0 if out and seg.target else None)
             if out and not seg.record and not seg.target:    # testing: nothing reads the output's spikes
-                self._window_sum(Csum[m], C, seg)
+                self._row_sum(Csum[m], C, seg.win)
                 C_seg.append(C)
                 continue
             lam = self._emit(m, C, seg.base, buf, (slice(None), slice(mem, rows)))
             if seg.record or out:
-                self._window_sum(Csum[m], C, seg)
+                self._row_sum(Csum[m], C, seg.win)
             if out and seg.target:
-                self._window_sum(seg.means["lam"], lam.expand_as(C), seg)
+                self._row_sum(seg.means["lam"], lam.expand_as(C), seg.win)
             C_seg.append(C)
         return C_seg
 
@@ -473,15 +472,6 @@ class Population:
         if lam is None:
             return C_seg, None
         return C_seg, lam[0][:, lam[1]:lam[1] + seg.Ts]
-
-    @staticmethod
-    def _window_sum(acc, V, seg):
-        """acc += sum_t w_t V[:, t] over the steps t of the segment seg in the members' averaging windows (weights
-        seg.win), in time order (so a member's sums do not depend on the population or the segments)."""
-        if native.row_sums(acc, V, seg.win):
-            return
-        for t, w in seg.wsteps:
-            acc.addcmul_(V[:, t], w)
 
     def _kernel(self, path):
         """The members' truncated kernels kappa[k] (Eq. 2) of a path as (P, mem, 1, 1, 1) tensors, cached."""
@@ -562,9 +552,9 @@ class Population:
                 self._emit(m, C, None if base is None else base[:, t], buf, (slice(None), r))
         for m in range(M):
             if seg.record or m == M - 1:
-                self._window_sum(seg.means["C"][m], C_seg[m], seg)
+                self._row_sum(seg.means["C"][m], C_seg[m], seg.win)
         if seg.target:
-            self._window_sum(seg.means["lam"], torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1), seg)
+            self._row_sum(seg.means["lam"], torch.sigmoid(C_seg[-1]) * self.lmax.unsqueeze(-1), seg.win)
         return C_seg
 
     # -- learning -------------------------------------------------------------------------------------------------
