@@ -318,7 +318,7 @@ def study_table(root=None):
                                                             rank(rows["model"].iloc[i], STUDY_ROWS)))]
     for r in rows.itertuples():
         config = json.loads((folder / f"{r.model}_{r.dataset}" / "config.json").read_text())
-        size = f"{config['subset']:,}" if config.get("subset") else "all"   # each fold's share: (F - 1) / F
+        size = f"{config['subset']:,}" if config.get("subset") else "all"   # examples cross-validated per evaluation
         test = "" if r.test_acc != r.test_acc else f"{100 * r.test_acc:.2f}"
         hours = "" if r.wall_s != r.wall_s else f"{r.wall_s / 3600:.1f} h"
         lines.append(f"| {r.model} | {r.dataset} | {r.n_evals} of {config['iterations']} | {size} x "
